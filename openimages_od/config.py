@@ -1,0 +1,634 @@
+"""Typed, strict, layered configuration.
+
+Layers, later wins: built-in defaults (the field defaults below), then a YAML
+file (``--config``), then ``--set dotted.key=value`` overrides. Every section
+forbids unknown keys. Errors name the layer (file path with line, or
+``--set``), the dotted key and what was expected, and exit with code 2.
+
+String values may reference environment variables as ``${NAME}`` or
+``${NAME:-default}``; they are expanded when the config is loaded (so secrets
+stay in the environment and never in the file or ``config.resolved.yaml``
+unless the user writes them there).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from openimages_od.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "load_config",
+    "apply_overrides",
+    "dump_config",
+    "save_resolved",
+    "S3Options",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- shared
+
+
+class S3Options(_Section):
+    """How to reach an S3-compatible store (AWS, SeaweedFS, MinIO, GCS interop)."""
+
+    endpoint_url: Optional[str] = Field(None, description="Endpoint URL; null = AWS (or AWS_ENDPOINT_URL).")
+    region: Optional[str] = Field(None, description="Region name; null = the credential chain's default.")
+    unsigned: bool = Field(False, description="Anonymous requests (public buckets such as open-images-dataset).")
+    profile: Optional[str] = Field(None, description="Named profile from ~/.aws/config.")
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=20, description="Attempts for transient errors (capped exponential backoff).")
+    multipart_threshold_mb: int = Field(64, ge=5)
+    max_pool_connections: int = Field(32, ge=1)
+
+
+# --------------------------------------------------------------------------- source
+
+
+class SplitSource(_Section):
+    """Metadata files of one split (train, validation, test)."""
+
+    boxes: str = Field(..., description="Box annotations CSV (any release layout).")
+    images: Optional[str] = Field(None, description="Image index CSV (URLs, MD5, size, Rotation).")
+    image_labels: Optional[str] = Field(
+        None, description="Human-verified image-level labels CSV (for Open Images mAP)."
+    )
+
+
+class HttpOptions(_Section):
+    """HTTP fetching of OriginalURL / Thumbnail300KURL (and http metadata)."""
+
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    total_timeout_s: float = Field(90.0, gt=0)
+    max_redirects: int = Field(5, ge=0, le=30)
+    max_retries: int = Field(3, ge=0, le=20)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    max_retry_after_s: float = Field(60.0, ge=0, description="Longest Retry-After honoured.")
+    max_body_mb: float = Field(50.0, gt=0)
+    per_host_limit: int = Field(16, ge=1)
+    user_agent: str = "openimages-od/0.1 (+https://github.com/openimages-od)"
+
+
+class ImageSources(_Section):
+    """Where image bytes come from, tried in ``order`` per image."""
+
+    order: list[Literal["bucket", "original", "thumbnail"]] = Field(
+        default_factory=lambda: ["bucket", "original", "thumbnail"]
+    )
+    bucket: str = Field("open-images-dataset", description="Bucket holding {split}/{image_id}.jpg.")
+    key_template: str = Field("{split}/{image_id}.jpg", description="Object key; fields: split, image_id.")
+    s3: S3Options = Field(default_factory=lambda: S3Options(unsigned=True, region="us-east-1"))
+    http: HttpOptions = Field(default_factory=HttpOptions)
+
+    @field_validator("order")
+    @classmethod
+    def _order_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one of bucket, original, thumbnail")
+        if len(set(v)) != len(v):
+            raise ValueError("must not repeat a source")
+        return v
+
+    @field_validator("key_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        try:
+            v.format(split="train", image_id="0" * 16)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"may only use the fields {{split}} and {{image_id}} ({exc})") from None
+        return v
+
+
+class SourceConfig(_Section):
+    """Metadata and image locations (local paths, file://, http(s)://, s3://)."""
+
+    version: Literal["auto", "v2", "v3", "v4", "v5", "v6", "v7"] = Field(
+        "auto", description="Release; layouts are detected from headers, this only documents intent."
+    )
+    class_descriptions: Optional[str] = Field(None, description="MID,DisplayName CSV (with or without header).")
+    hierarchy: Optional[str] = Field(None, description="Box hierarchy JSON (V4+).")
+    trainable_classes: Optional[str] = Field(
+        None, description="V2 trainable class list (one MID a line) or a label map .pbtxt."
+    )
+    splits: dict[str, SplitSource] = Field(default_factory=dict)
+    s3: S3Options = Field(default_factory=S3Options, description="Options for s3:// metadata URLs.")
+    images: ImageSources = Field(default_factory=ImageSources)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+class AttributeFilters(_Section):
+    """Keep boxes by attribute: null keeps all, true keeps only 1, false keeps only 0 (-1 = unknown is kept unless ``drop_unknown``)."""
+
+    is_group_of: Optional[bool] = None
+    is_depiction: Optional[bool] = None
+    is_occluded: Optional[bool] = None
+    is_truncated: Optional[bool] = None
+    is_inside: Optional[bool] = None
+    drop_unknown: bool = False
+
+
+class SelectionConfig(_Section):
+    """Which classes, boxes and images to keep."""
+
+    classes: list[str] = Field(default_factory=list, description="Display names or MIDs; empty = all boxable.")
+    include_subclasses: bool = Field(False, description="Add hierarchy descendants (Subcategory) of each class.")
+    trainable_only: bool = Field(False, description="Restrict to the V2 trainable set (source.trainable_classes).")
+    filters: AttributeFilters = Field(default_factory=AttributeFilters)
+    splits: list[str] = Field(default_factory=list, description="Splits to plan; empty = all in source.splits.")
+    max_images: Optional[int] = Field(None, ge=1, description="Cap per split.")
+    max_images_per_class: Optional[int] = Field(None, ge=1)
+    min_boxes_per_image: int = Field(1, ge=0)
+    seed: int = 0
+    expand_hierarchy: bool = Field(False, description="Add ancestor labels to each box (as the OID evaluation does).")
+    strict: bool = Field(False, description="Stop at the first malformed row instead of counting it.")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0)
+
+
+# --------------------------------------------------------------------------- output
+
+
+class OutputConfig(_Section):
+    """Root URL under which every stage writes."""
+
+    url: str = Field("file://./oiod-output", description="file://, a path, or s3://bucket/prefix.")
+    s3: S3Options = Field(default_factory=S3Options)
+
+    @field_validator("url")
+    @classmethod
+    def _writable_scheme(cls, v: str) -> str:
+        if re.match(r"^https?://", v):
+            raise ValueError("must be a local path, file:// or s3:// URL (http is read-only)")
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+# --------------------------------------------------------------------------- ray
+
+
+class RayConfig(_Section):
+    """Where prepare runs and how wide."""
+
+    address: str = Field("local", description="'local' (embedded), 'auto' (join), or ray://host:port / host:port.")
+    num_actors: int = Field(2, ge=1)
+    num_cpus_per_actor: float = Field(0.5, gt=0)
+    concurrency_per_actor: int = Field(32, ge=1, description="Concurrent image fetches inside one actor.")
+    decode_threads_per_actor: int = Field(1, ge=1, description="Threads for decode/resize/encode in one actor.")
+    max_shards_in_flight_per_actor: int = Field(2, ge=1)
+    max_shard_retries: int = Field(3, ge=0)
+    local_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for the embedded instance (null = all).")
+    object_store_memory_mb: int = Field(512, ge=78)
+    namespace: str = "openimages-od"
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- image
+
+
+class ImageConfig(_Section):
+    """Verification and resizing."""
+
+    max_side: int = Field(1024, ge=16, description="Longest side after resize; never upscales.")
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality when re-encoding.")
+    keep_original_if_fits: bool = Field(True, description="Keep source bytes when already small enough, JPEG and upright.")
+    max_pixels: int = Field(100_000_000, ge=1, description="Decompression-bomb limit (width*height).")
+    min_side: int = Field(8, ge=1)
+    verify_md5: bool = Field(True, description="Check OriginalMD5 when the original was fetched.")
+    reject_placeholder: bool = Field(True, description="Reject Flickr's 'photo unavailable' placeholder.")
+    exif: Literal["rotation_wins", "exif_wins", "ignore"] = Field(
+        "rotation_wins",
+        description="If the plan gives a Rotation, apply it and ignore EXIF; else follow EXIF orientation.",
+    )
+
+
+# --------------------------------------------------------------------------- shards
+
+
+class ShardsConfig(_Section):
+    """Shard sizing (the unit of work and retry)."""
+
+    images_per_shard: int = Field(1000, ge=1)
+    compression: Literal["none"] = "none"
+
+
+# --------------------------------------------------------------------------- train / eval / export
+
+
+class LearningRateConfig(_Section):
+    schedule: Literal["cosine", "stepwise", "constant"] = "cosine"
+    initial: float = Field(0.01, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    warmup_learning_rate: float = Field(0.0, ge=0)
+    boundaries: list[int] = Field(default_factory=list, description="stepwise: step boundaries.")
+    values: list[float] = Field(default_factory=list, description="stepwise: rates (len(boundaries)+1).")
+
+
+class AugmentationConfig(_Section):
+    hflip: bool = True
+    scale_min: float = Field(0.8, gt=0)
+    scale_max: float = Field(1.25, gt=0)
+
+
+class TrainConfig(_Section):
+    """TF Model Garden RetinaNet training."""
+
+    model_dir: Optional[str] = Field(None, description="Checkpoints + TensorBoard; null = {output.url}/model.")
+    backbone: Literal["mobilenetv2", "resnet50", "resnet101", "spinenet49"] = "mobilenetv2"
+    input_size: int = Field(384, ge=64)
+    batch_size: int = Field(8, ge=1, description="Global batch size.")
+    steps: int = Field(20000, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(4e-5, ge=0)
+    learning_rate: LearningRateConfig = Field(default_factory=LearningRateConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    init_checkpoint: Optional[str] = Field(None, description="Fine-tune from this checkpoint (backbone or all).")
+    init_checkpoint_modules: Literal["all", "backbone"] = "backbone"
+    mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    distribution: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    fpn_filters: int = Field(64, ge=8)
+    head_num_convs: int = Field(2, ge=1)
+    head_num_filters: int = Field(64, ge=8)
+    checkpoint_every: int = Field(500, ge=1)
+    summary_every: int = Field(50, ge=1)
+    max_checkpoints: int = Field(5, ge=1)
+    split: str = "train"
+    shuffle_buffer: int = Field(256, ge=1)
+    cache_dir: Optional[str] = Field(None, description="Local staging for s3:// shards; null = a temp dir.")
+    seed: Optional[int] = 0
+
+
+class EvaluateConfig(_Section):
+    """COCO and Open Images mAP."""
+
+    split: str = "validation"
+    metrics: list[Literal["coco", "openimages"]] = Field(default_factory=lambda: ["coco", "openimages"])
+    iou_threshold: float = Field(0.5, gt=0, le=1)
+    batch_size: int = Field(4, ge=1)
+    max_images: Optional[int] = Field(None, ge=1)
+    num_images_to_log: int = Field(4, ge=0)
+    poll_interval_s: float = Field(30.0, gt=0)
+    timeout_s: Optional[float] = Field(None, gt=0, description="--continuous: stop after this long with no new checkpoint.")
+    min_score: float = Field(0.0, ge=0, le=1)
+
+
+class ExportConfig(_Section):
+    """SavedModel export."""
+
+    dir: Optional[str] = Field(None, description="Destination; null = {output.url}/export.")
+    max_detections: int = Field(100, ge=1)
+    score_threshold: float = Field(0.05, ge=0, le=1)
+    nms_iou_threshold: float = Field(0.5, gt=0, le=1)
+
+
+class ServeConfig(_Section):
+    """HTTP detection service."""
+
+    model: Optional[str] = Field(None, description="Exported model dir (path or s3://); null = export.dir.")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    batching: bool = True
+    min_score: float = Field(0.5, ge=0, le=1)
+    max_detections: int = Field(100, ge=1)
+    max_body_mb: float = Field(20.0, gt=0)
+    max_pixels: int = Field(50_000_000, ge=1)
+    fetch_timeout_s: float = Field(10.0, gt=0)
+    max_redirects: int = Field(3, ge=0)
+    allow_networks: list[str] = Field(
+        default_factory=list, description="CIDRs/hosts exempt from the SSRF guard (in-cluster use)."
+    )
+    auth_token_env: Optional[str] = Field(None, description="Env var holding a bearer token; null = no auth.")
+    output_dir: Optional[str] = Field(None, description="Where `output` in a request may store annotated images.")
+
+
+# --------------------------------------------------------------------------- root
+
+
+class Config(_Section):
+    """The whole configuration."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Config":
+        lr = self.train.learning_rate
+        if lr.schedule == "stepwise" and len(lr.values) != len(lr.boundaries) + 1:
+            raise ValueError(
+                "train.learning_rate: stepwise needs len(values) == len(boundaries) + 1 "
+                f"(got {len(lr.values)} values, {len(lr.boundaries)} boundaries)"
+            )
+        if self.train.augmentation.scale_min > self.train.augmentation.scale_max:
+            raise ValueError("train.augmentation: scale_min must be <= scale_max")
+        unknown = [s for s in self.selection.splits if self.source.splits and s not in self.source.splits]
+        if unknown:
+            raise ValueError(
+                f"selection.splits names {unknown} not in source.splits ({sorted(self.source.splits)})"
+            )
+        return self
+
+    # Derived locations, one place so every stage agrees.
+    @property
+    def output_root(self) -> str:
+        return normalize_root(self.output.url)
+
+    def output_path(self, *parts: str) -> str:
+        """Join ``parts`` under ``output.url``."""
+        return join_url(self.output_root, *parts)
+
+    @property
+    def model_dir(self) -> str:
+        return normalize_root(self.train.model_dir) if self.train.model_dir else self.output_path("model")
+
+    @property
+    def export_dir(self) -> str:
+        return normalize_root(self.export.dir) if self.export.dir else self.output_path("export")
+
+    @property
+    def serve_model(self) -> str:
+        return normalize_root(self.serve.model) if self.serve.model else self.export_dir
+
+
+def normalize_root(url: str) -> str:
+    """Turn a relative or absolute path or file:// URL into an absolute URL-ish root.
+
+    Local paths become absolute ``file://`` URLs; s3:// and http(s):// are kept.
+    """
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+        return url.rstrip("/")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return "file://" + str(Path(os.path.expanduser(path)).absolute()).rstrip("/")
+
+
+def join_url(root: str, *parts: str) -> str:
+    out = root.rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set (referenced as ${{{name}}})")
+
+        expanded = _ENV_RE.sub(repl, value)
+        # "${X:-}" meaning "unset" maps to null so optional fields can be left out.
+        return None if expanded == "" and value.strip().startswith("${") else expanded
+    return value
+
+
+def _line_index(text: str) -> dict[str, int]:
+    """Map dotted key paths in a YAML document to 1-based line numbers."""
+    out: dict[str, int] = {}
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+
+    def walk(n: Any, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, f"{prefix}.{i}")
+
+    walk(node, "")
+    return out
+
+
+def _deep_merge(base: dict, upd: dict, origin: dict[str, str], label: str, prefix: str = "") -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v, origin, label, key)
+        else:
+            out[k] = copy.deepcopy(v)
+            origin[key] = label
+            if isinstance(v, dict):
+                for sub in _flatten_keys(v, key):
+                    origin[sub] = label
+    return out
+
+
+def _flatten_keys(d: dict, prefix: str) -> list[str]:
+    keys = []
+    for k, v in d.items():
+        key = f"{prefix}.{k}"
+        keys.append(key)
+        if isinstance(v, dict):
+            keys.extend(_flatten_keys(v, key))
+    return keys
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _describe_type(err: dict) -> str:
+    t = err.get("type", "")
+    msg = err.get("msg", "")
+    ctx = err.get("ctx") or {}
+    if t == "extra_forbidden":
+        return "unknown key"
+    if t == "missing":
+        return "required key is missing"
+    if t.endswith("_type") or t.endswith("_parsing"):
+        expected = t.replace("_parsing", "").replace("_type", "")
+        expected = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false)",
+                    "string": "a string", "list": "a list", "dict": "a mapping", "model": "a mapping"}.get(expected, expected)
+        return f"expected {expected}"
+    if t == "literal_error":
+        return f"expected one of {ctx.get('expected', '')}"
+    return msg[0].lower() + msg[1:] if msg else t
+
+
+def _format_errors(exc: ValidationError, origin: dict[str, str], allowed: dict[str, list[str]]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        dotted = ".".join(loc)
+        where = "built-in defaults"
+        for i in range(len(loc), 0, -1):
+            cand = ".".join(loc[:i])
+            if cand in origin:
+                where = origin[cand]
+                break
+        if not dotted:  # model-level (cross-field) error
+            lines.append(f"{err['msg'].removeprefix('Value error, ')}")
+            continue
+        desc = _describe_type(err)
+        if err.get("type") == "extra_forbidden":
+            parent = ".".join(loc[:-1])
+            got = err.get("input")
+            while isinstance(got, dict) and len(got) == 1:  # name the full key that was given
+                k, got = next(iter(got.items()))
+                dotted = f"{dotted}.{k}"
+            close = difflib.get_close_matches(loc[-1], allowed.get(parent, []), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            desc = f"unknown key{hint}"
+        got = err.get("input")
+        got_s = "" if err.get("type") in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{where}: {dotted}: {desc.removeprefix('value error, ')}{got_s}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
+    out = {prefix: list(model.model_fields)}
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_allowed_keys(ann, f"{prefix}.{name}" if prefix else name))
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate the layered configuration.
+
+    Args:
+        path: YAML file (or None for defaults only).
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: naming the file or ``--set``, the dotted key and what was expected.
+    """
+    origin: dict[str, str] = {}
+    merged: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}{loc}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        lines = _line_index(text)
+        file_origin: dict[str, str] = {}
+        merged = _deep_merge(merged, data, file_origin, str(p))
+        origin.update({k: f"{p}:{lines[k]}" if k in lines else str(p) for k in file_origin})
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        upd: dict = {}
+        cur = upd
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[keys[-1]] = value
+        # A --set must land in a mapping: "a.b=1" where a is a scalar is an error.
+        node = merged
+        for i, k in enumerate(keys[:-1]):
+            if k in node and not isinstance(node[k], dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is not a section")
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        merged = _deep_merge(merged, upd, origin, f"--set {item}")
+    try:
+        merged = _expand_env(merged, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path or '--set'}: {exc}") from None
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin, _allowed_keys(Config))) from None
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied and validated."""
+    data = cfg.model_dump(mode="json")
+    origin: dict[str, str] = {}
+    for item in overrides:
+        keys, value = _parse_override(item)
+        upd: dict = {}
+        cur = upd
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[keys[-1]] = value
+        data = _deep_merge(data, upd, origin, f"--set {item}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin, _allowed_keys(Config))) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (round-trips through :func:`load_config`)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def save_resolved(cfg: Config, dir_url: str, storage: Any | None = None) -> str:
+    """Write ``config.resolved.yaml`` under ``dir_url`` and return its URL."""
+    from openimages_od.storage import Storage
+
+    st = storage or Storage.from_config(cfg)
+    url = join_url(dir_url, "config.resolved.yaml")
+    st.write_bytes(url, dump_config(cfg).encode())
+    return url

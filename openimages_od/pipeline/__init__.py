@@ -1,0 +1,1 @@
+"""The shard pipeline: fetch, verify, rotate/resize, tf.Example, TFRecord, commit (Ray only in distribute)."""

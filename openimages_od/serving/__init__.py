@@ -1,0 +1,1 @@
+"""HTTP detection service and the detect command (TensorFlow imported lazily)."""

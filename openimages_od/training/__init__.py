@@ -1,0 +1,1 @@
+"""TF Model Garden RetinaNet: train, evaluate (COCO + Open Images mAP), export."""
