@@ -1,0 +1,322 @@
+"""A small dataset in the real Open Images V7 file layout, generated.
+
+Real MIDs, names and the real box hierarchy (bundled in ``openimages_od/data``)
+for a handful of classes; photos are generated: simple shapes (one shape per
+class) on textured backgrounds, some stored rotated with the ``Rotation``
+column set, some group-of clusters. Used by ``oiod demo``, the tests and the
+benchmarks, so every stage runs its real code on data shaped like the real
+thing.
+
+Rotation convention (the same as the pipeline's): the CSV boxes are relative
+to the image *as stored*; applying ``Rotation`` degrees counter-clockwise to
+both the stored image and its boxes gives the upright image the objects were
+drawn on.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["SynthClass", "DEMO_CLASSES", "SynthDataset", "generate_dataset", "bundled_metadata", "FILES"]
+
+
+@dataclass(frozen=True)
+class SynthClass:
+    mid: str
+    name: str
+    shape: str  # circle | triangle | rect
+    color: tuple[int, int, int]
+
+
+DEMO_CLASSES: tuple[SynthClass, ...] = (
+    SynthClass("/m/018xm", "Ball", "circle", (235, 120, 20)),
+    SynthClass("/m/01mqdt", "Traffic sign", "triangle", (210, 20, 30)),
+    SynthClass("/m/0d4v4", "Window", "rect", (30, 90, 220)),
+)
+
+# File names as the V6/V7 releases publish them.
+FILES = {
+    "classes": "oidv7-class-descriptions-boxable.csv",
+    "hierarchy": "bbox_labels_600_hierarchy.json",
+    "boxes": {"train": "oidv6-train-annotations-bbox.csv", "validation": "validation-annotations-bbox.csv",
+              "test": "test-annotations-bbox.csv"},
+    "images": {"train": "train-images-boxable-with-rotation.csv",
+               "validation": "validation-images-with-rotation.csv",
+               "test": "test-images-with-rotation.csv"},
+    "image_labels": {"train": "oidv7-train-annotations-human-imagelabels-boxable.csv",
+                     "validation": "validation-annotations-human-imagelabels-boxable.csv",
+                     "test": "test-annotations-human-imagelabels-boxable.csv"},
+}
+
+BOX_HEADER_V6 = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
+                 "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside", "XClick1X", "XClick2X", "XClick3X",
+                 "XClick4X", "XClick1Y", "XClick2Y", "XClick3Y", "XClick4Y"]
+IMAGE_HEADER = ["ImageID", "Subset", "OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL", "Author",
+                "Title", "OriginalSize", "OriginalMD5", "Thumbnail300KURL", "Rotation"]
+
+
+def bundled_metadata() -> tuple[Path, Path]:
+    """Paths of the bundled real class descriptions (no header, 601 classes) and hierarchy JSON."""
+    base = resources.files("openimages_od") / "data"
+    return Path(str(base / "class-descriptions-boxable.csv")), Path(str(base / "bbox_labels_600_hierarchy.json"))
+
+
+@dataclass
+class SynthImage:
+    image_id: str
+    split: str
+    rotation: int
+    jpeg: bytes
+    boxes: list[dict]  # relative to the stored image
+    width: int  # stored
+    height: int
+    labels: dict[str, int] = field(default_factory=dict)  # verified image-level labels: mid -> 0/1
+
+
+@dataclass
+class SynthDataset:
+    """What :func:`generate_dataset` wrote."""
+
+    root: Path
+    classes: tuple[SynthClass, ...]
+    images: list[SynthImage]
+    bucket_dir: Path  # {split}/{image_id}.jpg, like the public bucket
+
+    def metadata(self, split: str, kind: str) -> Path:
+        return self.root / FILES[kind][split]
+
+    def split_images(self, split: str) -> list[SynthImage]:
+        return [im for im in self.images if im.split == split]
+
+    def source_config(self, splits: Optional[list[str]] = None) -> dict:
+        """A ``source`` config section pointing at the generated files."""
+        splits = splits or sorted({im.split for im in self.images})
+        return {
+            "version": "v7",
+            "class_descriptions": str(self.root / FILES["classes"]),
+            "hierarchy": str(self.root / FILES["hierarchy"]),
+            "splits": {
+                s: {"boxes": str(self.metadata(s, "boxes")), "images": str(self.metadata(s, "images")),
+                    "image_labels": str(self.metadata(s, "image_labels"))}
+                for s in splits
+            },
+        }
+
+
+def _texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    base = rng.integers(60, 200, size=3)
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    grad = (gx / max(w, 1) * rng.uniform(-60, 60) + gy / max(h, 1) * rng.uniform(-60, 60))[..., None]
+    # Low-frequency blobs plus fine noise: compresses like a photo, not like a flat fill.
+    small = rng.normal(0, 28, size=(max(2, h // 24), max(2, w // 24), 3))
+    blobs = np.asarray(Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
+                       dtype=np.float32) - 128
+    noise = rng.normal(0, 10, size=(h, w, 3))
+    return np.clip(base + grad + blobs + noise, 0, 255).astype(np.uint8)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, cls: SynthClass, box: tuple[float, float, float, float],
+                rng: random.Random) -> None:
+    x0, y0, x1, y1 = box
+    jitter = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in cls.color)
+    outline = tuple(max(0, c - 60) for c in jitter)
+    if cls.shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=jitter, outline=outline, width=2)
+    elif cls.shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=jitter, outline=outline)
+    else:
+        draw.rectangle([x0, y0, x1, y1], fill=jitter, outline=outline, width=3)
+        draw.line([((x0 + x1) / 2, y0), ((x0 + x1) / 2, y1)], fill=outline, width=2)
+
+
+def _rotate_box_cw(box: dict, k: int) -> dict:
+    """Box (relative) of an upright image stored rotated ``k`` quarter-turns clockwise."""
+    x0, x1, y0, y1 = box["XMin"], box["XMax"], box["YMin"], box["YMax"]
+    for _ in range(k % 4):
+        # one clockwise quarter-turn: (x, y) -> (1 - y, x)
+        x0, x1, y0, y1 = 1 - y1, 1 - y0, x0, x1
+    return {**box, "XMin": x0, "XMax": x1, "YMin": y0, "YMax": y1}
+
+
+def _make_image(rng: random.Random, nrng: np.random.Generator, classes: tuple[SynthClass, ...], image_id: str,
+                split: str, min_side: int, max_side: int, rotation: int, group_of_rate: float) -> SynthImage:
+    w = rng.randint(min_side, max_side)
+    h = rng.randint(min_side, max_side)
+    img = Image.fromarray(_texture(nrng, w, h))
+    draw = ImageDraw.Draw(img)
+    boxes: list[dict] = []
+    present: set[str] = set()
+    n_obj = rng.randint(1, 3)
+    occupied: list[tuple[float, float, float, float]] = []
+    for _ in range(n_obj):
+        cls = rng.choice(classes)
+        for _attempt in range(20):
+            bw = rng.uniform(0.18, 0.45) * w
+            bh = bw * rng.uniform(0.8, 1.25) if cls.shape != "rect" else rng.uniform(0.2, 0.5) * h
+            bh = min(bh, 0.6 * h)
+            x0 = rng.uniform(0, w - bw)
+            y0 = rng.uniform(0, h - bh)
+            cand = (x0, y0, x0 + bw, y0 + bh)
+            if all(cand[2] < o[0] or cand[0] > o[2] or cand[3] < o[1] or cand[1] > o[3] for o in occupied):
+                break
+        else:
+            continue
+        occupied.append(cand)
+        _draw_shape(draw, cls, cand, rng)
+        boxes.append(_box(cls, cand, w, h, group_of=0))
+        present.add(cls.mid)
+    if rng.random() < group_of_rate:
+        # A cluster of small objects of one class, annotated by one group-of box.
+        cls = rng.choice(classes)
+        gx0, gy0 = rng.uniform(0, 0.6) * w, rng.uniform(0, 0.6) * h
+        gw, gh = 0.35 * w, 0.35 * h
+        if all(gx0 + gw < o[0] or gx0 > o[2] or gy0 + gh < o[1] or gy0 > o[3] for o in occupied):
+            s = min(gw, gh) / 3
+            for i in range(3):
+                for j in range(2):
+                    _draw_shape(draw, cls, (gx0 + i * s, gy0 + j * s * 1.3, gx0 + i * s + s * 0.9,
+                                            gy0 + j * s * 1.3 + s * 0.9), rng)
+            boxes.append(_box(cls, (gx0, gy0, gx0 + 3 * s, gy0 + 1.3 * s + s * 0.9), w, h, group_of=1))
+            present.add(cls.mid)
+    # Store the image rotated clockwise by `rotation`; Rotation (CCW) undoes it.
+    k = (rotation // 90) % 4
+    stored = img.rotate(-90 * k, expand=True) if k else img
+    boxes = [_rotate_box_cw(b, k) for b in boxes]
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=rng.randint(85, 92))
+    labels = {c.mid: (1 if c.mid in present else 0) for c in classes}
+    return SynthImage(image_id, split, rotation, buf.getvalue(), boxes, stored.width, stored.height, labels)
+
+
+def _box(cls: SynthClass, xyxy: tuple[float, float, float, float], w: int, h: int, group_of: int) -> dict:
+    x0, y0, x1, y1 = xyxy
+    return {"LabelName": cls.mid, "XMin": max(0.0, x0 / w), "XMax": min(1.0, x1 / w),
+            "YMin": max(0.0, y0 / h), "YMax": min(1.0, y1 / h), "IsGroupOf": group_of,
+            "IsOccluded": 0, "IsTruncated": 0, "IsDepiction": 0, "IsInside": 0}
+
+
+def generate_dataset(
+    root: str | Path,
+    num_images: int = 120,
+    *,
+    splits: Optional[dict[str, float]] = None,
+    classes: tuple[SynthClass, ...] = DEMO_CLASSES,
+    base_url: str = "http://127.0.0.1:8000",
+    min_side: int = 256,
+    max_side: int = 512,
+    rotation_rate: float = 0.15,
+    group_of_rate: float = 0.1,
+    seed: int = 0,
+    clean: bool = True,
+) -> SynthDataset:
+    """Write a dataset in the Open Images V7 layout under ``root``.
+
+    Args:
+        root: output folder (metadata CSVs at the top, ``bucket/{split}/{image_id}.jpg`` beside).
+        num_images: total images, divided across ``splits`` by fraction.
+        splits: split name -> fraction (default 80% train, 20% validation).
+        classes: the classes to draw (real MIDs).
+        base_url: prefix for OriginalURL (``{base}/original/{split}/{id}.jpg``) and
+            Thumbnail300KURL (``{base}/thumb/{split}/{id}.jpg``).
+        min_side, max_side: generated photo size range (pixels).
+        rotation_rate: fraction of images stored rotated with ``Rotation`` set.
+        group_of_rate: fraction of images with a group-of cluster.
+        seed: everything is deterministic given the seed.
+        clean: remove ``root`` first.
+
+    Returns:
+        The :class:`SynthDataset` (images with their bytes and stored-frame boxes).
+    """
+    root = Path(root)
+    if clean and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = splits or {"train": 0.8, "validation": 0.2}
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    base_url = base_url.rstrip("/")
+
+    names_path, hierarchy_path = bundled_metadata()
+    with open(names_path, newline="") as fh:
+        all_classes = [(r[0], r[1]) for r in csv.reader(fh) if r]
+    with open(root / FILES["classes"], "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["LabelName", "DisplayName"])
+        w.writerows(all_classes)
+    shutil.copyfile(hierarchy_path, root / FILES["hierarchy"])
+
+    counts: dict[str, int] = {}
+    remaining = num_images
+    items = list(splits.items())
+    for i, (name, frac) in enumerate(items):
+        counts[name] = remaining if i == len(items) - 1 else max(1, round(num_images * frac))
+        remaining -= counts[name]
+
+    images: list[SynthImage] = []
+    seen: set[str] = set()
+    for split, n in counts.items():
+        for _ in range(n):
+            while True:
+                image_id = "%016x" % rng.getrandbits(64)
+                if image_id not in seen:
+                    seen.add(image_id)
+                    break
+            rotation = rng.choice([90, 180, 270]) if rng.random() < rotation_rate else 0
+            images.append(_make_image(rng, nrng, classes, image_id, split, min_side, max_side, rotation,
+                                      group_of_rate))
+
+    bucket = root / "bucket"
+    for split in counts:
+        part = sorted((im for im in images if im.split == split), key=lambda im: im.image_id)
+        (bucket / split).mkdir(parents=True, exist_ok=True)
+        with open(root / FILES["boxes"][split], "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(BOX_HEADER_V6 if split == "train" else BOX_HEADER_V6[:13])
+            for im in part:
+                for b in im.boxes:
+                    row = [im.image_id, "xclick", b["LabelName"], 1, f"{b['XMin']:.6f}", f"{b['XMax']:.6f}",
+                           f"{b['YMin']:.6f}", f"{b['YMax']:.6f}", b["IsOccluded"], b["IsTruncated"],
+                           b["IsGroupOf"], b["IsDepiction"], b["IsInside"]]
+                    if split == "train":
+                        row += [-1] * 8
+                    w.writerow(row)
+        with open(root / FILES["images"][split], "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(IMAGE_HEADER)
+            for im in part:
+                md5 = base64.b64encode(hashlib.md5(im.jpeg).digest()).decode()
+                w.writerow([im.image_id, split, f"{base_url}/original/{split}/{im.image_id}.jpg",
+                            f"https://www.flickr.com/photos/demo/{int(im.image_id[:8], 16)}",
+                            "https://creativecommons.org/licenses/by/2.0/", "", "oiod demo",
+                            f"synthetic {im.image_id}", len(im.jpeg), md5,
+                            f"{base_url}/thumb/{split}/{im.image_id}.jpg", im.rotation])
+        with open(root / FILES["image_labels"][split], "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["ImageID", "Source", "LabelName", "Confidence"])
+            for im in part:
+                for mid, conf in sorted(im.labels.items()):
+                    w.writerow([im.image_id, "verification", mid, conf])
+        for im in part:
+            (bucket / split / f"{im.image_id}.jpg").write_bytes(im.jpeg)
+    manifest = {"classes": [c.__dict__ for c in classes], "counts": counts, "base_url": base_url, "seed": seed}
+    (root / "synth.json").write_text(json.dumps(manifest, indent=2, default=list))
+    return SynthDataset(root, classes, images, bucket)
+
+
+def upright_boxes(image: SynthImage) -> list[dict]:
+    """The image's boxes after applying its Rotation (what a correct pipeline must produce)."""
+    k = (4 - (image.rotation // 90) % 4) % 4
+    return [_rotate_box_cw(b, k) for b in image.boxes]
