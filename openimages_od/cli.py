@@ -104,7 +104,10 @@ _COMMON = {"command", "config", "overrides", "verbose", "debug", "model", "host"
 
 def _command_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Subcommand-specific options, passed as keyword arguments to the command function."""
-    return {k: v for k, v in vars(args).items() if k not in _COMMON and v is not None}
+    kwargs = {k: v for k, v in vars(args).items() if k not in _COMMON and v is not None}
+    if args.command == "demo" and args.overrides:
+        kwargs["overrides"] = list(args.overrides)  # the demo builds its own config, then applies these
+    return kwargs
 
 
 def _setup_logging(verbosity: int) -> None:
