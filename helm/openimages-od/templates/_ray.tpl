@@ -23,9 +23,7 @@ autoscalerOptions:
 {{- end }}
 headGroupSpec:
   rayStartParams:
-    {{- range $k, $val := $v.ray.head.rayStartParams }}
-    {{ $k }}: {{ $val | toString | quote }}
-    {{- end }}
+    {{- include "oiod.rayStartParams" $v.ray.head.rayStartParams | nindent 4 }}
   template:
     metadata:
       labels:
@@ -90,9 +88,7 @@ workerGroupSpecs:
     minReplicas: {{ $v.ray.download.minReplicas }}
     maxReplicas: {{ $v.ray.download.maxReplicas }}
     rayStartParams:
-      {{- range $k, $val := $v.ray.download.rayStartParams }}
-      {{ $k }}: {{ $val | toString | quote }}
-      {{- end }}
+      {{- include "oiod.rayStartParams" $v.ray.download.rayStartParams | nindent 6 }}
     template:
       metadata:
         labels:
@@ -141,4 +137,13 @@ workerGroupSpecs:
               {{- include "oiod.volumeMounts" (dict "root" . "shm" $v.ray.download.shmSizeLimit) | nindent 14 }}
         volumes:
           {{- include "oiod.volumes" (dict "root" . "shm" $v.ray.download.shmSizeLimit) | nindent 10 }}
+{{- end }}
+
+{{/* KubeRay wants every `ray start` parameter as a string, and {} when there are none. */}}
+{{- define "oiod.rayStartParams" -}}
+{{- $out := dict }}
+{{- range $k, $val := . }}
+{{- $_ := set $out $k (toString $val) }}
+{{- end }}
+{{- toYaml $out }}
 {{- end }}

@@ -1,0 +1,790 @@
+"""The Helm chart, rendered by the real Helm engine and checked offline.
+
+No API server exists here, so every scenario is rendered with ``helm_python``
+(Helm's Go SDK), linted in strict mode, and each object is validated against
+the Kubernetes OpenAPI schemas (``kubernetes_validate``, strict, 1.29 and
+1.33) or, for RayCluster/RayJob, against the KubeRay CRD schemas copied into
+``tests/data/kuberay-crds``.
+
+Other test modules may import :func:`render_chart`, :func:`find` and
+:func:`prepare_entrypoint`, e.g. to submit the prepare entrypoint to a local
+Ray head.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+jsonschema = pytest.importorskip("jsonschema")
+
+pytestmark = pytest.mark.k8s
+
+REPO = Path(__file__).resolve().parents[1]
+CHART_DIR = REPO / "helm" / "openimages-od"
+CRD_DIR = Path(__file__).resolve().parent / "data" / "kuberay-crds"
+SHARED_CRD_DIR = REPO.parent / "shared" / "reference" / "kuberay-crds"
+K8S_DIR = REPO / "k8s"
+KUBE_VERSIONS = ("1.29.0", "1.33.0")
+RELEASE = "oiod"
+NAMESPACE = "ml"
+CONFIG_PATH = "/etc/oiod/config.yaml"
+
+# Scenario name -> values file (None = chart defaults).
+SCENARIOS: dict[str, Optional[Path]] = {"chart-defaults": None}
+SCENARIOS.update({f"ci/{p.name}": p for p in sorted((CHART_DIR / "ci").glob("*-values.yaml"))})
+SCENARIOS.update({f"k8s/{p.name}": p for p in sorted(K8S_DIR.glob("values-*.yaml"))})
+
+
+# --------------------------------------------------------------------------- helpers others may import
+
+
+@functools.lru_cache(maxsize=1)
+def _chart() -> Any:
+    return helm.Chart.load(str(CHART_DIR))
+
+
+def _docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def render_chart(
+    values_overrides: Optional[dict] = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+) -> list[dict]:
+    """Render the chart like ``helm install --dry-run`` and return its objects.
+
+    Args:
+        values_overrides: user values layered over the chart's ``values.yaml``.
+        release: release name.
+        namespace: release namespace.
+
+    Returns:
+        Every rendered Kubernetes object (NOTES.txt excluded), in template order.
+
+    Raises:
+        helm_python.HelmValuesError: the values break ``values.schema.json``.
+        helm_python.HelmRenderError: a template ``fail``-ed (cross-field rules).
+    """
+    out = _chart().render(values_overrides or {}, name=release, namespace=namespace, is_install=True)
+    objs: list[dict] = []
+    for path in sorted(out):
+        if path.endswith("NOTES.txt"):
+            continue
+        objs.extend(_docs(out[path]))
+    return objs
+
+
+def render_notes(values_overrides: Optional[dict] = None) -> str:
+    """The rendered NOTES.txt."""
+    out = _chart().render(values_overrides or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+
+
+def find(objs: list[dict], kind: str, name_suffix: str = "") -> list[dict]:
+    """Objects of ``kind`` whose name ends with ``name_suffix``."""
+    return [o for o in objs if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
+
+
+def prepare_entrypoint(values_overrides: Optional[dict] = None) -> str:
+    """The exact shell command the chart's prepare RayJob runs on the Ray head."""
+    (job,) = find(render_chart(values_overrides), "RayJob")
+    return job["spec"]["entrypoint"]
+
+
+def scenario_values(name: str) -> dict:
+    path = SCENARIOS[name]
+    return yaml.safe_load(path.read_text()) or {} if path else {}
+
+
+# --------------------------------------------------------------------------- validation machinery
+
+
+def _strict(schema: Any) -> Any:
+    """Forbid unknown fields the way the API server's strict field validation does.
+
+    Structural CRD schemas prune unknown fields silently; a test should instead
+    fail on them, so every object schema that lists its properties (and does not
+    preserve unknown fields) gets ``additionalProperties: false``.
+    """
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            out.get("type") == "object"
+            and "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_validator(kind: str) -> Any:
+    for path in CRD_DIR.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd["spec"]["names"]["kind"] == kind:
+            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+            schema = _strict(version["schema"]["openAPIV3Schema"])
+            # metadata is validated by the API server, not the CRD schema.
+            schema["properties"]["metadata"] = {"type": "object"}
+            return jsonschema.Draft7Validator(schema)
+    raise LookupError(f"no CRD for {kind} in {CRD_DIR}")
+
+
+def validate_object(obj: dict) -> None:
+    """Validate one object: KubeRay CRD schema, or Kubernetes schemas of every KUBE_VERSIONS."""
+    where = f"{obj['kind']}/{obj['metadata']['name']}"
+    if obj["apiVersion"].startswith("ray.io/"):
+        assert obj["apiVersion"] == "ray.io/v1", where
+        errors = sorted(_crd_validator(obj["kind"]).iter_errors(obj), key=lambda e: list(e.path))
+        assert not errors, where + ":\n" + "\n".join(
+            f"  {'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10]
+        )
+        return
+    for version in KUBE_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(map(str, exc.path))
+            pytest.fail(f"{where} invalid for Kubernetes {version}: {path}: {exc.message}")
+
+
+def pod_specs(obj: dict) -> Iterator[tuple[str, dict]]:
+    """Every pod spec an object creates, labelled for messages."""
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    spec = obj.get("spec", {})
+    if kind in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+        yield f"{kind}/{name}", spec["template"]["spec"]
+    elif kind == "RayCluster":
+        yield from _ray_cluster_pods(f"{kind}/{name}", spec)
+    elif kind == "RayJob":
+        if "rayClusterSpec" in spec:
+            yield from _ray_cluster_pods(f"{kind}/{name}", spec["rayClusterSpec"])
+        if "submitterPodTemplate" in spec:
+            yield f"{kind}/{name}/submitter", spec["submitterPodTemplate"]["spec"]
+
+
+def _ray_cluster_pods(label: str, spec: dict) -> Iterator[tuple[str, dict]]:
+    yield f"{label}/head", spec["headGroupSpec"]["template"]["spec"]
+    for group in spec.get("workerGroupSpecs", []):
+        yield f"{label}/{group['groupName']}", group["template"]["spec"]
+
+
+def container_env(container: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+# --------------------------------------------------------------------------- scenarios render, lint and validate
+
+
+@pytest.fixture(scope="module", params=sorted(SCENARIOS))
+def scenario(request: pytest.FixtureRequest) -> tuple[str, dict, list[dict]]:
+    values = scenario_values(request.param)
+    return request.param, values, render_chart(values)
+
+
+def test_scenarios_cover_the_required_cases() -> None:
+    names = set(SCENARIOS)
+    for required in ("defaults", "gpu-multiworker", "autoscaling", "external-s3"):
+        assert f"ci/{required}-values.yaml" in names
+    assert {"k8s/values-gke-gpu.yaml", "k8s/values-eks-gpu.yaml"} <= names
+
+
+def test_lint_strict_is_clean(scenario: tuple[str, dict, list[dict]]) -> None:
+    name, values, _ = scenario
+    for version in KUBE_VERSIONS:
+        report = helm.lint(str(CHART_DIR), values, strict=True, kube_version=f"v{version}", namespace=NAMESPACE)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not report["errors"] and not problems, (name, version, report)
+
+
+def test_every_object_validates(scenario: tuple[str, dict, list[dict]]) -> None:
+    name, _, objs = scenario
+    assert objs, name
+    for obj in objs:
+        validate_object(obj)
+
+
+def test_every_pod_is_locked_down(scenario: tuple[str, dict, list[dict]]) -> None:
+    name, _, objs = scenario
+    seen = 0
+    for obj in objs:
+        for label, pod in pod_specs(obj):
+            seen += 1
+            psc = pod["securityContext"]
+            assert psc["runAsNonRoot"] is True, label
+            assert isinstance(psc["runAsUser"], int) and psc["runAsUser"] > 0, label
+            assert isinstance(psc["fsGroup"], int), label
+            assert psc["seccompProfile"]["type"] == "RuntimeDefault", label
+            mounts_by_volume = {v["name"]: v for v in pod["volumes"]}
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                where = f"{label}/{c['name']}"
+                assert sc["readOnlyRootFilesystem"] is True, where
+                assert sc["allowPrivilegeEscalation"] is False, where
+                assert sc["capabilities"]["drop"] == ["ALL"], where
+                assert sc["seccompProfile"]["type"] == "RuntimeDefault", where
+                assert c["resources"].get("requests") and c["resources"].get("limits"), where
+                mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+                assert "/tmp" in mounts and "emptyDir" in mounts_by_volume[mounts["/tmp"]], where
+                assert "/home/oiod" in mounts, f"{where}: caches (~/.cache, ~/.keras) need a writable home"
+    assert seen, name
+
+
+def test_object_names_fit_kubernetes_limits() -> None:
+    long_release = "a-rather-long-release-name-for-openimages-detector-x"  # 52 chars, under Helm's 53
+    values = scenario_values("ci/gpu-multiworker-values.yaml")
+    values = {**values, "rayCluster": {"enabled": True}, "prepare": {"enabled": True}}
+    objs = render_chart(values, release=long_release)
+    for obj in objs:
+        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"]), obj["metadata"]["name"]
+        for key, val in obj["metadata"].get("labels", {}).items():
+            assert len(val) <= 63, (key, val)
+    (rayjob,) = find(objs, "RayJob")
+    assert len(rayjob["metadata"]["name"]) <= 47  # KubeRay's limit
+    (job,) = [j for j in find(objs, "Job") if j["spec"].get("completionMode") == "Indexed"]
+    workers = job["spec"]["completions"]
+    assert len(f"{job['metadata']['name']}-{workers - 1}") <= 63  # pod hostname
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_configmap_is_the_project_config() -> None:
+    values = {"config": {"train": {"steps": 123, "model_dir": "/models/m"}}}
+    (cm,) = find(render_chart(values), "ConfigMap", "-config")
+    cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    merged = copy.deepcopy(_chart().values["config"])
+    merged["train"].update(values["config"]["train"])
+    assert cfg == merged
+    assert set(cfg) <= {"source", "selection", "output", "ray", "image", "shards", "train", "evaluate",
+                        "export", "serve"}
+    assert cfg["ray"]["address"] == "auto"
+
+
+def test_default_config_is_small() -> None:
+    allowed = {
+        "output": {"url", "s3"}, "ray": {"address", "num_actors", "num_cpus_per_actor", "concurrency_per_actor"},
+        "train": {"model_dir", "batch_size", "steps", "backbone"}, "export": {"dir"}, "serve": {"model"},
+    }
+    cfg = _chart().values["config"]
+    for section, keys in cfg.items():
+        assert section in allowed and set(keys) <= allowed[section], section
+    assert set(cfg["output"]["s3"]) <= {"endpoint_url", "region"}
+
+
+def _plain_env(objs: list[dict]) -> dict[str, str]:
+    """Literal env of the pods (secret references get dummy values)."""
+    env: dict[str, str] = {}
+    for obj in objs:
+        for _, pod in pod_specs(obj):
+            for c in pod["containers"]:
+                for e in c.get("env", []):
+                    env[e["name"]] = e["value"] if "value" in e else "dummy"
+    return env
+
+
+def test_rendered_config_loads_with_the_project_loader(
+    scenario: tuple[str, dict, list[dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_mod = pytest.importorskip("openimages_od.config")
+    name, _, objs = scenario
+    (cm,) = find(objs, "ConfigMap", "-config")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    for var in ("OIOD_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    for key, val in _plain_env(objs).items():
+        monkeypatch.setenv(key, val)
+    cfg = config_mod.load_config(path, overrides=[])
+    assert cfg.ray.address == "auto", name
+    endpoint = _plain_env(objs).get("OIOD_S3_ENDPOINT")
+    assert cfg.output.s3.endpoint_url == endpoint, name
+
+
+def test_rendered_commands_parse_with_the_cli(scenario: tuple[str, dict, list[dict]]) -> None:
+    cli = pytest.importorskip("openimages_od.cli")
+    parser = cli.build_parser()
+    name, _, objs = scenario
+    commands = [shlex.split(o["spec"]["entrypoint"]) for o in find(objs, "RayJob")]
+    for obj in objs:
+        for _, pod in pod_specs(obj):
+            commands += [c["command"] for c in pod["containers"] if c.get("command", [""])[0] == "oiod"]
+    assert commands or name == "none"
+    for argv in commands:
+        args = parser.parse_args(argv[1:])
+        assert args.config == CONFIG_PATH, argv
+
+
+# --------------------------------------------------------------------------- bad values are refused with a clear message
+
+
+@pytest.mark.parametrize(
+    "values, needles",
+    [
+        pytest.param({"ray": {"download": {"replicas": -1}}}, ["/ray/download/replicas", "minimum"], id="negative-replicas"),
+        pytest.param({"serve": {"replicas": -2}}, ["/serve/replicas", "minimum"], id="negative-serve-replicas"),
+        pytest.param({"bogus": 1}, ["additional properties 'bogus' not allowed"], id="unknown-top-level-key"),
+        pytest.param({"ray": {"download": {"replica": 3}}}, ["/ray/download", "'replica'"], id="unknown-nested-key"),
+        pytest.param({"config": {"trian": {}}}, ["/config", "'trian'"], id="unknown-config-section"),
+        pytest.param({"prepare": {"extraArgs": ["--set", "x=1; rm -rf /"]}}, ["/prepare/extraArgs/1"], id="shell-in-args"),
+        pytest.param({"images": {"worker": {"pullPolicy": "Sometimes"}}}, ["/images/worker/pullPolicy"], id="enum"),
+        pytest.param({"prepare": {"runId": "Run_1"}}, ["/prepare/runId"], id="bad-run-id"),
+    ],
+)
+def test_schema_rejects(values: dict, needles: list[str]) -> None:
+    with pytest.raises(helm.HelmValuesError) as info:
+        _chart().validate_schema(values)
+    for needle in needles:
+        assert needle in str(info.value)
+    with pytest.raises(helm.HelmError):
+        render_chart(values)
+
+
+@pytest.mark.parametrize(
+    "values, needles",
+    [
+        pytest.param(
+            {"train": {"enabled": True, "gpusPerWorker": 2}},
+            ["train.gpusPerWorker=2", "images.train.repository is empty"],
+            id="gpus-without-train-image",
+        ),
+        pytest.param(
+            {"export": {"enabled": True}}, ["export.enabled", "images.train.repository is empty"],
+            id="export-without-train-image",
+        ),
+        pytest.param(
+            {"kuberay": {"rayJobSupport": False}, "prepare": {"enabled": True}},
+            ["prepare.enabled=true", "kuberay.rayJobSupport=false", "kuberay-operator"],
+            id="rayjob-unsupported",
+        ),
+        pytest.param(
+            {"ray": {"download": {"minReplicas": 5, "maxReplicas": 2, "replicas": 2}}},
+            ["ray.download.minReplicas (5) must be <= ray.download.maxReplicas (2)"],
+            id="min-above-max",
+        ),
+        pytest.param(
+            {"ray": {"download": {"minReplicas": 1, "maxReplicas": 3, "replicas": 4}}},
+            ["ray.download.replicas (4)"],
+            id="replicas-outside-bounds",
+        ),
+        pytest.param(
+            {"images": {"train": {"repository": "t"}}, "train": {"enabled": True, "workers": 3, "indexedJob": False}},
+            ["train.workers=3", "train.indexedJob=true"],
+            id="multiworker-without-indexed-job",
+        ),
+        pytest.param(
+            {"prepare": {"useExistingCluster": True}}, ["prepare.useExistingCluster=true", "rayCluster.enabled=false"],
+            id="attach-without-raycluster",
+        ),
+        pytest.param(
+            {"serve": {"enabled": True, "autoscaling": {"minReplicas": 4, "maxReplicas": 2}}},
+            ["serve.autoscaling.minReplicas (4)"],
+            id="serve-min-above-max",
+        ),
+        pytest.param(
+            {"objectStore": {"createSecret": {"enabled": True}}},
+            ["objectStore.createSecret.accessKeyId"],
+            id="created-secret-without-keys",
+        ),
+        pytest.param(
+            {"objectStore": {"existingSecret": "x", "createSecret": {"enabled": True, "accessKeyId": "a",
+                                                                      "secretAccessKey": "b"}}},
+            ["objectStore.existingSecret (x)"],
+            id="two-secrets",
+        ),
+        pytest.param(
+            {"images": {"train": {"repository": "t"}}, "tensorboard": {"enabled": True},
+             "config": {"train": {"model_dir": "s3://b/model"}}},
+            ["s3://b/model", "tensorboard"],
+            id="tensorboard-on-s3",
+        ),
+    ],
+)
+def test_cross_field_rules_fail_the_render(values: dict, needles: list[str]) -> None:
+    _chart().validate_schema(values)  # schema-valid: only the templates can refuse these
+    with pytest.raises(helm.HelmRenderError) as info:
+        render_chart(values)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_several_rule_violations_are_reported_together() -> None:
+    with pytest.raises(helm.HelmRenderError) as info:
+        render_chart({"kuberay": {"rayJobSupport": False},
+                      "ray": {"download": {"minReplicas": 3, "maxReplicas": 1, "replicas": 1}}})
+    assert "kuberay.rayJobSupport=false" in str(info.value)
+    assert "ray.download.minReplicas (3)" in str(info.value)
+
+
+# --------------------------------------------------------------------------- Ray: RayCluster and RayJob
+
+
+def _download_group(spec: dict) -> dict:
+    (group,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "download"]
+    return group
+
+
+@pytest.mark.parametrize("replicas, lo, hi", [(1, 1, 1), (3, 2, 7), (10, 0, 50)])
+def test_download_group_follows_values(replicas: int, lo: int, hi: int) -> None:
+    objs = render_chart({
+        "rayCluster": {"enabled": True},
+        "ray": {"download": {"replicas": replicas, "minReplicas": lo, "maxReplicas": hi,
+                             "resources": {"limits": {"cpu": "3", "memory": "6Gi"}, "requests": {"cpu": "3", "memory": "6Gi"}}}},
+    })
+    (cluster,) = find(objs, "RayCluster")
+    (job,) = find(objs, "RayJob")
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        group = _download_group(spec)
+        assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (replicas, lo, hi)
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"] == {"cpu": "3", "memory": "6Gi"}
+        shm = {v["name"]: v for v in group["template"]["spec"]["volumes"]}["dshm"]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_autoscaling_toggle() -> None:
+    (off,) = find(render_chart({"rayCluster": {"enabled": True}}), "RayCluster")
+    assert off["spec"]["enableInTreeAutoscaling"] is False
+    assert "autoscalerOptions" not in off["spec"]
+    assert off["spec"]["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+    objs = render_chart(scenario_values("ci/autoscaling-values.yaml"))
+    (on,) = find(objs, "RayCluster")
+    assert on["spec"]["enableInTreeAutoscaling"] is True
+    opts = on["spec"]["autoscalerOptions"]
+    assert opts["upscalingMode"] == "Aggressive" and opts["idleTimeoutSeconds"] == 120
+    assert opts["securityContext"]["readOnlyRootFilesystem"] is True
+    assert opts["resources"]["limits"] and opts["resources"]["requests"]
+    group = _download_group(on["spec"])
+    assert (group["minReplicas"], group["maxReplicas"]) == (2, 20)
+    # The autoscaler sidecar KubeRay injects needs the API token.
+    assert on["spec"]["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+
+
+def test_prepare_entrypoint_is_a_cli_command() -> None:
+    assert prepare_entrypoint() == f"oiod prepare -c {CONFIG_PATH}"
+    extra = {"prepare": {"extraArgs": ["--set", "ray.num_actors=8", "--retry-failed"]}}
+    assert shlex.split(prepare_entrypoint(extra)) == [
+        "oiod", "prepare", "-c", CONFIG_PATH, "--set", "ray.num_actors=8", "--retry-failed"]
+    assert f"oiod prepare -c {CONFIG_PATH}" in render_notes()
+
+
+def test_rayjob_with_its_own_cluster() -> None:
+    objs = render_chart({"prepare": {"runId": "7", "backoffLimit": 3, "activeDeadlineSeconds": 3600}})
+    (job,) = find(objs, "RayJob")
+    spec = job["spec"]
+    assert job["metadata"]["name"] == f"{RELEASE}-openimages-od-prepare-7"
+    assert "clusterSelector" not in spec and "rayClusterSpec" in spec
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (3, 3600)
+    assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+    assert not find(objs, "RayCluster")
+    # The job's driver runs on the head: it needs the config and the store settings.
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (container,) = head["containers"]
+    assert {"name": "config", "mountPath": "/etc/oiod", "readOnly": True} in container["volumeMounts"]
+
+
+def test_rayjob_attached_to_the_chart_raycluster() -> None:
+    objs = render_chart(scenario_values("ci/autoscaling-values.yaml"))
+    (cluster,) = find(objs, "RayCluster")
+    (job,) = find(objs, "RayJob")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert "rayClusterSpec" not in job["spec"]
+    # A shared cluster must survive the job (KubeRay also refuses true here).
+    assert job["spec"]["shutdownAfterJobFinishes"] is False
+    assert shlex.split(job["spec"]["entrypoint"])[:4] == ["oiod", "prepare", "-c", CONFIG_PATH]
+
+
+def test_prepare_can_be_disabled() -> None:
+    objs = render_chart({"prepare": {"enabled": False}, "kuberay": {"rayJobSupport": False}})
+    assert not find(objs, "RayJob") and not find(objs, "RayCluster")
+
+
+# --------------------------------------------------------------------------- training, evaluation, export, TensorBoard
+
+
+def test_multiworker_training_is_an_indexed_job_with_headless_service() -> None:
+    objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml"))
+    (job,) = find(objs, "Job", "-train-gpu-1")
+    (svc,) = find(objs, "Service", "-train-workers")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 4
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["ports"][0]["port"] == 2222
+    # The service selects exactly this run's pods.
+    labels = pod.get("labels") or spec["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    (c,) = pod["containers"]
+    env = container_env(c)
+    assert env["OIOD_NUM_WORKERS"] == "4"
+    assert env["OIOD_WORKER_PORT"] == "2222"
+    assert env["OIOD_JOB_NAME"] == job["metadata"]["name"]
+    assert env["OIOD_WORKER_SERVICE"] == f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert c["command"] == ["oiod", "train", "-c", CONFIG_PATH]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2 and c["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]
+    (pvc,) = find(objs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_single_worker_training_is_a_plain_job() -> None:
+    objs = render_chart({"images": {"train": {"repository": "r/train", "tag": "1"}}, "train": {"enabled": True}})
+    (job,) = find(objs, "Job", "-train-1")
+    assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
+    assert "subdomain" not in job["spec"]["template"]["spec"]
+    assert not find(objs, "Service", "-train-workers")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "r/train:1"
+    assert container_env(c)["OIOD_NUM_WORKERS"] == "1"
+
+
+def test_cpu_training_needs_no_gpu_but_an_image() -> None:
+    values = {"images": {"train": {"repository": "r/train"}}, "train": {"enabled": True, "gpusPerWorker": 0}}
+    (job,) = find(render_chart(values), "Job", "-train-1")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+
+
+def test_evaluate_export_tensorboard_commands() -> None:
+    objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml"))
+    (ev,) = find(objs, "Deployment", "-evaluate")
+    (c,) = ev["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["oiod", "evaluate", "-c", CONFIG_PATH, "--continuous"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    (ex,) = find(objs, "Job", "-export-1")
+    (c,) = ex["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["oiod", "export", "-c", CONFIG_PATH]
+    (tb,) = find(objs, "Deployment", "-tensorboard")
+    (c,) = tb["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["tensorboard", "--logdir", "/models/gpu/model", "--host", "0.0.0.0", "--port", "6006"]
+    (tbs,) = find(objs, "Service", "-tensorboard")
+    assert tbs["spec"]["ports"][0]["port"] == 6006
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def test_serving_objects() -> None:
+    objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml"))
+    (dep,) = find(objs, "Deployment", "-serve")
+    assert "replicas" not in dep["spec"]  # the HPA owns it
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["oiod", "serve", "-c", CONFIG_PATH, "--host", "0.0.0.0", "--port", "8080"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["image"] == "openimages-od-serve:0.1.0"
+    (hpa,) = find(objs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    (pdb,) = find(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    (svc,) = find(objs, "Service", "-serve")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_serving_without_hpa_has_fixed_replicas() -> None:
+    objs = render_chart(scenario_values("ci/external-s3-values.yaml"))
+    (dep,) = find(objs, "Deployment", "-serve")
+    assert dep["spec"]["replicas"] == 3
+    assert not find(objs, "HorizontalPodAutoscaler")
+
+
+def test_components_toggle_independently() -> None:
+    base = {"images": {"train": {"repository": "r/train"}}, "prepare": {"enabled": False}}
+    kinds_of = {
+        "train": ("Job", "-train-1"), "evaluate": ("Deployment", "-evaluate"), "export": ("Job", "-export-1"),
+        "serve": ("Deployment", "-serve"),
+    }
+    for component, (kind, suffix) in kinds_of.items():
+        objs = render_chart({**base, component: {"enabled": True}})
+        assert find(objs, kind, suffix), component
+        others = [c for c in kinds_of if c != component]
+        assert not any(find(objs, *kinds_of[o]) for o in others), component
+
+
+# --------------------------------------------------------------------------- object store credentials
+
+
+def test_existing_secret_and_external_endpoint() -> None:
+    objs = render_chart(scenario_values("ci/external-s3-values.yaml"))
+    assert not find(objs, "Secret")
+    for obj in objs:
+        for label, pod in pod_specs(obj):
+            if label.endswith("/submitter"):
+                continue  # only runs `ray job submit`
+            for c in pod["containers"]:
+                env = container_env(c)
+                assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "oiod-s3", "key": "access-key"}}
+                assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "oiod-s3", "key": "secret-key"}}
+                assert env["OIOD_S3_ENDPOINT"] == env["AWS_ENDPOINT_URL"] == "https://s3.storage.example.com"
+                assert env["AWS_REGION"] == "eu-central-1"
+
+
+def test_chart_created_secret() -> None:
+    objs = render_chart({"objectStore": {"endpoint": "http://seaweedfs:8333", "setAwsEndpointUrl": False,
+                                         "createSecret": {"enabled": True, "accessKeyId": "k", "secretAccessKey": "s"}}})
+    (secret,) = find(objs, "Secret")
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    (job,) = find(objs, "RayJob")
+    (c,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    env = container_env(c)
+    assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert env["OIOD_S3_ENDPOINT"] == "http://seaweedfs:8333" and "AWS_ENDPOINT_URL" not in env
+
+
+def test_no_keys_when_using_workload_identity() -> None:
+    objs = render_chart(scenario_values("k8s/values-eks-gpu.yaml"))
+    (sa,) = find(objs, "ServiceAccount")
+    assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    (job,) = find(objs, "RayJob")
+    (c,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    env = container_env(c)
+    assert "AWS_ACCESS_KEY_ID" not in env and "OIOD_S3_ENDPOINT" not in env
+    assert env["AWS_REGION"] == "us-west-2"
+
+
+# --------------------------------------------------------------------------- chart hygiene: docs, schema, provenance
+
+
+def _schema_objects(node: Any, path: str = "") -> Iterator[tuple[str, dict]]:
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            yield path, node
+        for key, val in node.items():
+            yield from _schema_objects(val, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, val in enumerate(node):
+            yield from _schema_objects(val, f"{path}/{i}")
+
+
+def test_schema_forbids_unknown_keys_everywhere() -> None:
+    schema = _chart().schema
+    objects = list(_schema_objects(schema))
+    assert len(objects) > 20
+    for path, node in objects:
+        assert node.get("additionalProperties") is False, path
+
+
+# Maps whose keys are data (resource names, labels, ray start flags), not settings.
+_FREE_FORM = {"requests", "limits", "rayStartParams", "nodeSelector", "annotations", "commonLabels"}
+
+
+def test_every_value_is_documented() -> None:
+    undocumented = []
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing keys
+    documented = False
+    for line in (CHART_DIR / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            documented = True
+            continue
+        if not stripped or stripped.startswith("#"):
+            continue
+        m = re.match(r"^(\s*)([A-Za-z0-9_.-]+):", line)
+        if not m or stripped.startswith("-"):
+            documented = False
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parents = [k for _, k in stack]
+        is_section = line.rstrip().endswith(":")  # a mapping with documented children
+        inside_free_form = any(p in _FREE_FORM for p in parents) or "tolerations" in parents
+        if not (documented or is_section or inside_free_form):
+            undocumented.append(".".join(parents + [key]))
+        stack.append((indent, key))
+        documented = False
+    assert not undocumented, f"values without a '# --' comment: {undocumented}"
+
+
+def test_values_yaml_matches_schema_and_defaults_render() -> None:
+    _chart().validate_schema(_chart().values)
+    kinds = sorted(o["kind"] for o in render_chart())
+    assert kinds == ["ConfigMap", "RayJob", "ServiceAccount"]
+
+
+def test_readme_documents_operator_and_steps() -> None:
+    readme = (CHART_DIR / "README.md").read_text()
+    for needle in ("helm repo add kuberay", "kuberay-operator", "prepare.runId", "train.runId", "export.runId",
+                   "kubectl delete job", "serve.enabled", "kuberay.rayJobSupport"):
+        assert needle in readme, needle
+
+
+def test_crd_copies_match_the_shared_reference() -> None:
+    readme = (CRD_DIR / "README.md").read_text()
+    assert "ray.io_rayclusters" in readme and "ray.io_rayjobs" in readme
+    if not SHARED_CRD_DIR.is_dir():
+        pytest.skip("shared reference folder not present")
+    for name in ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"):
+        assert (CRD_DIR / name).read_bytes() == (SHARED_CRD_DIR / name).read_bytes(), name
+
+
+def test_crd_validation_catches_mistakes() -> None:
+    """The strict CRD check is not a rubber stamp."""
+    (job,) = find(render_chart(), "RayJob")
+    bad = copy.deepcopy(job)
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 2
+    with pytest.raises(AssertionError, match="replica"):
+        validate_object(bad)
+    bad = copy.deepcopy(job)
+    bad["spec"]["backoffLimit"] = "two"
+    with pytest.raises(AssertionError, match="backoffLimit"):
+        validate_object(bad)
+
+
+# --------------------------------------------------------------------------- k8s/ manifests
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in K8S_DIR.glob("*.yaml") if not p.name.startswith("values-")))
+def test_k8s_manifests_validate(path: str) -> None:
+    objs = _docs((K8S_DIR / path).read_text())
+    assert objs
+    for obj in objs:
+        validate_object(obj)
+        for label, pod in pod_specs(obj):
+            assert pod["securityContext"]["runAsNonRoot"] is True, label
+            for c in pod["containers"]:
+                assert c["securityContext"]["readOnlyRootFilesystem"] is True, label
+                assert c["resources"]["limits"] and c["resources"]["requests"], label
+
+
+def test_example_rayjob_targets_the_chart_raycluster() -> None:
+    (job,) = _docs((K8S_DIR / "rayjob-prepare-existing-cluster.yaml").read_text())
+    (cluster,) = find(render_chart({"rayCluster": {"enabled": True}}), "RayCluster")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert job["spec"]["shutdownAfterJobFinishes"] is False
+    assert shlex.split(job["spec"]["entrypoint"])[:4] == ["oiod", "prepare", "-c", CONFIG_PATH]
+
+
+def test_seaweedfs_dev_serves_s3_on_8333() -> None:
+    objs = _docs((K8S_DIR / "seaweedfs-dev.yaml").read_text())
+    (svc,) = find(objs, "Service")
+    assert svc["spec"]["ports"][0]["port"] == 8333
+    (dep,) = find(objs, "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "-s3" in c["command"] and "-s3.port=8333" in c["command"]
+    assert not c["image"].endswith(":latest") and ":" in c["image"]
