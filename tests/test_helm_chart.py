@@ -550,6 +550,21 @@ def test_multiworker_training_is_an_indexed_job_with_headless_service() -> None:
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
+def test_training_env_yields_tf_config() -> None:
+    """The Python side builds TF_CONFIG from exactly the env the chart sets."""
+    distribution = pytest.importorskip("openimages_od.training.distribution")
+    objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml"))
+    (job,) = find(objs, "Job", "-train-gpu-1")
+    (svc,) = find(objs, "Service", "-train-workers")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    env = {k: v for k, v in container_env(c).items() if isinstance(v, str)}
+    env["JOB_COMPLETION_INDEX"] = "2"  # set by Kubernetes in an Indexed Job
+    conf = distribution.tf_config_from_env(env)
+    host = f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert conf["cluster"]["worker"] == [f"{job['metadata']['name']}-{i}.{host}:2222" for i in range(4)]
+    assert conf["task"] == {"type": "worker", "index": 2}
+
+
 def test_single_worker_training_is_a_plain_job() -> None:
     objs = render_chart({"images": {"train": {"repository": "r/train", "tag": "1"}}, "train": {"enabled": True}})
     (job,) = find(objs, "Job", "-train-1")
