@@ -94,7 +94,10 @@ class ImageSources(_Section):
     )
     bucket: str = Field("open-images-dataset", description="Bucket holding {split}/{image_id}.jpg.")
     key_template: str = Field("{split}/{image_id}.jpg", description="Object key; fields: split, image_id.")
-    s3: S3Options = Field(default_factory=lambda: S3Options(unsigned=True, region="us-east-1"))
+    # An explicit AWS endpoint: botocore would otherwise apply AWS_ENDPOINT_URL (set
+    # on clusters for the output store) to the public image bucket too.
+    s3: S3Options = Field(default_factory=lambda: S3Options(
+        unsigned=True, region="us-east-1", endpoint_url="https://s3.us-east-1.amazonaws.com"))
     http: HttpOptions = Field(default_factory=HttpOptions)
 
     @field_validator("order")
@@ -199,6 +202,12 @@ class RayConfig(_Section):
     object_store_memory_mb: int = Field(512, ge=78)
     namespace: str = "openimages-od"
     progress: bool = True
+    actor_start_timeout_s: float = Field(
+        120.0, gt=0, description="Fail if the download actors cannot be scheduled within this time (CPU shares too big?)."
+    )
+    shard_timeout_s: Optional[float] = Field(
+        None, gt=0, description="Cancel and retry a shard running longer than this (null = no limit)."
+    )
 
 
 # --------------------------------------------------------------------------- image
@@ -320,6 +329,9 @@ class ServeConfig(_Section):
     )
     auth_token_env: Optional[str] = Field(None, description="Env var holding a bearer token; null = no auth.")
     output_dir: Optional[str] = Field(None, description="Where `output` in a request may store annotated images.")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: how long in-flight requests may take to drain.")
+    access_log: bool = Field(True, description="Structured JSON access log lines on stderr.")
+    max_instances: int = Field(64, ge=1, description="Most images in one TF Serving-style :predict request.")
 
 
 # --------------------------------------------------------------------------- root
