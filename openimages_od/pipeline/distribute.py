@@ -1,0 +1,383 @@
+"""``oiod prepare`` on Ray: the only module that imports Ray.
+
+The driver (:func:`run_prepare`) makes sure a plan exists, lists the shards
+that are not committed yet (a committed shard has its ``.stats.json``; it is
+skipped without any network request for its images), and hands them to a
+pool of async download actors (:class:`ShardWorker`). Each actor runs
+:func:`openimages_od.pipeline.shard.run_shard` for up to
+``ray.max_shards_in_flight_per_actor`` shards at once, with
+``ray.concurrency_per_actor`` image fetches in flight and
+``ray.decode_threads_per_actor`` threads for decode/resize/encode.
+
+Fault tolerance: actors are created with ``max_restarts``; a shard whose actor
+died (or that raised, or ran past ``ray.shard_timeout_s``) is resubmitted by
+the driver, at most ``ray.max_shard_retries`` times. Because a shard is only
+visible once its stats are written and its bytes depend only on the plan and
+the source bytes, a retried shard replaces nothing and duplicates nothing.
+
+Work in flight is bounded (``ray.wait``), actors report per-image progress to
+a small progress actor, and the driver shows a live bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+from openimages_od.config import Config, save_resolved
+from openimages_od.errors import ConfigError, OiodError
+from openimages_od.openimages.planio import PlanManifest, read_manifest
+from openimages_od.pipeline.fetch import Fetcher
+from openimages_od.pipeline.report import build_report
+from openimages_od.pipeline.shard import CRASH_ENV, ShardContext, ShardTask, run_shard, shard_urls
+from openimages_od.storage import ObjectNotFound, Storage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_prepare", "ShardWorker", "ProgressTracker", "pending_tasks"]
+
+
+# --------------------------------------------------------------------------- actors
+
+
+class ProgressTracker:
+    """Per-image counters fed by the download actors (a Ray actor with no CPU)."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.bytes = 0
+
+    def add(self, ok: int, failed: int, nbytes: int) -> None:
+        self.ok += ok
+        self.failed += failed
+        self.bytes += nbytes
+
+    def get(self) -> tuple[int, int, int]:
+        return self.ok, self.failed, self.bytes
+
+
+class ShardWorker:
+    """A download actor: one event loop, one HTTP pool, one S3 thread pool, shared by its shards."""
+
+    def __init__(self, cfg_data: dict[str, Any], progress: Any = None, crash_once: Optional[str] = None) -> None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        self.cfg = Config.model_validate(cfg_data)
+        self.progress = progress
+        self.crash_once = crash_once
+        self._ctx: Optional[ShardContext] = None
+        self._pending = [0, 0, 0]
+        self._flusher: Optional[asyncio.Task] = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _context(self) -> ShardContext:
+        if self._ctx is None:
+            rc = self.cfg.ray
+            self._ctx = ShardContext(
+                cfg=self.cfg,
+                storage=Storage.from_config(self.cfg),
+                fetcher=Fetcher(self.cfg.source.images, concurrency=rc.concurrency_per_actor,
+                                storage=Storage.from_config(self.cfg)),
+                cpu_pool=ThreadPoolExecutor(rc.decode_threads_per_actor, thread_name_prefix="oiod-cpu"),
+                semaphore=asyncio.Semaphore(rc.concurrency_per_actor),
+                on_image=self._on_image,
+                crash_once=self.crash_once,
+                worker=self.name,
+            )
+            if self.progress is not None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        return self._ctx
+
+    def _on_image(self, ok: bool, nbytes: int) -> None:
+        self._pending[0 if ok else 1] += 1
+        self._pending[2] += nbytes
+
+    def _flush(self) -> None:
+        if self.progress is not None and (self._pending[0] or self._pending[1]):
+            ok, failed, nbytes = self._pending
+            self._pending = [0, 0, 0]
+            self.progress.add.remote(ok, failed, nbytes)  # fire and forget
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self._flush()
+
+    async def ready(self) -> str:
+        return self.name
+
+    async def run(self, task: ShardTask) -> dict[str, Any]:
+        stats = await run_shard(task, self._context())
+        self._flush()
+        return stats
+
+
+# --------------------------------------------------------------------------- planning the work
+
+
+def _ensure_plan(cfg: Config, storage: Storage, plan_url: str, skip_plan: bool) -> PlanManifest:
+    manifest_url = f"{plan_url}/manifest.json"
+    if not storage.exists(manifest_url):
+        if skip_plan:
+            raise OiodError(f"no plan at {manifest_url} (run `oiod plan` first, or drop --skip-plan)")
+        try:
+            from openimages_od.openimages.plan import run_plan
+        except ImportError as exc:
+            raise OiodError(f"no plan at {manifest_url} and the planner is not available ({exc})") from exc
+        log.info("no plan at %s: planning first", manifest_url)
+        run_plan(cfg)
+    try:
+        return read_manifest(storage, plan_url)
+    except ObjectNotFound:
+        raise OiodError(f"planning finished but {manifest_url} is missing") from None
+
+
+def pending_tasks(
+    cfg: Config, storage: Storage, manifest: PlanManifest, plan_url: str, retry_failed: bool = False
+) -> tuple[list[ShardTask], dict[str, dict[str, Any]]]:
+    """Shards still to do, and the stats of the committed ones (keyed by shard name).
+
+    One listing per split decides what is committed, so a finished run costs a
+    handful of requests. With ``retry_failed``, committed shards whose stats
+    record failed images are redone (only their failed images are re-fetched).
+    """
+    wanted = set(cfg.selection.splits) or set(manifest.splits)
+    tasks: list[ShardTask] = []
+    committed: dict[str, dict[str, Any]] = {}
+    for split in sorted(manifest.splits):
+        if split not in wanted:
+            continue
+        sm = manifest.splits[split]
+        prefix = cfg.output_path("tfrecords", split) + "/"
+        existing = {o.url for o in storage.list(prefix)}
+        for i, rel in enumerate(sm.shards):
+            urls = shard_urls(cfg, split, i, sm.num_shards)
+            plan_shard = f"{plan_url}/{rel}"
+            task = ShardTask(split, i, sm.num_shards, plan_shard)
+            if urls["stats"] in existing:
+                stats = storage.read_json(urls["stats"])
+                if retry_failed and stats.get("failed", 0) > 0:
+                    tasks.append(ShardTask(split, i, sm.num_shards, plan_shard, retry_failed=True))
+                else:
+                    committed[task.name] = stats
+            else:
+                tasks.append(task)
+    return tasks, committed
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - ray is a base dependency
+        raise OiodError("oiod prepare needs Ray: pip install 'ray[default]'") from exc
+    return ray
+
+
+def _connect(cfg: Config) -> bool:
+    """Join or start Ray; True if this call started it (and so must shut it down)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    rc = cfg.ray
+    if rc.address == "local":
+        ray.init(num_cpus=rc.local_num_cpus, object_store_memory=rc.object_store_memory_mb * 1024 * 1024,
+                 include_dashboard=False, namespace=rc.namespace, log_to_driver=True, configure_logging=False)
+    else:
+        try:
+            ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=True, configure_logging=False)
+        except ConnectionError as exc:
+            raise OiodError(f"ray.address {rc.address!r}: cannot join the Ray cluster ({exc})") from None
+    return True
+
+
+class _Bar:
+    """Live progress in the driver (rich), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total_images: int, total_shards: int) -> None:
+        self.enabled = enabled
+        self.t0 = time.monotonic()
+        self.total_shards = total_shards
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+            TextColumn("{task.fields[rate]:>7.1f} img/s"), TextColumn("shards {task.fields[shards]}"),
+            TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
+            console=Console(stderr=True), refresh_per_second=4,
+        )
+        self.task = self.progress.add_task("prepare", total=total_images, rate=0.0,
+                                           shards=f"0/{total_shards}", failed=0)
+        self.progress.start()
+
+    def update(self, ok: int, failed: int, shards_done: int) -> None:
+        if not self.enabled:
+            return
+        el = max(1e-6, time.monotonic() - self.t0)
+        self.progress.update(self.task, completed=ok + failed, rate=(ok + failed) / el,
+                             shards=f"{shards_done}/{self.total_shards}", failed=failed)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple[list[dict], dict[str, str], int, dict]:
+    ray = _ray()
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+    rc = cfg.ray
+    started = _connect(cfg)
+    try:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        need = rc.num_actors * rc.num_cpus_per_actor
+        if need > cpus and rc.address == "local":
+            raise ConfigError(
+                f"ray: {rc.num_actors} actors x {rc.num_cpus_per_actor} CPUs = {need} CPUs, but the local Ray "
+                f"instance has {cpus:g}; lower ray.num_actors or ray.num_cpus_per_actor (fractions are fine)"
+            )
+        progress = ray.remote(num_cpus=0)(ProgressTracker).remote()
+        worker_cls = ray.remote(ShardWorker).options(
+            num_cpus=rc.num_cpus_per_actor, max_restarts=max(1, rc.max_shard_retries), max_task_retries=0,
+            max_concurrency=max(8, rc.max_shards_in_flight_per_actor * 4),
+        )
+        cfg_data = cfg.model_dump(mode="json")
+        crash_once = os.environ.get(CRASH_ENV) or None
+
+        def new_actor() -> Any:
+            return worker_cls.remote(cfg_data, progress, crash_once)
+
+        actors = [new_actor() for _ in range(rc.num_actors)]
+        ready, not_ready = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
+                                    timeout=rc.actor_start_timeout_s)
+        if not_ready:
+            raise OiodError(
+                f"ray: only {len(ready)} of {rc.num_actors} download actors started within "
+                f"{rc.actor_start_timeout_s:g}s (each needs {rc.num_cpus_per_actor} CPU; cluster has {cpus:g} CPUs)"
+            )
+        workers = ray.get(ready)
+
+        queue: deque[ShardTask] = deque(tasks)
+        inflight: dict[Any, tuple[ShardTask, int, float]] = {}
+        load = [0] * len(actors)
+        attempts: Counter[str] = Counter()
+        results: list[dict] = []
+        failed: dict[str, str] = {}
+        retries = 0
+        bar = _Bar(rc.progress, total_images, len(tasks))
+        try:
+            while queue or inflight:
+                while queue and min(load) < rc.max_shards_in_flight_per_actor:
+                    i = load.index(min(load))
+                    t = queue.popleft()
+                    inflight[actors[i].run.remote(t)] = (t, i, time.monotonic())
+                    load[i] += 1
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                if rc.shard_timeout_s:
+                    now = time.monotonic()
+                    for ref, (t, _, t0) in list(inflight.items()):
+                        if ref not in done and now - t0 > rc.shard_timeout_s:
+                            ray.cancel(ref)
+                for ref in done:
+                    t, i, _ = inflight.pop(ref)
+                    load[i] -= 1
+                    try:
+                        results.append(ray.get(ref))
+                        continue
+                    except RayError as exc:
+                        err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                        actor_died = isinstance(exc, RayActorError)
+                    attempts[t.name] += 1
+                    retries += 1
+                    log.warning("shard %s failed on attempt %d (%s)", t.name, attempts[t.name], err[:300])
+                    if attempts[t.name] > rc.max_shard_retries:
+                        failed[t.name] = err[:500]
+                    else:
+                        queue.appendleft(t)
+                    if actor_died:
+                        # A restartable actor comes back by itself; one out of restarts is replaced.
+                        try:
+                            ray.get(actors[i].ready.remote(), timeout=rc.actor_start_timeout_s)
+                        except (RayError, GetTimeoutError):
+                            log.warning("download actor %d is gone: starting a new one", i)
+                            actors[i] = new_actor()
+                try:
+                    ok, bad, _ = ray.get(progress.get.remote(), timeout=10)
+                    bar.update(ok, bad, len(results))
+                except (RayError, GetTimeoutError):
+                    pass
+        finally:
+            bar.close()
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        ray.kill(progress, no_restart=True)
+        info = {"address": rc.address, "num_actors": rc.num_actors, "num_cpus_per_actor": rc.num_cpus_per_actor,
+                "concurrency_per_actor": rc.concurrency_per_actor, "cluster_cpus": cpus, "workers": workers}
+        return results, failed, retries, info
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_prepare(cfg: Config, retry_failed: bool = False, skip_plan: bool = False) -> int:
+    """``oiod prepare``: plan if needed, then fetch, verify, transform and write every uncommitted shard.
+
+    Args:
+        cfg: the resolved configuration.
+        retry_failed: also redo committed shards with failed images, re-fetching only those images.
+        skip_plan: fail instead of planning when no plan exists.
+
+    Returns:
+        0 when every shard is committed.
+
+    Raises:
+        OiodError: no plan, Ray unreachable, or shards that still failed after ``ray.max_shard_retries``.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    t0 = time.monotonic()
+    storage = Storage.from_config(cfg)
+    plan_url = cfg.output_path("plan")
+    manifest = _ensure_plan(cfg, storage, plan_url, skip_plan)
+    save_resolved(cfg, cfg.output_path("tfrecords"), storage)
+    tasks, committed = pending_tasks(cfg, storage, manifest, plan_url, retry_failed)
+    total_images = sum(_plan_rows(manifest, t) for t in tasks)
+    log.info("prepare: %d shards to do, %d already committed", len(tasks), len(committed))
+
+    results: list[dict] = []
+    failed: dict[str, str] = {}
+    retries = 0
+    info: dict[str, Any] = {"address": cfg.ray.address}
+    if tasks:
+        results, failed, retries, info = _run_on_ray(cfg, tasks, total_images)
+    wall = time.monotonic() - t0
+    all_stats = {**committed, **{s["name"]: s for s in results}}
+    report = build_report(all_stats.values(), wall_s=wall, skipped=committed.keys(), failed_shards=failed,
+                          ray_info=info, retries=retries)
+    storage.write_json(cfg.output_path("prepare_report.json"), report)
+    tot, run = report["totals"], report["this_run"]
+    print(f"oiod prepare: {tot['shards']} shards committed ({run['shards_processed']} now, "
+          f"{run['shards_skipped']} skipped), {tot['ok']} images ok, {tot['failed']} failed, "
+          f"{run['images_per_s'] or 0:.1f} images/s; report {cfg.output_path('prepare_report.json')}",
+          file=sys.stderr)
+    if failed:
+        raise OiodError(f"{len(failed)} shard(s) failed after {cfg.ray.max_shard_retries} retries: "
+                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
+    return 0
+
+
+def _plan_rows(manifest: PlanManifest, task: ShardTask) -> int:
+    sm = manifest.splits[task.split]
+    # The manifest only has per-split totals; spread them evenly for the bar's total.
+    return max(1, round(sm.num_images / max(1, sm.num_shards)))
