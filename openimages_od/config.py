@@ -208,6 +208,11 @@ class RayConfig(_Section):
     shard_timeout_s: Optional[float] = Field(
         None, gt=0, description="Cancel and retry a shard running longer than this (null = no limit)."
     )
+    forward_env: list[str] = Field(
+        default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                 "AWS_DEFAULT_REGION", "AWS_PROFILE"],
+        description="Driver environment variables passed to the download actors (those that are set).",
+    )
 
 
 # --------------------------------------------------------------------------- image
