@@ -1,0 +1,768 @@
+"""``oiod plan``: Open Images metadata -> label map + deterministic shard plan.
+
+Pipeline per split, all in bounded memory:
+
+1. stream the box CSV (:class:`~openimages_od.openimages.formats.CsvStream`),
+   drop rows of unselected classes with one vectorised lookup per batch, and
+   validate the rest (ImageID, numbers, ranges, XMin <= XMax, attributes);
+   malformed rows are counted by reason (or stop the run with ``selection.strict``);
+2. apply attribute filters, ``min_confidence`` and the optional hierarchy
+   expansion (ancestors that are selected classes, as the OID evaluation does);
+3. group boxes by image without pandas: sort once by image position and cut
+   list columns with ``pa.ListArray.from_arrays`` offsets;
+4. apply the caps (``max_images_per_class``, ``max_images``) with a seeded hash
+   rank, so the choice is deterministic and independent of row order;
+5. stream the image index and the image-level labels with ``is_in`` against
+   the selected images;
+6. assign shards with :func:`planio.shard_of` and write Parquet shards, stats,
+   the label map, the resolved config and, last, the manifest.
+
+Remote inputs (``http(s)://``, ``s3://``) are downloaded once and cached under
+``{output}/metadata/`` (for an ``s3://`` output: a local cache, with a copy
+uploaded there so any machine can reuse it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from openimages_od.config import Config, join_url, save_resolved
+from openimages_od.errors import ConfigError
+from openimages_od.openimages import planio
+from openimages_od.openimages.classes import (
+    ClassDescriptions,
+    Hierarchy,
+    display_names,
+    read_class_descriptions,
+    read_hierarchy,
+    read_trainable,
+    resolve_classes,
+    trainable_names,
+)
+from openimages_od.openimages.formats import (
+    ATTRIBUTE_COLUMNS,
+    CsvStream,
+    MalformedLog,
+    detect_layout,
+    parse_floats,
+)
+from openimages_od.openimages.labelmap import LabelMap
+from openimages_od.storage import Storage, local_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PlanResult", "build_plan", "run_plan", "MetadataInputs"]
+
+_ATTR_FIELDS = ("is_occluded", "is_truncated", "is_group_of", "is_depiction", "is_inside")
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+
+@dataclass
+class PlanResult:
+    """What ``oiod plan`` wrote."""
+
+    plan_url: str
+    manifest: planio.PlanManifest
+    stats: dict[str, Any]
+    label_map: LabelMap
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plan_url": self.plan_url, "manifest": self.manifest.to_json(), "seconds": round(self.seconds, 3)}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class MetadataInputs:
+    """Resolves metadata URLs to local files, downloading remote ones once.
+
+    For a local output the cache is ``{output}/metadata/{scheme}/{host}/{path}``;
+    for an ``s3://`` output a local temp cache is used and a copy is uploaded to
+    the same relative key under ``{output}/metadata/`` (reused on later runs).
+    """
+
+    def __init__(self, cfg: Config, storage: Storage) -> None:
+        self.storage = storage
+        self.output_root = cfg.output_root
+        out_local = local_path(self.output_root)
+        if out_local is not None:
+            self.cache_dir = out_local / "metadata"
+            self.remote_cache: Optional[str] = None
+        else:
+            digest = hashlib.sha256(self.output_root.encode()).hexdigest()[:16]
+            self.cache_dir = Path(tempfile.gettempdir()) / f"oiod-metadata-{os.getuid()}" / digest
+            self.remote_cache = join_url(self.output_root, "metadata")
+
+    def local(self, url: str) -> Path:
+        """A local path holding ``url``'s bytes."""
+        lp = local_path(url)
+        if lp is not None:
+            return self.storage.cached_local(url, self.cache_dir)
+        p = urlparse(url)
+        rel = "/".join(x for x in (p.scheme, p.netloc, p.path.lstrip("/")) if x)
+        dest = self.cache_dir / rel
+        if dest.is_file():
+            return dest
+        if self.remote_cache is None:
+            return self.storage.cached_local(url, self.cache_dir)
+        cached_url = join_url(self.remote_cache, rel)
+        if self.storage.exists(cached_url):
+            return self.storage.download_file(cached_url, dest)
+        path = self.storage.cached_local(url, self.cache_dir)
+        self.storage.upload_file(path, cached_url)
+        return path
+
+    def text(self, url: str) -> str:
+        data = self.local(url).read_bytes()
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            from openimages_od.errors import DataError
+
+            raise DataError(f"{url}: not UTF-8 text ({exc})") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _hex_keys(ids: pa.Array) -> np.ndarray:
+    """uint64 value of 16-hex-digit ImageIDs (validated upstream), vectorised."""
+    if len(ids) == 0:
+        return np.zeros(0, np.uint64)
+    raw = np.asarray(ids.to_numpy(zero_copy_only=False).astype("S16"))
+    nib = _HEX[raw.view(np.uint8).reshape(-1, 16)].astype(np.uint64)
+    out = np.zeros(len(raw), np.uint64)
+    for k in range(16):
+        out = (out << np.uint64(4)) | nib[:, k]
+    return out
+
+
+def _rank(ids: pa.Array, seed: int) -> np.ndarray:
+    """A seeded, order-independent pseudo-random rank per image (splitmix64 of the ID)."""
+    x = _hex_keys(ids) ^ np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def _first_lines(stream: CsvStream, g0: int, idx: np.ndarray, k: int) -> list[int]:
+    return [stream.line_of(g0 + int(i)) for i in idx[:k]]
+
+
+def _record(logm: MalformedLog, stream: CsvStream, g0: int, mask: np.ndarray, reason: str,
+            detail_fn: Any) -> None:
+    """Count rows of ``mask`` under ``reason``; examples (and strict mode) get file:line."""
+    n = int(mask.sum())
+    if not n:
+        return
+    idx = np.flatnonzero(mask)
+    shown = 0
+    while shown < len(idx) and logm.wants_examples(reason):
+        i = int(idx[shown])
+        logm.add(reason, stream.display, stream.line_of(g0 + i), detail_fn(i))
+        shown += 1
+    if n > shown:
+        logm.counts[reason] = logm.counts.get(reason, 0) + (n - shown)
+
+
+def _blank_rows(batch: pa.RecordBatch, stream: CsvStream, g0: int, logm: MalformedLog) -> np.ndarray:
+    """Rows whose ImageID is empty (blank lines parse as rows of empty fields): counted as missing fields."""
+    blank = pc.equal(pc.binary_length(batch.column("ImageID")), 0).to_numpy(zero_copy_only=False)
+    if blank.any():
+        _record(logm, stream, g0, blank, "missing_fields", lambda i: "empty ImageID (blank line?)")
+    return blank
+
+
+def _valid_ids(ids: pa.Array) -> np.ndarray:
+    ok = pc.and_(pc.equal(pc.binary_length(ids), 16), pc.match_substring_regex(ids, r"^[0-9a-fA-F]{16}$"))
+    return ok.to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class _Boxes:
+    """Selected, validated boxes of one split (columnar)."""
+
+    image_id: pa.Array
+    code: np.ndarray  # index into the keep list
+    coords: np.ndarray  # (n, 4) float32: xmin, xmax, ymin, ymax
+    confidence: np.ndarray
+    attrs: np.ndarray  # (n, 5) int8, -1 unknown
+    has_attrs: bool
+    rows_read: int = 0
+
+
+def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Array,
+                logm: MalformedLog) -> _Boxes:
+    layout = detect_layout(path, "boxes", display)
+    has_attrs = ATTRIBUTE_COLUMNS[0] in layout.columns
+    cols = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"] + (
+        list(ATTRIBUTE_COLUMNS) if has_attrs else [])
+    stream = CsvStream(path, layout, cols, display, logm)
+    parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
+    n_keep_known = len(keep)
+    for batch, g0 in stream:
+        label = batch.column("LabelName")
+        blank = _blank_rows(batch, stream, g0, logm)
+        if known is not None:
+            kidx = pc.index_in(label, value_set=known)
+            unknown = kidx.is_null().to_numpy(zero_copy_only=False) & ~blank
+            if unknown.any():
+                _record(logm, stream, g0, unknown, "unknown_mid",
+                        lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
+        code = pc.index_in(label, value_set=keep)
+        sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
+        if not sel.any():
+            continue
+        rows = np.flatnonzero(sel)
+        sub = batch.filter(pa.array(sel))
+        code_np = code.filter(pa.array(sel)).to_numpy(zero_copy_only=False).astype(np.int32)
+        assert code_np.max(initial=0) < n_keep_known
+        ids = sub.column("ImageID")
+        bad = np.zeros(len(rows), bool)
+
+        def rec(mask: np.ndarray, reason: str, detail: Any) -> None:
+            m = mask & ~bad
+            if m.any():
+                full = np.zeros(batch.num_rows, bool)
+                full[rows[m]] = True
+                pos = {int(r): j for j, r in enumerate(rows)}
+                _record(logm, stream, g0, full, reason, lambda i: detail(pos[i]))
+                bad[:] |= m
+
+        rec(~_valid_ids(ids), "bad_image_id", lambda j: f"ImageID {ids[j].as_py()!r} is not 16 hex digits")
+        vals = {}
+        for c in ("XMin", "XMax", "YMin", "YMax", "Confidence"):
+            col = sub.column(c)
+            v, empty, nonnum = parse_floats(col)
+            rec(empty, "missing_fields", lambda j, c=c: f"{c} is empty")
+            rec(nonnum, "non_numeric", lambda j, c=c, col=col: f"{c} {col[j].as_py()!r} is not a number")
+            vals[c] = v
+        xmin, xmax, ymin, ymax, conf = (vals[c] for c in ("XMin", "XMax", "YMin", "YMax", "Confidence"))
+        with np.errstate(invalid="ignore"):
+            coords = np.stack([xmin, xmax, ymin, ymax], axis=1)
+            oor = ~((coords >= 0.0) & (coords <= 1.0)).all(axis=1) | ~((conf >= 0.0) & (conf <= 1.0))
+        rec(oor, "out_of_range", lambda j: (
+            f"coordinates {coords[j].tolist()} / confidence {conf[j]} outside [0, 1]"))
+        rec((xmin > xmax) | (ymin > ymax), "min_greater_than_max",
+            lambda j: f"XMin {xmin[j]} > XMax {xmax[j]} or YMin {ymin[j]} > YMax {ymax[j]}")
+        if has_attrs:
+            attrs = np.empty((len(rows), 5), np.int8)
+            for k, c in enumerate(ATTRIBUTE_COLUMNS):
+                col = sub.column(c)
+                v, _, nonnum = parse_floats(col, empty_value=-1.0)  # empty attribute = unknown
+                rec(nonnum, "non_numeric", lambda j, c=c, col=col: f"{c} {col[j].as_py()!r} is not a number")
+                badv = ~np.isin(v, (-1.0, 0.0, 1.0)) & ~nonnum
+                rec(badv, "bad_attribute", lambda j, c=c, v=v: f"{c} {v[j]} is not -1, 0 or 1")
+                attrs[:, k] = np.where(np.isin(v, (-1.0, 0.0, 1.0)), v, -1).astype(np.int8)
+        else:
+            attrs = np.full((len(rows), 5), -1, np.int8)
+        good = ~bad
+        if not good.all():
+            gm = pa.array(good)
+            ids, code_np, coords, conf, attrs = ids.filter(gm), code_np[good], coords[good], conf[good], attrs[good]
+        parts["id"].append(ids)
+        parts["code"].append(code_np)
+        parts["coords"].append(coords.astype(np.float32))
+        parts["conf"].append(conf.astype(np.float32))
+        parts["attrs"].append(attrs)
+    ids_all = pa.concat_arrays([a.cast(pa.string()) for a in parts["id"]]) if parts["id"] else pa.array([], pa.string())
+    return _Boxes(
+        image_id=ids_all,
+        code=np.concatenate(parts["code"]) if parts["code"] else np.zeros(0, np.int32),
+        coords=np.concatenate(parts["coords"]) if parts["coords"] else np.zeros((0, 4), np.float32),
+        confidence=np.concatenate(parts["conf"]) if parts["conf"] else np.zeros(0, np.float32),
+        attrs=np.concatenate(parts["attrs"]) if parts["attrs"] else np.zeros((0, 5), np.int8),
+        has_attrs=has_attrs,
+        rows_read=stream.rows_read,
+    )
+
+
+def _read_image_labels(path: Path, display: str, known: Optional[pa.Array], keep: pa.Array,
+                       logm: MalformedLog) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """(image_id, code into ``keep``, confidence) of image-level labels of kept classes."""
+    layout = detect_layout(path, "image_labels", display)
+    stream = CsvStream(path, layout, ["ImageID", "LabelName", "Confidence"], display, logm)
+    ids_l, code_l, conf_l = [], [], []
+    for batch, g0 in stream:
+        label = batch.column("LabelName")
+        blank = _blank_rows(batch, stream, g0, logm)
+        if known is not None:
+            unknown = pc.index_in(label, value_set=known).is_null().to_numpy(zero_copy_only=False) & ~blank
+            if unknown.any():
+                _record(logm, stream, g0, unknown, "unknown_mid",
+                        lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
+        code = pc.index_in(label, value_set=keep)
+        sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
+        if not sel.any():
+            continue
+        sub = batch.filter(pa.array(sel))
+        ids = sub.column("ImageID")
+        conf, empty, nonnum = parse_floats(sub.column("Confidence"))
+        with np.errstate(invalid="ignore"):
+            bad_id = ~_valid_ids(ids)
+            bad_num = (empty | nonnum) & ~bad_id
+            oor = ~((conf >= 0) & (conf <= 1)) & ~bad_id & ~bad_num
+        rows = np.flatnonzero(sel)
+        for mask, reason, det in ((bad_id, "bad_image_id", "ImageID is not 16 hex digits"),
+                                  (bad_num, "non_numeric", "Confidence is not a number"),
+                                  (oor, "out_of_range", "Confidence outside [0, 1]")):
+            if mask.any():
+                full = np.zeros(batch.num_rows, bool)
+                full[rows[mask]] = True
+                _record(logm, stream, g0, full, reason, lambda i, d=det: d)
+        good = ~(bad_id | bad_num | oor)
+        gm = pa.array(good)
+        ids_l.append(ids.filter(gm))
+        code_l.append(code.filter(pa.array(sel)).to_numpy(zero_copy_only=False)[good].astype(np.int32))
+        conf_l.append(conf[good].astype(np.float32))
+    ids_all = pa.concat_arrays(ids_l) if ids_l else pa.array([], pa.string())
+    return (ids_all, np.concatenate(code_l) if code_l else np.zeros(0, np.int32),
+            np.concatenate(conf_l) if conf_l else np.zeros(0, np.float32))
+
+
+def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: MalformedLog) -> pa.Table:
+    """Image-index rows of the ``wanted`` ImageIDs (first row wins), columns normalised."""
+    layout = detect_layout(path, "images", display)
+    has_rot = "Rotation" in layout.columns
+    cols = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5"] + (["Rotation"] if has_rot else [])
+    stream = CsvStream(path, layout, cols, display, logm, newlines_in_values=True)
+    tables = []
+    for batch, g0 in stream:
+        sel = pc.is_in(batch.column("ImageID"), value_set=wanted).to_numpy(zero_copy_only=False)
+        if not sel.any():
+            continue
+        rows = np.flatnonzero(sel)
+        sub = batch.filter(pa.array(sel))
+        size, s_empty, s_bad = parse_floats(sub.column("OriginalSize"))
+        size_ok = ~(s_empty | s_bad) & (size >= 0) & (size == np.floor(size))
+        s_bad_mask = (s_bad | ((size < 0) & ~s_empty)) if len(size) else s_bad
+        if s_bad_mask.any():
+            full = np.zeros(batch.num_rows, bool)
+            full[rows[s_bad_mask]] = True
+            _record(logm, stream, g0, full, "non_numeric", lambda i: "OriginalSize is not a byte count")
+        if has_rot:
+            rot, r_empty, r_bad = parse_floats(sub.column("Rotation"))
+            with np.errstate(invalid="ignore"):
+                nan = np.isnan(rot)
+                r_known = ~(r_empty | r_bad | nan)
+                r_invalid = r_known & ~np.isin(rot, (0.0, 90.0, 180.0, 270.0))
+            if (r_bad | r_invalid).any():
+                full = np.zeros(batch.num_rows, bool)
+                full[rows[r_bad | r_invalid]] = True
+                _record(logm, stream, g0, full, "bad_rotation", lambda i: "Rotation is not 0, 90, 180 or 270")
+            rot_arr = pa.array(np.where(r_known & ~r_invalid, rot, 0).astype(np.int32), mask=~(r_known & ~r_invalid))
+        else:
+            rot_arr = pa.nulls(len(rows), pa.int32())
+
+        def nz(col: pa.Array) -> pa.Array:  # empty string -> null
+            return pc.if_else(pc.equal(pc.utf8_length(col), 0), pa.scalar(None, pa.string()), col)
+
+        tables.append(pa.table({
+            "image_id": sub.column("ImageID"),
+            "original_url": nz(sub.column("OriginalURL")),
+            "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
+            "original_md5": nz(sub.column("OriginalMD5")),
+            "original_size": pa.array(np.where(size_ok, size, 0).astype(np.int64), mask=~size_ok),
+            "rotation": rot_arr,
+        }))
+    if not tables:
+        return pa.table({"image_id": pa.array([], pa.string()), "original_url": pa.array([], pa.string()),
+                         "thumbnail_url": pa.array([], pa.string()), "original_md5": pa.array([], pa.string()),
+                         "original_size": pa.array([], pa.int64()), "rotation": pa.array([], pa.int32())})
+    return pa.concat_tables(tables)
+
+
+def _expansion(keep: list[str], n_selected: int, targets_of: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (offsets, flat) of selected-class indices each kept code maps to."""
+    offs = [0]
+    flat: list[int] = []
+    for m in keep:
+        t = targets_of.get(m, [])
+        flat.extend(t)
+        offs.append(len(flat))
+    return np.asarray(offs, np.int64), np.asarray(flat, np.int32)
+
+
+def _expand(codes: np.ndarray, offs: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, repeat it once per target: returns (row index, target class index)."""
+    counts = offs[codes + 1] - offs[codes]
+    rows = np.repeat(np.arange(len(codes)), counts)
+    starts = np.repeat(offs[codes], counts)
+    within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, flat[starts + within]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class _ClassInfo:
+    selected: list[str]
+    names: dict[str, str]
+    known: Optional[pa.Array]
+    hierarchy: Optional[Hierarchy]
+
+
+def _load_classes(cfg: Config, inputs: MetadataInputs) -> _ClassInfo:
+    src, sel = cfg.source, cfg.selection
+    desc: Optional[ClassDescriptions] = None
+    hier: Optional[Hierarchy] = None
+    trainable: Optional[list[str]] = None
+    tnames: dict[str, str] = {}
+    if src.class_descriptions:
+        desc = read_class_descriptions(inputs.text(src.class_descriptions), src.class_descriptions)
+    if src.hierarchy:
+        hier = read_hierarchy(inputs.text(src.hierarchy), src.hierarchy)
+    if src.trainable_classes:
+        text = inputs.text(src.trainable_classes)
+        trainable = read_trainable(text, src.trainable_classes)
+        tnames = trainable_names(text, src.trainable_classes)
+    if sel.expand_hierarchy and hier is None:
+        raise ConfigError("selection.expand_hierarchy needs source.hierarchy (the box hierarchy JSON)")
+    selected = resolve_classes(sel.classes, desc, hier, trainable, include_subclasses=sel.include_subclasses,
+                               trainable_only=sel.trainable_only)
+    if not selected:
+        raise ConfigError("the selection is empty: no class matches selection.classes / trainable_only")
+    known_set: list[str] = []
+    seen: set[str] = set()
+    for group in ((desc.mids if desc else []), (hier.order if hier else []), (trainable or [])):
+        for m in group:
+            if m not in seen:
+                seen.add(m)
+                known_set.append(m)
+    known = pa.array(known_set, pa.string()) if known_set else None
+    return _ClassInfo(selected, display_names(selected, desc, tnames), known, hier)
+
+
+def _config_digest(cfg: Config) -> str:
+    d = {k: cfg.model_dump(mode="json")[k] for k in ("source", "selection", "shards")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
+                storage: Storage, plan_url: str) -> tuple[planio.SplitManifest, dict[str, Any]]:
+    sel = cfg.selection
+    ss = cfg.source.splits[split]
+    logm = MalformedLog(strict=sel.strict)
+    selected = ci.selected
+    n_sel = len(selected)
+    sel_index = {m: i for i, m in enumerate(selected)}
+
+    # Box keep-list: selected classes, plus their descendants when boxes are expanded upwards.
+    keep = list(selected)
+    box_targets: dict[str, list[int]] = {m: [i] for i, m in enumerate(selected)}
+    lab_keep = list(selected)
+    pos_targets: dict[str, list[int]] = {m: [i] for i, m in enumerate(selected)}
+    neg_targets: dict[str, list[int]] = {m: [i] for i, m in enumerate(selected)}
+    if sel.expand_hierarchy and ci.hierarchy is not None:
+        h = ci.hierarchy
+        for m in selected:
+            for d in h.descendants(m):
+                if d not in box_targets:
+                    keep.append(d)
+                    box_targets[d] = []
+        for m in keep:
+            box_targets[m] = sorted(set(box_targets[m]) | {sel_index[a] for a in h.ancestors(m) if a in sel_index})
+        # Image-level labels: a positive label implies its ancestors, a negative one its descendants.
+        for m in selected:
+            for other in h.descendants(m) + h.ancestors(m):
+                if other not in pos_targets:
+                    lab_keep.append(other)
+                    pos_targets[other] = []
+                    neg_targets[other] = []
+        for m in lab_keep:
+            own = [sel_index[m]] if m in sel_index else []
+            pos_targets[m] = sorted(set(own) | {sel_index[a] for a in h.ancestors(m) if a in sel_index})
+            neg_targets[m] = sorted(set(own) | {sel_index[d] for d in h.descendants(m) if d in sel_index})
+
+    # 1. boxes
+    bpath = inputs.local(ss.boxes)
+    boxes = _read_boxes(bpath, ss.boxes, ci.known, pa.array(keep, pa.string()), logm)
+    n_valid = len(boxes.code)
+
+    # 2. filters
+    keep_mask = boxes.confidence >= sel.min_confidence
+    f = sel.filters
+    for k, name in enumerate(_ATTR_FIELDS):
+        want = getattr(f, name)
+        col = boxes.attrs[:, k]
+        if want is not None:
+            keep_mask &= (col == int(want)) | ((col == -1) & (not f.drop_unknown))
+    filtered_out = int((~keep_mask).sum())
+    rows, tgt = _expand(boxes.code[keep_mask], *_expansion(keep, n_sel, box_targets))
+    src_rows = np.flatnonzero(keep_mask)[rows]
+    b_ids = boxes.image_id.take(pa.array(src_rows)) if len(src_rows) else pa.array([], pa.string())
+
+    # 3. group by image: unique sorted ids, per-box image position
+    uniq = pc.unique(b_ids)
+    img_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
+    b_img = pc.index_in(b_ids, value_set=img_ids).to_numpy(zero_copy_only=False).astype(np.int64) if len(b_ids) else np.zeros(0, np.int64)
+    n_img = len(img_ids)
+    per_img = np.bincount(b_img, minlength=n_img)
+    candidate = per_img >= max(1, sel.min_boxes_per_image)
+
+    # image-level labels (read before choosing images so min_boxes_per_image=0 can add label-only images)
+    lab = None
+    if ss.image_labels:
+        lpath = inputs.local(ss.image_labels)
+        l_ids, l_code, l_conf = _read_image_labels(lpath, ss.image_labels, ci.known,
+                                                   pa.array(lab_keep, pa.string()), logm)
+        positive = l_conf >= 0.5
+        r_pos, t_pos = _expand(l_code[positive], *_expansion(lab_keep, n_sel, pos_targets))
+        r_neg, t_neg = _expand(l_code[~positive], *_expansion(lab_keep, n_sel, neg_targets))
+        src = np.concatenate([np.flatnonzero(positive)[r_pos], np.flatnonzero(~positive)[r_neg]])
+        tg = np.concatenate([t_pos, t_neg]).astype(np.int32)
+        order = np.argsort(src, kind="stable")
+        src, tg = src[order], tg[order]
+        lab = (l_ids.take(pa.array(src)) if len(src) else pa.array([], pa.string()), tg, l_conf[src])
+        if sel.min_boxes_per_image == 0 and len(lab[0]):
+            extra = pc.unique(lab[0])
+            extra = extra.filter(pc.invert(pc.is_in(extra, value_set=img_ids)))
+            if len(extra):
+                img_ids = pa.concat_arrays([img_ids, extra])
+                order_ids = pc.sort_indices(img_ids).to_numpy()
+                img_ids = img_ids.take(pa.array(order_ids))
+                inv = np.empty_like(order_ids)
+                inv[order_ids] = np.arange(len(order_ids))
+                b_img = inv[b_img]
+                per_img = np.bincount(b_img, minlength=len(img_ids))
+                candidate = np.ones(len(img_ids), bool)
+                n_img = len(img_ids)
+
+    # 4. caps, by a seeded rank so the choice does not depend on row order
+    chosen = candidate.copy()
+    if sel.max_images_per_class is not None or sel.max_images is not None:
+        rank = _rank(img_ids, sel.seed)
+        if sel.max_images_per_class is not None:
+            pairs = np.unique(b_img.astype(np.int64) * n_sel + tgt)
+            p_img, p_cls = pairs // n_sel, pairs % n_sel
+            m = candidate[p_img]
+            p_img, p_cls = p_img[m], p_cls[m]
+            order = np.lexsort((rank[p_img], p_cls))
+            p_img, p_cls = p_img[order], p_cls[order]
+            starts = np.searchsorted(p_cls, p_cls, side="left")
+            within = np.arange(len(p_cls)) - starts
+            chosen = np.zeros(n_img, bool)
+            chosen[p_img[within < sel.max_images_per_class]] = True
+        if sel.max_images is not None and chosen.sum() > sel.max_images:
+            idx = np.flatnonzero(chosen)
+            best = idx[np.argsort(rank[idx], kind="stable")[: sel.max_images]]
+            chosen = np.zeros(n_img, bool)
+            chosen[best] = True
+
+    # final images and boxes, boxes ordered by image then file order
+    new_pos = np.full(n_img, -1, np.int64)
+    new_pos[chosen] = np.arange(int(chosen.sum()))
+    final_ids = img_ids.filter(pa.array(chosen)) if n_img else img_ids
+    n_final = len(final_ids)
+    bsel = new_pos[b_img] >= 0 if len(b_img) else np.zeros(0, bool)
+    b_pos = new_pos[b_img][bsel]
+    order = np.argsort(b_pos, kind="stable")
+    b_src = src_rows[bsel][order]
+    b_tgt = tgt[bsel][order]
+    b_counts = np.bincount(b_pos, minlength=n_final)
+    b_offsets = np.concatenate([[0], np.cumsum(b_counts)]).astype(np.int32)
+    mids_arr = pa.array(selected, pa.string())
+    box_struct = pa.StructArray.from_arrays(
+        [
+            pa.array(b_tgt.astype(np.int32) + 1, pa.int32()),
+            mids_arr.take(pa.array(b_tgt.astype(np.int64))) if len(b_tgt) else pa.array([], pa.string()),
+            *(pa.array(boxes.coords[b_src, k], pa.float32()) for k in range(4)),
+            pa.array(boxes.confidence[b_src], pa.float32()),
+            *(pa.array(boxes.attrs[b_src, k], pa.int8()) for k in range(5)),
+        ],
+        fields=list(planio.BOX_TYPE),
+    )
+    boxes_col = pa.ListArray.from_arrays(pa.array(b_offsets), box_struct)
+
+    # image-level labels of the chosen images
+    if lab is not None:
+        l_pos_f = np.asarray(pc.fill_null(pc.index_in(lab[0], value_set=final_ids), -1)) if len(lab[0]) else np.zeros(0, np.int64)
+        lm = l_pos_f >= 0
+        lp, lt, lc = l_pos_f[lm], lab[1][lm], lab[2][lm]
+        # One label per (image, class): a verified positive wins over a negative.
+        key = lp.astype(np.int64) * n_sel + lt
+        o = np.lexsort((-lc, key))
+        key, lp, lt, lc = key[o], lp[o], lt[o], lc[o]
+        first = np.ones(len(key), bool)
+        first[1:] = key[1:] != key[:-1]
+        lp, lt, lc = lp[first], lt[first], lc[first]
+        l_counts = np.bincount(lp, minlength=n_final)
+        l_offsets = np.concatenate([[0], np.cumsum(l_counts)]).astype(np.int32)
+        lab_struct = pa.StructArray.from_arrays(
+            [pa.array(lt.astype(np.int32) + 1, pa.int32()),
+             mids_arr.take(pa.array(lt.astype(np.int64))) if len(lt) else pa.array([], pa.string()),
+             pa.array(lc, pa.float32())],
+            fields=list(planio.IMAGE_LABEL_TYPE),
+        )
+        labels_col = pa.ListArray.from_arrays(pa.array(l_offsets), lab_struct)
+        n_labels = int(len(lt))
+    else:
+        labels_col = pa.nulls(n_final, pa.list_(planio.IMAGE_LABEL_TYPE))
+        n_labels = 0
+
+    # 5. image index
+    if ss.images:
+        ipath = inputs.local(ss.images)
+        index = _read_image_index(ipath, ss.images, final_ids, logm)
+        where = pc.index_in(final_ids, value_set=index.column("image_id"))
+        missing = int(where.null_count)
+        take = pc.fill_null(where, 0) if len(index) else None
+
+        def icol(name: str, typ: pa.DataType) -> pa.Array:
+            if take is None:
+                return pa.nulls(n_final, typ)
+            col = index.column(name).combine_chunks().take(take)
+            return pc.if_else(where.is_valid(), col, pa.scalar(None, typ))
+    else:
+        missing = n_final
+
+        def icol(name: str, typ: pa.DataType) -> pa.Array:
+            return pa.nulls(n_final, typ)
+
+    # 6. shards
+    ids_py = final_ids.to_pylist()
+    n_shards = planio.num_shards_for(n_final, cfg.shards.images_per_shard)
+    shard = np.fromiter((planio.shard_of(i, n_shards) for i in ids_py), np.int32, count=n_final)
+    tmpl = cfg.source.images.key_template
+    table = pa.table(
+        {
+            "image_id": final_ids,
+            "split": pa.array([split] * n_final, pa.string()),
+            "shard": pa.array(shard, pa.int32()),
+            "source_id": pa.array(np.arange(1, n_final + 1), pa.int64()),
+            "bucket_key": pa.array([tmpl.format(split=split, image_id=i) for i in ids_py], pa.string()),
+            "original_url": icol("original_url", pa.string()),
+            "thumbnail_url": icol("thumbnail_url", pa.string()),
+            "original_md5": icol("original_md5", pa.string()),
+            "original_size": icol("original_size", pa.int64()),
+            "rotation": icol("rotation", pa.int32()),
+            "boxes": boxes_col,
+            "image_labels": labels_col,
+        },
+        schema=planio.PLAN_SCHEMA,
+    )
+    s_order = np.argsort(shard, kind="stable")
+    table = table.take(pa.array(s_order))
+    bounds = np.searchsorted(shard[s_order], np.arange(n_shards + 1))
+    paths = []
+    for i in range(n_shards):
+        rel = planio.plan_shard_path(split, i, n_shards)
+        planio.write_plan_table(storage, join_url(plan_url, rel), table.slice(bounds[i], bounds[i + 1] - bounds[i]))
+        paths.append(rel)
+
+    # stats
+    box_per_cls = np.bincount(b_tgt, minlength=n_sel)
+    pairs = np.unique(np.repeat(np.arange(n_final), b_counts).astype(np.int64) * n_sel + b_tgt)
+    img_per_cls = np.bincount(pairs % n_sel, minlength=n_sel) if len(pairs) else np.zeros(n_sel, np.int64)
+    stats = {
+        "images": n_final,
+        "boxes": int(len(b_tgt)),
+        "image_labels": n_labels,
+        "shards": n_shards,
+        "rows_read": boxes.rows_read,
+        "boxes_valid_selected": n_valid,
+        "boxes_filtered_out": filtered_out,
+        "images_without_index_row": missing,
+        "images_before_caps": int(candidate.sum()),
+        "classes": {m: {"images": int(img_per_cls[i]), "boxes": int(box_per_cls[i])} for i, m in enumerate(selected)},
+        "malformed": logm.to_json(),
+        "malformed_total": logm.total,
+    }
+    return planio.SplitManifest(num_shards=n_shards, num_images=n_final, num_boxes=int(len(b_tgt)), shards=paths), stats
+
+
+def build_plan(cfg: Config, storage: Optional[Storage] = None) -> PlanResult:
+    """Parse the configured metadata and write the label map and the plan under ``output.url``.
+
+    Args:
+        cfg: the config (``source``, ``selection``, ``shards``, ``output``).
+        storage: the storage layer (default: from the config).
+
+    Returns:
+        A :class:`PlanResult` with the manifest and the stats.
+
+    Raises:
+        ConfigError / UsageError: nothing to plan, or a bad selection (exit 2).
+        DataError: an unknown file layout, or a malformed row with ``selection.strict``.
+        StorageError: an input or the output cannot be reached.
+    """
+    t0 = time.monotonic()
+    st = storage or Storage.from_config(cfg)
+    if not cfg.source.splits:
+        raise ConfigError("source.splits is empty: configure at least one split's boxes CSV")
+    splits = list(cfg.selection.splits) or list(cfg.source.splits)
+    plan_url = cfg.output_path("plan")
+    inputs = MetadataInputs(cfg, st)
+    ci = _load_classes(cfg, inputs)
+    label_map = LabelMap.from_mids(ci.selected, ci.names)
+
+    # The manifest marks a complete plan: remove it first so a half-rewritten plan is never "done".
+    st.delete(join_url(plan_url, "manifest.json"))
+    split_manifests: dict[str, planio.SplitManifest] = {}
+    split_stats: dict[str, Any] = {}
+    for split in splits:
+        sm, stats = _plan_split(cfg, split, inputs, ci, st, plan_url)
+        split_manifests[split] = sm
+        split_stats[split] = stats
+        log.info("plan %s: %d images, %d boxes, %d shards, %d malformed rows", split, sm.num_images,
+                 sm.num_boxes, sm.num_shards, stats["malformed_total"])
+
+    # Shards left by an earlier plan with other shard counts or splits would confuse readers.
+    wanted = {join_url(plan_url, p) for sm in split_manifests.values() for p in sm.shards}
+    for obj in st.list(plan_url + "/"):
+        if obj.url.endswith(".parquet") and _norm(obj.url) not in {_norm(w) for w in wanted}:
+            st.delete(obj.url)
+
+    st.write_text(cfg.output_path("label_map.pbtxt"), label_map.to_pbtxt())
+    st.write_text(cfg.output_path("label_map.csv"), label_map.to_csv())
+    stats_doc = {
+        "splits": split_stats,
+        "num_classes": len(label_map),
+        "classes": label_map.to_json(),
+    }
+    st.write_json(join_url(plan_url, "stats.json"), stats_doc)
+    save_resolved(cfg, plan_url, st)
+    manifest = planio.PlanManifest(splits=split_manifests, num_classes=len(label_map),
+                                   label_map="label_map.pbtxt", config_digest=_config_digest(cfg))
+    planio.write_manifest(st, plan_url, manifest)
+    dt = time.monotonic() - t0
+    log.info("plan: %d classes, %s in %.1f s -> %s", len(label_map),
+             ", ".join(f"{s}={m.num_images} images/{m.num_boxes} boxes" for s, m in split_manifests.items()),
+             dt, plan_url)
+    return PlanResult(plan_url=plan_url, manifest=manifest, stats=stats_doc, label_map=label_map, seconds=dt)
+
+
+def _norm(url: str) -> str:
+    lp = local_path(url)
+    return str(lp) if lp is not None else url
+
+
+def run_plan(cfg: Config) -> PlanResult:
+    """CLI entry point for ``oiod plan``: :func:`build_plan` with the config's storage, plus a summary line."""
+    result = build_plan(cfg)
+    for split, sm in result.manifest.splits.items():
+        print(f"{split}: {sm.num_images} images, {sm.num_boxes} boxes, {sm.num_shards} shards")
+    print(f"{result.manifest.num_classes} classes; plan written to {result.plan_url}")
+    return result
