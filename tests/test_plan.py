@@ -339,9 +339,10 @@ def test_malformed_rows_are_counted_by_reason(tmp_path):
     assert res.manifest.splits["train"].num_boxes == len(bad_rows) + 1
     with pytest.raises(DataError, match=rf"boxes\.csv:{where['missing_fields']}: malformed row \(missing_fields\)"):
         build_plan(make_cfg(src, str(tmp_path / "out2"), classes=["Car"], include_subclasses=False, strict=True))
-    # Strict mode stops at the first value error too.
+    # Strict mode stops at the first value error too (the earliest line, whatever the reason).
     src2 = dict(src, splits={"train": {"boxes": str(d / "b2.csv")}})
-    (d / "b2.csv").write_text("\n".join([lines[0], ",".join(good), ",".join(bad_rows["out_of_range"])]) + "\n")
+    (d / "b2.csv").write_text("\n".join([lines[0], ",".join(good), ",".join(bad_rows["out_of_range"]),
+                                         ",".join(bad_rows["bad_image_id"])]) + "\n")
     with pytest.raises(DataError, match=r"b2\.csv:3: malformed row \(out_of_range\)"):
         build_plan(make_cfg(src2, str(tmp_path / "out3"), classes=["Car"], include_subclasses=False, strict=True))
 
@@ -433,3 +434,18 @@ def test_s3_inputs_and_output(tmp_path, seaweedfs, s3_bucket, s3_options):
     meta = [o.url for o in st.list(out_url + "/metadata/")]
     assert f"{out_url}/metadata/s3/{s3_bucket}/oid/v4/train-annotations-bbox.csv" in meta
     assert st.exists(f"{out_url}/label_map.pbtxt") and st.exists(f"{out_url}/plan/stats.json")
+
+
+def test_v2_trainable_only_label_map(tmp_path):
+    src = write_release(tmp_path / "v2", make_content(), "v2")
+    src["trainable_classes"] = str(DATA / "oid_bbox_trainable_label_map.pbtxt")
+    cfg = Config.model_validate({"source": src, "selection": {"trainable_only": True},
+                                 "output": {"url": str(tmp_path / "out")}})
+    res = build_plan(cfg)
+    assert res.manifest.num_classes == 545 == len(res.label_map)
+    order = [ln.split(",")[0] for ln in CLASSES.read_text().splitlines()]
+    mids = [c.mid for c in res.label_map]
+    assert mids == sorted(mids, key=order.index)  # class-descriptions order
+    rows = read_plan(str(tmp_path / "out"))["train"].to_pylist()
+    assert rows and all(r["rotation"] is None for r in rows)
+    assert {b["mid"] for r in rows for b in r["boxes"]} <= set(mids)

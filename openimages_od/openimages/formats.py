@@ -155,11 +155,23 @@ class MalformedLog:
     max_examples: int = 5
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    first: Optional[tuple[int, str]] = None  # (line, message) of the earliest row recorded
+
+    def batch_log(self) -> "MalformedLog":
+        """Where one batch's checks record: self, or in strict mode a scratch log so the
+        earliest bad row of the batch (not the first reason checked) is the one reported."""
+        return MalformedLog(strict=False, max_examples=1) if self.strict else self
+
+    def end_batch(self, scratch: "MalformedLog") -> None:
+        if scratch is not self and scratch.counts:
+            raise DataError(scratch.first[1] if scratch.first else next(iter(scratch.examples.values()))[0])
 
     def add(self, reason: str, display: str, line: Optional[int], detail: str, count: int = 1) -> None:
         where = f"{display}:{line if line is not None else '?'}"
         if self.strict:
             raise DataError(f"{where}: malformed row ({reason}): {detail}")
+        if line is not None and (self.first is None or line < self.first[0]):
+            self.first = (line, f"{where}: malformed row ({reason}): {detail}")
         self.counts[reason] = self.counts.get(reason, 0) + count
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.max_examples:

@@ -220,72 +220,10 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
         list(ATTRIBUTE_COLUMNS) if has_attrs else [])
     stream = CsvStream(path, layout, cols, display, logm)
     parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
-    n_keep_known = len(keep)
     for batch, g0 in stream:
-        label = batch.column("LabelName")
-        blank = _blank_rows(batch, stream, g0, logm)
-        if known is not None:
-            kidx = pc.index_in(label, value_set=known)
-            unknown = kidx.is_null().to_numpy(zero_copy_only=False) & ~blank
-            if unknown.any():
-                _record(logm, stream, g0, unknown, "unknown_mid",
-                        lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
-        code = pc.index_in(label, value_set=keep)
-        sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
-        if not sel.any():
-            continue
-        rows = np.flatnonzero(sel)
-        sub = batch.filter(pa.array(sel))
-        code_np = code.filter(pa.array(sel)).to_numpy(zero_copy_only=False).astype(np.int32)
-        assert code_np.max(initial=0) < n_keep_known
-        ids = sub.column("ImageID")
-        bad = np.zeros(len(rows), bool)
-
-        def rec(mask: np.ndarray, reason: str, detail: Any) -> None:
-            m = mask & ~bad
-            if m.any():
-                full = np.zeros(batch.num_rows, bool)
-                full[rows[m]] = True
-                pos = {int(r): j for j, r in enumerate(rows)}
-                _record(logm, stream, g0, full, reason, lambda i: detail(pos[i]))
-                bad[:] |= m
-
-        rec(~_valid_ids(ids), "bad_image_id", lambda j: f"ImageID {ids[j].as_py()!r} is not 16 hex digits")
-        vals = {}
-        for c in ("XMin", "XMax", "YMin", "YMax", "Confidence"):
-            col = sub.column(c)
-            v, empty, nonnum = parse_floats(col)
-            rec(empty, "missing_fields", lambda j, c=c: f"{c} is empty")
-            rec(nonnum, "non_numeric", lambda j, c=c, col=col: f"{c} {col[j].as_py()!r} is not a number")
-            vals[c] = v
-        xmin, xmax, ymin, ymax, conf = (vals[c] for c in ("XMin", "XMax", "YMin", "YMax", "Confidence"))
-        with np.errstate(invalid="ignore"):
-            coords = np.stack([xmin, xmax, ymin, ymax], axis=1)
-            oor = ~((coords >= 0.0) & (coords <= 1.0)).all(axis=1) | ~((conf >= 0.0) & (conf <= 1.0))
-        rec(oor, "out_of_range", lambda j: (
-            f"coordinates {coords[j].tolist()} / confidence {conf[j]} outside [0, 1]"))
-        rec((xmin > xmax) | (ymin > ymax), "min_greater_than_max",
-            lambda j: f"XMin {xmin[j]} > XMax {xmax[j]} or YMin {ymin[j]} > YMax {ymax[j]}")
-        if has_attrs:
-            attrs = np.empty((len(rows), 5), np.int8)
-            for k, c in enumerate(ATTRIBUTE_COLUMNS):
-                col = sub.column(c)
-                v, _, nonnum = parse_floats(col, empty_value=-1.0)  # empty attribute = unknown
-                rec(nonnum, "non_numeric", lambda j, c=c, col=col: f"{c} {col[j].as_py()!r} is not a number")
-                badv = ~np.isin(v, (-1.0, 0.0, 1.0)) & ~nonnum
-                rec(badv, "bad_attribute", lambda j, c=c, v=v: f"{c} {v[j]} is not -1, 0 or 1")
-                attrs[:, k] = np.where(np.isin(v, (-1.0, 0.0, 1.0)), v, -1).astype(np.int8)
-        else:
-            attrs = np.full((len(rows), 5), -1, np.int8)
-        good = ~bad
-        if not good.all():
-            gm = pa.array(good)
-            ids, code_np, coords, conf, attrs = ids.filter(gm), code_np[good], coords[good], conf[good], attrs[good]
-        parts["id"].append(ids)
-        parts["code"].append(code_np)
-        parts["coords"].append(coords.astype(np.float32))
-        parts["conf"].append(conf.astype(np.float32))
-        parts["attrs"].append(attrs)
+        blog = logm.batch_log()
+        _read_boxes_batch(batch, g0, stream, blog, known, keep, has_attrs, parts)
+        logm.end_batch(blog)
     ids_all = pa.concat_arrays([a.cast(pa.string()) for a in parts["id"]]) if parts["id"] else pa.array([], pa.string())
     return _Boxes(
         image_id=ids_all,
@@ -298,47 +236,127 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
     )
 
 
+def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: CsvStream, logm: MalformedLog,
+                      known: Optional[pa.Array], keep: pa.Array, has_attrs: bool, parts: dict[str, list]) -> None:
+    """Validate one batch; append its good rows of kept classes to ``parts``."""
+    label = batch.column("LabelName")
+    blank = _blank_rows(batch, stream, g0, logm)
+    if known is not None:
+        kidx = pc.index_in(label, value_set=known)
+        unknown = kidx.is_null().to_numpy(zero_copy_only=False) & ~blank
+        if unknown.any():
+            _record(logm, stream, g0, unknown, "unknown_mid",
+                    lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
+    code = pc.index_in(label, value_set=keep)
+    sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
+    if not sel.any():
+        return
+    rows = np.flatnonzero(sel)
+    sub = batch.filter(pa.array(sel))
+    code_np = code.filter(pa.array(sel)).to_numpy(zero_copy_only=False).astype(np.int32)
+    ids = sub.column("ImageID")
+    bad = np.zeros(len(rows), bool)
+
+    def rec(mask: np.ndarray, reason: str, detail: Any) -> None:
+        m = mask & ~bad
+        if m.any():
+            full = np.zeros(batch.num_rows, bool)
+            full[rows[m]] = True
+            pos = {int(r): j for j, r in enumerate(rows)}
+            _record(logm, stream, g0, full, reason, lambda i: detail(pos[i]))
+            bad[:] |= m
+
+    rec(~_valid_ids(ids), "bad_image_id", lambda j: f"ImageID {ids[j].as_py()!r} is not 16 hex digits")
+    vals = {}
+    for c in ("XMin", "XMax", "YMin", "YMax", "Confidence"):
+        col = sub.column(c)
+        v, empty, nonnum = parse_floats(col)
+        rec(empty, "missing_fields", lambda j, c=c: f"{c} is empty")
+        rec(nonnum, "non_numeric", lambda j, c=c, col=col: f"{c} {col[j].as_py()!r} is not a number")
+        vals[c] = v
+    xmin, xmax, ymin, ymax, conf = (vals[c] for c in ("XMin", "XMax", "YMin", "YMax", "Confidence"))
+    with np.errstate(invalid="ignore"):
+        coords = np.stack([xmin, xmax, ymin, ymax], axis=1)
+        oor = ~((coords >= 0.0) & (coords <= 1.0)).all(axis=1) | ~((conf >= 0.0) & (conf <= 1.0))
+    rec(oor, "out_of_range", lambda j: (
+        f"coordinates {coords[j].tolist()} / confidence {conf[j]} outside [0, 1]"))
+    rec((xmin > xmax) | (ymin > ymax), "min_greater_than_max",
+        lambda j: f"XMin {xmin[j]} > XMax {xmax[j]} or YMin {ymin[j]} > YMax {ymax[j]}")
+    if has_attrs:
+        attrs = np.empty((len(rows), 5), np.int8)
+        for k, c in enumerate(ATTRIBUTE_COLUMNS):
+            col = sub.column(c)
+            v, _, nonnum = parse_floats(col, empty_value=-1.0)  # empty attribute = unknown
+            rec(nonnum, "non_numeric", lambda j, c=c, col=col: f"{c} {col[j].as_py()!r} is not a number")
+            badv = ~np.isin(v, (-1.0, 0.0, 1.0)) & ~nonnum
+            rec(badv, "bad_attribute", lambda j, c=c, v=v: f"{c} {v[j]} is not -1, 0 or 1")
+            attrs[:, k] = np.where(np.isin(v, (-1.0, 0.0, 1.0)), v, -1).astype(np.int8)
+    else:
+        attrs = np.full((len(rows), 5), -1, np.int8)
+    good = ~bad
+    if not good.all():
+        gm = pa.array(good)
+        ids, code_np, coords, conf, attrs = ids.filter(gm), code_np[good], coords[good], conf[good], attrs[good]
+    parts["id"].append(ids)
+    parts["code"].append(code_np)
+    parts["coords"].append(coords.astype(np.float32))
+    parts["conf"].append(conf.astype(np.float32))
+    parts["attrs"].append(attrs)
+
+
 def _read_image_labels(path: Path, display: str, known: Optional[pa.Array], keep: pa.Array,
                        logm: MalformedLog) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """(image_id, code into ``keep``, confidence) of image-level labels of kept classes."""
     layout = detect_layout(path, "image_labels", display)
     stream = CsvStream(path, layout, ["ImageID", "LabelName", "Confidence"], display, logm)
-    ids_l, code_l, conf_l = [], [], []
+    ids_l: list[pa.Array] = []
+    code_l: list[np.ndarray] = []
+    conf_l: list[np.ndarray] = []
     for batch, g0 in stream:
-        label = batch.column("LabelName")
-        blank = _blank_rows(batch, stream, g0, logm)
-        if known is not None:
-            unknown = pc.index_in(label, value_set=known).is_null().to_numpy(zero_copy_only=False) & ~blank
-            if unknown.any():
-                _record(logm, stream, g0, unknown, "unknown_mid",
-                        lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
-        code = pc.index_in(label, value_set=keep)
-        sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
-        if not sel.any():
-            continue
-        sub = batch.filter(pa.array(sel))
-        ids = sub.column("ImageID")
-        conf, empty, nonnum = parse_floats(sub.column("Confidence"))
-        with np.errstate(invalid="ignore"):
-            bad_id = ~_valid_ids(ids)
-            bad_num = (empty | nonnum) & ~bad_id
-            oor = ~((conf >= 0) & (conf <= 1)) & ~bad_id & ~bad_num
-        rows = np.flatnonzero(sel)
-        for mask, reason, det in ((bad_id, "bad_image_id", "ImageID is not 16 hex digits"),
-                                  (bad_num, "non_numeric", "Confidence is not a number"),
-                                  (oor, "out_of_range", "Confidence outside [0, 1]")):
-            if mask.any():
-                full = np.zeros(batch.num_rows, bool)
-                full[rows[mask]] = True
-                _record(logm, stream, g0, full, reason, lambda i, d=det: d)
-        good = ~(bad_id | bad_num | oor)
-        gm = pa.array(good)
-        ids_l.append(ids.filter(gm))
-        code_l.append(code.filter(pa.array(sel)).to_numpy(zero_copy_only=False)[good].astype(np.int32))
-        conf_l.append(conf[good].astype(np.float32))
+        blog = logm.batch_log()
+        got = _read_labels_batch(batch, g0, stream, blog, known, keep)
+        logm.end_batch(blog)
+        if got is not None:
+            ids_l.append(got[0])
+            code_l.append(got[1])
+            conf_l.append(got[2])
     ids_all = pa.concat_arrays(ids_l) if ids_l else pa.array([], pa.string())
     return (ids_all, np.concatenate(code_l) if code_l else np.zeros(0, np.int32),
             np.concatenate(conf_l) if conf_l else np.zeros(0, np.float32))
+
+
+def _read_labels_batch(batch: pa.RecordBatch, g0: int, stream: CsvStream, logm: MalformedLog,
+                       known: Optional[pa.Array], keep: pa.Array) -> Optional[tuple[pa.Array, np.ndarray, np.ndarray]]:
+    label = batch.column("LabelName")
+    blank = _blank_rows(batch, stream, g0, logm)
+    if known is not None:
+        unknown = pc.index_in(label, value_set=known).is_null().to_numpy(zero_copy_only=False) & ~blank
+        if unknown.any():
+            _record(logm, stream, g0, unknown, "unknown_mid",
+                    lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
+    code = pc.index_in(label, value_set=keep)
+    sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
+    if not sel.any():
+        return None
+    sub = batch.filter(pa.array(sel))
+    ids = sub.column("ImageID")
+    conf, empty, nonnum = parse_floats(sub.column("Confidence"))
+    with np.errstate(invalid="ignore"):
+        bad_id = ~_valid_ids(ids)
+        bad_num = (empty | nonnum) & ~bad_id
+        oor = ~((conf >= 0) & (conf <= 1)) & ~bad_id & ~bad_num
+    rows = np.flatnonzero(sel)
+    for mask, reason, det in ((bad_id, "bad_image_id", "ImageID is not 16 hex digits"),
+                              (bad_num, "non_numeric", "Confidence is not a number"),
+                              (oor, "out_of_range", "Confidence outside [0, 1]")):
+        if mask.any():
+            full = np.zeros(batch.num_rows, bool)
+            full[rows[mask]] = True
+            _record(logm, stream, g0, full, reason, lambda i, d=det: d)
+    good = ~(bad_id | bad_num | oor)
+    return (ids.filter(pa.array(good)),
+            code.filter(pa.array(sel)).to_numpy(zero_copy_only=False)[good].astype(np.int32),
+            conf[good].astype(np.float32))
 
 
 def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: MalformedLog) -> pa.Table:
@@ -348,7 +366,10 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
     cols = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5"] + (["Rotation"] if has_rot else [])
     stream = CsvStream(path, layout, cols, display, logm, newlines_in_values=True)
     tables = []
+    outer = logm
     for batch, g0 in stream:
+        outer.end_batch(logm)  # strict mode: the previous batch's earliest bad row, if any
+        logm = outer.batch_log()
         sel = pc.is_in(batch.column("ImageID"), value_set=wanted).to_numpy(zero_copy_only=False)
         if not sel.any():
             continue
@@ -386,6 +407,7 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
             "original_size": pa.array(np.where(size_ok, size, 0).astype(np.int64), mask=~size_ok),
             "rotation": rot_arr,
         }))
+    outer.end_batch(logm)
     if not tables:
         return pa.table({"image_id": pa.array([], pa.string()), "original_url": pa.array([], pa.string()),
                          "thumbnail_url": pa.array([], pa.string()), "original_md5": pa.array([], pa.string()),
