@@ -42,6 +42,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
+from aiohttp.http_exceptions import HttpProcessingError
 
 from openimages_od.config import Config, ServeConfig, join_url, normalize_root
 from openimages_od.errors import ConfigError, OiodError
@@ -372,6 +373,25 @@ async def _read_limited(state: ServeState, part: Any) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_multipart(state: ServeState, request: web.Request) -> tuple[Optional[bytes], dict[str, Any]]:
+    """The uploaded ``image`` part (bytes) or its text, and the option fields."""
+    reader = await request.multipart()
+    fields: dict[str, Any] = {}
+    data: Optional[bytes] = None
+    async for part in reader:
+        name = getattr(part, "name", None)
+        if name == "image":
+            if part.filename or (part.headers.get("Content-Type", "").lower().startswith(("image/", "application/octet"))):
+                data = await _read_limited(state, part)
+            else:
+                fields["image"] = (await _read_limited(state, part)).decode("utf-8", "replace")
+        elif name in _OPTION_KEYS:
+            fields[name] = (await _read_limited(state, part)).decode("utf-8", "replace")[:1024]
+        else:
+            await part.release()
+    return data, fields
+
+
 async def parse_detect_request(request: web.Request) -> tuple[bytes, DetectOptions]:
     """Image bytes and options from any of the accepted request forms."""
     state = _state(request)
@@ -399,22 +419,9 @@ async def parse_detect_request(request: web.Request) -> tuple[bytes, DetectOptio
         return await resolve_image_source(state, image), opts
     if ctype == "multipart/form-data":
         try:
-            reader = await request.multipart()
-        except (AssertionError, ValueError, KeyError):
+            data, fields = await _read_multipart(state, request)
+        except (AssertionError, AttributeError, ValueError, KeyError, UnicodeError, HttpProcessingError):
             raise ApiError(400, "bad_request", "malformed multipart body") from None
-        fields: dict[str, Any] = {}
-        data: Optional[bytes] = None
-        async for part in reader:
-            name = getattr(part, "name", None)
-            if name == "image":
-                if part.filename or (part.headers.get("Content-Type", "").lower().startswith(("image/", "application/octet"))):
-                    data = await _read_limited(state, part)
-                else:
-                    fields["image"] = (await _read_limited(state, part)).decode("utf-8", "replace")
-            elif name in _OPTION_KEYS:
-                fields[name] = (await part.read(decode=False)).decode("utf-8", "replace")[:1024]
-            else:
-                await part.release()
         opts = parse_options(state, fields)
         if data is None:
             if not fields.get("image"):
