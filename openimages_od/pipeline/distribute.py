@@ -249,9 +249,13 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
                 f"instance has {cpus:g}; lower ray.num_actors or ray.num_cpus_per_actor (fractions are fine)"
             )
         progress = ray.remote(num_cpus=0)(ProgressTracker).remote()
+        # Credentials in the driver's environment reach the actors even on a
+        # cluster (or an embedded instance) started before they were set.
+        env = {k: os.environ[k] for k in rc.forward_env if os.environ.get(k)}
         worker_cls = ray.remote(ShardWorker).options(
             num_cpus=rc.num_cpus_per_actor, max_restarts=max(1, rc.max_shard_retries), max_task_retries=0,
             max_concurrency=max(8, rc.max_shards_in_flight_per_actor * 4),
+            **({"runtime_env": {"env_vars": env}} if env else {}),
         )
         cfg_data = cfg.model_dump(mode="json")
         crash_once = os.environ.get(CRASH_ENV) or None

@@ -7,7 +7,7 @@ the shard's TFRecord and before its ``.stats.json``. Each line::
      "url": "...", "bytes": 123, "width": 640, "height": 480, "kept_original": false,
      "error": null | "http_404", "attempts": ["bucket:s3_not_found", ...], "reused": false}
 
-``error`` is the reason from the last source tried; ``attempts`` lists every
+``error`` is the reason from the last source tried that had a URL; ``attempts`` lists every
 source's failure in order.
 """
 

@@ -152,7 +152,10 @@ async def _one(row: dict[str, Any], ctx: ShardContext) -> ImageResult:
                 continue
             entry.attempts = attempts
             return ImageResult(entry, record, fetched_bytes, len(row.get("boxes") or []))
-    error = attempts[-1].split(":", 1)[1] if attempts else "no_source"
+    # The last source's reason, unless it merely had no URL (then the one before it).
+    reasons = [a.split(":", 1)[1] for a in attempts]
+    informative = [r for r in reasons if r != "no_url"]
+    error = informative[-1] if informative else (reasons[-1] if reasons else "no_source")
     return ImageResult(LedgerEntry(image_id=row["image_id"], status="failed", error=error, attempts=attempts),
                        None, fetched_bytes, 0)
 
