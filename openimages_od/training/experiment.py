@@ -1,0 +1,201 @@
+"""Our config -> a TF Model Garden RetinaNet ``ExperimentConfig``.
+
+One function, :func:`build_experiment`, maps the project's ``train`` section
+(plus the number of classes from the prepare output) onto
+``official.vision.configs.retinanet.RetinaNetTask``. The Model Garden defaults
+that do not work here are overridden on purpose: no ``gs://`` init checkpoint,
+float32 data, no bfloat16 (CPU), no TPU preemption watcher.
+
+Importing this module imports TensorFlow and Model Garden.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Optional
+
+from openimages_od.config import Config
+
+__all__ = [
+    "build_experiment",
+    "resolve_mixed_precision",
+    "config_digest",
+    "padded_size",
+    "steps_per_loop",
+    "BACKBONES",
+]
+
+# Backbones we expose, mapped to Model Garden's backbone one-of config.
+BACKBONES: dict[str, dict[str, Any]] = {
+    "mobilenetv2": {"type": "mobilenet", "mobilenet": {"model_id": "MobileNetV2", "filter_size_scale": 1.0}},
+    "resnet50": {"type": "resnet", "resnet": {"model_id": 50}},
+    "resnet101": {"type": "resnet", "resnet": {"model_id": 101}},
+    "spinenet49": {"type": "spinenet", "spinenet": {"model_id": "49", "min_level": 3, "max_level": 7}},
+}
+
+MIN_LEVEL = 3
+MAX_LEVEL = 7
+
+
+def config_digest(cfg: Config) -> str:
+    """sha256 of the resolved ``train`` section: identifies what a model was trained with."""
+    body = json.dumps(cfg.train.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def padded_size(input_size: int) -> int:
+    """The model's square input side: ``input_size`` rounded up to a multiple of 2**MAX_LEVEL."""
+    stride = 2 ** MAX_LEVEL
+    return int(math.ceil(input_size / stride) * stride)
+
+
+def steps_per_loop(cfg: Config) -> int:
+    """Orbit runs ``steps_per_loop`` steps between host round trips.
+
+    Summaries and checkpoints happen only at loop boundaries, so the loop length
+    must divide both intervals; it also must not exceed the total steps.
+    """
+    t = cfg.train
+    return max(1, min(math.gcd(t.summary_every, t.checkpoint_every), t.steps))
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto`` -> ``mixed_float16`` when a GPU is visible, else ``float32``."""
+    if setting != "auto":
+        return setting
+    import tensorflow as tf
+
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+def _optimizer_config(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    lr = t.learning_rate
+    if t.optimizer == "sgd":
+        opt = {"type": "sgd", "sgd": {"momentum": t.momentum}}
+    else:
+        opt = {"type": "adam", "adam": {}}
+    if lr.schedule == "cosine":
+        sched = {"type": "cosine", "cosine": {"initial_learning_rate": lr.initial, "decay_steps": t.steps}}
+    elif lr.schedule == "stepwise":
+        sched = {"type": "stepwise", "stepwise": {"boundaries": list(lr.boundaries), "values": list(lr.values)}}
+    else:
+        sched = {"type": "constant", "constant": {"learning_rate": lr.initial}}
+    out: dict[str, Any] = {"optimizer": opt, "learning_rate": sched}
+    if lr.warmup_steps > 0:
+        out["warmup"] = {"type": "linear", "linear": {"warmup_steps": min(lr.warmup_steps, t.steps),
+                                                       "warmup_learning_rate": lr.warmup_learning_rate}}
+    return out
+
+
+def build_experiment(
+    cfg: Config,
+    num_classes: int,
+    train_files: Optional[list[str]] = None,
+    *,
+    mixed_precision: Optional[str] = None,
+    score_threshold: Optional[float] = None,
+    max_detections: Optional[int] = None,
+    nms_iou_threshold: Optional[float] = None,
+) -> Any:
+    """Build the Model Garden experiment for ``cfg``.
+
+    Args:
+        cfg: the project config (``train`` section is used).
+        num_classes: label-map size + 1 (class 0 is background).
+        train_files: local TFRecord paths for ``task.train_data``.
+        mixed_precision: resolved dtype policy (default: resolve ``train.mixed_precision``).
+        score_threshold: detection pre-NMS score threshold (default ``export.score_threshold``).
+        max_detections: detections kept per image (default ``export.max_detections``).
+        nms_iou_threshold: NMS IoU (default ``export.nms_iou_threshold``).
+
+    Returns:
+        ``official.core.config_definitions.ExperimentConfig``, validated.
+    """
+    from official.core import config_definitions as cfg_def
+    from official.modeling import optimization
+    from official.vision.configs import backbones, common, decoders
+    from official.vision.configs import retinanet as rn
+
+    t = cfg.train
+    size = t.input_size
+    policy = mixed_precision or resolve_mixed_precision(t.mixed_precision)
+    backbone = backbones.Backbone(**_backbone_kwargs(t.backbone, backbones))
+    # SpineNet has its own multi-scale outputs; the others get an FPN.
+    if t.backbone.startswith("spinenet"):
+        decoder = decoders.Decoder(type="identity")
+    else:
+        decoder = decoders.Decoder(type="fpn", fpn=decoders.FPN(num_filters=t.fpn_filters))
+    model = rn.RetinaNet(
+        num_classes=num_classes,
+        input_size=[size, size, 3],
+        min_level=MIN_LEVEL,
+        max_level=MAX_LEVEL,
+        backbone=backbone,
+        decoder=decoder,
+        head=rn.RetinaNetHead(num_convs=t.head_num_convs, num_filters=t.head_num_filters),
+        norm_activation=common.NormActivation(use_sync_bn=False, activation="relu"),
+        detection_generator=rn.DetectionGenerator(
+            pre_nms_score_threshold=cfg.export.score_threshold if score_threshold is None else score_threshold,
+            nms_iou_threshold=cfg.export.nms_iou_threshold if nms_iou_threshold is None else nms_iou_threshold,
+            max_num_detections=cfg.export.max_detections if max_detections is None else max_detections,
+            pre_nms_top_k=1000,
+            nms_version="v2",
+        ),
+    )
+    parser = rn.Parser(
+        aug_rand_hflip=t.augmentation.hflip,
+        aug_scale_min=t.augmentation.scale_min,
+        aug_scale_max=t.augmentation.scale_max,
+        # Open Images group-of boxes are written as is_crowd; they are real
+        # objects and the seed trained on them, so keep them.
+        skip_crowd_during_training=False,
+        max_num_instances=100,
+    )
+    train_data = rn.DataConfig(
+        input_path=list(train_files or []),
+        is_training=True,
+        global_batch_size=t.batch_size,
+        dtype="float32",
+        parser=parser,
+        shuffle_buffer_size=t.shuffle_buffer,
+        cycle_length=min(8, max(1, len(train_files or []))),
+        seed=t.seed,
+        drop_remainder=True,
+    )
+    validation_data = rn.DataConfig(is_training=False, global_batch_size=cfg.evaluate.batch_size, dtype="float32")
+    task = rn.RetinaNetTask(
+        model=model,
+        train_data=train_data,
+        validation_data=validation_data,
+        losses=rn.Losses(l2_weight_decay=t.weight_decay),
+        init_checkpoint=t.init_checkpoint,
+        init_checkpoint_modules=t.init_checkpoint_modules,
+        annotation_file=None,
+        use_coco_metrics=False,
+    )
+    spl = steps_per_loop(cfg)
+    trainer = cfg_def.TrainerConfig(
+        train_steps=t.steps,
+        steps_per_loop=spl,
+        summary_interval=max(spl, (t.summary_every // spl) * spl),
+        checkpoint_interval=max(spl, (t.checkpoint_every // spl) * spl),
+        max_to_keep=t.max_checkpoints,
+        validation_steps=0,
+        validation_interval=t.steps,
+        optimizer_config=optimization.OptimizationConfig(_optimizer_config(cfg)),
+        preemption_on_demand_checkpoint=False,
+    )
+    runtime = cfg_def.RuntimeConfig(mixed_precision_dtype=policy)
+    exp = cfg_def.ExperimentConfig(task=task, trainer=trainer, runtime=runtime)
+    exp.validate()
+    return exp
+
+
+def _backbone_kwargs(name: str, backbones: Any) -> dict[str, Any]:
+    spec = dict(BACKBONES[name])
+    kind = spec.pop("type")
+    cls = {"mobilenet": backbones.MobileNet, "resnet": backbones.ResNet, "spinenet": backbones.SpineNet}[kind]
+    return {"type": kind, kind: cls(**spec[kind])}

@@ -1,0 +1,125 @@
+"""Find committed shards, stage them to local disk, read the label map.
+
+TensorFlow has no ``s3://`` filesystem here (tensorflow-io is broken on
+TF >= 2.20), so shards on S3 are copied to a local cache once, in parallel,
+and TF reads local files. A shard is read only when it is committed: its
+``{stem}.stats.json`` exists beside ``{stem}.tfrecord``.
+
+This module does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from openimages_od.config import Config
+from openimages_od.errors import DataError
+from openimages_od.openimages.labelmap import LabelMap
+from openimages_od.storage import Storage, local_path
+
+__all__ = ["committed_shards", "stage_shards", "load_label_map", "default_cache_dir", "load_hierarchy"]
+
+log = logging.getLogger(__name__)
+
+
+def committed_shards(cfg: Config, split: str, storage: Storage) -> list[str]:
+    """URLs of committed shards of ``split`` (sorted).
+
+    Raises:
+        DataError: no committed shard exists for the split.
+    """
+    prefix = cfg.output_path("tfrecords", split) + "/"
+    try:
+        objs = storage.list(prefix)
+    except FileNotFoundError:
+        objs = []
+    names = {o.url for o in objs}
+    out = [o.url for o in objs
+           if o.url.endswith(".tfrecord") and o.url[: -len(".tfrecord")] + ".stats.json" in names]
+    if not out:
+        raise DataError(
+            f"no committed shards for split {split!r} under {prefix} "
+            f"(a shard is committed when its .stats.json exists; run `oiod prepare` first)"
+        )
+    return out
+
+
+def default_cache_dir(cfg: Config) -> Path:
+    """``train.cache_dir`` or a per-user temp folder (kept between runs so staging is done once)."""
+    if cfg.train.cache_dir:
+        return Path(os.path.expanduser(cfg.train.cache_dir)).absolute()
+    return Path(tempfile.gettempdir()) / f"oiod-cache-{os.getuid()}"
+
+
+def stage_shards(urls: list[str], storage: Storage, cache_dir: Path, *, threads: int = 8) -> list[str]:
+    """Local paths for ``urls``: local files as they are, remote ones copied into ``cache_dir``.
+
+    A cached copy with the same size as the object is reused; downloads run in a
+    thread pool and are atomic (a partial file never has the final name).
+    """
+
+    def one(url: str) -> str:
+        lp = local_path(url)
+        if lp is not None:
+            return str(lp)
+        p = urlparse(url)
+        dest = cache_dir / p.scheme / p.netloc / p.path.lstrip("/")
+        size = storage.size(url)
+        if dest.is_file() and dest.stat().st_size == size:
+            return str(dest)
+        storage.download_file(url, dest)
+        return str(dest)
+
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
+        out = list(pool.map(one, urls))
+    log.info("staged %d shards (%s)", len(out), cache_dir)
+    return out
+
+
+def load_label_map(cfg: Config, storage: Storage) -> LabelMap:
+    """The prepare output's ``label_map.pbtxt``.
+
+    Raises:
+        DataError: it is missing (plan has not run) or malformed.
+    """
+    url = cfg.output_path("label_map.pbtxt")
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError:
+        raise DataError(f"label map not found: {url} (run `oiod plan` / `oiod prepare` first)") from None
+    return LabelMap.from_pbtxt(text, url)
+
+
+def load_hierarchy(cfg: Config, storage: Storage) -> Optional[dict]:
+    """The Open Images box hierarchy JSON, or None when none is available.
+
+    Looks at ``source.hierarchy`` first, then at a cached copy under
+    ``{output}/metadata/`` (the plan caches remote metadata there).
+    """
+    import json
+
+    candidates: list[str] = []
+    meta_prefix = cfg.output_path("metadata") + "/"
+    try:
+        candidates += [o.url for o in storage.list(meta_prefix)
+                       if "hierarchy" in o.url.rsplit("/", 1)[-1].lower() and o.url.endswith(".json")]
+    except (FileNotFoundError, OSError):
+        pass
+    if cfg.source.hierarchy:
+        candidates.insert(0, cfg.source.hierarchy)
+    for url in candidates:
+        try:
+            return json.loads(storage.read_bytes(url))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read hierarchy %s (%s); trying the next source", url, exc)
+    return None

@@ -1,0 +1,211 @@
+"""The Open Images metric against hand-computed cases, and the COCO wrapper against pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from openimages_od.training.oid_metric import (
+    ImageDetections,
+    ImageGroundTruth,
+    OpenImagesMetric,
+    average_precision,
+    hierarchy_from_json,
+    iou_matrix,
+)
+
+VEHICLE, CAR, BALL = 1, 2, 3
+TREE = {
+    "LabelName": "/m/0bl9f",
+    "Subcategory": [
+        {"LabelName": "/m/veh", "Subcategory": [{"LabelName": "/m/car"}], "Part": [{"LabelName": "/m/wheel"}]},
+        {"LabelName": "/m/ball"},
+    ],
+}
+MIDS = {"/m/veh": VEHICLE, "/m/car": CAR, "/m/ball": BALL}
+
+
+def gt(boxes, labels, group=None, pos=None, neg=None) -> ImageGroundTruth:
+    return ImageGroundTruth(np.array(boxes, float).reshape(-1, 4), labels, group, pos, neg)
+
+
+def det(boxes, scores, labels) -> ImageDetections:
+    return ImageDetections(np.array(boxes, float).reshape(-1, 4), scores, labels)
+
+
+def test_iou_and_ap_basics():
+    a = np.array([[0, 0, 10, 10]], float)
+    b = np.array([[0, 0, 10, 10], [0, 5, 10, 15], [20, 20, 30, 30]], float)
+    assert np.allclose(iou_matrix(a, b), [[1.0, 50 / 150, 0.0]])
+    assert math.isnan(average_precision(np.array([0.5]), np.array([True]), 0))
+    assert average_precision(np.zeros(0), np.zeros(0, bool), 3) == 0.0
+
+
+def test_duplicate_detection_is_false_positive():
+    # GT1, GT2; det 0.9 on GT1 (TP), 0.8 on GT1 again (FP: already claimed), 0.7 on GT2 (TP).
+    # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> AP = 0.5*1 + 0.5*(2/3).
+    m = OpenImagesMetric([BALL])
+    m.add_image(gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL]),
+                det([[0, 0, 10, 10], [0, 1, 10, 10], [20, 20, 30, 30]], [0.9, 0.8, 0.7], [BALL] * 3))
+    r = m.result()
+    assert r["per_class"][BALL]["ap"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert r["mAP"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert r["per_class"][BALL]["num_gt"] == 2
+
+
+def test_group_of_counts_once_with_max_score_and_never_penalises():
+    # A group-of box (0..10) and a normal box (20..30). Two detections inside the group box
+    # (0.9, 0.6) count as ONE true positive scored 0.9; 0.8 hits the normal box; 0.7 is a miss.
+    # Ranked: 0.9 TP, 0.8 TP, 0.7 FP; 2 ground-truth instances -> AP 1.0.
+    g = gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False])
+    d = det([[0, 0, 5, 5], [5, 5, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.6, 0.8, 0.7], [BALL] * 4)
+    m = OpenImagesMetric([BALL])
+    m.add_image(g, d)
+    r = m.result()["per_class"][BALL]
+    assert r["ap"] == pytest.approx(1.0)
+    assert r["num_detections"] == 3  # two group hits collapsed into one
+    # Treating the same boxes as ordinary boxes punishes the in-group detections.
+    m2 = OpenImagesMetric([BALL])
+    m2.add_image(gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL]), d)
+    assert m2.result()["per_class"][BALL]["ap"] < 0.8
+
+
+def test_group_of_box_without_detection_is_a_miss():
+    # The group-of box is one ground-truth instance: undetected, recall stops at 1/2.
+    m = OpenImagesMetric([BALL])
+    m.add_image(gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False]),
+                det([[20, 20, 30, 30]], [0.9], [BALL]))
+    assert m.result()["per_class"][BALL]["ap"] == pytest.approx(0.5)
+
+
+def test_hierarchy_expands_ground_truth_and_detections():
+    h = hierarchy_from_json(TREE, MIDS)
+    assert h.ancestors == {CAR: {VEHICLE}}
+    assert h.descendants == {VEHICLE: {CAR}}
+    # A Car box detected as Car: with the hierarchy, Vehicle is scored too (both AP 1).
+    m = OpenImagesMetric([VEHICLE, CAR, BALL], h)
+    m.add_image(gt([[0, 0, 10, 10]], [CAR]), det([[0, 0, 10, 10]], [0.9], [CAR]))
+    r = m.result()
+    assert r["per_class"][VEHICLE]["ap"] == pytest.approx(1.0)
+    assert r["per_class"][CAR]["ap"] == pytest.approx(1.0)
+    assert r["per_class"][BALL]["ap"] is None  # no ground truth: not scored
+    assert r["num_classes_scored"] == 2 and r["mAP"] == pytest.approx(1.0)
+    # Without the hierarchy Vehicle has no ground truth.
+    m = OpenImagesMetric([VEHICLE, CAR], None)
+    m.add_image(gt([[0, 0, 10, 10]], [CAR]), det([[0, 0, 10, 10]], [0.9], [CAR]))
+    assert m.result()["per_class"][VEHICLE]["ap"] is None
+    # A "Vehicle" detection on a Car box: right for Vehicle, a miss for Car.
+    m = OpenImagesMetric([VEHICLE, CAR], h)
+    m.add_image(gt([[0, 0, 10, 10]], [CAR]), det([[0, 0, 10, 10]], [0.9], [VEHICLE]))
+    r = m.result()["per_class"]
+    assert r[VEHICLE]["ap"] == pytest.approx(1.0) and r[CAR]["ap"] == pytest.approx(0.0)
+
+
+def test_already_expanded_ground_truth_is_not_doubled():
+    h = hierarchy_from_json(TREE, MIDS)
+    m = OpenImagesMetric([VEHICLE, CAR], h)
+    m.add_image(gt([[0, 0, 10, 10], [0, 0, 10, 10]], [CAR, VEHICLE]), det([[0, 0, 10, 10]], [0.9], [CAR]))
+    assert m.result()["per_class"][VEHICLE]["num_gt"] == 1
+
+
+def test_verified_labels_decide_where_a_class_is_scored():
+    # Car: image 1 verified only Ball (a Car detection there is ignored), image 2 verified
+    # no Car (its Car detection is a false positive), image 3 has a Car box found at 0.5.
+    # Ranked: 0.8 FP, 0.5 TP -> AP 0.5. Without image labels image 1's 0.9 also counts -> 1/3.
+    imgs = [
+        (gt([[0, 0, 10, 10]], [BALL], pos={BALL}, neg=set()), det([[50, 50, 60, 60]], [0.9], [CAR])),
+        (gt(np.zeros((0, 4)), [], pos=set(), neg={CAR}), det([[50, 50, 60, 60]], [0.8], [CAR])),
+        (gt([[0, 0, 10, 10]], [CAR], pos={CAR}, neg=set()), det([[0, 0, 10, 10]], [0.5], [CAR])),
+    ]
+    m = OpenImagesMetric([CAR])
+    for g, d in imgs:
+        m.add_image(g, d)
+    assert m.result()["per_class"][CAR]["ap"] == pytest.approx(0.5)
+    m = OpenImagesMetric([CAR])
+    for g, d in imgs:
+        m.add_image(gt(g.boxes, g.labels), d)
+    assert m.result()["per_class"][CAR]["ap"] == pytest.approx(1 / 3)
+
+
+def test_negative_label_goes_down_the_hierarchy():
+    # "No vehicle here" means no car either: a Car detection on that image is a false positive.
+    h = hierarchy_from_json(TREE, MIDS)
+    m = OpenImagesMetric([CAR], h)
+    m.add_image(gt(np.zeros((0, 4)), [], pos=set(), neg={VEHICLE}), det([[0, 0, 5, 5]], [0.9], [CAR]))
+    m.add_image(gt([[0, 0, 10, 10]], [CAR], pos={CAR}, neg=set()), det([[0, 0, 10, 10]], [0.5], [CAR]))
+    assert m.result()["per_class"][CAR]["ap"] == pytest.approx(0.5)
+
+
+def _random_case(rng: np.random.Generator, n_images: int = 12):
+    images = []
+    for _ in range(n_images):
+        w, h = int(rng.integers(80, 200)), int(rng.integers(80, 200))
+        k = int(rng.integers(0, 5))
+        y0, x0 = rng.uniform(0, h * 0.6, k), rng.uniform(0, w * 0.6, k)
+        gb = np.stack([y0, x0, y0 + rng.uniform(10, h * 0.4, k), x0 + rng.uniform(10, w * 0.4, k)], 1) \
+            if k else np.zeros((0, 4))
+        gl = rng.integers(1, 4, k)
+        crowd = rng.random(k) < 0.15
+        # detections: jittered ground truth plus random boxes
+        jit = gb + rng.normal(0, 4, gb.shape) if k else np.zeros((0, 4))
+        m = int(rng.integers(0, 4))
+        ry, rx = rng.uniform(0, h * 0.7, m), rng.uniform(0, w * 0.7, m)
+        rb = np.stack([ry, rx, ry + rng.uniform(5, h * 0.3, m), rx + rng.uniform(5, w * 0.3, m)], 1) \
+            if m else np.zeros((0, 4))
+        db = np.concatenate([jit, rb])
+        dl = np.concatenate([np.where(rng.random(k) < 0.8, gl, rng.integers(1, 4, k)), rng.integers(1, 4, m)])
+        ds = rng.uniform(0.05, 1.0, len(db))
+        images.append((w, h, gb, gl, crowd, db, ds, dl))
+    return images
+
+
+def test_coco_wrapper_matches_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from openimages_od.training.coco_metric import COCO_STAT_NAMES, CocoAccumulator
+
+    images = _random_case(np.random.default_rng(7))
+    acc = CocoAccumulator([1, 2, 3])
+    for im in images:
+        acc.add_image(*im)
+    ours = acc.result()
+
+    # Independent route: COCO JSON files on disk and a list of result dicts.
+    gt_json = {"images": [], "annotations": [], "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}
+    results = []
+    for i, (w, h, gb, gl, crowd, db, ds, dl) in enumerate(images, start=1):
+        gt_json["images"].append({"id": i, "width": w, "height": h})
+        for b, label, c in zip(gb, gl, crowd):
+            bw, bh = b[3] - b[1], b[2] - b[0]
+            gt_json["annotations"].append({"id": len(gt_json["annotations"]) + 1, "image_id": i,
+                                           "category_id": int(label), "bbox": [b[1], b[0], bw, bh],
+                                           "area": bw * bh, "iscrowd": int(c)})
+        for b, s, label in zip(db, ds, dl):
+            results.append({"image_id": i, "category_id": int(label), "score": float(s),
+                            "bbox": [b[1], b[0], b[3] - b[1], b[2] - b[0]]})
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt_json))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(path))
+        ev = COCOeval(coco, coco.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for name, ref in zip(COCO_STAT_NAMES, ev.stats):
+        assert ours[name] == pytest.approx(ref, abs=1e-4), name
+    assert 0 < ours["AP50"] <= 1
+
+
+def test_coco_perfect_detections_score_one():
+    from openimages_od.training.coco_metric import CocoAccumulator
+
+    acc = CocoAccumulator([1])
+    boxes = np.array([[10, 10, 60, 80], [100, 20, 150, 90]], float)
+    acc.add_image(200, 200, boxes, [1, 1], None, boxes, [0.9, 0.8], [1, 1])
+    assert acc.result()["AP"] == pytest.approx(1.0)
