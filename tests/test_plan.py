@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from openimages_od.config import Config
@@ -385,8 +384,7 @@ def test_http_inputs_are_cached_and_give_the_same_plan(tmp_path, image_server):
     build_plan(make_cfg(src, str(tmp_path / "local")))
 
     def serve(path: str) -> str:
-        return image_server.add("meta/" + Path(path).name + ("" if "validation" not in path else ""),
-                                Path(path).read_bytes(), content_type="text/csv")
+        return image_server.add("meta/" + Path(path).name, Path(path).read_bytes(), content_type="text/csv")
 
     remote = {"class_descriptions": serve(src["class_descriptions"]), "hierarchy": serve(src["hierarchy"]),
               "splits": {s: {k: image_server.add(f"meta/{s}/{Path(v).name}", Path(v).read_bytes(),

@@ -30,7 +30,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from openimages_od.config import Config, join_url, save_resolved
-from openimages_od.errors import ConfigError
+from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages import planio
 from openimages_od.openimages.classes import (
     ClassDescriptions,
@@ -115,7 +115,7 @@ class MetadataInputs:
         """A local path holding ``url``'s bytes."""
         lp = local_path(url)
         if lp is not None:
-            return self.storage.cached_local(url, self.cache_dir)
+            return self.storage.cached_local(url, self.cache_dir)  # the file itself, no copy
         p = urlparse(url)
         rel = "/".join(x for x in (p.scheme, p.netloc, p.path.lstrip("/")) if x)
         dest = self.cache_dir / rel
@@ -135,8 +135,6 @@ class MetadataInputs:
         try:
             return data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            from openimages_od.errors import DataError
-
             raise DataError(f"{url}: not UTF-8 text ({exc})") from None
 
 
@@ -164,10 +162,6 @@ def _rank(ids: pa.Array, seed: int) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return x
-
-
-def _first_lines(stream: CsvStream, g0: int, idx: np.ndarray, k: int) -> list[int]:
-    return [stream.line_of(g0 + int(i)) for i in idx[:k]]
 
 
 def _record(logm: MalformedLog, stream: CsvStream, g0: int, mask: np.ndarray, reason: str,
@@ -415,7 +409,7 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
     return pa.concat_tables(tables)
 
 
-def _expansion(keep: list[str], n_selected: int, targets_of: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def _expansion(keep: list[str], targets_of: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """CSR (offsets, flat) of selected-class indices each kept code maps to."""
     offs = [0]
     flat: list[int] = []
@@ -532,7 +526,7 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
         if want is not None:
             keep_mask &= (col == int(want)) | ((col == -1) & (not f.drop_unknown))
     filtered_out = int((~keep_mask).sum())
-    rows, tgt = _expand(boxes.code[keep_mask], *_expansion(keep, n_sel, box_targets))
+    rows, tgt = _expand(boxes.code[keep_mask], *_expansion(keep, box_targets))
     src_rows = np.flatnonzero(keep_mask)[rows]
     b_ids = boxes.image_id.take(pa.array(src_rows)) if len(src_rows) else pa.array([], pa.string())
 
@@ -551,8 +545,8 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
         l_ids, l_code, l_conf = _read_image_labels(lpath, ss.image_labels, ci.known,
                                                    pa.array(lab_keep, pa.string()), logm)
         positive = l_conf >= 0.5
-        r_pos, t_pos = _expand(l_code[positive], *_expansion(lab_keep, n_sel, pos_targets))
-        r_neg, t_neg = _expand(l_code[~positive], *_expansion(lab_keep, n_sel, neg_targets))
+        r_pos, t_pos = _expand(l_code[positive], *_expansion(lab_keep, pos_targets))
+        r_neg, t_neg = _expand(l_code[~positive], *_expansion(lab_keep, neg_targets))
         src = np.concatenate([np.flatnonzero(positive)[r_pos], np.flatnonzero(~positive)[r_neg]])
         tg = np.concatenate([t_pos, t_neg]).astype(np.int32)
         order = np.argsort(src, kind="stable")
