@@ -442,11 +442,11 @@ async def _inspect(state: ServeState, data: bytes) -> ImageInput:
     return await loop.run_in_executor(None, inspect_image, data, state.serve.max_pixels)
 
 
-async def _predict(batcher: MicroBatcher, img: ImageInput) -> RawOutput:
+async def _predict(batcher: MicroBatcher, img: ImageInput, ticket: Any = None) -> RawOutput:
     from openimages_od.serving.model import ImageError
 
     try:
-        return await batcher.submit(img.data)
+        return await batcher.submit(img.data, ticket)
     except (BatcherClosed, ApiError):
         raise
     except Exception as exc:  # noqa: BLE001 - the model could not read this image
@@ -462,10 +462,11 @@ async def _predict(batcher: MicroBatcher, img: ImageInput) -> RawOutput:
 async def handle_detect(request: web.Request) -> web.StreamResponse:
     state = _state(request)
     model, batcher = _require_ready(state)
-    data, opts = await parse_detect_request(request)
-    t0 = time.perf_counter()
-    img = await _inspect(state, data)
-    raw = await _predict(batcher, img)
+    with batcher.ticket() as ticket:  # tells the batcher this request is on its way
+        data, opts = await parse_detect_request(request)
+        t0 = time.perf_counter()
+        img = await _inspect(state, data)
+        raw = await _predict(batcher, img, ticket)
     dets = to_detections(raw, model.labels, img.width, img.height, opts.min_score, opts.max_detections)
     body: dict[str, Any] = {
         "width": img.width, "height": img.height, "num_detections": len(dets),
@@ -537,8 +538,13 @@ async def handle_tfs_predict(request: web.Request) -> web.StreamResponse:
             raise ApiError(400, "bad_request",
                            f"instance {i}: expected {{\"b64\": ...}} or {{\"image_bytes\": {{\"b64\": ...}}}}")
         blobs.append(decode_base64(inst["b64"], f"instance {i}"))
-    imgs = [await _inspect(state, b) for b in blobs]
-    raws = await asyncio.gather(*(_predict(batcher, im) for im in imgs))
+    tickets = [batcher.ticket() for _ in blobs]
+    try:
+        imgs = [await _inspect(state, b) for b in blobs]
+        raws = await asyncio.gather(*(_predict(batcher, im, t) for im, t in zip(imgs, tickets)))
+    finally:
+        for t in tickets:
+            t.close()
     return web.json_response({"predictions": [r.to_tf_serving() for r in raws]})
 
 

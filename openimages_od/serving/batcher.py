@@ -33,6 +33,27 @@ class BatcherClosed(RuntimeError):
     """The batcher is shutting down and takes no new work."""
 
 
+class Ticket:
+    """Announces an item that will be submitted soon (see :meth:`MicroBatcher.ticket`)."""
+
+    def __init__(self, batcher: "MicroBatcher") -> None:
+        self._batcher = batcher
+        self._open = True
+        batcher._expected += 1
+
+    def close(self) -> None:
+        """The item was submitted or will never be; idempotent."""
+        if self._open:
+            self._open = False
+            self._batcher._expected -= 1
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class MicroBatcher(Generic[T, R]):
     """Collects items from concurrent coroutines into batches for a blocking function.
 
@@ -53,13 +74,21 @@ class MicroBatcher(Generic[T, R]):
         self._task: Optional[asyncio.Task] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oiod-model")
         self._closing = False
+        self._expected = 0
+        self._last_batch = 0
+
+    def ticket(self) -> Ticket:
+        """Announce an item on its way (close it on submit or failure; a context manager)."""
+        return Ticket(self)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name="oiod-batcher")
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, ticket: Optional[Ticket] = None) -> R:
         """Queue one item and wait for its result (exceptions propagate per item)."""
+        if ticket is not None:
+            ticket.close()
         if self._closing or self._queue is None:
             raise BatcherClosed("the service is shutting down")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -91,6 +120,10 @@ class MicroBatcher(Generic[T, R]):
                     continue
                 except asyncio.QueueEmpty:
                     pass
+                # Wait only under load: another request is on its way, or the last call was a
+                # real batch. A lone request at low load goes at once.
+                if self._expected <= 0 and self._last_batch <= 1:
+                    break
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -98,6 +131,7 @@ class MicroBatcher(Generic[T, R]):
                     batch.append(await asyncio.wait_for(q.get(), remaining))
                 except asyncio.TimeoutError:
                     break
+            self._last_batch = len(batch)
             try:
                 await self._execute(batch)
             finally:
