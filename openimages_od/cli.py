@@ -111,11 +111,14 @@ def _command_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity + 1, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Our own progress at INFO; third-party libraries (TF, absl, boto) only warn unless -vv."""
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("openimages_od").setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    if verbosity < 2:
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "aiohttp.access", "absl", "tensorflow", "h5py"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
 
 def resolve(command: str) -> Callable[..., Any]:

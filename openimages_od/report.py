@@ -226,6 +226,13 @@ def _hist(values: list[int], title: str, xlabel: str, bins: Any = None) -> str:
     return _png(fig)
 
 
+def _int_bins(values: list[int]) -> list[float]:
+    """One bar per integer value (bins centred on integers)."""
+    lo, hi = min(values), max(values)
+    step = max(1, (hi - lo + 1) // 30)
+    return [x - 0.5 for x in range(lo, hi + step + 1, step)]
+
+
 def _sizes_scatter(sizes: list[tuple[int, int]]) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -370,9 +377,17 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
         parts.append(_table([("images written", d.ledger_ok), ("images failed", sum(d.failures.values())),
                              ("success rate", f"{d.ledger_ok / max(1, total):.1%}")], ("prepare", "")))
     if d.prepare_report:
-        flat = [(k, v) for k, v in d.prepare_report.items() if isinstance(v, (int, float, str))]
-        if flat:
-            parts.append(_table(flat[:20], ("prepare_report.json", "")))
+        tot = d.prepare_report.get("totals", {})
+        run = d.prepare_report.get("this_run", {})
+        rows = [(k, tot[k]) for k in ("shards", "images", "ok", "failed", "boxes", "kept_original") if k in tot]
+        if "bytes_fetched" in tot:
+            rows.append(("MB fetched", f"{tot['bytes_fetched'] / 1e6:.1f}"))
+        if "tfrecord_bytes" in tot:
+            rows.append(("MB of TFRecords", f"{tot['tfrecord_bytes'] / 1e6:.1f}"))
+        if "images_per_s" in run:
+            rows.append(("last run: images/s (wall, incl. start-up)", run["images_per_s"]))
+        if rows:
+            parts.append(_table(rows, ("prepare_report.json", "")))
 
     # Class balance
     if d.class_counts:
@@ -381,7 +396,7 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
         parts.extend(_img(_class_histogram(d, s), f"class histogram {s}") for s in d.class_counts)
         parts.append("</div>")
         parts.append("<h2 id='boxes'>Boxes per image</h2><div class='charts'>")
-        parts.extend(_img(_hist(v, f"{s}: boxes per image", "boxes"), f"boxes per image {s}")
+        parts.extend(_img(_hist(v, f"{s}: boxes per image", "boxes", bins=_int_bins(v)), f"boxes per image {s}")
                      for s, v in d.boxes_per_image.items() if v)
         parts.append("</div>")
     if d.image_sizes:
