@@ -320,3 +320,39 @@ def test_shards_decode_with_model_garden(ray_local, image_server, tmp_path):
         assert d["source_id"].numpy().decode() == str(sorted(by_id).index(row["image_id"]) + 1)
         seen += 1
     assert seen == len(rows)
+
+
+# --------------------------------------------------------------------------- plan first, then prepare (synth data)
+
+
+def test_prepare_plans_first_and_matches_upright_boxes(ray_local, image_server, tmp_path):
+    from openimages_od.config import Config
+    from openimages_od.synth import generate_dataset, upright_boxes
+
+    ds = generate_dataset(tmp_path / "ds", 12, base_url=image_server.url("").rstrip("/"), rotation_rate=0.5,
+                          min_side=96, max_side=160, seed=11)
+    for im in ds.images:
+        image_server.add(f"original/{im.split}/{im.image_id}.jpg", im.jpeg)
+    base = _cfg(f"{tmp_path}/out", "source.images.order=[original]", "shards.images_per_shard=4",
+                "image.max_side=1024", "image.verify_md5=false")
+    cfg = Config.model_validate({**base.model_dump(mode="json"), "source": {
+        **base.model_dump(mode="json")["source"], **ds.source_config()}})
+    st = Storage.from_config(cfg)
+    assert not st.exists(cfg.output_path("plan", "manifest.json"))
+    assert run_prepare(cfg) == 0
+    assert st.exists(cfg.output_path("plan", "manifest.json"))
+    seen = 0
+    for split in ("train", "validation"):
+        recs = _records(_shards(st, cfg, split))
+        for im in ds.split_images(split):
+            d = recs[im.image_id]
+            want = sorted((round(b["XMin"], 5), round(b["XMax"], 5), round(b["YMin"], 5), round(b["YMax"], 5))
+                          for b in upright_boxes(im))
+            got = sorted(zip(*(tuple(round(v, 5) for v in d[f"image/object/bbox/{k}"])
+                               for k in ("xmin", "xmax", "ymin", "ymax"))))
+            assert len(got) == len(want) and all(abs(a - b) < 1e-4 for g, w in zip(got, want) for a, b in zip(g, w)), \
+                (im.image_id, im.rotation, got, want)
+            w, h = (im.height, im.width) if im.rotation in (90, 270) else (im.width, im.height)
+            assert (d["image/width"][0], d["image/height"][0]) == (w, h)
+            seen += 1
+    assert seen == len(ds.images)
