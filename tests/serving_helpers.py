@@ -10,9 +10,9 @@ bounding box, so tests can assert on boxes and on what gets drawn. A few
 convolutions on a resized copy stand in for a backbone so a call costs
 something (and batching has something to amortise).
 
-When ``openimages_od.training.export`` grows a test-sized exporter, switch
-``make_export(kind="retinanet")`` to it; until then only ``kind="blobs"``
-exists.
+``make_export(kind="retinanet")`` instead exports an untrained tiny RetinaNet
+with the real exporter (``openimages_od.training.export.export_saved_model``),
+to check the service against the real signatures.
 """
 
 from __future__ import annotations
@@ -116,6 +116,15 @@ def make_export(dest: str | Path, kind: str = "blobs") -> Path:
     """
     import tensorflow as tf
 
+    if kind == "retinanet":
+        # The real exporter (training engineer's), untrained tiny RetinaNet: same contract.
+        from openimages_od.config import load_config
+        from openimages_od.training.export import export_saved_model
+
+        cfg = load_config(None, ["train.input_size=128", "train.backbone=mobilenetv2", "train.fpn_filters=16",
+                                 "train.head_num_filters=16", "train.head_num_convs=1"])
+        lm = LabelMap.from_mids([c[1] for c in BLOB_CLASSES], {c[1]: c[2] for c in BLOB_CLASSES})
+        return export_saved_model(cfg, lm, dest, checkpoint=None, step=0)
     if kind != "blobs":
         raise ValueError(f"unknown test model kind {kind!r}")
     dest = Path(dest)

@@ -483,3 +483,34 @@ def test_oiod_serve_cli_subprocess(export_dir, tmp_path):
 for _name, _fn in list(globals().items()):
     if _name.startswith("test_") and asyncio.iscoroutinefunction(_fn):
         globals()[_name] = pytest.mark.asyncio(_fn)
+
+
+@pytest.mark.slow
+async def test_serves_real_retinanet_export(aiohttp_client, tmp_path):
+    """The service on the real exporter's output (an untrained tiny RetinaNet): the contract holds."""
+    from openimages_od.serving.app import create_app
+    from openimages_od.serving.model import ExportedModel
+
+    try:
+        export = make_export(tmp_path / "rn", kind="retinanet")
+    except ImportError as exc:  # the exporter lives in the training area
+        pytest.skip(f"real exporter unavailable: {exc}")
+    model = ExportedModel.load(str(export))
+    try:
+        client = await aiohttp_client(create_app(_cfg(export, "serve.min_score=0"), model))
+        resp = await client.post("/v1/detect", json={"image": _b64(blob_image(fmt="JPEG")), "max_detections": 5})
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert (body["width"], body["height"]) == (320, 240)
+        scores = [d["score"] for d in body["detections"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) <= 5
+        for d in body["detections"]:
+            assert d["mid"] in {"/m/0k4j", "/m/01g317", "/m/0bt9lr"}
+            assert 0 <= d["box"]["x0"] <= d["box"]["x1"] <= 320
+        resp = await client.post("/v1/models/oiod:predict", json={"instances": [{"b64": _b64(blob_image())}]})
+        assert resp.status == 200 and "detection_boxes" in (await resp.json())["predictions"][0]
+    finally:
+        model.close()
+
+
+test_serves_real_retinanet_export = pytest.mark.asyncio(test_serves_real_retinanet_export)
