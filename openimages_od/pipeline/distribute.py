@@ -16,7 +16,8 @@ visible once its stats are written and its bytes depend only on the plan and
 the source bytes, a retried shard replaces nothing and duplicates nothing.
 
 Work in flight is bounded (``ray.wait``), actors report per-image progress to
-a small progress actor, and the driver shows a live bar.
+a small progress actor (only when ``ray.progress`` is on), and the driver
+shows a live bar.
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
                 f"ray: {rc.num_actors} actors x {rc.num_cpus_per_actor} CPUs = {need} CPUs, but the local Ray "
                 f"instance has {cpus:g}; lower ray.num_actors or ray.num_cpus_per_actor (fractions are fine)"
             )
-        progress = ray.remote(num_cpus=0)(ProgressTracker).remote()
+        # The tracker is a process of its own: only worth it when someone watches the bar.
+        progress = ray.remote(num_cpus=0)(ProgressTracker).remote() if rc.progress else None
         # Credentials in the driver's environment reach the actors even on a
         # cluster (or an embedded instance) started before they were set.
         env = {k: os.environ[k] for k in rc.forward_env if os.environ.get(k)}
@@ -317,16 +319,18 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
                         except (RayError, GetTimeoutError):
                             log.warning("download actor %d is gone: starting a new one", i)
                             actors[i] = new_actor()
-                try:
-                    ok, bad, _ = ray.get(progress.get.remote(), timeout=10)
-                    bar.update(ok, bad, len(results))
-                except (RayError, GetTimeoutError):
-                    pass
+                if progress is not None:
+                    try:
+                        ok, bad, _ = ray.get(progress.get.remote(), timeout=10)
+                        bar.update(ok, bad, len(results))
+                    except (RayError, GetTimeoutError):
+                        pass
         finally:
             bar.close()
         for a in actors:
             ray.kill(a, no_restart=True)
-        ray.kill(progress, no_restart=True)
+        if progress is not None:
+            ray.kill(progress, no_restart=True)
         info = {"address": rc.address, "num_actors": rc.num_actors, "num_cpus_per_actor": rc.num_cpus_per_actor,
                 "concurrency_per_actor": rc.concurrency_per_actor, "cluster_cpus": cpus, "workers": workers}
         return results, failed, retries, info

@@ -218,14 +218,17 @@ class Fetcher:
                         length = resp.content_length
                         if length is not None and length > max_bytes:
                             raise FetchFailed("too_large", f"Content-Length {length} > {max_bytes}")
-                        chunks = []
-                        total = 0
-                        async for chunk in resp.content.iter_chunked(1 << 16):
-                            total += len(chunk)
-                            if total > max_bytes:
-                                raise FetchFailed("too_large", f"body > {max_bytes} bytes")
-                            chunks.append(chunk)
-                        data = b"".join(chunks)
+                        if length is not None:  # size known and acceptable: one read
+                            data = await resp.read()
+                        else:  # chunked: stop as soon as the limit is crossed
+                            chunks = []
+                            total = 0
+                            async for chunk in resp.content.iter_chunked(1 << 16):
+                                total += len(chunk)
+                                if total > max_bytes:
+                                    raise FetchFailed("too_large", f"body > {max_bytes} bytes")
+                                chunks.append(chunk)
+                            data = b"".join(chunks)
                         if length is not None and len(data) != length:
                             raise _Retry("truncated", f"{len(data)} of {length} bytes")
                         return data, current
