@@ -356,3 +356,25 @@ def test_prepare_plans_first_and_matches_upright_boxes(ray_local, image_server, 
             assert (d["image/width"][0], d["image/height"][0]) == (w, h)
             seen += 1
     assert seen == len(ds.images)
+
+
+# --------------------------------------------------------------------------- stuck shard
+
+
+def test_stuck_shard_times_out_and_is_reported(ray_local, image_server, tmp_path):
+    from openimages_od.errors import OiodError
+
+    rows = _simple_rows(image_server, 3, prefix="g")
+    image_server.script(f"o/{rows[1]['image_id']}.jpg", [Reply(200, photo(64, 48), delay_s=6)])
+    cfg = _cfg(f"{tmp_path}/stuck", "ray.shard_timeout_s=1.5", "ray.max_shard_retries=1",
+               "source.images.http.read_timeout_s=60", "source.images.http.total_timeout_s=60")
+    st = Storage.from_config(cfg)
+    write_plan(st, cfg.output_root, rows, images_per_shard=3, num_shards={"train": 1})
+    t0 = time.monotonic()
+    with pytest.raises(OiodError, match="train-00000-of-00001"):
+        run_prepare(cfg)
+    assert time.monotonic() - t0 < 25
+    assert not st.exists(cfg.output_path("tfrecords", "train", "train-00000-of-00001.stats.json"))
+    report = st.read_json(cfg.output_path("prepare_report.json"))
+    assert list(report["failed_shards"]) == ["train-00000-of-00001"]
+    assert report["this_run"]["shard_retries"] == 2  # the first attempt and its one retry both timed out

@@ -251,3 +251,41 @@ def test_ledger_roundtrip():
     entries = [LedgerEntry("a", "ok", "bucket", "s3://b/a", 10, 4, 3), LedgerEntry("b", "failed", error="http_404",
                                                                                  attempts=["original:http_404"])]
     assert decode_ledger(encode_ledger(entries)) == entries
+
+
+# --------------------------------------------------------------------------- fetcher against a real local server
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio
+async def test_fetcher_limits_and_final_statuses(image_server):
+    from openimages_od.devservices import Reply
+    from openimages_od.pipeline.fetch import FetchFailed, Fetcher
+
+    http = {"max_body_mb": 0.001, "max_redirects": 2, "max_retries": 2, "backoff_base_s": 0.01,
+            "backoff_max_s": 0.02, "read_timeout_s": 1, "total_timeout_s": 2}
+    src = ImageSources(http=http)
+    f = Fetcher(src, concurrency=4)
+    srv = image_server
+
+    async def reason(url):
+        with pytest.raises(FetchFailed) as e:
+            await f.fetch("original", {"image_id": "x", "split": "train", "original_url": url})
+        return e.value.reason
+
+    try:
+        assert await reason(srv.add("big.jpg", b"x" * 5000)) == "too_large"
+        for i in range(4):
+            srv.script(f"r{i}", [Reply(302, headers={"Location": f"/r{i + 1}"})])
+        assert await reason(srv.url("r0")) == "too_many_redirects"
+        assert await reason(srv.script("e410", [Reply(410)])) == "http_410"
+        assert srv.hits["/e410"] == 1
+        assert await reason(srv.script("e502", [Reply(502)])) == "http_502"
+        assert srv.hits["/e502"] == 3  # 1 + max_retries
+        srv.add("ok", b"tiny")
+        ok = await f.fetch("original", {"image_id": "x", "split": "train",
+                                        "original_url": srv.script("redir", [Reply(301, headers={"Location": "/ok"})])})
+        assert ok.final_url.endswith("/ok") and ok.data == b"tiny"
+        assert await reason(None) == "no_url"
+    finally:
+        await f.close()
