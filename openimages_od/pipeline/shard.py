@@ -26,7 +26,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from openimages_od.config import Config, join_url
+from openimages_od.config import Config
 from openimages_od.errors import DataError
 from openimages_od.openimages.planio import read_plan_table, shard_name
 from openimages_od.pipeline.example import decode_example, detection_features, encode_example
