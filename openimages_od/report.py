@@ -313,6 +313,15 @@ def _pr_curves(metrics: dict, names: dict[str, str]) -> Optional[str]:
             break
     if curves is None and isinstance(metrics.get("pr_curves"), dict):
         curves = metrics["pr_curves"]
+    if curves is None:  # per-class entries carrying their own curve (the Open Images metric does)
+        for section in ("openimages", "coco"):
+            per = (metrics.get(section) or {}).get("per_class") if isinstance(metrics.get(section), dict) else None
+            if isinstance(per, dict):
+                found = {(v.get("name") or k): v["pr_curve"] for k, v in per.items()
+                         if isinstance(v, dict) and isinstance(v.get("pr_curve"), dict)}
+                if found:
+                    curves = found
+                    break
     if not curves:
         return None
     plt = _plt()

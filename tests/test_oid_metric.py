@@ -209,3 +209,19 @@ def test_coco_perfect_detections_score_one():
     boxes = np.array([[10, 10, 60, 80], [100, 20, 150, 90]], float)
     acc.add_image(200, 200, boxes, [1, 1], None, boxes, [0.9, 0.8], [1, 1])
     assert acc.result()["AP"] == pytest.approx(1.0)
+
+
+def test_pr_curve_follows_score_order_and_matches_ap_endpoints():
+    from openimages_od.training.oid_metric import average_precision, pr_curve
+
+    scores = np.array([0.9, 0.1, 0.8, 0.3])
+    tp = np.array([True, False, False, True])
+    c = pr_curve(scores, tp, num_gt=3)
+    # ranked: 0.9 TP, 0.8 FP, 0.3 TP, 0.1 FP
+    assert c["precision"] == [1.0, 0.5, pytest.approx(2 / 3, abs=1e-5), 0.5]
+    assert c["recall"] == [pytest.approx(1 / 3, abs=1e-5), pytest.approx(1 / 3, abs=1e-5),
+                           pytest.approx(2 / 3, abs=1e-5), pytest.approx(2 / 3, abs=1e-5)]
+    assert average_precision(scores, tp, 3) == pytest.approx(1 / 3 + (1 / 3) * (2 / 3))
+    assert pr_curve(scores, tp, num_gt=0) is None
+    big = pr_curve(np.linspace(1, 0, 5000), np.ones(5000, dtype=bool), num_gt=5000, max_points=50)
+    assert len(big["recall"]) <= 50 and big["recall"][-1] == 1.0

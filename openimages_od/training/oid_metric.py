@@ -187,6 +187,22 @@ def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     return float(np.sum((r[idx] - r[idx - 1]) * p[idx]))
 
 
+def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: int, max_points: int = 101) -> Optional[dict]:
+    """Precision and recall along the score-ranked detections (for plots), at most ``max_points`` points.
+
+    Returns None when the class has no ground truth or no detections.
+    """
+    if num_gt <= 0 or len(scores) == 0:
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    ctp = np.cumsum(np.asarray(tp, dtype=np.float64)[order])
+    n = np.arange(1, len(ctp) + 1)
+    precision, recall = ctp / n, ctp / num_gt
+    keep = np.unique(np.linspace(0, len(ctp) - 1, min(max_points, len(ctp))).round().astype(int))
+    return {"recall": [round(float(x), 5) for x in recall[keep]],
+            "precision": [round(float(x), 5) for x in precision[keep]]}
+
+
 class OpenImagesMetric:
     """Accumulates images and computes per-class AP and mAP.
 
@@ -321,6 +337,7 @@ class OpenImagesMetric:
                 "name": self.class_names.get(cid, str(cid)),
                 "num_gt": self._num_gt[cid],
                 "num_detections": int(len(scores)),
+                "pr_curve": pr_curve(scores, tp, self._num_gt[cid]),
             }
         return {
             "mAP": float(np.mean(aps)) if aps else None,
