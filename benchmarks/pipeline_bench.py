@@ -107,7 +107,7 @@ def run_oiod(port: int, n: int, max_side: int, workdir: Path, actors: int, threa
     import ray
 
     from openimages_od.config import load_config
-    from openimages_od.pipeline.distribute import run_prepare
+    from openimages_od.pipeline.distribute import _connect, run_prepare
     from openimages_od.storage import Storage
     from pipeline_helpers import image_row, write_plan
 
@@ -118,8 +118,10 @@ def run_oiod(port: int, n: int, max_side: int, workdir: Path, actors: int, threa
     ])
     rows = [image_row(iid, original_url=u, boxes=[]) for iid, u in urls(port, n)]
     write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=100)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False,
-             configure_logging=False)
+    # Ray is started the way `oiod prepare` starts it (so its start-up options count),
+    # but here, before run_prepare, to also time the run after ray.init.
+    _connect(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"local_num_cpus": 2,
+                                                                       "object_store_memory_mb": 200})}))
     t_ray = time.monotonic()
     run_prepare(cfg)
     t_end = time.monotonic()

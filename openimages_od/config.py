@@ -232,6 +232,10 @@ class ImageConfig(_Section):
         "rotation_wins",
         description="If the plan gives a Rotation, apply it and ignore EXIF; else follow EXIF orientation.",
     )
+    resample: Literal["box", "bilinear", "lanczos"] = Field(
+        "box",
+        description="Downscale filter after the JPEG draft: box (area average, fastest), bilinear, lanczos (slowest).",
+    )
 
 
 # --------------------------------------------------------------------------- shards

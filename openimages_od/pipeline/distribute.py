@@ -23,6 +23,8 @@ shows a live bar.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import socket
@@ -30,7 +32,7 @@ import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from openimages_od.config import Config, save_resolved
 from openimages_od.errors import ConfigError, OiodError
@@ -184,6 +186,37 @@ def _ray() -> Any:
     return ray
 
 
+@contextlib.contextmanager
+def _dynamic_agent_port() -> Iterator[None]:
+    """Let an embedded instance's dashboard agent take any free HTTP port.
+
+    ``ray.init`` always asks the agent for the fixed port 52365; when another Ray
+    instance on the machine holds it (a second ``oiod prepare``, a test session,
+    a dev cluster), the agent retries with back-off for ~3.5 s and the raylet
+    waits for it, so start-up doubles. ``ray.init`` has no option for that port,
+    so the default is swapped for 0 (any free port) during the call only. If
+    Ray's internals ever move, this silently does nothing.
+    """
+    try:
+        from ray._private.parameter import RayParams as params
+
+        orig = params.__init__
+    except (ImportError, AttributeError):  # pragma: no cover - Ray internals changed
+        yield
+        return
+
+    @functools.wraps(orig)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        orig(self, *args, **kwargs)
+
+    params.__init__ = init
+    try:
+        yield
+    finally:
+        params.__init__ = orig
+
+
 def _connect(cfg: Config) -> bool:
     """Join or start Ray; True if this call started it (and so must shut it down)."""
     ray = _ray()
@@ -191,8 +224,9 @@ def _connect(cfg: Config) -> bool:
         return False
     rc = cfg.ray
     if rc.address == "local":
-        ray.init(num_cpus=rc.local_num_cpus, object_store_memory=rc.object_store_memory_mb * 1024 * 1024,
-                 include_dashboard=False, namespace=rc.namespace, log_to_driver=True, configure_logging=False)
+        with _dynamic_agent_port():
+            ray.init(num_cpus=rc.local_num_cpus, object_store_memory=rc.object_store_memory_mb * 1024 * 1024,
+                     include_dashboard=False, namespace=rc.namespace, log_to_driver=True, configure_logging=False)
     else:
         try:
             ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=True, configure_logging=False)

@@ -69,6 +69,8 @@ _EXIF_OPS = {
     8: Op.ROTATE_90,
 }
 _ROTATION_OPS = {90: Op.ROTATE_90, 180: Op.ROTATE_180, 270: Op.ROTATE_270}
+_RESAMPLE = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
+             "lanczos": Image.Resampling.LANCZOS}
 
 
 def ops_for_rotation(rotation: Optional[int]) -> list[Op]:
@@ -163,13 +165,15 @@ def render(
     quality: int,
     exif_mode: str = "rotation_wins",
     keep_original_if_fits: bool = True,
+    resample: str = "box",
 ) -> RenderedImage:
     """Decode (fully), orient, resize and encode one verified-header image.
 
     JPEG fast path: ``draft`` lets libjpeg decode straight at 1/2, 1/4 or 1/8
-    scale when the target allows it, and BILINEAR with ``reducing_gap`` does
-    the rest (several times faster than LANCZOS at the same visual quality
-    for a downscale). When the source is a JPEG that already fits, is upright
+    scale when the target allows it (for an exact power-of-two ratio no resize
+    is left to do), and ``resample`` does the rest: BOX by default, an area
+    average like BILINEAR for a downscale of at most 2x (what is left after the
+    draft) at about 2/3 of its cost; LANCZOS is the slowest. When the source is a JPEG that already fits, is upright
     and has no EXIF orientation to honour, its bytes are kept as they are
     (verified by a full entropy decode at 1/8 scale, which still reads every
     byte and so still catches truncation).
@@ -182,6 +186,7 @@ def render(
         quality: JPEG quality for re-encoding.
         exif_mode: ``image.exif`` policy.
         keep_original_if_fits: allow keeping the source bytes.
+        resample: ``box``, ``bilinear`` or ``lanczos`` (``image.resample``).
 
     Raises:
         Rejected: ``truncated``, ``corrupt``, ``bad_rotation``.
@@ -204,7 +209,7 @@ def render(
     if img.mode != "RGB":
         img = _to_rgb(img)
     if img.size != (tw, th):
-        img = img.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        img = img.resize((tw, th), _RESAMPLE[resample], reducing_gap=2.0)
     for op in ops:
         img = img.transpose(op)
     buf = io.BytesIO()

@@ -110,7 +110,8 @@ def process_image(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[b
     img = open_image(fetched.data, max_pixels=ic.max_pixels, min_side=ic.min_side,
                      reject_placeholder=ic.reject_placeholder)
     out = render(img, fetched.data, rotation=row.get("rotation"), max_side=ic.max_side, quality=ic.quality,
-                 exif_mode=ic.exif, keep_original_if_fits=ic.keep_original_if_fits)
+                 exif_mode=ic.exif, keep_original_if_fits=ic.keep_original_if_fits,
+                 resample=ic.resample)
     src_boxes = [(b["xmin"], b["xmax"], b["ymin"], b["ymax"]) for b in (row.get("boxes") or [])]
     boxes = transform_boxes(src_boxes, out.ops)
     digest = hashlib.sha256(out.data).hexdigest()
