@@ -200,6 +200,11 @@ class RayConfig(_Section):
     max_shard_retries: int = Field(3, ge=0)
     local_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for the embedded instance (null = all).")
     object_store_memory_mb: int = Field(512, ge=78)
+    local_worker_niceness: int = Field(
+        0, ge=0, le=19,
+        description="Unix niceness of the workers of an embedded instance (Ray's own default, 15, makes the "
+                    "download workers lose every CPU contest on a shared machine).",
+    )
     namespace: str = "openimages-od"
     progress: bool = True
     actor_start_timeout_s: float = Field(
@@ -598,46 +603,42 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         file_origin: dict[str, str] = {}
         merged = _deep_merge(merged, data, file_origin, str(p))
         origin.update({k: f"{p}:{lines[k]}" if k in lines else str(p) for k in file_origin})
-    for item in overrides or []:
-        keys, value = _parse_override(item)
-        upd: dict = {}
-        cur = upd
-        for k in keys[:-1]:
-            cur = cur.setdefault(k, {})
-        cur[keys[-1]] = value
-        # A --set must land in a mapping: "a.b=1" where a is a scalar is an error.
-        node = merged
-        for i, k in enumerate(keys[:-1]):
-            if k in node and not isinstance(node[k], dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is not a section")
-            node = node.get(k, {}) if isinstance(node, dict) else {}
-        merged = _deep_merge(merged, upd, origin, f"--set {item}")
+    merged = _merge_overrides(merged, overrides or [], origin)
     try:
         merged = _expand_env(merged, "")
     except ConfigError as exc:
         raise ConfigError(f"{path or '--set'}: {exc}") from None
+    return _validate(merged, origin)
+
+
+def _merge_overrides(data: dict, overrides: list[str], origin: dict[str, str]) -> dict:
+    """Layer ``dotted.key=value`` strings over ``data``, recording their origin."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        # A --set must land in a mapping: "a.b=1" where a is a scalar is an error.
+        node: Any = data
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, dict) and k in node and not isinstance(node[k], dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is not a section")
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        upd: dict = {keys[-1]: value}
+        for k in reversed(keys[:-1]):
+            upd = {k: upd}
+        data = _deep_merge(data, upd, origin, f"--set {item}")
+    return data
+
+
+def _validate(data: dict, origin: dict[str, str]) -> Config:
     try:
-        return Config.model_validate(merged)
+        return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, origin, _allowed_keys(Config))) from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied and validated."""
-    data = cfg.model_dump(mode="json")
     origin: dict[str, str] = {}
-    for item in overrides:
-        keys, value = _parse_override(item)
-        upd: dict = {}
-        cur = upd
-        for k in keys[:-1]:
-            cur = cur.setdefault(k, {})
-        cur[keys[-1]] = value
-        data = _deep_merge(data, upd, origin, f"--set {item}")
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin, _allowed_keys(Config))) from None
+    return _validate(_merge_overrides(cfg.model_dump(mode="json"), overrides, origin), origin)
 
 
 def dump_config(cfg: Config) -> str:
