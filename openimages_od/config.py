@@ -276,7 +276,7 @@ class TrainConfig(_Section):
 
     model_dir: Optional[str] = Field(None, description="Checkpoints + TensorBoard; null = {output.url}/model.")
     backbone: Literal["mobilenetv2", "resnet50", "resnet101", "spinenet49"] = "mobilenetv2"
-    input_size: int = Field(384, ge=64)
+    input_size: int = Field(384, ge=128, description="Square model input; a multiple of 128 (2**max_level).")
     batch_size: int = Field(8, ge=1, description="Global batch size.")
     steps: int = Field(20000, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -298,6 +298,15 @@ class TrainConfig(_Section):
     shuffle_buffer: int = Field(256, ge=1)
     cache_dir: Optional[str] = Field(None, description="Local staging for s3:// shards; null = a temp dir.")
     seed: Optional[int] = 0
+
+    @field_validator("input_size")
+    @classmethod
+    def _multiple_of_stride(cls, v: int) -> int:
+        # RetinaNet's coarsest level (P7) has stride 128; Model Garden pads inputs to it.
+        if v % 128:
+            raise ValueError(f"must be a multiple of 128 (RetinaNet's P7 stride), e.g. {max(128, v // 128 * 128)} "
+                             f"or {(v // 128 + 1) * 128}")
+        return v
 
 
 class EvaluateConfig(_Section):

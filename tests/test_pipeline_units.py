@@ -289,3 +289,41 @@ async def test_fetcher_limits_and_final_statuses(image_server):
         assert await reason(None) == "no_url"
     finally:
         await f.close()
+
+
+@pytest.mark.parametrize("resample", ["box", "bilinear", "lanczos"])
+def test_resample_filters_keep_size_and_content(resample):
+    # 1000 -> 640 cannot be reached by the JPEG draft alone, so the filter runs.
+    src = photo(1000, 750, seed=3)
+    out = G.render(open_image(src, max_pixels=10**8), src, rotation=None, max_side=640, quality=95,
+                   resample=resample)
+    assert (out.width, out.height) == (640, 480)
+    # Same picture at low frequencies (the photos carry pixel noise, which filters treat differently).
+    def coarse(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((80, 60), Image.Resampling.BOX),
+                          dtype=np.float32)
+
+    assert np.abs(coarse(out.data) - coarse(src)).mean() < 3.0
+    again = G.render(open_image(src, max_pixels=10**8), src, rotation=None, max_side=640, quality=95,
+                     resample=resample)
+    assert again.data == out.data  # deterministic
+
+
+def test_config_rejects_unknown_resample():
+    from openimages_od.config import load_config
+    from openimages_od.errors import ConfigError
+
+    assert load_config(None, []).image.resample == "box"
+    with pytest.raises(ConfigError):
+        load_config(None, ["image.resample=nearest"])
+
+
+def test_embedded_ray_agent_port_is_dynamic_only_inside_the_context():
+    from ray._private.parameter import RayParams
+
+    from openimages_od.pipeline.distribute import _dynamic_agent_port
+
+    with _dynamic_agent_port():
+        assert RayParams().dashboard_agent_listen_port == 0
+        assert RayParams(dashboard_agent_listen_port=1234).dashboard_agent_listen_port == 1234
+    assert RayParams().dashboard_agent_listen_port == 52365

@@ -226,7 +226,8 @@ def _connect(cfg: Config) -> bool:
     if rc.address == "local":
         with _dynamic_agent_port():
             ray.init(num_cpus=rc.local_num_cpus, object_store_memory=rc.object_store_memory_mb * 1024 * 1024,
-                     include_dashboard=False, namespace=rc.namespace, log_to_driver=True, configure_logging=False)
+                     include_dashboard=False, namespace=rc.namespace, log_to_driver=True, configure_logging=False,
+                     _system_config={"worker_niceness": rc.local_worker_niceness})
     else:
         try:
             ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=True, configure_logging=False)
