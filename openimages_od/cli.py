@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", metavar="URL", help="Where to write the report (default {output}/report.html).")
         elif name == "demo":
             p.add_argument("--workdir", metavar="DIR", help="Where the demo writes everything (default ./oiod-demo).")
-            p.add_argument("--images", type=int, metavar="N", help="Generated images (default 160).")
-            p.add_argument("--steps", type=int, metavar="N", help="Training steps (default 300).")
+            p.add_argument("--images", type=int, metavar="N", help="Generated images (default 240).")
+            p.add_argument("--steps", type=int, metavar="N", help="Training steps (default 600).")
     return parser
 
 
@@ -118,7 +118,11 @@ def _setup_logging(verbosity: int) -> None:
     if verbosity < 2:
         for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "aiohttp.access", "absl", "tensorflow", "h5py"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # Keras serialization chatter on export
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Input dict contained keys", category=UserWarning)
 
 
 def resolve(command: str) -> Callable[..., Any]:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import shutil
@@ -45,9 +46,11 @@ def demo_config(workdir: Path, source: dict, bucket_endpoint: Optional[str], ste
                 "local_num_cpus": 2},
         "image": {"max_side": 512, "quality": 90},
         "shards": {"images_per_shard": 48},
-        "train": {"backbone": "mobilenetv2", "input_size": 256, "batch_size": 8, "steps": steps,
-                  "learning_rate": {"schedule": "cosine", "initial": 0.04, "warmup_steps": min(30, steps // 4)},
-                  "checkpoint_every": max(1, steps // 3), "summary_every": max(1, min(20, steps // 5))},
+        # The settings benchmarks/train_quality.py measured (mAP@0.5 ~0.98 at 600 steps on 480 images).
+        "train": {"backbone": "mobilenetv2", "input_size": 128, "batch_size": 8, "steps": steps,
+                  "learning_rate": {"schedule": "cosine", "initial": 0.08, "warmup_steps": min(50, steps // 5)},
+                  "shuffle_buffer": 512, "checkpoint_every": max(1, steps // 3),
+                  "summary_every": max(1, min(50, steps // 5))},
         "evaluate": {"split": "validation", "metrics": ["coco", "openimages"], "timeout_s": 1},
         "export": {"score_threshold": 0.05},
         "serve": {"min_score": 0.3},
@@ -95,8 +98,8 @@ def run_demo(cfg: Config, workdir: Optional[str] = None, images: Optional[int] =
     Args:
         cfg: ignored except for logging (the demo builds its own config; use ``--set`` to change it).
         workdir: where everything goes (default ``./oiod-demo``; wiped first).
-        images: number of generated photos (default 160).
-        steps: training steps (default 300).
+        images: number of generated photos (default 240).
+        steps: training steps (default 600).
         overrides: ``--set`` overrides applied to the demo config.
     """
     from openimages_od.devservices import ImageServer
@@ -104,8 +107,8 @@ def run_demo(cfg: Config, workdir: Optional[str] = None, images: Optional[int] =
 
     t_start = time.monotonic()
     root = Path(workdir or "oiod-demo").absolute()
-    n_images = images or 160
-    n_steps = steps or 300
+    n_images = images or 240
+    n_steps = steps or 600
     if n_images < 8:
         raise OiodError("--images must be at least 8 (the demo needs train and validation images)", exit_code=2)
     if root.exists():
@@ -136,33 +139,21 @@ def run_demo(cfg: Config, workdir: Optional[str] = None, images: Optional[int] =
 
 
 def _run_stages(conf: Config, root: Path, ds: Any) -> dict[str, Any]:
-    from openimages_od.openimages.plan import run_plan
-    from openimages_od.pipeline.distribute import run_prepare
+    from openimages_od.cli import resolve  # the same functions the CLI subcommands call
 
+    tc = conf.train
+    stages = [
+        ("plan", "2/8 plan: parse metadata, select classes, label map, shard plan"),
+        ("prepare", "3/8 prepare: fetch, verify, rotate, resize, write TFRecord shards (embedded Ray)"),
+        ("train", f"4/8 train: RetinaNet ({tc.backbone}, {tc.input_size}px) for {tc.steps} steps on CPU"),
+        ("evaluate", "5/8 evaluate: COCO and Open Images mAP on the validation split"),
+        ("export", "6/8 export: SavedModel + label map + model.json"),
+    ]
     results: dict[str, Any] = {}
-    t = _step("2/8 plan: parse metadata, select classes, label map, shard plan")
-    results["plan"] = run_plan(conf)
-    print(f"   done in {time.monotonic() - t:.1f}s")
-
-    t = _step("3/8 prepare: fetch, verify, rotate, resize, write TFRecord shards (embedded Ray)")
-    results["prepare"] = run_prepare(conf)
-    print(f"   done in {time.monotonic() - t:.1f}s")
-
-    from openimages_od.training.evaluate import run_evaluate
-    from openimages_od.training.export import run_export
-    from openimages_od.training.train import run_train
-
-    t = _step(f"4/8 train: RetinaNet ({conf.train.backbone}, {conf.train.input_size}px) for {conf.train.steps} steps on CPU")
-    results["train"] = run_train(conf)
-    print(f"   done in {time.monotonic() - t:.1f}s")
-
-    t = _step("5/8 evaluate: COCO and Open Images mAP on the validation split")
-    results["evaluate"] = run_evaluate(conf)
-    print(f"   done in {time.monotonic() - t:.1f}s")
-
-    t = _step("6/8 export: SavedModel + label map + model.json")
-    results["export"] = run_export(conf)
-    print(f"   done in {time.monotonic() - t:.1f}s")
+    for command, title in stages:
+        t = _step(title)
+        results[command] = resolve(command)(conf)
+        print(f"   done in {time.monotonic() - t:.1f}s")
 
     t = _step("7/8 detect: held-out validation photos")
     from openimages_od.serving.detect import run_detect
@@ -171,11 +162,8 @@ def _run_stages(conf: Config, root: Path, ds: Any) -> dict[str, Any]:
     paths = [str(ds.bucket_dir / "validation" / f"{im.image_id}.jpg") for im in held_out]
     det_dir = root / "detections"
     det_cfg = apply_overrides(conf, [f"serve.model={conf.export_dir}"])
-    import contextlib as _cl
-    import io as _io
-
-    buf = _io.StringIO()
-    with _cl.redirect_stdout(buf):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
         run_detect(det_cfg, images=paths, out=str(det_dir))
     lines = [json.loads(x) for x in buf.getvalue().splitlines() if x.strip().startswith("{")]
     (det_dir / "detections.jsonl").parent.mkdir(parents=True, exist_ok=True)

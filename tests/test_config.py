@@ -70,6 +70,8 @@ def test_invalid_value_and_enum(tmp_path):
         load_config(None, ["ray.num_actors=0"])
     with pytest.raises(ConfigError, match=r"train\.backbone.*'mobilenetv2'"):
         load_config(None, ["train.backbone=vgg"])
+    with pytest.raises(ConfigError, match=r"train\.input_size.*multiple of 128.*128 or 256"):
+        load_config(None, ["train.input_size=160"])
     with pytest.raises(ConfigError, match="http is read-only"):
         load_config(None, ["output.url=http://example.com/x"])
 
