@@ -15,8 +15,9 @@ side (``--max-side``, default 512, never upscaling), re-encodes JPEG at quality
 * ``seed``: requests + Pillow ``thumbnail`` + ``tf.io.TFRecordWriter`` in a
   2-process pool (the shape of the project's seed script).
 
-Each run is a fresh subprocess; images/s counts the whole run (interpreter,
-imports, Ray start-up, actors) and, for oiod, also the run after ``ray.init``.
+Each run is a fresh subprocess; images/s counts the whole run (imports, Ray
+start-up, actors) and, for oiod, also the run after ``ray.init``. Inputs (the
+oiod plan, img2dataset's URL list) are written by the parent before the timer.
 CPU-ms/image is machine-wide busy CPU time (``/proc/stat``) per image,
 including the image server, so it is noisy when other work runs.
 
@@ -103,21 +104,16 @@ def urls(port: int, n: int) -> list[tuple[str, str]]:
 def run_oiod(port: int, n: int, max_side: int, workdir: Path, actors: int, threads: int) -> dict:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     t_start = time.monotonic()
-    sys.path.insert(0, str(ROOT / "tests"))
     import ray
 
     from openimages_od.config import load_config
     from openimages_od.pipeline.distribute import _connect, run_prepare
-    from openimages_od.storage import Storage
-    from pipeline_helpers import image_row, write_plan
 
     cfg = load_config(None, [
         f"output.url={workdir}", "source.images.order=[original]", f"image.max_side={max_side}", "image.quality=90",
         f"ray.num_actors={actors}", "ray.num_cpus_per_actor=1", f"ray.decode_threads_per_actor={threads}",
         "ray.concurrency_per_actor=16", "ray.max_shards_in_flight_per_actor=2", "ray.progress=false",
     ])
-    rows = [image_row(iid, original_url=u, boxes=[]) for iid, u in urls(port, n)]
-    write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=100)
     # Ray is started the way `oiod prepare` starts it (so its start-up options count),
     # but here, before run_prepare, to also time the run after ray.init.
     _connect(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"local_num_cpus": 2,
@@ -136,7 +132,6 @@ def run_img2dataset(port: int, n: int, max_side: int, workdir: Path) -> dict:
     from img2dataset import download
 
     csv = workdir / "urls.csv"
-    csv.write_text("url\n" + "".join(f"{u}\n" for _, u in urls(port, n)))
     out = workdir / "out"
     shutil.rmtree(out, ignore_errors=True)  # incremental mode would skip everything
     download(url_list=str(csv), input_format="csv", url_col="url", output_format="tfrecord",
@@ -198,6 +193,22 @@ def run_seed(port: int, n: int, max_side: int, workdir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def write_inputs(kind: str, port: int, n: int, workdir: Path) -> None:
+    """Each contender's input, written before its timer starts: the plan (the output of
+    ``oiod plan``, which ``oiod prepare`` reads) or img2dataset's URL list."""
+    if kind == "oiod":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from openimages_od.config import load_config
+        from openimages_od.storage import Storage
+        from pipeline_helpers import image_row, write_plan
+
+        cfg = load_config(None, [f"output.url={workdir}"])
+        rows = [image_row(iid, original_url=u, boxes=[]) for iid, u in urls(port, n)]
+        write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=100)
+    elif kind == "img2dataset":
+        (workdir / "urls.csv").write_text("url\n" + "".join(f"{u}\n" for _, u in urls(port, n)))
 
 
 def _child(kind: str, port: int, n: int, max_side: int, workdir: Path, extra: list[str], env: dict) -> dict:
@@ -277,6 +288,7 @@ def main() -> None:
             for label, kind, extra, env in plan:
                 wd = Path(tempfile.mkdtemp(prefix=f"oiod-bench-{kind}-"))
                 try:
+                    write_inputs(kind, port, a.images, wd)
                     r = _child(kind, port, a.images, a.max_side, wd, extra, env)
                 finally:
                     shutil.rmtree(wd, ignore_errors=True)
