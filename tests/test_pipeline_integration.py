@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,22 @@ def test_killed_actor_shard_is_retried_byte_identical(ray_local, image_server, t
         path = "/o/" + r["image_id"] + ".jpg"
         n = image_server.hits[path] - hits_clean[path]
         assert n == 1 or (n == 2 and r["image_id"] in victim_ids), (r["image_id"], n)
+
+
+def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path, monkeypatch, capfd):
+    """With the bar on, a restarted actor finds the progress actor again (by name), and
+    Ray has no constructor argument in the object store to warn about."""
+    rows = _simple_rows(image_server, 8, prefix="p")
+    cfg = _cfg(f"{tmp_path}/bar", "ray.progress=true", "ray.max_shards_in_flight_per_actor=1")
+    write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=4)
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"{rows[6]['image_id']}:{marker}")
+    assert run_prepare(cfg) == 0
+    assert marker.exists(), "the crash hook did not fire"
+    err = capfd.readouterr().err
+    assert "constructor arguments in the object store" not in err
+    counts = [int(m) for m in re.findall(r"(\d+)/8 images", err)]
+    assert counts and max(counts) >= 8, err[-2000:]
 
 
 # --------------------------------------------------------------------------- killed driver

@@ -70,10 +70,15 @@ class ProgressTracker:
 class ShardWorker:
     """A download actor: one event loop, one HTTP pool, one S3 thread pool, shared by its shards."""
 
-    def __init__(self, cfg_data: dict[str, Any], progress: Any = None, crash_once: Optional[str] = None) -> None:
+    def __init__(self, cfg_data: dict[str, Any], progress_name: Optional[str] = None,
+                 crash_once: Optional[str] = None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.cfg = Config.model_validate(cfg_data)
-        self.progress = progress
+        # The progress actor is found by name, not passed as a handle: a handle among the
+        # constructor arguments of a restartable actor is kept in the object store, and a
+        # restart can fail once it is gone (Ray warns about exactly that).
+        self.progress_name = progress_name
+        self.progress: Any = None
         self.crash_once = crash_once
         self._ctx: Optional[ShardContext] = None
         self._pending = [0, 0, 0]
@@ -94,7 +99,8 @@ class ShardWorker:
                 crash_once=self.crash_once,
                 worker=self.name,
             )
-            if self.progress is not None:
+            if self.progress_name:
+                self.progress = _ray().get_actor(self.progress_name, namespace=rc.namespace)
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         return self._ctx
 
@@ -285,7 +291,9 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
                 f"instance has {cpus:g}; lower ray.num_actors or ray.num_cpus_per_actor (fractions are fine)"
             )
         # The tracker is a process of its own: only worth it when someone watches the bar.
-        progress = ray.remote(num_cpus=0)(ProgressTracker).remote() if rc.progress else None
+        progress_name = f"oiod-progress-{os.getpid()}-{time.time_ns()}" if rc.progress else None
+        progress = (ray.remote(num_cpus=0)(ProgressTracker).options(name=progress_name, namespace=rc.namespace).remote()
+                    if progress_name else None)
         # Credentials in the driver's environment reach the actors even on a
         # cluster (or an embedded instance) started before they were set.
         env = {k: os.environ[k] for k in rc.forward_env if os.environ.get(k)}
@@ -298,7 +306,7 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
         crash_once = os.environ.get(CRASH_ENV) or None
 
         def new_actor() -> Any:
-            return worker_cls.remote(cfg_data, progress, crash_once)
+            return worker_cls.remote(cfg_data, progress_name, crash_once)
 
         actors = [new_actor() for _ in range(rc.num_actors)]
         ready, not_ready = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
