@@ -6,8 +6,9 @@ process. Every contender downloads the same URLs, resizes to the same long
 side (``--max-side``, default 512, never upscaling), re-encodes JPEG at quality
 90 and writes TFRecords, on the same budget of 2 processes:
 
-* ``oiod``: :func:`run_prepare` on an embedded Ray (``num_cpus=2``), 1 actor x
-  2 decode threads and 2 actors x 1 decode thread (concurrency 16 each);
+* ``oiod``: :func:`run_prepare` on an embedded Ray (``num_cpus=2``), 2 actors x
+  1 decode thread, and 1 actor x 1 decode thread for the horizontal-scaling
+  ratio (concurrency 16 each);
 * ``img2dataset`` 1.47 (2 processes, 32 threads each, ``keep_ratio_largest``,
   tfrecord output; its tfrecord writer imports ``tensorflow_io`` without using
   it, and ``tensorflow-io`` is broken on TF >= 2.20, so an empty stub module is
@@ -18,11 +19,17 @@ side (``--max-side``, default 512, never upscaling), re-encodes JPEG at quality
 Each run is a fresh subprocess; images/s counts the whole run (imports, Ray
 start-up, actors) and, for oiod, also the run after ``ray.init``. Inputs (the
 oiod plan, img2dataset's URL list) are written by the parent before the timer.
+
+Two figures per contender: the whole run of N images, where fixed start-up
+costs weigh (Ray's is about 5 s here), and the rate at scale, the marginal
+images/s between a run of N and one of ``--scale`` x N images,
+``(scale - 1) N / (t(scale N) - t(N))``, in which every contender's start-up
+cancels out: the figure that matters for a prepare of millions of images.
 CPU-ms/image is machine-wide busy CPU time (``/proc/stat``) per image,
 including the image server, so it is noisy when other work runs.
 
-    .venv/bin/python benchmarks/pipeline_bench.py              # 2000 images
-    .venv/bin/python benchmarks/pipeline_bench.py --images 500 # quick mode
+    .venv/bin/python benchmarks/pipeline_bench.py                         # 2000 and 6000 images
+    .venv/bin/python benchmarks/pipeline_bench.py --images 500 --scale 1  # quick: whole run only
 """
 
 from __future__ import annotations
@@ -211,6 +218,12 @@ def write_inputs(kind: str, port: int, n: int, workdir: Path) -> None:
         (workdir / "urls.csv").write_text("url\n" + "".join(f"{u}\n" for _, u in urls(port, n)))
 
 
+def _describe(r: dict, n: int) -> str:
+    more = f", {n / r['wall_after_init_s']:.1f} img/s after ray.init" if "wall_after_init_s" in r else ""
+    return (f"{r['images_per_s']:7.1f} img/s ({r['ok']} ok, {r['failed']} failed, {r['wall_s']:.1f} s{more}), "
+            f"{r['cpu_ms_per_image']:.1f} CPU-ms/image")
+
+
 def _child(kind: str, port: int, n: int, max_side: int, workdir: Path, extra: list[str], env: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_run", kind, "--_port", str(port), "--images", str(n),
            "--max-side", str(max_side), "--_workdir", str(workdir), *extra]
@@ -229,9 +242,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--max-side", type=int, default=512)
+    ap.add_argument("--scale", type=int, default=3,
+                    help="Also run scale x images, for the marginal rate at scale (1: whole run only).")
     ap.add_argument("--repeat", type=int, default=2, help="Interleaved rounds; each contender keeps its best.")
     ap.add_argument("--skip", action="append", default=[], choices=["img2dataset", "seed", "oiod1"],
-                    help="Leave out a contender.")
+                    help="Leave out a contender (oiod1: the 1-actor scaling run).")
     ap.add_argument("--_run", help=argparse.SUPPRESS)
     ap.add_argument("--_port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_workdir", help=argparse.SUPPRESS)
@@ -273,54 +288,61 @@ def main() -> None:
         (stub / "tensorflow_io" / "__init__.py").write_text("# stub: img2dataset only imports it\n")
         base_env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
                     "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-        runs: dict[str, dict] = {}
-        plan = [("oiod 2 actors x 1 thread", "oiod", ["--_actors", "2", "--_threads", "1"], base_env)]
+        counts = [a.images] + ([a.images * a.scale] if a.scale > 1 else [])
+        runs: dict[tuple[str, int], dict] = {}
+        main_label = "oiod 2 actors x 1 thread"
+        plan = [(main_label, "oiod", ["--_actors", "2", "--_threads", "1"], base_env)]
         if "oiod1" not in a.skip:
-            plan.append(("oiod 1 actor x 2 threads", "oiod", ["--_actors", "1", "--_threads", "2"], base_env))
+            plan.append(("oiod 1 actor x 1 thread", "oiod", ["--_actors", "1", "--_threads", "1"], base_env))
         if "img2dataset" not in a.skip:
             plan.append(("img2dataset 2 proc x 32 thr", "img2dataset", [],
                          {**base_env, "PYTHONPATH": f"{stub}:{ROOT}"}))
         if "seed" not in a.skip:
             plan.append(("seed requests+Pillow+TF", "seed", [], base_env))
-        # Rounds interleave the contenders; each keeps its best round, so load from
-        # other processes on a shared machine penalizes everyone alike.
+        # Rounds interleave the contenders; each keeps its best round per size, so load
+        # from other processes on a shared machine penalizes everyone alike.
         for rnd in range(a.repeat):
             for label, kind, extra, env in plan:
-                wd = Path(tempfile.mkdtemp(prefix=f"oiod-bench-{kind}-"))
-                try:
-                    write_inputs(kind, port, a.images, wd)
-                    r = _child(kind, port, a.images, a.max_side, wd, extra, env)
-                finally:
-                    shutil.rmtree(wd, ignore_errors=True)
-                r["round"] = rnd + 1
-                more = f", {a.images / r['wall_after_init_s']:.1f} img/s after ray.init" if "wall_after_init_s" in r else ""
-                print(f"  round {rnd + 1} {label:30s} {r['images_per_s']:7.1f} img/s ({r['ok']} ok, {r['failed']} failed, "
-                      f"{r['wall_s']:.1f} s{more}), {r['cpu_ms_per_image']:.1f} CPU-ms/image", flush=True)
-                if label not in runs or r["images_per_s"] > runs[label]["images_per_s"]:
-                    runs[label] = r
+                for n in counts:
+                    wd = Path(tempfile.mkdtemp(prefix=f"oiod-bench-{kind}-"))
+                    try:
+                        write_inputs(kind, port, n, wd)
+                        r = _child(kind, port, n, a.max_side, wd, extra, env)
+                    finally:
+                        shutil.rmtree(wd, ignore_errors=True)
+                    r["round"] = rnd + 1
+                    print(f"  round {rnd + 1} {label:30s} {n:6d} images {_describe(r, n)}", flush=True)
+                    if (label, n) not in runs or r["images_per_s"] > runs[(label, n)]["images_per_s"]:
+                        runs[(label, n)] = r
     finally:
         os.killpg(server.pid, 15)
         server.wait(10)
 
-    print(f"best of {a.repeat} round(s):")
-    for label, r in runs.items():
-        more = f", {a.images / r['wall_after_init_s']:.1f} img/s after ray.init" if "wall_after_init_s" in r else ""
-        print(f"  {label:30s} {r['images_per_s']:7.1f} img/s ({r['wall_s']:.1f} s{more}), "
-              f"{r['cpu_ms_per_image']:.1f} CPU-ms/image")
-
-    best = runs["oiod 2 actors x 1 thread"]["images_per_s"]
+    labels = [p[0] for p in plan]
+    print(f"best of {a.repeat} round(s), whole run of {a.images} images:")
+    for label in labels:
+        print(f"  {label:30s} {_describe(runs[(label, a.images)], a.images)}")
+    best = runs[(main_label, a.images)]["images_per_s"]
     print("ratios (images/s, whole run):")
-    for label, r in runs.items():
-        if not label.startswith("oiod 2"):
-            print(f"  oiod 2 actors / {label}: {best / r['images_per_s']:.2f}x")
-    steady = a.images / runs["oiod 2 actors x 1 thread"]["wall_after_init_s"]
-    for label, r in runs.items():
-        if not label.startswith("oiod"):
-            print(f"  oiod 2 actors after ray.init / {label} (whole run, its start-up included): "
-                  f"{steady / r['images_per_s']:.2f}x")
+    for label in labels[1:]:
+        print(f"  {main_label} / {label}: {best / runs[(label, a.images)]['images_per_s']:.2f}x")
+
+    at_scale: dict[str, float] = {}
+    if len(counts) > 1:
+        big = counts[1]
+        print(f"rate at scale (marginal images/s between {a.images} and {big} images; start-up cancels):")
+        for label in labels:
+            dt = runs[(label, big)]["wall_s"] - runs[(label, a.images)]["wall_s"]
+            at_scale[label] = (big - a.images) / dt if dt > 0 else float("nan")
+            print(f"  {label:30s} {at_scale[label]:7.1f} img/s")
+        print("ratios (images/s at scale):")
+        for label in labels[1:]:
+            print(f"  {main_label} / {label}: {at_scale[main_label] / at_scale[label]:.2f}x")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"images": a.images, "max_side": a.max_side, "repeat": a.repeat,
-                                                  "runs": runs}, indent=2))
+    (OUT / "results.json").write_text(json.dumps({
+        "images": a.images, "scale": a.scale, "max_side": a.max_side, "repeat": a.repeat,
+        "runs": [{"label": label, "images": n, **r} for (label, n), r in runs.items()],
+        "images_per_s_at_scale": at_scale}, indent=2))
 
 
 if __name__ == "__main__":
