@@ -213,6 +213,23 @@ def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path,
     assert counts and max(counts) >= 8, err[-2000:]
 
 
+def test_missing_progress_actor_does_not_fail_the_worker(ray_local, tmp_path):
+    import asyncio
+
+    from openimages_od.pipeline.distribute import ShardWorker
+
+    cfg = _cfg(f"{tmp_path}/out")
+    worker = ShardWorker(cfg.model_dump(mode="json"), progress_name="oiod-progress-that-does-not-exist")
+
+    async def context():
+        ctx = worker._context()
+        await ctx.fetcher.close()
+        return ctx
+
+    assert asyncio.run(context()) is not None
+    assert worker.progress is None and worker._flusher is None
+
+
 # --------------------------------------------------------------------------- killed driver
 
 

@@ -100,8 +100,12 @@ class ShardWorker:
                 worker=self.name,
             )
             if self.progress_name:
-                self.progress = _ray().get_actor(self.progress_name, namespace=rc.namespace)
-                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+                try:
+                    self.progress = _ray().get_actor(self.progress_name, namespace=rc.namespace)
+                except ValueError:  # the bar is a nicety: a missing tracker must not fail a shard
+                    log.warning("progress actor %s not found: no live progress from %s", self.progress_name, self.name)
+                else:
+                    self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         return self._ctx
 
     def _on_image(self, ok: bool, nbytes: int) -> None:
