@@ -25,6 +25,7 @@ costs weigh (Ray's is about 5 s here), and the rate at scale, the marginal
 images/s between a run of N and one of ``--scale`` x N images,
 ``(scale - 1) N / (t(scale N) - t(N))``, in which every contender's start-up
 cancels out: the figure that matters for a prepare of millions of images.
+
 CPU-ms/image is machine-wide busy CPU time (``/proc/stat``) per image,
 including the image server, so it is noisy when other work runs.
 

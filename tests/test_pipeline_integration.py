@@ -7,6 +7,7 @@ what landed in the shards and ledgers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import pytest
 
 from openimages_od.config import dump_config, load_config
 from openimages_od.devservices import Reply
-from openimages_od.pipeline.distribute import run_prepare
+from openimages_od.pipeline.distribute import ShardWorker, run_prepare
 from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.ledger import decode_ledger
 from openimages_od.pipeline.shard import CRASH_ENV
@@ -214,10 +215,6 @@ def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path,
 
 
 def test_missing_progress_actor_does_not_fail_the_worker(ray_local, tmp_path):
-    import asyncio
-
-    from openimages_od.pipeline.distribute import ShardWorker
-
     cfg = _cfg(f"{tmp_path}/out")
     worker = ShardWorker(cfg.model_dump(mode="json"), progress_name="oiod-progress-that-does-not-exist")
 
