@@ -164,6 +164,10 @@ class SelectionConfig(_Section):
     expand_hierarchy: bool = Field(False, description="Add ancestor labels to each box (as the OID evaluation does).")
     strict: bool = Field(False, description="Stop at the first malformed row instead of counting it.")
     min_confidence: float = Field(0.0, ge=0.0, le=1.0)
+    label_map: Optional[str] = Field(
+        None, description="A label map .pbtxt whose ids to use (e.g. the shipped OID label map); null = ids stay "
+                          "stable across re-plans of the output: existing classes keep theirs, new ones are appended.",
+    )
 
 
 # --------------------------------------------------------------------------- output
@@ -174,6 +178,16 @@ class OutputConfig(_Section):
 
     url: str = Field("file://./oiod-output", description="file://, a path, or s3://bucket/prefix.")
     s3: S3Options = Field(default_factory=S3Options)
+    image_cache: bool = Field(
+        True, description="Keep verified, upright, resized image bytes so a re-plan or re-shard never fetches an "
+                          "image twice.",
+    )
+    cache_url: Optional[str] = Field(
+        None, description="Image cache root (path, file:// or s3://, same S3 options); null = {output.url}/cache.",
+    )
+    lock_ttl_s: float = Field(
+        120.0, ge=5, description="Lease of the output lock held by plan/prepare on s3:// (renewed every third).",
+    )
 
     @field_validator("url")
     @classmethod
@@ -286,6 +300,10 @@ class TrainConfig(_Section):
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     init_checkpoint: Optional[str] = Field(None, description="Fine-tune from this checkpoint (backbone or all).")
     init_checkpoint_modules: Literal["all", "backbone"] = "backbone"
+    fine_tune: bool = Field(
+        False, description="model_dir holds a model trained on another label map: start from its latest checkpoint "
+                           "(moved to model_dir/previous/) instead of refusing to train.",
+    )
     mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     distribution: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
     fpn_filters: int = Field(64, ge=8)

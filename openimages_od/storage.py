@@ -428,6 +428,33 @@ class _S3Backend:
         bucket, key = split_s3_url(url)
         self._call(url, lambda: self.client.delete_object(Bucket=bucket, Key=key))
 
+    def put_conditional(self, url: str, data: bytes, *, if_match: Optional[str]) -> Optional[str]:
+        """PutObject with ``If-None-Match: *`` (``if_match`` None) or ``If-Match: etag``; None if it did not hold."""
+        from botocore import exceptions as be
+
+        bucket, key = split_s3_url(url)
+        cond = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+
+        def put() -> Optional[str]:
+            try:
+                return str(self.client.put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"])
+            except be.ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return None
+                raise
+
+        return self._call(url, put)
+
+    def read_with_etag(self, url: str) -> tuple[bytes, str]:
+        bucket, key = split_s3_url(url)
+
+        def get() -> tuple[bytes, str]:
+            r = self.client.get_object(Bucket=bucket, Key=key)
+            return r["Body"].read(), str(r["ETag"])
+
+        return self._call(url, get)
+
 
 class _HttpBackend:
     def __init__(self, timeout_s: float = 60.0, attempts: int = 4) -> None:
@@ -520,7 +547,7 @@ class Storage:
             if url.startswith("s3://"):
                 buckets[split_s3_url(url)[0]] = cfg.source.s3
         buckets[cfg.source.images.bucket] = cfg.source.images.s3
-        for url in (cfg.output.url, cfg.train.model_dir, cfg.export.dir, cfg.serve.model):
+        for url in (cfg.output.url, cfg.output.cache_url, cfg.train.model_dir, cfg.export.dir, cfg.serve.model):
             if url and url.startswith("s3://"):
                 buckets[split_s3_url(url)[0]] = cfg.output.s3
         return cls(s3=cfg.output.s3, bucket_options=buckets)
@@ -619,6 +646,27 @@ class Storage:
     def upload_file(self, local: str | Path, url: str) -> None:
         """Upload a local file (multipart above the threshold) atomically."""
         self._writable(url).upload_file(Path(local), url)
+
+    def put_conditional(self, url: str, data: bytes, *, if_match: Optional[str] = None) -> Optional[str]:
+        """S3 compare-and-swap: create only if absent (``if_match`` None) or replace only the version ``if_match``.
+
+        Returns:
+            The new ETag, or None when the precondition did not hold.
+
+        Raises:
+            StorageError: not an ``s3://`` URL (local files lock with ``flock`` instead), or the store failed.
+        """
+        b = self._writable(url)
+        if not isinstance(b, _S3Backend):
+            raise StorageError("conditional writes are only used on s3://", url)
+        return b.put_conditional(url, data, if_match=if_match)
+
+    def read_with_etag(self, url: str) -> tuple[bytes, str]:
+        """An ``s3://`` object and its ETag (for :meth:`put_conditional`)."""
+        b = self._backend(url)
+        if not isinstance(b, _S3Backend):
+            raise StorageError("ETags exist only on s3://", url)
+        return b.read_with_etag(url)
 
     def delete(self, url: str) -> None:
         """Delete an object; a missing object is not an error."""

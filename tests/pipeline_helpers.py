@@ -98,18 +98,19 @@ def write_plan(storage: Any, output_url: str, rows: Iterable[dict], images_per_s
         for ordinal, r in enumerate(items, start=1):
             r["source_id"] = ordinal
             r["shard"] = shard_of(r["image_id"], n)
-        rels = []
+        rels, shas = [], []
         for i in range(n):
             part = [r for r in items if r["shard"] == i]
             rel = plan_shard_path(split, i, n)
-            write_plan_table(storage, join_url(plan_url, rel), pa.Table.from_pylist(part, schema=PLAN_SCHEMA))
+            shas.append(write_plan_table(storage, join_url(plan_url, rel),
+                                         pa.Table.from_pylist(part, schema=PLAN_SCHEMA)))
             rels.append(rel)
         splits[split] = SplitManifest(num_shards=n, num_images=len(items),
-                                      num_boxes=sum(len(r["boxes"]) for r in items), shards=rels)
+                                      num_boxes=sum(len(r["boxes"]) for r in items), shards=rels, shard_sha256=shas)
     lm = LabelMap.from_mids(MIDS, NAMES)
     storage.write_text(join_url(output_url, "label_map.pbtxt"), lm.to_pbtxt())
     storage.write_text(join_url(output_url, "label_map.csv"), lm.to_csv())
-    manifest = PlanManifest(splits=splits, num_classes=len(lm))
+    manifest = PlanManifest(splits=splits, num_classes=len(lm), label_map_digest=lm.digest)
     write_manifest(storage, plan_url, manifest)
     return manifest
 

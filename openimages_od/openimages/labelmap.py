@@ -12,6 +12,13 @@ ids start at 1 (0 is background for the detector) and follow the order the
 plan documents (the order classes were selected; for "all classes", the
 order of the class-descriptions file). ``label_map.csv`` is ``id,name`` with
 the display name, as Model Garden's label-map decoder expects.
+
+Ids are stable across re-plans (:func:`assign_ids`): a class keeps the id it
+had in the output's previous label map, new classes are appended after the
+highest id ever used, and a removed class's id is retired (recorded, never
+given to another class). ``selection.label_map`` pins ids from a given
+``.pbtxt`` instead. So ids may have gaps; the detector needs
+:attr:`LabelMap.num_classes` outputs (highest id + 1 for background).
 """
 
 from __future__ import annotations
@@ -20,11 +27,11 @@ import csv
 import io
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from openimages_od.errors import DataError
 
-__all__ = ["LabelClass", "LabelMap", "parse_pbtxt", "format_pbtxt", "format_csv"]
+__all__ = ["LabelClass", "LabelMap", "parse_pbtxt", "format_pbtxt", "format_csv", "assign_ids"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,18 @@ class LabelMap:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Detector outputs: the highest id + 1 (id 0 is background; retired ids leave gaps)."""
+        return max((c.id for c in self.classes), default=0) + 1
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the pbtxt text: what shards, plans and models name to say which ids they use."""
+        import hashlib
+
+        return hashlib.sha256(self.to_pbtxt().encode()).hexdigest()
 
     def __iter__(self):  # noqa: ANN204
         return iter(self.classes)
@@ -118,3 +137,60 @@ def parse_pbtxt(text: str, source: str = "label_map.pbtxt") -> list[LabelClass]:
     if not items:
         raise DataError(f"{source}: no 'item {{ ... }}' entries found")
     return items
+
+
+def assign_ids(
+    mids: Sequence[str],
+    names: dict[str, str],
+    *,
+    previous: Optional[LabelMap] = None,
+    retired: Iterable[dict] = (),
+    pinned: Optional[LabelMap] = None,
+    pinned_source: str = "selection.label_map",
+) -> tuple[LabelMap, list[dict]]:
+    """Ids for the selected classes ``mids`` (in selection order).
+
+    Args:
+        mids: selected MIDs in label-map order.
+        names: display names by MID.
+        previous: the output's existing label map (its classes keep their ids).
+        retired: classes removed by earlier plans (``{"id", "mid", "name"}``); their ids are
+            never given to another class, and a retired class that comes back gets its id back.
+        pinned: a label map whose ids win (``selection.label_map``); every selected class must be in it.
+        pinned_source: where ``pinned`` came from, for error messages.
+
+    Returns:
+        (label map, retired classes after this plan: the earlier ones plus those removed now).
+
+    Raises:
+        DataError: a selected class is missing from the pinned label map.
+    """
+    retired_by_mid = {r["mid"]: dict(r) for r in retired}
+    if pinned is not None:
+        missing = [m for m in mids if m not in pinned.by_mid]
+        if missing:
+            shown = ", ".join(f"{m} ({names.get(m, m)})" for m in missing[:5])
+            raise DataError(f"{pinned_source}: {len(missing)} selected class(es) have no id there: {shown}"
+                            f"{' ...' if len(missing) > 5 else ''}")
+        classes = [LabelClass(pinned.by_mid[m].id, m, names.get(m) or pinned.by_mid[m].name) for m in mids]
+    else:
+        used = {c.id for c in previous} if previous is not None else set()
+        used |= {int(r["id"]) for r in retired_by_mid.values()}
+        next_id = max(used, default=0) + 1
+        classes = []
+        for m in mids:
+            if previous is not None and m in previous.by_mid:
+                cid = previous.by_mid[m].id
+            elif m in retired_by_mid:
+                cid = int(retired_by_mid[m]["id"])
+            else:
+                cid, next_id = next_id, next_id + 1
+            classes.append(LabelClass(cid, m, names.get(m, m)))
+    lm = LabelMap(classes)
+    for m in lm.by_mid:
+        retired_by_mid.pop(m, None)
+    if previous is not None:
+        for c in previous:
+            if c.mid not in lm.by_mid and c.id not in lm.by_id:
+                retired_by_mid.setdefault(c.mid, {"id": c.id, "mid": c.mid, "name": c.name})
+    return lm, sorted(retired_by_mid.values(), key=lambda r: int(r["id"]))

@@ -59,7 +59,9 @@ from openimages_od.openimages.formats import (
     detect_layout,
     parse_floats,
 )
-from openimages_od.openimages.labelmap import LabelMap
+from openimages_od.layout import Layout, image_settings
+from openimages_od.openimages.labelmap import LabelMap, assign_ids
+from openimages_od.outputlock import output_lock
 from openimages_od.storage import Storage, local_path
 
 log = logging.getLogger(__name__)
@@ -438,6 +440,7 @@ class _ClassInfo:
     names: dict[str, str]
     known: Optional[pa.Array]
     hierarchy: Optional[Hierarchy]
+    ids: Optional[np.ndarray] = None  # label-map id of each selected class (stable across re-plans)
 
 
 def _load_classes(cfg: Config, inputs: MetadataInputs) -> _ClassInfo:
@@ -471,6 +474,11 @@ def _load_classes(cfg: Config, inputs: MetadataInputs) -> _ClassInfo:
     return _ClassInfo(selected, display_names(selected, desc, tnames), known, hier)
 
 
+def config_digest(cfg: Config) -> str:
+    """Digest of the config sections a plan is made from (``oiod status`` compares it)."""
+    return _config_digest(cfg)
+
+
 def _config_digest(cfg: Config) -> str:
     d = {k: cfg.model_dump(mode="json")[k] for k in ("source", "selection", "shards")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -483,6 +491,7 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     logm = MalformedLog(strict=sel.strict)
     selected = ci.selected
     n_sel = len(selected)
+    ids_np = ci.ids if ci.ids is not None else np.arange(1, n_sel + 1, dtype=np.int32)
     sel_index = {m: i for i, m in enumerate(selected)}
 
     # Box keep-list: selected classes, plus their descendants when boxes are expanded upwards.
@@ -602,7 +611,7 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     mids_arr = pa.array(selected, pa.string())
     box_struct = pa.StructArray.from_arrays(
         [
-            pa.array(b_tgt.astype(np.int32) + 1, pa.int32()),
+            pa.array(ids_np[b_tgt], pa.int32()),
             mids_arr.take(pa.array(b_tgt.astype(np.int64))) if len(b_tgt) else pa.array([], pa.string()),
             *(pa.array(boxes.coords[b_src, k], pa.float32()) for k in range(4)),
             pa.array(boxes.confidence[b_src], pa.float32()),
@@ -627,7 +636,7 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
         l_counts = np.bincount(lp, minlength=n_final)
         l_offsets = np.concatenate([[0], np.cumsum(l_counts)]).astype(np.int32)
         lab_struct = pa.StructArray.from_arrays(
-            [pa.array(lt.astype(np.int32) + 1, pa.int32()),
+            [pa.array(ids_np[lt], pa.int32()),
              mids_arr.take(pa.array(lt.astype(np.int64))) if len(lt) else pa.array([], pa.string()),
              pa.array(lc, pa.float32())],
             fields=list(planio.IMAGE_LABEL_TYPE),
@@ -682,10 +691,11 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     s_order = np.argsort(shard, kind="stable")
     table = table.take(pa.array(s_order))
     bounds = np.searchsorted(shard[s_order], np.arange(n_shards + 1))
-    paths = []
+    paths, shas = [], []
     for i in range(n_shards):
         rel = planio.plan_shard_path(split, i, n_shards)
-        planio.write_plan_table(storage, join_url(plan_url, rel), table.slice(bounds[i], bounds[i + 1] - bounds[i]))
+        shas.append(planio.write_plan_table(storage, join_url(plan_url, rel),
+                                            table.slice(bounds[i], bounds[i + 1] - bounds[i])))
         paths.append(rel)
 
     # stats
@@ -706,7 +716,8 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
         "malformed": logm.to_json(),
         "malformed_total": logm.total,
     }
-    return planio.SplitManifest(num_shards=n_shards, num_images=n_final, num_boxes=int(len(b_tgt)), shards=paths), stats
+    return planio.SplitManifest(num_shards=n_shards, num_images=n_final, num_boxes=int(len(b_tgt)), shards=paths,
+                                shard_sha256=shas), stats
 
 
 def build_plan(cfg: Config, storage: Optional[Storage] = None) -> PlanResult:
@@ -724,18 +735,52 @@ def build_plan(cfg: Config, storage: Optional[Storage] = None) -> PlanResult:
         DataError: an unknown file layout, or a malformed row with ``selection.strict``.
         StorageError: an input or the output cannot be reached.
     """
-    t0 = time.monotonic()
     st = storage or Storage.from_config(cfg)
+    layout = Layout.from_config(cfg)
+    with output_lock(st, layout.lock, cfg.output.lock_ttl_s, "plan"):
+        return _build_plan(cfg, st, layout)
+
+
+def _previous_labels(cfg: Config, st: Storage, layout: Layout) -> tuple[Optional[LabelMap], list[dict], Optional[LabelMap]]:
+    """(the output's current label map, classes retired by earlier plans, the pinned map of selection.label_map)."""
+    previous: Optional[LabelMap] = None
+    retired: list[dict] = []
+    try:
+        previous = LabelMap.from_pbtxt(st.read_text(layout.label_map_pbtxt), layout.label_map_pbtxt)
+        retired = planio.read_manifest(st, layout.plan_dir).removed_classes
+    except FileNotFoundError:
+        pass
+    pinned = None
+    if cfg.selection.label_map:
+        try:
+            pinned = LabelMap.from_pbtxt(st.read_text(cfg.selection.label_map), cfg.selection.label_map)
+        except FileNotFoundError:
+            raise ConfigError(f"selection.label_map: {cfg.selection.label_map} not found") from None
+    return previous, retired, pinned
+
+
+def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
+    t0 = time.monotonic()
     if not cfg.source.splits:
         raise ConfigError("source.splits is empty: configure at least one split's boxes CSV")
     splits = list(cfg.selection.splits) or list(cfg.source.splits)
-    plan_url = cfg.output_path("plan")
+    plan_url = layout.plan_dir
     inputs = MetadataInputs(cfg, st)
     ci = _load_classes(cfg, inputs)
-    label_map = LabelMap.from_mids(ci.selected, ci.names)
+    previous, retired, pinned = _previous_labels(cfg, st, layout)
+    label_map, retired = assign_ids(ci.selected, ci.names, previous=previous, retired=retired, pinned=pinned,
+                                    pinned_source=cfg.selection.label_map or "selection.label_map")
+    ci.ids = np.array([label_map.by_mid[m].id for m in ci.selected], np.int32)
+    if previous is not None:
+        added = [c for c in label_map if c.mid not in previous.by_mid]
+        gone = [c for c in previous if c.mid not in label_map.by_mid]
+        if added or gone:
+            log.info("label map: %d classes kept their ids, %d added (%s), %d removed (%s)",
+                     len(label_map) - len(added), len(added), ", ".join(f"{c.id}={c.name}" for c in added) or "-",
+                     len(gone), ", ".join(f"{c.id}={c.name}" for c in gone) or "-")
 
     # The manifest marks a complete plan: remove it first so a half-rewritten plan is never "done".
-    st.delete(join_url(plan_url, "manifest.json"))
+    st.delete(layout.plan_manifest)
     split_manifests: dict[str, planio.SplitManifest] = {}
     split_stats: dict[str, Any] = {}
     for split in splits:
@@ -751,17 +796,20 @@ def build_plan(cfg: Config, storage: Optional[Storage] = None) -> PlanResult:
         if obj.url.endswith(".parquet") and _norm(obj.url) not in {_norm(w) for w in wanted}:
             st.delete(obj.url)
 
-    st.write_text(cfg.output_path("label_map.pbtxt"), label_map.to_pbtxt())
-    st.write_text(cfg.output_path("label_map.csv"), label_map.to_csv())
+    st.write_text(layout.label_map_pbtxt, label_map.to_pbtxt())
+    st.write_text(layout.label_map_csv, label_map.to_csv())
     stats_doc = {
         "splits": split_stats,
         "num_classes": len(label_map),
         "classes": label_map.to_json(),
+        "removed_classes": retired,
     }
-    st.write_json(join_url(plan_url, "stats.json"), stats_doc)
+    st.write_json(layout.plan_stats, stats_doc)
     save_resolved(cfg, plan_url, st)
     manifest = planio.PlanManifest(splits=split_manifests, num_classes=len(label_map),
-                                   label_map="label_map.pbtxt", config_digest=_config_digest(cfg))
+                                   label_map="label_map.pbtxt", config_digest=_config_digest(cfg),
+                                   label_map_digest=label_map.digest, removed_classes=retired,
+                                   image_settings=image_settings(cfg.image))
     planio.write_manifest(st, plan_url, manifest)
     dt = time.monotonic() - t0
     log.info("plan: %d classes, %s in %.1f s -> %s", len(label_map),

@@ -2,9 +2,13 @@
 
 Layout under ``{output}/plan/``:
 
-* ``manifest.json``: ``{"format": 1, "splits": {split: {"num_shards", "num_images",
-  "num_boxes", "shards": [relative parquet paths]}}, "num_classes", "label_map",
-  "config_digest"}``. Written last: a plan exists when its manifest does.
+* ``manifest.json``: ``{"format": 2, "digest", "splits": {split: {"num_shards",
+  "num_images", "num_boxes", "shards": [relative parquet paths], "shard_sha256": [sha256
+  of each Parquet file], "digest"}}, "num_classes", "label_map", "label_map_digest",
+  "removed_classes", "image_settings", "config_digest"}``. Written last: a plan exists
+  when its manifest does. ``digest`` identifies what was planned: every split's image
+  ids, boxes, labels and shard assignment (through the shards' sha256), the label map
+  and the byte-changing image settings (:func:`plan_digest`).
 * ``{split}/shard-{i:05d}-of-{n:05d}.parquet``: one row per image of that
   shard, sorted by ``image_id``, with :data:`PLAN_SCHEMA`.
 * ``stats.json``: per split ``images``, ``boxes``, per-class counts, and the
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -43,6 +48,8 @@ __all__ = [
     "read_plan_table",
     "read_manifest",
     "write_manifest",
+    "split_digest",
+    "plan_digest",
 ]
 
 BOX_TYPE = pa.struct(
@@ -110,6 +117,25 @@ class SplitManifest:
     num_images: int
     num_boxes: int
     shards: list[str] = field(default_factory=list)
+    shard_sha256: list[str] = field(default_factory=list)  # sha256 of each plan shard's Parquet bytes
+    digest: str = ""  # :func:`split_digest` of the above
+
+    def __post_init__(self) -> None:
+        if self.shard_sha256 and not self.digest:
+            self.digest = split_digest(self.shards, self.shard_sha256)
+
+
+def split_digest(shards: list[str], shard_sha256: list[str]) -> str:
+    """A split's identity: its shard paths (so the shard count) and each shard's content."""
+    body = json.dumps([shards, shard_sha256], separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def plan_digest(splits: dict[str, "SplitManifest"], label_map_digest: str, image_settings: dict[str, Any]) -> str:
+    """The plan's identity: every split's digest, the label map and the byte-changing image settings."""
+    body = json.dumps({"splits": {k: v.digest for k, v in sorted(splits.items())}, "label_map": label_map_digest,
+                       "image": image_settings}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass
@@ -118,14 +144,26 @@ class PlanManifest:
     num_classes: int
     label_map: str = "label_map.pbtxt"
     config_digest: str = ""
-    format: int = 1
+    format: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
+    label_map_digest: str = ""  # sha256 of label_map.pbtxt as written
+    removed_classes: list[dict[str, Any]] = field(default_factory=list)  # classes of earlier plans, ids retired
+    image_settings: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""  # :func:`plan_digest`; filled in when empty
+
+    def __post_init__(self) -> None:
+        if not self.digest and self.label_map_digest and all(s.digest for s in self.splits.values()):
+            self.digest = plan_digest(self.splits, self.label_map_digest, self.image_settings)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": self.format,
+            "digest": self.digest,
             "num_classes": self.num_classes,
             "label_map": self.label_map,
+            "label_map_digest": self.label_map_digest,
+            "removed_classes": self.removed_classes,
+            "image_settings": self.image_settings,
             "config_digest": self.config_digest,
             "splits": {k: vars(v) for k, v in self.splits.items()},
             **({"extra": self.extra} if self.extra else {}),
@@ -133,22 +171,35 @@ class PlanManifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "PlanManifest":
+        known = set(SplitManifest.__dataclass_fields__)
         return cls(
-            splits={k: SplitManifest(**v) for k, v in d["splits"].items()},
+            splits={k: SplitManifest(**{f: x for f, x in v.items() if f in known}) for k, v in d["splits"].items()},
             num_classes=int(d["num_classes"]),
             label_map=d.get("label_map", "label_map.pbtxt"),
             config_digest=d.get("config_digest", ""),
             format=int(d.get("format", 1)),
             extra=d.get("extra", {}),
+            label_map_digest=d.get("label_map_digest", ""),
+            removed_classes=list(d.get("removed_classes", [])),
+            image_settings=dict(d.get("image_settings", {})),
+            digest=d.get("digest", ""),
         )
 
 
-def write_plan_table(storage: Any, url: str, table: pa.Table) -> None:
-    """Write one plan shard (atomically) as Parquet with :data:`PLAN_SCHEMA`."""
+def write_plan_table(storage: Any, url: str, table: pa.Table) -> str:
+    """Write one plan shard (atomically) as Parquet with :data:`PLAN_SCHEMA`.
+
+    Returns:
+        The sha256 of the bytes written: the shard's identity in the manifest.
+        The Parquet writer is deterministic for the same rows (no timestamps), so
+        re-planning the same images gives the same digest.
+    """
     table = table.cast(PLAN_SCHEMA) if table.schema != PLAN_SCHEMA else table
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(url, buf.getvalue())
+    data = buf.getvalue()
+    storage.write_bytes(url, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_plan_table(storage: Any, url: str, columns: Optional[list[str]] = None) -> pa.Table:

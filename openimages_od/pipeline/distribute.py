@@ -1,8 +1,10 @@
 """``oiod prepare`` on Ray: the only module that imports Ray.
 
-The driver (:func:`run_prepare`) makes sure a plan exists, lists the shards
-that are not committed yet (a committed shard has its ``.stats.json``; it is
-skipped without any network request for its images), and hands them to a
+The driver (:func:`run_prepare`) holds the output lock, makes sure a plan
+exists, asks :mod:`openimages_od.dataset` which shards are not committed for
+the current plan (committed ones are skipped without any request; stale ones,
+of another plan, are rebuilt; files of shards the plan no longer has are
+removed), and hands them to a
 pool of async download actors (:class:`ShardWorker`). Each actor runs
 :func:`openimages_od.pipeline.shard.run_shard` for up to
 ``ray.max_shards_in_flight_per_actor`` shards at once, with
@@ -34,12 +36,16 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional
 
+from openimages_od import dataset as ds
 from openimages_od.config import Config, save_resolved
 from openimages_od.errors import ConfigError, OiodError
+from openimages_od.layout import Layout, image_digest
 from openimages_od.openimages.planio import PlanManifest, read_manifest
+from openimages_od.outputlock import output_lock
+from openimages_od.pipeline.cache import ImageCache
 from openimages_od.pipeline.fetch import Fetcher
 from openimages_od.pipeline.report import build_report
-from openimages_od.pipeline.shard import CRASH_ENV, ShardContext, ShardTask, run_shard, shard_urls
+from openimages_od.pipeline.shard import CRASH_ENV, ShardContext, ShardTask, run_shard
 from openimages_od.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
@@ -98,6 +104,8 @@ class ShardWorker:
                 on_image=self._on_image,
                 crash_once=self.crash_once,
                 worker=self.name,
+                cache=(ImageCache(Storage.from_config(self.cfg), Layout.from_config(self.cfg),
+                                  image_digest(self.cfg.image)) if self.cfg.output.image_cache else None),
             )
             if self.progress_name:
                 try:
@@ -136,7 +144,7 @@ class ShardWorker:
 
 
 def _ensure_plan(cfg: Config, storage: Storage, plan_url: str, skip_plan: bool) -> PlanManifest:
-    manifest_url = f"{plan_url}/manifest.json"
+    manifest_url = Layout.from_config(cfg).plan_manifest
     if not storage.exists(manifest_url):
         if skip_plan:
             raise OiodError(f"no plan at {manifest_url} (run `oiod plan` first, or drop --skip-plan)")
@@ -157,31 +165,23 @@ def pending_tasks(
 ) -> tuple[list[ShardTask], dict[str, dict[str, Any]]]:
     """Shards still to do, and the stats of the committed ones (keyed by shard name).
 
-    One listing per split decides what is committed, so a finished run costs a
-    handful of requests. With ``retry_failed``, committed shards whose stats
-    record failed images are redone (only their failed images are re-fetched).
+    The commit rule is :mod:`openimages_od.layout`'s (stats naming the current
+    shard key); :func:`openimages_od.dataset.scan` applies it with one listing
+    per split. With ``retry_failed``, committed shards whose stats record failed
+    images are redone (only their failed images are re-fetched).
     """
     wanted = set(cfg.selection.splits) or set(manifest.splits)
     tasks: list[ShardTask] = []
     committed: dict[str, dict[str, Any]] = {}
-    for split in sorted(manifest.splits):
-        if split not in wanted:
-            continue
-        sm = manifest.splits[split]
-        prefix = cfg.output_path("tfrecords", split) + "/"
-        existing = {o.url for o in storage.list(prefix)}
-        for i, rel in enumerate(sm.shards):
-            urls = shard_urls(cfg, split, i, sm.num_shards)
-            plan_shard = f"{plan_url}/{rel}"
-            task = ShardTask(split, i, sm.num_shards, plan_shard)
-            if urls["stats"] in existing:
-                stats = storage.read_json(urls["stats"])
-                if retry_failed and stats.get("failed", 0) > 0:
-                    tasks.append(ShardTask(split, i, sm.num_shards, plan_shard, retry_failed=True))
-                else:
-                    committed[task.name] = stats
-            else:
-                tasks.append(task)
+    for s in ds.scan(cfg, storage, manifest, wanted):
+        sp = s.spec
+        redo = s.state != "committed" or (retry_failed and (s.stats or {}).get("failed", 0) > 0)
+        if redo:
+            tasks.append(ShardTask(sp.split, sp.index, sp.num_shards, sp.plan_url,
+                                   retry_failed=retry_failed and s.state == "committed", plan_sha256=sp.plan_sha256,
+                                   key=sp.key, plan_digest=manifest.digest))
+        else:
+            committed[sp.name] = s.stats or {}
     return tasks, committed
 
 
@@ -401,14 +401,26 @@ def run_prepare(cfg: Config, retry_failed: bool = False, skip_plan: bool = False
         OiodError: no plan, Ray unreachable, or shards that still failed after ``ray.max_shard_retries``.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    t0 = time.monotonic()
     storage = Storage.from_config(cfg)
-    plan_url = cfg.output_path("plan")
+    layout = Layout.from_config(cfg)
+    with output_lock(storage, layout.lock, cfg.output.lock_ttl_s, "prepare") as lock:
+        return _prepare_locked(cfg, storage, layout, lock, retry_failed, skip_plan)
+
+
+def _prepare_locked(cfg: Config, storage: Storage, layout: Layout, lock: Any, retry_failed: bool,
+                    skip_plan: bool) -> int:
+    t0 = time.monotonic()
+    plan_url = layout.plan_dir
     manifest = _ensure_plan(cfg, storage, plan_url, skip_plan)
-    save_resolved(cfg, cfg.output_path("tfrecords"), storage)
+    ds.check_image_settings(cfg, manifest)
+    save_resolved(cfg, layout.tfrecords_dir(), storage)
+    ds.remove_orphans(cfg, storage, manifest)
     tasks, committed = pending_tasks(cfg, storage, manifest, plan_url, retry_failed)
     total_images = sum(_plan_rows(manifest, t) for t in tasks)
     log.info("prepare: %d shards to do, %d already committed", len(tasks), len(committed))
+    if tasks:
+        # dataset.json names complete, consistent datasets only: gone before any shard it lists changes.
+        storage.delete(layout.dataset)
 
     results: list[dict] = []
     failed: dict[str, str] = {}
@@ -420,11 +432,19 @@ def run_prepare(cfg: Config, retry_failed: bool = False, skip_plan: bool = False
     all_stats = {**committed, **{s["name"]: s for s in results}}
     report = build_report(all_stats.values(), wall_s=wall, skipped=committed.keys(), failed_shards=failed,
                           ray_info=info, retries=retries)
-    storage.write_json(cfg.output_path("prepare_report.json"), report)
+    lock.check()
+    dataset_url = None
+    if not failed:
+        doc = ds.build_dataset(cfg, manifest, ds.scan(cfg, storage, manifest))
+        report["dataset"] = {"digest": doc["digest"], "splits": sorted(doc["splits"])}
+        dataset_url = ds.write_dataset(cfg, storage, doc)
+    storage.write_json(layout.prepare_report, report)
     tot, run = report["totals"], report["this_run"]
     print(f"oiod prepare: {tot['shards']} shards committed ({run['shards_processed']} now, "
           f"{run['shards_skipped']} skipped), {tot['ok']} images ok, {tot['failed']} failed, "
-          f"{run['images_per_s'] or 0:.1f} images/s; report {cfg.output_path('prepare_report.json')}",
+          f"{run['source_fetches']} fetched from the source, {run['cache_hits']} from the cache, "
+          f"{run['images_per_s'] or 0:.1f} images/s; report {layout.prepare_report}"
+          + (f"; dataset {report['dataset']['digest'][:12]} in {dataset_url}" if dataset_url else ""),
           file=sys.stderr)
     if failed:
         raise OiodError(f"{len(failed)} shard(s) failed after {cfg.ray.max_shard_retries} retries: "

@@ -5,10 +5,14 @@ the shard's TFRecord and before its ``.stats.json``. Each line::
 
     {"image_id": "...", "status": "ok" | "failed", "source": "bucket" | "original" | "thumbnail" | null,
      "url": "...", "bytes": 123, "width": 640, "height": 480, "kept_original": false,
-     "error": null | "http_404", "attempts": ["bucket:s3_not_found", ...], "reused": false}
+     "error": null | "http_404", "attempts": ["bucket:s3_not_found", ...], "reused": false,
+     "from_cache": false}
 
 ``error`` is the reason from the last source tried that had a URL; ``attempts`` lists every
-source's failure in order.
+source's failure in order. ``from_cache`` is true when the record was rebuilt from the image
+cache (no request; ``source``/``url``/``bytes`` then describe the fetch that filled the cache),
+false when the image was fetched from its source in this run; ``reused`` when
+``--retry-failed`` kept the record of the shard being rewritten.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class LedgerEntry:
     error: Optional[str] = None
     attempts: list[str] = field(default_factory=list)
     reused: bool = False
+    from_cache: bool = False
 
     @property
     def ok(self) -> bool:

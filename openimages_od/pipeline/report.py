@@ -39,6 +39,8 @@ def build_report(
         sp.update({"shards": 1, "images": s["images"], "ok": s["ok"], "failed": s["failed"], "boxes": s.get("boxes", 0)})
     done_now = [s for s in stats if s["name"] not in skipped]
     images_now = sum(s["images"] for s in done_now)
+    # Shards made before the image cache existed have no cache figures: every image was a fetch.
+    fetches_now = sum(s.get("source_fetches", s["images"] - s.get("reused", 0)) for s in done_now)
     return {
         "format": 1,
         "totals": {
@@ -52,12 +54,15 @@ def build_report(
             "bytes_fetched": sum(s.get("bytes_fetched", 0) for s in stats),
             "tfrecord_bytes": sum(s.get("tfrecord_bytes", 0) for s in stats),
             "kept_original": sum(s.get("kept_original", 0) for s in stats),
+            "cache_hits": sum(s.get("cache_hits", 0) for s in stats),
         },
         "this_run": {
             "shards_processed": len(done_now),
             "shards_skipped": len(skipped),
             "shards_failed": len(failed_shards or {}),
             "images_processed": images_now,
+            "source_fetches": fetches_now,
+            "cache_hits": sum(s.get("cache_hits", 0) for s in done_now),
             "wall_s": round(wall_s, 3),
             "images_per_s": round(images_now / wall_s, 2) if wall_s > 0 else None,
             "shard_retries": retries,
@@ -68,7 +73,8 @@ def build_report(
         "shards": [
             {k: s.get(k) for k in ("split", "shard", "name", "images", "ok", "failed", "failed_by_reason", "sources",
                                    "boxes", "bytes_fetched", "tfrecord_bytes", "duration_s", "images_per_s",
-                                   "reused", "kept_original", "worker")}
+                                   "reused", "kept_original", "cache_hits", "source_fetches", "worker",
+                                   "shard_key", "tfrecord_sha256")}
             for s in stats
         ],
     }

@@ -1,11 +1,21 @@
-"""One shard end to end: plan rows -> fetch -> verify -> orient/resize -> tf.Example -> commit.
+"""One shard end to end: plan rows -> cache or fetch -> verify -> orient/resize -> tf.Example -> commit.
 
 Pure of Ray: :func:`run_shard` is a coroutine that the Ray actor (or a test,
-or a benchmark) runs inside its event loop. Commit protocol, per shard:
+or a benchmark) runs inside its event loop. Commit protocol, per shard
+(paths from :class:`openimages_od.layout.Layout`):
 
+0. the plan shard's bytes are checked against the sha256 the manifest names
+   (a plan rewritten under a running prepare fails the shard, never mixes plans),
+   and the shard's old stats are deleted (so no stats ever describes other bytes),
 1. the TFRecord object (atomic write),
 2. the ledger (one line per plan row, plan order),
-3. ``{split}-{i:05d}-of-{n:05d}.stats.json`` last: the shard is committed.
+3. ``{split}-{i:05d}-of-{n:05d}.stats.json`` last, naming the shard key
+   (:func:`openimages_od.layout.shard_key`) and the TFRecord's sha256: the shard
+   is committed for this plan.
+
+Each image is looked up in the image cache (:mod:`.cache`) first; only a miss
+is fetched from its sources, and what was fetched is cached for every later
+plan.
 
 Records are written in plan order (ImageID), and each record depends only on
 the plan row and the source bytes, so the shard bytes are identical whatever
@@ -26,12 +36,18 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import io
+
+import pyarrow.parquet as pq
+
 from openimages_od.config import Config
 from openimages_od.errors import DataError
-from openimages_od.openimages.planio import read_plan_table, shard_name
+from openimages_od.layout import SHARD_KEY_FIELD, Layout
+from openimages_od.openimages.planio import shard_name
+from openimages_od.pipeline.cache import CacheEntry, ImageCache
 from openimages_od.pipeline.example import decode_example, detection_features, encode_example
 from openimages_od.pipeline.fetch import FetchFailed, Fetched, Fetcher
-from openimages_od.pipeline.geometry import render, transform_boxes
+from openimages_od.pipeline.geometry import Op, render, transform_boxes
 from openimages_od.pipeline.ledger import LedgerEntry, decode_ledger, encode_ledger
 from openimages_od.pipeline.tfrecord import encode_records, iter_records
 from openimages_od.pipeline.verify import Rejected, check_md5, open_image
@@ -56,6 +72,9 @@ class ShardTask:
     num_shards: int
     plan_url: str  # the plan shard (Parquet)
     retry_failed: bool = False
+    plan_sha256: str = ""  # what the plan shard's bytes must hash to ("" = not checked)
+    key: str = ""  # the shard key recorded in the stats (layout.shard_key)
+    plan_digest: str = ""  # the whole plan's digest, recorded in the stats
 
     @property
     def name(self) -> str:
@@ -64,12 +83,7 @@ class ShardTask:
 
 def shard_urls(cfg: Config, split: str, index: int, num_shards: int) -> dict[str, str]:
     """URLs of a shard's TFRecord, stats and ledger."""
-    name = shard_name(split, index, num_shards)
-    return {
-        "tfrecord": cfg.output_path("tfrecords", split, f"{name}.tfrecord"),
-        "stats": cfg.output_path("tfrecords", split, f"{name}.stats.json"),
-        "ledger": cfg.output_path("ledger", split, f"{name}.jsonl"),
-    }
+    return Layout.from_config(cfg).shard_urls(split, shard_name(split, index, num_shards))
 
 
 @dataclass
@@ -85,6 +99,7 @@ class ShardContext:
     crash_once: Optional[str] = None
     worker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    cache: Optional[ImageCache] = None  # None = output.image_cache off
 
 
 @dataclass
@@ -93,6 +108,15 @@ class ImageResult:
     record: Optional[bytes] = None
     fetched_bytes: int = 0
     boxes: int = 0
+    cached: Optional[CacheEntry] = None  # what to put in the image cache (a fresh fetch)
+
+
+def record_from(row: dict[str, Any], data: bytes, width: int, height: int, ops: list[Op]) -> bytes:
+    """The tf.Example of a plan row from its final image bytes (the same for a fetch and a cache hit)."""
+    src_boxes = [(b["xmin"], b["xmax"], b["ymin"], b["ymax"]) for b in (row.get("boxes") or [])]
+    boxes = transform_boxes(src_boxes, ops)
+    digest = hashlib.sha256(data).hexdigest()
+    return encode_example(detection_features(row, data, width, height, boxes, digest))
 
 
 def process_image(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[bytes, LedgerEntry]:
@@ -104,6 +128,12 @@ def process_image(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[b
     Raises:
         Rejected: the bytes are not usable (reason in ``.reason``).
     """
+    record, entry, _ = _process(fetched, row, cfg)
+    return record, entry
+
+
+def _process(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[bytes, LedgerEntry, CacheEntry]:
+    """:func:`process_image` plus the image cache entry it makes."""
     ic = cfg.image
     if fetched.source == "original" and ic.verify_md5:
         check_md5(fetched.data, row.get("original_md5"))
@@ -112,14 +142,29 @@ def process_image(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[b
     out = render(img, fetched.data, rotation=row.get("rotation"), max_side=ic.max_side, quality=ic.quality,
                  exif_mode=ic.exif, keep_original_if_fits=ic.keep_original_if_fits,
                  resample=ic.resample)
-    src_boxes = [(b["xmin"], b["xmax"], b["ymin"], b["ymax"]) for b in (row.get("boxes") or [])]
-    boxes = transform_boxes(src_boxes, out.ops)
-    digest = hashlib.sha256(out.data).hexdigest()
-    record = encode_example(detection_features(row, out.data, out.width, out.height, boxes, digest))
+    record = record_from(row, out.data, out.width, out.height, out.ops)
     entry = LedgerEntry(image_id=row["image_id"], status="ok", source=fetched.source, url=fetched.url,
                         bytes=len(fetched.data), width=out.width, height=out.height,
                         kept_original=out.kept_original)
-    return record, entry
+    cached = CacheEntry(image_id=row["image_id"], status="ok", rotation=row.get("rotation"),
+                        original_md5=row.get("original_md5"), source=fetched.source, url=fetched.url,
+                        bytes=len(fetched.data), width=out.width, height=out.height,
+                        kept_original=out.kept_original, ops=[int(o.value) for o in out.ops], data=out.data)
+    return record, entry, cached
+
+
+def _from_cache(row: dict[str, Any], ce: CacheEntry) -> ImageResult:
+    """A record (or a recorded failure) rebuilt from a cache entry: CPU only, no request."""
+    n_boxes = len(row.get("boxes") or [])
+    if not ce.ok:
+        e = LedgerEntry(image_id=row["image_id"], status="failed", error=ce.error, attempts=list(ce.attempts),
+                        from_cache=True)
+        return ImageResult(e, None, 0, 0)
+    record = record_from(row, ce.data, ce.width, ce.height, [Op(v) for v in ce.ops])
+    e = LedgerEntry(image_id=row["image_id"], status="ok", source=ce.source, url=ce.url, bytes=ce.bytes,
+                    width=ce.width, height=ce.height, kept_original=ce.kept_original, attempts=list(ce.attempts),
+                    from_cache=True)
+    return ImageResult(e, record, 0, n_boxes)
 
 
 def _maybe_crash(ctx: ShardContext, image_id: str) -> None:
@@ -147,18 +192,21 @@ async def _one(row: dict[str, Any], ctx: ShardContext) -> ImageResult:
                 continue
             fetched_bytes += len(fetched.data)
             try:
-                record, entry = await loop.run_in_executor(ctx.cpu_pool, process_image, fetched, row, cfg)
+                record, entry, cached = await loop.run_in_executor(ctx.cpu_pool, _process, fetched, row, cfg)
             except Rejected as exc:
                 attempts.append(f"{source}:{exc.reason}")
                 continue
             entry.attempts = attempts
-            return ImageResult(entry, record, fetched_bytes, len(row.get("boxes") or []))
+            cached.attempts = list(attempts)
+            return ImageResult(entry, record, fetched_bytes, len(row.get("boxes") or []), cached)
     # The last source's reason, unless it merely had no URL (then the one before it).
     reasons = [a.split(":", 1)[1] for a in attempts]
     informative = [r for r in reasons if r != "no_url"]
     error = informative[-1] if informative else (reasons[-1] if reasons else "no_source")
+    failed = CacheEntry(image_id=row["image_id"], status="failed", rotation=row.get("rotation"),
+                        original_md5=row.get("original_md5"), error=error, attempts=list(attempts))
     return ImageResult(LedgerEntry(image_id=row["image_id"], status="failed", error=error, attempts=attempts),
-                       None, fetched_bytes, 0)
+                       None, fetched_bytes, 0, failed)
 
 
 async def _read_previous(task: ShardTask, ctx: ShardContext, urls: dict[str, str]) -> tuple[dict[str, bytes], dict[str, LedgerEntry]]:
@@ -189,8 +237,11 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
     cfg, st = ctx.cfg, ctx.storage
     loop = asyncio.get_running_loop()
     urls = shard_urls(cfg, task.split, task.index, task.num_shards)
-    table = await loop.run_in_executor(None, read_plan_table, st, task.plan_url)
-    rows = table.to_pylist()
+    plan_bytes = await loop.run_in_executor(None, st.read_bytes, task.plan_url)
+    if task.plan_sha256 and hashlib.sha256(plan_bytes).hexdigest() != task.plan_sha256:
+        raise DataError(f"{task.plan_url} is not the plan shard this prepare started from (the plan was "
+                        f"rewritten while prepare ran); rerun `oiod prepare`")
+    rows = pq.read_table(io.BytesIO(plan_bytes)).to_pylist()
     rows.sort(key=lambda r: r["image_id"])
     for r in rows:
         if r["split"] != task.split:
@@ -201,13 +252,22 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
     if task.retry_failed:
         reuse, old = await _read_previous(task, ctx, urls)
 
+    cache = ctx.cache
+
     async def one(row: dict[str, Any]) -> ImageResult:
         prev = old.get(row["image_id"])
+        res: Optional[ImageResult] = None
         if prev is not None and prev.ok and row["image_id"] in reuse:
             e = LedgerEntry(**{**prev.__dict__, "reused": True})
             res = ImageResult(e, reuse[row["image_id"]], 0, len(row.get("boxes") or []))
-        else:
+        elif cache is not None:
+            ce = await loop.run_in_executor(None, cache.get, row["image_id"])
+            if ce is not None and ce.matches(row) and (ce.ok or not task.retry_failed):
+                res = await loop.run_in_executor(ctx.cpu_pool, _from_cache, row, ce)
+        if res is None:
             res = await _one(row, ctx)
+            if cache is not None and res.cached is not None:
+                await loop.run_in_executor(None, cache.put, res.cached)
         if ctx.on_image is not None:
             ctx.on_image(res.entry.ok, res.fetched_bytes)
         return res
@@ -216,13 +276,18 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
     records = [r.record for r in results if r.record is not None]
     payload = encode_records(records)
 
+    await loop.run_in_executor(None, st.delete, urls["stats"])
     await loop.run_in_executor(None, st.write_bytes, urls["tfrecord"], payload)
     await loop.run_in_executor(None, st.write_bytes, urls["ledger"], encode_ledger(r.entry for r in results))
 
     duration = time.monotonic() - t0
     ok = sum(1 for r in results if r.entry.ok)
+    fetched = [r for r in results if not r.entry.from_cache and not r.entry.reused]
     stats = {
-        "format": 1,
+        "format": 2,
+        SHARD_KEY_FIELD: task.key,
+        "plan_digest": task.plan_digest,
+        "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
         "split": task.split,
         "shard": task.index,
         "num_shards": task.num_shards,
@@ -236,8 +301,11 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
         "sources": dict(sorted(Counter(r.entry.source for r in results if r.entry.ok).items())),
         "kept_original": sum(1 for r in results if r.entry.kept_original),
         "reused": sum(1 for r in results if r.entry.reused),
+        "cache_hits": sum(1 for r in results if r.entry.from_cache),
+        "source_fetches": len(fetched),
         "boxes": sum(r.boxes for r in results if r.entry.ok),
         "bytes_fetched": sum(r.fetched_bytes for r in results),
+        "records": len(records),
         "tfrecord_bytes": len(payload),
         "tfrecord_sha256": hashlib.sha256(payload).hexdigest(),
         "duration_s": round(duration, 3),

@@ -1,0 +1,114 @@
+"""The image cache: every image is fetched from its source once, whatever the plans that follow.
+
+One object per image and per byte-changing image setting
+(:func:`openimages_od.layout.image_digest`), at
+``{cache root}/images-{digest}/{id[:2]}/{image_id}.oiodimg``, holding the
+verified, upright, resized JPEG exactly as it goes into a record, plus what
+the record needs besides the plan row: size, the geometry ops applied (to
+transform the boxes), the source it came from. A re-plan or a re-shard builds
+every record it has seen before from here, CPU only, byte for byte the same
+record as a fresh fetch would give; the ledger marks those ``from_cache``.
+
+Images that failed are cached too (without bytes), so a re-plan does not ask a
+dead URL again; ``prepare --retry-failed`` ignores those entries and fetches
+again. An entry is used only when the plan row still has the same
+``Rotation`` and ``OriginalMD5`` (a new release that changed an image is a miss).
+
+Object format: ``OIODIMG1\\n`` + one JSON header line + ``\\n`` + the JPEG bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from openimages_od.storage import ObjectNotFound, Storage
+
+__all__ = ["CacheEntry", "ImageCache", "encode_entry", "decode_entry"]
+
+_MAGIC = b"OIODIMG1\n"
+
+
+@dataclass
+class CacheEntry:
+    """One image as prepare made it (or why it could not)."""
+
+    image_id: str
+    status: str  # ok | failed
+    rotation: Optional[int] = None
+    original_md5: Optional[str] = None
+    source: Optional[str] = None
+    url: Optional[str] = None
+    bytes: int = 0  # bytes fetched from the source
+    width: int = 0
+    height: int = 0
+    kept_original: bool = False
+    ops: list[int] = field(default_factory=list)  # PIL Image.Transpose values, in order
+    error: Optional[str] = None
+    attempts: list[str] = field(default_factory=list)
+    data: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        """Still the image the plan row describes."""
+        return self.rotation == row.get("rotation") and self.original_md5 == row.get("original_md5")
+
+
+def encode_entry(e: CacheEntry) -> bytes:
+    head = {k: v for k, v in asdict(e).items() if k != "data"}
+    return _MAGIC + json.dumps(head, sort_keys=True, separators=(",", ":")).encode() + b"\n" + e.data
+
+
+def decode_entry(raw: bytes, where: str = "") -> CacheEntry:
+    if not raw.startswith(_MAGIC):
+        raise ValueError(f"{where}: not an oiod image cache entry")
+    nl = raw.index(b"\n", len(_MAGIC))
+    head = json.loads(raw[len(_MAGIC):nl])
+    known = set(CacheEntry.__dataclass_fields__)
+    return CacheEntry(**{k: v for k, v in head.items() if k in known}, data=raw[nl + 1:])
+
+
+class ImageCache:
+    """Reads and writes cache entries for one image-settings digest.
+
+    Args:
+        storage: the storage layer.
+        layout: the output layout (knows the cache root).
+        settings_digest: :func:`openimages_od.layout.image_digest` of the image settings.
+    """
+
+    def __init__(self, storage: Storage, layout: Any, settings_digest: str) -> None:
+        self.storage = storage
+        self.layout = layout
+        self.digest = settings_digest
+
+    def url(self, image_id: str) -> str:
+        return self.layout.image_cache(self.digest, image_id)
+
+    def get(self, image_id: str) -> Optional[CacheEntry]:
+        """The entry, or None when the image was never prepared with these settings (or it is unreadable)."""
+        url = self.url(image_id)
+        try:
+            raw = self.storage.read_bytes(url)
+        except ObjectNotFound:
+            return None
+        try:
+            return decode_entry(raw, url)
+        except (ValueError, TypeError):  # a damaged entry is a miss, never a failure
+            return None
+
+    def put(self, entry: CacheEntry) -> None:
+        self.storage.write_bytes(self.url(entry.image_id), encode_entry(entry))
+
+    def present(self) -> set[str]:
+        """Image ids with an entry (one listing; for ``oiod status``)."""
+        prefix = self.layout.image_cache_dir(self.digest) + "/"
+        try:
+            objs = self.storage.list(prefix)
+        except FileNotFoundError:
+            return set()
+        return {o.url.rsplit("/", 1)[-1].removesuffix(".oiodimg") for o in objs if o.url.endswith(".oiodimg")}
