@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("openimages_od.serving.app", "run_serve", "Serve the exported model over HTTP."),
     "detect": ("openimages_od.serving.detect", "run_detect", "Detect objects in local images or URLs."),
     "report": ("openimages_od.report", "run_report", "Write the HTML dataset/evaluation report."),
+    "status": ("openimages_od.dataset", "run_status",
+               "Plan vs output: committed/stale/missing shards, cache, what prepare would fetch (exit 0 = up to date)."),
     "demo": ("openimages_od.demo", "run_demo",
              "Run the whole path end to end on a generated Open Images-format dataset."),
 }
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("images", nargs="+", metavar="IMAGE_OR_URL", help="Local files or http(s)/s3 URLs.")
             p.add_argument("--out", metavar="DIR", help="Write annotated images here.")
             p.add_argument("--min-score", type=float, metavar="S", help="Minimum score (default serve.min_score).")
+        elif name == "status":
+            p.add_argument("--json", dest="json_out", action="store_true", help="Print the status as JSON.")
         elif name == "report":
             p.add_argument("--out", metavar="URL", help="Where to write the report (default {output}/report.html).")
         elif name == "demo":

@@ -179,7 +179,7 @@ def write_dataset(cfg: Config, storage: Storage, doc: dict[str, Any]) -> str:
     return url
 
 
-def read_dataset(layout: Layout, storage: Storage) -> dict[str, Any]:
+def read_dataset(layout: Layout, storage: Storage, what: str = "") -> dict[str, Any]:
     """``dataset.json``.
 
     Raises:
@@ -188,8 +188,9 @@ def read_dataset(layout: Layout, storage: Storage) -> dict[str, Any]:
     try:
         doc = storage.read_json(layout.dataset)
     except ObjectNotFound:
-        raise DataError(f"no {layout.dataset}: the output has no complete dataset (run `oiod prepare`; it "
-                        f"writes dataset.json once every shard of the plan is committed)") from None
+        raise DataError(f"no committed shards{what}: no {layout.dataset}, so the output has no complete dataset "
+                        f"(run `oiod prepare`; it writes dataset.json once every shard of the plan is "
+                        f"committed)") from None
     except ValueError as exc:
         raise DataError(f"{layout.dataset}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or "digest" not in doc or "splits" not in doc:
@@ -216,7 +217,7 @@ def dataset_shards(cfg: Config, storage: Storage, split: str) -> tuple[list[str]
             current ones; the split was not prepared; a listed shard is missing or changed size.
     """
     layout = Layout.from_config(cfg)
-    doc = read_dataset(layout, storage)
+    doc = read_dataset(layout, storage, f" for split {split!r}")
     manifest = load_manifest(layout, storage)
     if manifest is not None and manifest.digest != doc.get("plan_digest"):
         raise DataError(
@@ -234,8 +235,8 @@ def dataset_shards(cfg: Config, storage: Storage, split: str) -> tuple[list[str]
             f"read with the wrong names; run `oiod prepare` (after `oiod plan`)")
     sd = doc["splits"].get(split)
     if not sd or not sd.get("shards"):
-        raise DataError(f"split {split!r} is not in {layout.dataset} (prepared: {sorted(doc['splits']) or 'none'}); "
-                        f"plan and prepare it first")
+        raise DataError(f"no committed shards for split {split!r} in {layout.dataset} (prepared: "
+                        f"{sorted(doc['splits']) or 'none'}); plan and prepare it first")
     sizes = layout.shard_files(storage, split)
     urls = []
     for sh in sd["shards"]:

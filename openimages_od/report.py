@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Any, Optional
 
 from openimages_od.config import Config, join_url
+from openimages_od.layout import Layout
 from openimages_od.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class _Data:
         self.samples: list[dict] = []
         self.prepare_report: Optional[dict] = None
         self.plan_stats: Optional[dict] = None
+        self.dataset: Optional[dict] = None
         self.metrics: Optional[dict] = None
         self.metrics_url: Optional[str] = None
 
@@ -77,6 +79,7 @@ class _Data:
         self._ledger()
         self._shards()
         self.prepare_report = self._json(self.cfg.output_path("prepare_report.json"))
+        self.dataset = self._json(Layout.from_config(self.cfg).dataset)
         self.plan_stats = self._json(self.cfg.output_path("plan", "stats.json"))
         self._metrics()
         return self
@@ -149,8 +152,14 @@ class _Data:
         from openimages_od.pipeline.tfrecord import iter_records
 
         seen = 0
-        shard_urls = [o.url for o in self.st.list(self.cfg.output_path("tfrecords") + "/")
-                      if o.url.endswith(".tfrecord") and self.st.exists(o.url[: -len(".tfrecord")] + ".stats.json")]
+        layout = Layout.from_config(self.cfg)
+        lock = self._json(layout.dataset)
+        if lock:  # exactly the shards of the dataset (never a stale shard of another plan)
+            shard_urls = [layout.path(sh["tfrecord"]) for sd in lock.get("splits", {}).values() for sh in sd["shards"]]
+        else:
+            shard_urls = [o.url for o in self.st.list(self.cfg.output_path("tfrecords") + "/")
+                          if o.url.endswith(".tfrecord")
+                          and self.st.exists(o.url[: -len(".tfrecord")] + ".stats.json")]
         # Spread samples over splits: validation/test first (they matter for evaluation), then train.
         shard_urls.sort(key=lambda u: ("/train/" in u, u))
         keys = ["image/encoded", "image/width", "image/height", "image/filename", "image/object/bbox/xmin",
@@ -385,6 +394,13 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
         total = d.ledger_ok + sum(d.failures.values())
         parts.append(_table([("images written", d.ledger_ok), ("images failed", sum(d.failures.values())),
                              ("success rate", f"{d.ledger_ok / max(1, total):.1%}")], ("prepare", "")))
+    if d.dataset:
+        rows = [("dataset digest", d.dataset.get("digest", "?")), ("plan digest", d.dataset.get("plan_digest", "?")),
+                ("label map digest", d.dataset.get("label_map_digest", "?"))]
+        scored = (d.metrics or {}).get("dataset") or {}
+        if scored.get("digest") and scored["digest"] != d.dataset.get("digest"):
+            rows.append(("evaluation scored dataset", f"{scored['digest']} (not the current one)"))
+        parts.append(_table(rows, ("dataset.json", "")))
     if d.prepare_report:
         tot = d.prepare_report.get("totals", {})
         run = d.prepare_report.get("this_run", {})

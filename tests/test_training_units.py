@@ -114,16 +114,27 @@ def test_checkpoints_resolve_on_s3(tmp_path, seaweedfs, s3_bucket, s3_options):
 
 
 def test_committed_shards_only(tmp_path):
+    """Exactly the shards dataset.json lists (a committed shard it does not list is not read)."""
+    import hashlib
+    import json
+
     from openimages_od.config import load_config
     from openimages_od.storage import Storage
     from openimages_od.training.inputs import committed_shards
 
-    d = tmp_path / "out" / "tfrecords" / "train"
+    from training_helpers import label_map, write_lockfile
+
+    out = tmp_path / "out"
+    d = out / "tfrecords" / "train"
     d.mkdir(parents=True)
     for i in range(3):
         (d / f"train-{i:05d}-of-00003.tfrecord").write_bytes(b"x")
-    (d / "train-00001-of-00003.stats.json").write_text('{"images": 1}')
-    cfg = load_config(None, [f"output.url=file://{tmp_path / 'out'}"])
+    (d / "train-00001-of-00003.stats.json").write_text(json.dumps(
+        {"images": 1, "records": 1, "tfrecord_bytes": 1, "tfrecord_sha256": hashlib.sha256(b"x").hexdigest()}))
+    (out / "label_map.pbtxt").write_text(label_map().to_pbtxt())
+    write_lockfile(out, label_map())
+    (d / "train-00002-of-00003.stats.json").write_text('{"images": 1}')  # committed after the lockfile
+    cfg = load_config(None, [f"output.url=file://{out}"])
     assert [u.rsplit("/", 1)[-1] for u in committed_shards(cfg, "train", Storage())] == [
         "train-00001-of-00003.tfrecord"]
     with pytest.raises(DataError, match="'validation'"):

@@ -84,9 +84,35 @@ def write_split(out: Path, split: str, images: list[SynthImage], lm: LabelMap, n
             for im in part:
                 w.write(make_example(im, ordered.index(im) + 1, lm).SerializeToString())
         if commit:
-            (Path(str(stem) + ".stats.json")).write_text(json.dumps({"images": len(part)}))
+            data = Path(str(stem) + ".tfrecord").read_bytes()
+            (Path(str(stem) + ".stats.json")).write_text(json.dumps({
+                "images": len(part), "ok": len(part), "records": len(part), "tfrecord_bytes": len(data),
+                "tfrecord_sha256": hashlib.sha256(data).hexdigest()}))
         paths.append(Path(str(stem) + ".tfrecord"))
     return paths
+
+
+def write_lockfile(out: Path, lm: LabelMap) -> dict:
+    """``dataset.json`` for the committed shards under ``out`` (what prepare writes), so train/evaluate read them."""
+    from openimages_od.layout import combine
+
+    splits = {}
+    for d in sorted(p for p in (out / "tfrecords").iterdir() if p.is_dir()):
+        shards = []
+        for stats_path in sorted(d.glob("*.stats.json")):
+            st = json.loads(stats_path.read_text())
+            name = stats_path.name.removesuffix(".stats.json")
+            shards.append({"name": name, "tfrecord": f"tfrecords/{d.name}/{name}.tfrecord", "records": st["records"],
+                           "bytes": st["tfrecord_bytes"], "sha256": st["tfrecord_sha256"]})
+        if shards:
+            splits[d.name] = {"num_shards": len(shards), "records": sum(s["records"] for s in shards),
+                              "shards": shards}
+    doc = {"format": 1, "plan_digest": None, "label_map_digest": lm.digest, "num_classes": len(lm),
+           "image_settings": {}, "splits": splits}
+    doc["digest"] = combine("dataset", None, lm.digest, [[k, s["sha256"]] for k, v in splits.items()
+                                                         for s in v["shards"]])
+    (out / "dataset.json").write_text(json.dumps(doc, indent=2))
+    return doc
 
 
 def build_output(out: Path, *, num_images: int = 48, val_fraction: float = 0.25, num_shards: int = 2,
@@ -105,6 +131,7 @@ def build_output(out: Path, *, num_images: int = 48, val_fraction: float = 0.25,
     shutil.copyfile(bundled_metadata()[1], out / "metadata" / "bbox_labels_600_hierarchy.json")
     write_split(out, "train", ds.split_images("train"), lm, num_shards)
     write_split(out, "validation", ds.split_images("validation"), lm, 1)
+    write_lockfile(out, lm)
     return out
 
 

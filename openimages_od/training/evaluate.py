@@ -99,15 +99,16 @@ class Evaluator:
     """
 
     def __init__(self, cfg: Config, storage: Storage, stop: Optional[threading.Event] = None) -> None:
-        from openimages_od.training.inputs import (committed_shards, default_cache_dir, load_hierarchy,
-                                                   load_label_map, stage_shards)
+        from openimages_od.dataset import dataset_shards, dataset_summary
+        from openimages_od.training.inputs import default_cache_dir, load_hierarchy, load_label_map, stage_shards
         from openimages_od.training.oid_metric import hierarchy_from_json
 
         self.cfg = cfg
         self.storage = storage
         self.stop = stop or threading.Event()
         self.label_map: LabelMap = load_label_map(cfg, storage)
-        urls = committed_shards(cfg, cfg.evaluate.split, storage)
+        urls, dataset = dataset_shards(cfg, storage, cfg.evaluate.split)
+        self.dataset = dataset_summary(dataset)  # which dataset these metrics score (named in every metrics file)
         self.files = stage_shards(urls, storage, default_cache_dir(cfg) / "shards")
         tree = load_hierarchy(cfg, storage)
         self.hierarchy = (hierarchy_from_json(tree, {c.mid: c.id for c in self.label_map})
@@ -134,7 +135,7 @@ class Evaluator:
             from openimages_od.training.detector import DetectorModule, build_model
             from openimages_od.training.experiment import build_experiment, padded_size
 
-            params = build_experiment(self.cfg, num_classes=len(self.label_map) + 1, mixed_precision="float32",
+            params = build_experiment(self.cfg, num_classes=self.label_map.num_classes, mixed_precision="float32",
                                       score_threshold=self.cfg.evaluate.min_score or 0.05, max_detections=100)
             padded = padded_size(self.cfg.train.input_size)
             self._module = DetectorModule(build_model(params, padded), self.cfg.train.input_size, padded)
@@ -187,7 +188,7 @@ class Evaluator:
             raise DataError(f"no images in the {ec.split!r} shards")
         self._check_stop()
         metrics: dict[str, Any] = {"step": step, "checkpoint": checkpoint, "split": ec.split, "num_images": n,
-                                   "eval_seconds": round(time.monotonic() - t0, 3)}
+                                   "eval_seconds": round(time.monotonic() - t0, 3), "dataset": self.dataset}
         if "coco" in ec.metrics:
             metrics["coco"] = coco.result()
         if "openimages" in ec.metrics:

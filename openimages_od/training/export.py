@@ -6,7 +6,7 @@ last so a reader never sees a half-uploaded model)::
 
     saved_model/            signatures serving_default (image_bytes) and serving_images (images)
     label_map.pbtxt
-    model.json              classes, input_size, backbone, config_digest, step, signatures
+    model.json              classes, input_size, backbone, config_digest, step, signatures, dataset
     config.resolved.yaml
 
 See :mod:`openimages_od.training.detector` for the signature contract.
@@ -23,17 +23,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from openimages_od.config import Config, join_url, save_resolved
+from openimages_od.layout import Layout
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage, local_path
 
-__all__ = ["run_export", "export_saved_model", "model_json"]
+__all__ = ["run_export", "export_saved_model", "model_json", "trained_on"]
 
 log = logging.getLogger(__name__)
 
 
 def model_json(label_map: LabelMap, *, input_size: int, backbone: str, config_digest: str,
-               step: Optional[int]) -> dict[str, Any]:
-    """The ``model.json`` document that describes an export."""
+               step: Optional[int], dataset: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``model.json`` document that describes an export.
+
+    ``dataset`` is :func:`openimages_od.dataset.dataset_summary` of the lockfile the model was
+    trained on (``{model_dir}/dataset.json``): its ``digest`` answers "what exactly did this model see?".
+    """
     from openimages_od.training.detector import SIGNATURES
 
     return {
@@ -43,7 +48,18 @@ def model_json(label_map: LabelMap, *, input_size: int, backbone: str, config_di
         "config_digest": config_digest,
         "step": step,
         "signatures": SIGNATURES,
+        "dataset": dataset,
     }
+
+
+def trained_on(cfg: Config, storage: Storage) -> Optional[dict[str, Any]]:
+    """The dataset summary of ``{model_dir}/dataset.json`` (None for a model trained before lockfiles)."""
+    from openimages_od.dataset import dataset_summary
+
+    try:
+        return dataset_summary(storage.read_json(Layout.from_config(cfg).model_dataset))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def export_saved_model(
@@ -52,6 +68,7 @@ def export_saved_model(
     dest_dir: str | Path,
     checkpoint: Optional[str] = None,
     step: Optional[int] = None,
+    dataset: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write ``saved_model/``, ``label_map.pbtxt`` and ``model.json`` to a local folder.
 
@@ -60,10 +77,11 @@ def export_saved_model(
 
     Args:
         cfg: config (``train`` decides the architecture, ``export`` the NMS settings).
-        label_map: classes; ``num_classes`` is ``len(label_map) + 1``.
+        label_map: classes; the detector has ``label_map.num_classes`` outputs (highest id + 1).
         dest_dir: local folder (created).
         checkpoint: local checkpoint prefix to load, or None.
         step: training step recorded in ``model.json``.
+        dataset: the dataset summary recorded in ``model.json``.
 
     Returns:
         ``dest_dir`` as a Path.
@@ -77,7 +95,7 @@ def export_saved_model(
 
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    params = build_experiment(cfg, num_classes=len(label_map) + 1, mixed_precision="float32")
+    params = build_experiment(cfg, num_classes=label_map.num_classes, mixed_precision="float32")
     padded = padded_size(cfg.train.input_size)
     model = build_model(params, padded)
     if checkpoint:
@@ -89,9 +107,19 @@ def export_saved_model(
     tf.saved_model.save(module, str(sm_dir), signatures=module.signatures())
     (dest / "label_map.pbtxt").write_text(label_map.to_pbtxt())
     doc = model_json(label_map, input_size=cfg.train.input_size, backbone=cfg.train.backbone,
-                     config_digest=config_digest(cfg), step=step)
+                     config_digest=config_digest(cfg), step=step, dataset=dataset)
     (dest / "model.json").write_text(json.dumps(doc, indent=2) + "\n")
     return dest
+
+
+def _model_label_map(cfg: Config, storage: Storage) -> Optional[LabelMap]:
+    """The label map the model was trained with (``{model_dir}/label_map.pbtxt``): the output's may
+    have been re-planned since, and a model's ids only mean what they meant when it was trained."""
+    url = join_url(cfg.model_dir, "label_map.pbtxt")
+    try:
+        return LabelMap.from_pbtxt(storage.read_text(url), url)
+    except FileNotFoundError:
+        return None
 
 
 def _upload_dir(storage: Storage, local: Path, url: str) -> None:
@@ -119,8 +147,9 @@ def run_export(cfg: Config, checkpoint: Optional[str] = None) -> int:
     from openimages_od.training.inputs import load_label_map
 
     storage = Storage.from_config(cfg)
-    label_map = load_label_map(cfg, storage)
+    label_map = _model_label_map(cfg, storage) or load_label_map(cfg, storage)
     ckpt, step = resolve_checkpoint(cfg, storage, checkpoint)
+    dataset = trained_on(cfg, storage)
     t0 = time.monotonic()
     dest_url = cfg.export_dir
     lp = local_path(dest_url)
@@ -129,7 +158,7 @@ def run_export(cfg: Config, checkpoint: Optional[str] = None) -> int:
         lp.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=lp))
         try:
-            export_saved_model(cfg, label_map, staging, ckpt, step)
+            export_saved_model(cfg, label_map, staging, ckpt, step, dataset)
             old = lp / "saved_model"
             if old.exists():
                 shutil.rmtree(old)
@@ -139,7 +168,7 @@ def run_export(cfg: Config, checkpoint: Optional[str] = None) -> int:
             shutil.rmtree(staging, ignore_errors=True)
     else:
         with tempfile.TemporaryDirectory(prefix="oiod-export-") as tmp:
-            export_saved_model(cfg, label_map, tmp, ckpt, step)
+            export_saved_model(cfg, label_map, tmp, ckpt, step, dataset)
             _upload_dir(storage, Path(tmp), dest_url)
     save_resolved(cfg, dest_url, storage)
     log.info("exported step %s to %s in %.1f s", step, dest_url, time.monotonic() - t0)

@@ -2,8 +2,9 @@
 
 TensorFlow has no ``s3://`` filesystem here (tensorflow-io is broken on
 TF >= 2.20), so shards on S3 are copied to a local cache once, in parallel,
-and TF reads local files. A shard is read only when it is committed: its
-``{stem}.stats.json`` exists beside ``{stem}.tfrecord``.
+and TF reads local files. The shards read are exactly those the output's
+``dataset.json`` lists, and only while it is the dataset of the current plan
+and label map (:func:`openimages_od.dataset.dataset_shards`).
 
 This module does not import TensorFlow.
 """
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 
 from openimages_od.config import Config
 from openimages_od.errors import DataError
+from openimages_od.layout import Layout
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage, local_path
 
@@ -29,25 +31,15 @@ log = logging.getLogger(__name__)
 
 
 def committed_shards(cfg: Config, split: str, storage: Storage) -> list[str]:
-    """URLs of committed shards of ``split`` (sorted).
+    """URLs of the shards of ``split`` that the output's ``dataset.json`` lists (in its order).
 
     Raises:
-        DataError: no committed shard exists for the split.
+        DataError: no dataset.json, or it does not match the current plan or label map,
+            or the split was not prepared (see :func:`openimages_od.dataset.dataset_shards`).
     """
-    prefix = cfg.output_path("tfrecords", split) + "/"
-    try:
-        objs = storage.list(prefix)
-    except FileNotFoundError:
-        objs = []
-    names = {o.url for o in objs}
-    out = [o.url for o in objs
-           if o.url.endswith(".tfrecord") and o.url[: -len(".tfrecord")] + ".stats.json" in names]
-    if not out:
-        raise DataError(
-            f"no committed shards for split {split!r} under {prefix} "
-            f"(a shard is committed when its .stats.json exists; run `oiod prepare` first)"
-        )
-    return out
+    from openimages_od.dataset import dataset_shards
+
+    return dataset_shards(cfg, storage, split)[0]
 
 
 def default_cache_dir(cfg: Config) -> Path:
@@ -90,7 +82,7 @@ def load_label_map(cfg: Config, storage: Storage) -> LabelMap:
     Raises:
         DataError: it is missing (plan has not run) or malformed.
     """
-    url = cfg.output_path("label_map.pbtxt")
+    url = Layout.from_config(cfg).label_map_pbtxt
     try:
         text = storage.read_text(url)
     except FileNotFoundError:
