@@ -217,7 +217,8 @@ class RayConfig(_Section):
     namespace: str = "openimages-od"
     progress: bool = True
     actor_start_timeout_s: float = Field(
-        120.0, gt=0, description="An actor not started after this long on an alive node is replaced (the run goes on)."
+        120.0, gt=0, description="Warn about a download actor not started after this long (the run goes on waiting; "
+                                "see join_timeout_s)."
     )
     join_timeout_s: float = Field(
         900.0, gt=0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -60,7 +61,7 @@ class RayNode:
             return None
         return None
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the node's whole process group (raylet, workers, agents)."""
         if self.proc.poll() is not None and not _group_alive(self.proc.pid):
             return
@@ -107,6 +108,8 @@ class LoopbackRayCluster:
         self.object_store_mb = object_store_mb
         self.system_config = dict(system_config or {})
         self.root = Path(tempfile.mkdtemp(prefix="oiodcl", dir="/tmp"))
+        # Token auth as the chart sets it (authOptions): deterministic whatever ~/.ray holds.
+        self.token = secrets.token_hex(32)
         self.head: Optional[RayNode] = None
         self.workers: list[RayNode] = []
 
@@ -126,7 +129,7 @@ class LoopbackRayCluster:
     def env(self) -> dict[str, str]:
         """Environment for a driver that joins this cluster."""
         e = {**os.environ, **self.env_extra, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-             "PATH": f"{_BIN}:{os.environ.get('PATH', '')}"}
+             "PATH": f"{_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         e.pop("RAY_ADDRESS", None)
         return e
 
@@ -166,19 +169,31 @@ class LoopbackRayCluster:
         return self
 
     def add_worker(self, num_cpus: float = 1, resources: Optional[dict[str, float]] = None,
-                   wait: bool = True, timeout_s: float = 90.0) -> RayNode:
-        """Start a worker raylet on the next free loopback address (127.0.0.3, .4, ...)."""
-        used = {w.ip for w in self.workers} | {self.head_ip}
-        ip = next(f"127.0.0.{i}" for i in range(3, 10) if f"127.0.0.{i}" not in used)
-        before = self._nodes_alive()
-        args = [f"--address={self.address}", f"--num-cpus={num_cpus:g}"]
-        if resources:
-            args.append(f"--resources={json.dumps(resources)}")
-        node = self._start(ip, args, f"worker-{ip}", self._ports())
-        self.workers.append(node)
-        if wait:
-            self._wait(lambda: self._nodes_alive() > before, timeout_s, node, f"worker {ip}")
-        return node
+                   wait: bool = True, timeout_s: float = 90.0, attempts: int = 2) -> RayNode:
+        """Start a worker raylet on the next free loopback address (127.0.0.3, .4, ...).
+
+        On a loaded machine ``ray start`` can give up on its own start-up timeout: it is
+        tried ``attempts`` times.
+        """
+        for attempt in range(attempts):
+            used = {w.ip for w in self.workers if w.alive()} | {self.head_ip}
+            ip = next(f"127.0.0.{i}" for i in range(3, 10) if f"127.0.0.{i}" not in used)
+            before = self._nodes_alive()
+            args = [f"--address={self.address}", f"--num-cpus={num_cpus:g}"]
+            if resources:
+                args.append(f"--resources={json.dumps(resources)}")
+            node = self._start(ip, args, f"worker-{ip}-{attempt}", self._ports())
+            self.workers.append(node)
+            if not wait:
+                return node
+            try:
+                self._wait(lambda: self._nodes_alive() > before, timeout_s, node, f"worker {ip}")
+                return node
+            except RuntimeError:
+                node.stop()
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def kill_raylet(self, node: RayNode) -> None:
         """SIGKILL a worker node's raylet (a lost node); its ``ray start`` then stops the rest."""
@@ -188,19 +203,25 @@ class LoopbackRayCluster:
         os.kill(pid, signal.SIGKILL)
 
     def _nodes_alive(self) -> int:
-        """Alive nodes according to the GCS (no driver needed, unlike ``ray.nodes()``)."""
-        from ray._raylet import GcsClient  # Ray's own client; the dev helper accepts a private import
-
-        if getattr(self, "_gcs", None) is None:
-            self._gcs = GcsClient(address=self.address)
+        """Alive nodes according to the GCS, asked from a subprocess with the cluster's environment
+        (token auth settings are read per process, so the caller's own Ray is left alone)."""
+        code = ("from ray._raylet import GcsClient\n"
+                f"c = GcsClient(address={self.address!r})\n"
+                "print(sum(1 for n in c.get_all_node_info(timeout=5).values() if n.state == 0))")
         try:
-            return sum(1 for n in self._gcs.get_all_node_info(timeout=5).values() if n.state == 0)
-        except Exception:  # noqa: BLE001 - GCS not up yet
+            r = subprocess.run([sys.executable, "-c", code], env=self.env(), capture_output=True, text=True,
+                               timeout=30)
+            return int(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError, subprocess.TimeoutExpired):
             return 0
+
+    def request(self, path: str) -> urllib.request.Request:
+        """An authenticated dashboard request for ``path``."""
+        return urllib.request.Request(f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.token}"})
 
     def _dashboard_up(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+            with urllib.request.urlopen(self.request("/api/version"), timeout=2):
                 return True
         except urllib.error.HTTPError:
             return True

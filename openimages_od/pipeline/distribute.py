@@ -286,6 +286,7 @@ class _Actor:
     last_seen: float = 0.0
     progress: tuple[int, int, int] = (0, 0, 0)
     inflight: set = field(default_factory=set)
+    slow_start: bool = False
 
 
 class ShardScheduler:
@@ -453,6 +454,7 @@ class ShardScheduler:
                 # A restartable actor comes back by itself (ready resolves then); one out of
                 # restarts fails its ready call and is replaced on an alive node.
                 a.state, a.ready_ref, a.created, a.ping_ref = "starting", a.handle.ready.remote(), now, None
+                a.slow_start = False
             return
         self.results.append(stats)
         self.shards_per_node[a.node_ip] += 1
@@ -460,10 +462,13 @@ class ShardScheduler:
     def _check_timeouts(self, now: float) -> None:
         rc = self.rc
         for a in self.actors:
-            if a.state == "starting" and now - a.created > rc.actor_start_timeout_s:
-                log.warning("download actor on %s did not start within %gs: replacing it", a.node_ip,
-                            rc.actor_start_timeout_s)
-                self._lose(a, "start timeout")
+            if a.state == "starting" and not a.slow_start and now - a.created > rc.actor_start_timeout_s:
+                # Only said, not acted on: replacing a slow starter on a busy node only starts over;
+                # an actor whose node dies fails its ready call, and the idle check bounds the wait.
+                a.slow_start = True
+                log.warning("download actor on %s has not started within %gs (ray.actor_start_timeout_s): "
+                            "is the node short of %g CPU or slow to start workers?", a.node_ip,
+                            rc.actor_start_timeout_s, rc.num_cpus_per_actor)
             elif a.state == "ready":
                 if a.ping_ref is not None and now - a.ping_sent > rc.node_loss_timeout_s:
                     self._lose(a, f"no heartbeat for {rc.node_loss_timeout_s:g}s", suspect_node=True)
