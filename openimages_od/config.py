@@ -203,10 +203,19 @@ class OutputConfig(_Section):
 
 
 class RayConfig(_Section):
-    """Where prepare runs and how wide."""
+    """Where prepare runs and how wide.
+
+    By default the number of download actors follows the cluster: every alive
+    node gets ``actors_per_node`` actors (or as many as its CPUs allow at
+    ``num_cpus_per_actor`` each), nodes that join during the run get theirs,
+    and ``num_actors`` is an explicit override of the total.
+    """
 
     address: str = Field("local", description="'local' (embedded), 'auto' (join), or ray://host:port / host:port.")
-    num_actors: int = Field(2, ge=1)
+    num_actors: Optional[int] = Field(
+        None, ge=1, description="Total download actors (override); null = derived from the nodes' CPUs, elastic.")
+    actors_per_node: Optional[int] = Field(
+        None, ge=1, description="Download actors per node; null = the node's CPUs / num_cpus_per_actor.")
     num_cpus_per_actor: float = Field(0.5, gt=0)
     concurrency_per_actor: int = Field(32, ge=1, description="Concurrent image fetches inside one actor.")
     decode_threads_per_actor: int = Field(1, ge=1, description="Threads for decode/resize/encode in one actor.")
@@ -222,16 +231,45 @@ class RayConfig(_Section):
     namespace: str = "openimages-od"
     progress: bool = True
     actor_start_timeout_s: float = Field(
-        120.0, gt=0, description="Fail if the download actors cannot be scheduled within this time (CPU shares too big?)."
+        120.0, gt=0, description="Warn about a download actor not started after this long (the run goes on waiting; "
+                                "see join_timeout_s)."
+    )
+    join_timeout_s: float = Field(
+        900.0, gt=0,
+        description="Fail when no download actor could run for this long (no worker node joined, or all were lost); "
+                    "until then the run waits for nodes.",
+    )
+    node_loss_timeout_s: float = Field(
+        30.0, gt=0,
+        description="An actor that answers no heartbeat for this long is treated as lost with its node: its shards "
+                    "are rescheduled on the other nodes.",
     )
     shard_timeout_s: Optional[float] = Field(
         None, gt=0, description="Cancel and retry a shard running longer than this (null = no limit)."
     )
+    request_resources: bool = Field(
+        True, description="On a cluster, ask the Ray autoscaler (if any) for CPUs for the pending shards' actors.")
     forward_env: list[str] = Field(
-        default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                                 "AWS_DEFAULT_REGION", "AWS_PROFILE"],
-        description="Driver environment variables passed to the download actors (those that are set).",
+        default_factory=list,
+        description="Driver environment variables copied into the actors' runtime_env (non-secret settings only: "
+                    "the Ray dashboard shows runtime_env). Credentials reach workers through their own environment.",
     )
+
+    @field_validator("forward_env")
+    @classmethod
+    def _no_secrets_forwarded(cls, v: list[str]) -> list[str]:
+        secret = [n for n in v if _SECRET_NAME.search(n)]
+        if secret:
+            raise ValueError(
+                f"{secret} look like credentials; runtime_env is shown by the Ray dashboard, so give the workers "
+                "credentials through their own environment (the pod's env from a Secret; an embedded instance "
+                "inherits the driver's environment)"
+            )
+        return v
+
+
+# Names of environment variables that hold credentials (never copied into a runtime_env).
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|(^|_)KEY($|_)|ACCESS_KEY", re.I)
 
 
 # --------------------------------------------------------------------------- image

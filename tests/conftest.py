@@ -66,7 +66,9 @@ def image_server():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(seaweedfs):
+    # After `seaweedfs`: its credentials are in the environment before the raylet starts, so the
+    # workers inherit them (prepare forwards no credential through runtime_env).
     ray = pytest.importorskip("ray")
     tmp = tempfile.mkdtemp(prefix="oiodray", dir="/tmp")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,

@@ -24,7 +24,7 @@ from openimages_od.devservices import Reply
 from openimages_od.pipeline.distribute import ShardWorker, run_prepare
 from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.ledger import decode_ledger
-from openimages_od.pipeline.shard import CRASH_ENV
+from openimages_od.pipeline.shard import CRASH_ENV, ShardTask
 from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.storage import Storage
 
@@ -199,8 +199,8 @@ def test_killed_actor_shard_is_retried_byte_identical(ray_local, image_server, t
 
 
 def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path, monkeypatch, capfd):
-    """With the bar on, a restarted actor finds the progress actor again (by name), and
-    Ray has no constructor argument in the object store to warn about."""
+    """With the bar on, progress keeps coming after an actor restart (the driver gathers it
+    with its heartbeats), and Ray has no constructor argument in the object store to warn about."""
     rows = _simple_rows(image_server, 8, prefix="p")
     cfg = _cfg(f"{tmp_path}/bar", "ray.progress=true", "ray.max_shards_in_flight_per_actor=1")
     write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=4)
@@ -214,17 +214,31 @@ def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path,
     assert counts and max(counts) >= 8, err[-2000:]
 
 
-def test_missing_progress_actor_does_not_fail_the_worker(ray_local, tmp_path):
+def test_worker_heartbeat_counts_images_of_running_shards(ray_local, image_server, tmp_path):
+    """The heartbeat (liveness + progress for the driver's bar) counts only shards still running."""
+    rows = _simple_rows(image_server, 3, prefix="h", delay_s=0.5)
     cfg = _cfg(f"{tmp_path}/out")
-    worker = ShardWorker(cfg.model_dump(mode="json"), progress_name="oiod-progress-that-does-not-exist")
+    st = Storage.from_config(cfg)
+    manifest = write_plan(st, cfg.output_root, rows, images_per_shard=8)
+    task = ShardTask("train", 0, manifest.splits["train"].num_shards,
+                     f"{cfg.output_path('plan')}/{manifest.splits['train'].shards[0]}")
+    worker = ShardWorker(cfg.model_dump(mode="json"))
 
-    async def context():
-        ctx = worker._context()
-        await ctx.fetcher.close()
-        return ctx
+    async def go():
+        run = asyncio.create_task(worker.run(task))
+        seen = []
+        while not run.done():
+            seen.append(await worker.heartbeat())
+            await asyncio.sleep(0.05)
+        stats = await run
+        after = await worker.heartbeat()
+        await worker._context().fetcher.close()
+        return seen, stats, after
 
-    assert asyncio.run(context()) is not None
-    assert worker.progress is None and worker._flusher is None
+    seen, stats, after = asyncio.run(go())
+    assert stats["ok"] == 3
+    assert seen[0] == (0, 0, 0) and max(s[0] for s in seen) >= 1
+    assert after == (0, 0, 0)
 
 
 # --------------------------------------------------------------------------- killed driver

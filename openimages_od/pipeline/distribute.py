@@ -11,21 +11,35 @@ pool of async download actors (:class:`ShardWorker`). Each actor runs
 ``ray.concurrency_per_actor`` image fetches in flight and
 ``ray.decode_threads_per_actor`` threads for decode/resize/encode.
 
-Fault tolerance: actors are created with ``max_restarts``; a shard whose actor
-died (or that raised, or ran past ``ray.shard_timeout_s``) is resubmitted by
-the driver, at most ``ray.max_shard_retries`` times. Because a shard is only
+Scaling: unless ``ray.num_actors`` overrides it, the number of actors follows
+the cluster (:class:`ShardScheduler`): each alive node gets
+``ray.actors_per_node`` actors (default: its CPUs / ``ray.num_cpus_per_actor``),
+pinned to it, and nodes that join during the run get theirs and take shards.
+A run with no usable node waits for one for up to ``ray.join_timeout_s``.
+
+Fault tolerance: actors are created with ``max_restarts`` (a crashed process
+comes back on its node); a shard whose actor died (or that raised, or ran past
+``ray.shard_timeout_s``) is resubmitted by the driver, at most
+``ray.max_shard_retries`` times. A node that is lost (dead in the GCS, or its
+actors silent for ``ray.node_loss_timeout_s``) has its shards rescheduled on
+the other nodes at once, without using a retry. Because a shard is only
 visible once its stats are written and its bytes depend only on the plan and
 the source bytes, a retried shard replaces nothing and duplicates nothing.
 
-Work in flight is bounded (``ray.wait``), actors report per-image progress to
-a small progress actor (only when ``ray.progress`` is on), and the driver
-shows a live bar.
+Work in flight is bounded (``ray.wait``). Progress comes with the heartbeats
+the driver sends every actor (images done in its running shards), so nothing
+but the driver has to survive for the live bar.
+
+Secrets: nothing secret rides in a ``runtime_env``, an actor's constructor
+arguments or a task's arguments (the Ray dashboard shows the first and can
+show the others); workers read credentials from their own environment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -34,7 +48,8 @@ import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 from openimages_od import dataset as ds
 from openimages_od.config import Config, save_resolved
@@ -50,45 +65,22 @@ from openimages_od.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_prepare", "ShardWorker", "ProgressTracker", "pending_tasks"]
+__all__ = ["run_prepare", "ShardWorker", "ShardScheduler", "pending_tasks"]
 
 
 # --------------------------------------------------------------------------- actors
 
 
-class ProgressTracker:
-    """Per-image counters fed by the download actors (a Ray actor with no CPU)."""
-
-    def __init__(self) -> None:
-        self.ok = 0
-        self.failed = 0
-        self.bytes = 0
-
-    def add(self, ok: int, failed: int, nbytes: int) -> None:
-        self.ok += ok
-        self.failed += failed
-        self.bytes += nbytes
-
-    def get(self) -> tuple[int, int, int]:
-        return self.ok, self.failed, self.bytes
-
-
 class ShardWorker:
     """A download actor: one event loop, one HTTP pool, one S3 thread pool, shared by its shards."""
 
-    def __init__(self, cfg_data: dict[str, Any], progress_name: Optional[str] = None,
-                 crash_once: Optional[str] = None) -> None:
+    def __init__(self, cfg_data: dict[str, Any], crash_once: Optional[str] = None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.cfg = Config.model_validate(cfg_data)
-        # The progress actor is found by name, not passed as a handle: a handle among the
-        # constructor arguments of a restartable actor is kept in the object store, and a
-        # restart can fail once it is gone (Ray warns about exactly that).
-        self.progress_name = progress_name
-        self.progress: Any = None
         self.crash_once = crash_once
         self._ctx: Optional[ShardContext] = None
-        self._pending = [0, 0, 0]
-        self._flusher: Optional[asyncio.Task] = None
+        # Images finished in the shards still running, per shard: (ok, failed, bytes).
+        self._live: dict[str, list[int]] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def _context(self) -> ShardContext:
@@ -101,43 +93,33 @@ class ShardWorker:
                                 storage=Storage.from_config(self.cfg)),
                 cpu_pool=ThreadPoolExecutor(rc.decode_threads_per_actor, thread_name_prefix="oiod-cpu"),
                 semaphore=asyncio.Semaphore(rc.concurrency_per_actor),
-                on_image=self._on_image,
                 crash_once=self.crash_once,
                 worker=self.name,
                 cache=(ImageCache(Storage.from_config(self.cfg), Layout.from_config(self.cfg),
                                   image_digest(self.cfg.image)) if self.cfg.output.image_cache else None),
             )
-            if self.progress_name:
-                try:
-                    self.progress = _ray().get_actor(self.progress_name, namespace=rc.namespace)
-                except ValueError:  # the bar is a nicety: a missing tracker must not fail a shard
-                    log.warning("progress actor %s not found: no live progress from %s", self.progress_name, self.name)
-                else:
-                    self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         return self._ctx
-
-    def _on_image(self, ok: bool, nbytes: int) -> None:
-        self._pending[0 if ok else 1] += 1
-        self._pending[2] += nbytes
-
-    def _flush(self) -> None:
-        if self.progress is not None and (self._pending[0] or self._pending[1]):
-            ok, failed, nbytes = self._pending
-            self._pending = [0, 0, 0]
-            self.progress.add.remote(ok, failed, nbytes)  # fire and forget
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            self._flush()
 
     async def ready(self) -> str:
         return self.name
 
+    async def heartbeat(self) -> tuple[int, int, int]:
+        """Liveness probe for the driver; returns (ok, failed, bytes) of the images done in running shards."""
+        live = list(self._live.values())
+        return sum(c[0] for c in live), sum(c[1] for c in live), sum(c[2] for c in live)
+
     async def run(self, task: ShardTask) -> dict[str, Any]:
-        stats = await run_shard(task, self._context())
-        self._flush()
-        return stats
+        key = f"{task.name}#{time.monotonic_ns()}"  # a resubmitted shard may overlap its lost attempt
+        counts = self._live[key] = [0, 0, 0]
+
+        def on_image(ok: bool, nbytes: int) -> None:
+            counts[0 if ok else 1] += 1
+            counts[2] += nbytes
+
+        try:
+            return await run_shard(task, dataclasses.replace(self._context(), on_image=on_image))
+        finally:
+            self._live.pop(key, None)
 
 
 # --------------------------------------------------------------------------- planning the work
@@ -280,28 +262,338 @@ class _Bar:
             self.progress.stop()
 
 
+# Driver loop cadence: how long one ray.wait blocks, how often nodes are listed and actors pinged.
+_TICK_S = 0.5
+_NODE_POLL_S = 1.0
+_PING_EVERY_S = 1.0
+# Most actors' worth of CPUs asked from the autoscaler at once (it stops at maxReplicas anyway).
+_MAX_REQUEST_BUNDLES = 1024
+
+
+@dataclass
+class _Actor:
+    """The driver's view of one download actor."""
+
+    handle: Any
+    node_id: str
+    node_ip: str
+    created: float
+    ready_ref: Any = None  # pending while the actor (re)starts
+    state: str = "starting"  # starting -> ready -> dead; ready -> starting after a restart
+    name: str = ""
+    ping_ref: Any = None
+    ping_sent: float = 0.0
+    last_seen: float = 0.0
+    progress: tuple[int, int, int] = (0, 0, 0)
+    inflight: set = field(default_factory=set)
+    slow_start: bool = False
+
+
+class ShardScheduler:
+    """Runs shards on download actors spread over the cluster's alive nodes, elastically.
+
+    One call to :meth:`run` owns the whole loop: it lists the nodes every second,
+    keeps each alive node stocked with actors pinned to it (so a node that joins
+    mid-run gets actors and shards, and nothing of a lost node can restart
+    elsewhere behind the driver's back), dispatches shards to the least-loaded
+    ready actor, pings every actor, and reschedules the shards of any actor whose
+    node is dead or that has been silent for ``ray.node_loss_timeout_s``.
+
+    Args:
+        ray: the ``ray`` module (connected).
+        cfg: the resolved configuration.
+        tasks: shards to run.
+        bar: the live progress display.
+        make_actor: ``(node_id) -> handle``: starts one download actor pinned to that node.
+    """
+
+    def __init__(self, ray: Any, cfg: Config, tasks: list[ShardTask], bar: "_Bar",
+                 make_actor: Callable[[str], Any]) -> None:
+        self.ray = ray
+        self.rc = cfg.ray
+        self.bar = bar
+        self.make_actor = make_actor
+        self.queue: deque[ShardTask] = deque(tasks)
+        self.inflight: dict[Any, tuple[ShardTask, _Actor, float]] = {}
+        self.actors: list[_Actor] = []
+        self.nodes: dict[str, dict[str, Any]] = {}  # alive nodes that can host an actor
+        self.suspect: set[str] = set()  # nodes whose actors went silent: no new actors there
+        self.attempts: Counter[str] = Counter()
+        self.results: list[dict] = []
+        self.failed: dict[str, str] = {}
+        self.retries = 0
+        self.rescheduled = 0
+        self.lost_nodes: list[str] = []
+        self.shards_per_node: Counter[str] = Counter()
+        self.workers: set[str] = set()
+        self._requested = -1
+        self._last_node_poll = 0.0
+        self._idle_since: Optional[float] = None
+        self._last_wait_msg = 0.0
+
+    # ------------------------------------------------------------------ nodes and actors
+
+    def _capacity(self, node: dict[str, Any]) -> int:
+        cpus = float(node.get("Resources", {}).get("CPU", 0))
+        fit = int(cpus / self.rc.num_cpus_per_actor + 1e-9)
+        return min(fit, self.rc.actors_per_node) if self.rc.actors_per_node else fit
+
+    def _poll_nodes(self, now: float) -> None:
+        if now - self._last_node_poll < _NODE_POLL_S:
+            return
+        self._last_node_poll = now
+        self.nodes = {n["NodeID"]: n for n in self.ray.nodes() if n.get("Alive") and self._capacity(n) > 0}
+        for a in self.actors:
+            if a.state != "dead" and a.node_id not in self.nodes:
+                self._lose(a, f"node {a.node_ip} is no longer alive")
+        self._stock(now)
+
+    def _stock(self, now: float) -> None:
+        """Start actors on alive nodes up to their capacity (and the override or the work left)."""
+        remaining = len(self.queue) + len(self.inflight)
+        live = [a for a in self.actors if a.state != "dead"]
+        # No more actors than shards left (nor than the override); existing ones are kept.
+        cap = min(self.rc.num_actors or remaining, remaining)
+        per_node = Counter(a.node_id for a in live)
+        total = len(live)
+        while total < cap:
+            # The node with the lowest share of its capacity in use, among those with room.
+            room = [(per_node[nid] / self._capacity(n), nid) for nid, n in self.nodes.items()
+                    if nid not in self.suspect and per_node[nid] < self._capacity(n)]
+            if not room:
+                break
+            nid = min(room)[1]
+            node = self.nodes[nid]
+            self.actors.append(self._new_actor(nid, node.get("NodeManagerAddress", "?"), now))
+            per_node[nid] += 1
+            total += 1
+        self._request_capacity(cap)
+
+    def _new_actor(self, node_id: str, node_ip: str, now: float) -> _Actor:
+        handle = self.make_actor(node_id)
+        return _Actor(handle=handle, node_id=node_id, node_ip=node_ip, created=now, ready_ref=handle.ready.remote(),
+                      last_seen=now)
+
+    def _request_capacity(self, wanted: int) -> None:
+        """Tell the autoscaler (if one runs) how many actors' worth of CPUs the pending work could use."""
+        if not self.rc.request_resources or self.rc.address == "local":
+            return
+        n = min(wanted, _MAX_REQUEST_BUNDLES)
+        if n == self._requested:
+            return
+        self._requested = n
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{"CPU": self.rc.num_cpus_per_actor}] * n)
+        except Exception as exc:  # noqa: BLE001 - only a hint to an autoscaler that may not exist
+            log.debug("request_resources(%d) failed: %s", n, exc)
+
+    def _lose(self, a: _Actor, why: str, suspect_node: bool = False) -> None:
+        """Give up on an actor: its shards go back to the front of the queue at once."""
+        if a.state == "dead":
+            return
+        a.state = "dead"
+        if suspect_node and a.node_id not in self.suspect:
+            self.suspect.add(a.node_id)
+        if a.inflight:
+            log.warning("download actor %s on %s lost (%s): rescheduling %d shard(s) on the other nodes",
+                        a.name or "?", a.node_ip, why, len(a.inflight))
+            if a.node_ip not in self.lost_nodes:
+                self.lost_nodes.append(a.node_ip)
+        for ref in list(a.inflight):
+            t, _, _ = self.inflight.pop(ref)
+            self.queue.appendleft(t)
+            self.rescheduled += 1
+        a.inflight.clear()
+        with contextlib.suppress(Exception):
+            self.ray.kill(a.handle, no_restart=True)
+
+    # ------------------------------------------------------------------ events
+
+    def _on_ready(self, a: _Actor, ref: Any, now: float) -> None:
+        from ray.exceptions import RayError
+
+        a.ready_ref = None
+        try:
+            a.name = self.ray.get(ref)
+        except RayError as exc:
+            log.warning("download actor on %s could not start: %s", a.node_ip, _short(exc))
+            self._lose(a, "did not start")
+            return
+        a.state, a.last_seen, a.ping_sent = "ready", now, now
+        self.workers.add(a.name)
+
+    def _on_ping(self, a: _Actor, ref: Any, now: float) -> None:
+        from ray.exceptions import RayError
+
+        a.ping_ref = None
+        try:
+            a.progress = tuple(self.ray.get(ref))
+            a.last_seen = now
+        except RayError:
+            pass  # the shard refs carry the actor's failure; its restart is handled there
+
+    def _on_shard(self, ref: Any, now: float) -> None:
+        from ray.exceptions import RayActorError, RayError
+
+        t, a, _ = self.inflight.pop(ref)
+        a.inflight.discard(ref)
+        try:
+            stats = self.ray.get(ref)
+        except RayError as exc:
+            err = _short(exc)
+            self.attempts[t.name] += 1
+            self.retries += 1
+            log.warning("shard %s failed on attempt %d (%s)", t.name, self.attempts[t.name], err[:300])
+            if self.attempts[t.name] > self.rc.max_shard_retries:
+                self.failed[t.name] = err[:500]
+            else:
+                self.queue.appendleft(t)
+            if isinstance(exc, RayActorError) and a.state == "ready":
+                # A restartable actor comes back by itself (ready resolves then); one out of
+                # restarts fails its ready call and is replaced on an alive node.
+                a.state, a.ready_ref, a.created, a.ping_ref = "starting", a.handle.ready.remote(), now, None
+                a.slow_start = False
+            return
+        self.results.append(stats)
+        self.shards_per_node[a.node_ip] += 1
+
+    def _check_timeouts(self, now: float) -> None:
+        rc = self.rc
+        for a in self.actors:
+            if a.state == "starting" and not a.slow_start and now - a.created > rc.actor_start_timeout_s:
+                # Only said, not acted on: replacing a slow starter on a busy node only starts over;
+                # an actor whose node dies fails its ready call, and the idle check bounds the wait.
+                a.slow_start = True
+                log.warning("download actor on %s has not started within %gs (ray.actor_start_timeout_s): "
+                            "is the node short of %g CPU or slow to start workers?", a.node_ip,
+                            rc.actor_start_timeout_s, rc.num_cpus_per_actor)
+            elif a.state == "ready":
+                if a.ping_ref is not None and now - a.ping_sent > rc.node_loss_timeout_s:
+                    self._lose(a, f"no heartbeat for {rc.node_loss_timeout_s:g}s", suspect_node=True)
+                elif a.ping_ref is None and now - a.ping_sent >= _PING_EVERY_S:
+                    a.ping_ref, a.ping_sent = a.handle.heartbeat.remote(), now
+        if rc.shard_timeout_s:
+            for ref, (_, _, t0) in list(self.inflight.items()):
+                if now - t0 > rc.shard_timeout_s:
+                    self.ray.cancel(ref)
+
+    def _check_idle(self, now: float) -> None:
+        """Wait (with a message) while no actor can run; fail after ``ray.join_timeout_s``."""
+        if any(a.state == "ready" for a in self.actors):
+            self._idle_since = None
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+        waited = now - self._idle_since
+        need = f"{self.rc.num_cpus_per_actor:g} CPU"
+        if waited > self.rc.join_timeout_s:
+            nodes = self.ray.nodes()
+            alive = [n for n in nodes if n.get("Alive")]
+            desc = ", ".join(f"{n.get('NodeManagerAddress')} ({float(n.get('Resources', {}).get('CPU', 0)):g} CPU)"
+                             for n in alive) or "none"
+            raise OiodError(
+                f"ray: no download actor could run for {self.rc.join_timeout_s:g}s (ray.join_timeout_s): "
+                f"no alive worker node offers {need} per actor (alive nodes: {desc}; lost: "
+                f"{', '.join(self.lost_nodes) or 'none'}); start worker nodes (chart: ray.download.replicas) "
+                f"or lower ray.num_cpus_per_actor"
+            )
+        if waited >= 5 and now - self._last_wait_msg >= 10:
+            self._last_wait_msg = now
+            starting = sum(1 for a in self.actors if a.state == "starting")
+            what = (f"{starting} download actor(s) to start" if starting
+                    else f"a Ray worker node with {need} for a download actor")
+            log.warning("prepare: waiting for %s (%.0fs of ray.join_timeout_s=%gs); %d shard(s) pending", what,
+                        waited, self.rc.join_timeout_s, len(self.queue) + len(self.inflight))
+
+    def _dispatch(self) -> None:
+        ready = [a for a in self.actors if a.state == "ready"]
+        while self.queue and ready:
+            a = min(ready, key=lambda x: len(x.inflight))
+            if len(a.inflight) >= self.rc.max_shards_in_flight_per_actor:
+                return
+            t = self.queue.popleft()
+            ref = a.handle.run.remote(t)
+            self.inflight[ref] = (t, a, time.monotonic())
+            a.inflight.add(ref)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        """Run every shard (or record it as failed); returns when none is queued or in flight."""
+        while self.queue or self.inflight:
+            now = time.monotonic()
+            self._poll_nodes(now)
+            self._check_idle(now)
+            self._dispatch()
+            waiting: dict[Any, tuple[str, Any]] = {ref: ("shard", None) for ref in self.inflight}
+            for a in self.actors:
+                if a.state == "starting" and a.ready_ref is not None:
+                    waiting[a.ready_ref] = ("ready", a)
+                elif a.ping_ref is not None and a.state != "dead":
+                    waiting[a.ping_ref] = ("ping", a)
+            refs = list(waiting)
+            if refs:
+                done, _ = self.ray.wait(refs, num_returns=1, timeout=_TICK_S)
+                if done:
+                    done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+            else:
+                time.sleep(_TICK_S)
+                done = []
+            now = time.monotonic()
+            for ref in done:
+                kind, a = waiting[ref]
+                if kind == "shard":
+                    if ref in self.inflight:
+                        self._on_shard(ref, now)
+                elif kind == "ready":
+                    self._on_ready(a, ref, now)
+                else:
+                    self._on_ping(a, ref, now)
+            self._check_timeouts(now)
+            self._update_bar()
+        self._request_capacity(0)
+
+    def _update_bar(self) -> None:
+        ok = sum(s.get("ok", 0) for s in self.results)
+        bad = sum(s.get("failed", 0) for s in self.results)
+        for a in self.actors:
+            if a.state == "ready":
+                ok, bad = ok + a.progress[0], bad + a.progress[1]
+        self.bar.update(ok, bad, len(self.results))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            if a.state != "dead":
+                with contextlib.suppress(Exception):
+                    self.ray.kill(a.handle, no_restart=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
 def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple[list[dict], dict[str, str], int, dict]:
     ray = _ray()
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     rc = cfg.ray
     started = _connect(cfg)
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
-        need = rc.num_actors * rc.num_cpus_per_actor
-        if need > cpus and rc.address == "local":
+        if rc.num_actors and rc.address == "local" and rc.num_actors * rc.num_cpus_per_actor > cpus:
+            need = rc.num_actors * rc.num_cpus_per_actor
             raise ConfigError(
                 f"ray: {rc.num_actors} actors x {rc.num_cpus_per_actor} CPUs = {need} CPUs, but the local Ray "
                 f"instance has {cpus:g}; lower ray.num_actors or ray.num_cpus_per_actor (fractions are fine)"
             )
-        # The tracker is a process of its own: only worth it when someone watches the bar.
-        progress_name = f"oiod-progress-{os.getpid()}-{time.time_ns()}" if rc.progress else None
-        progress = (ray.remote(num_cpus=0)(ProgressTracker).options(name=progress_name, namespace=rc.namespace).remote()
-                    if progress_name else None)
-        # Credentials in the driver's environment reach the actors even on a
-        # cluster (or an embedded instance) started before they were set.
+        # Only non-secret settings may ride in runtime_env (the dashboard shows it; config
+        # validation refuses credential names); workers read credentials from their own env.
         env = {k: os.environ[k] for k in rc.forward_env if os.environ.get(k)}
-        worker_cls = ray.remote(ShardWorker).options(
+        worker_cls = ray.remote(ShardWorker)
+        options: dict[str, Any] = dict(
             num_cpus=rc.num_cpus_per_actor, max_restarts=max(1, rc.max_shard_retries), max_task_retries=0,
             max_concurrency=max(8, rc.max_shards_in_flight_per_actor * 4),
             **({"runtime_env": {"env_vars": env}} if env else {}),
@@ -309,78 +601,26 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
         cfg_data = cfg.model_dump(mode="json")
         crash_once = os.environ.get(CRASH_ENV) or None
 
-        def new_actor() -> Any:
-            return worker_cls.remote(cfg_data, progress_name, crash_once)
+        def make_actor(node_id: str) -> Any:
+            # Pinned (not soft): an actor of a lost node must not restart elsewhere unseen;
+            # the scheduler starts replacements where it sees room.
+            return worker_cls.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), **options,
+            ).remote(cfg_data, crash_once)
 
-        actors = [new_actor() for _ in range(rc.num_actors)]
-        ready, not_ready = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
-                                    timeout=rc.actor_start_timeout_s)
-        if not_ready:
-            raise OiodError(
-                f"ray: only {len(ready)} of {rc.num_actors} download actors started within "
-                f"{rc.actor_start_timeout_s:g}s (each needs {rc.num_cpus_per_actor} CPU; cluster has {cpus:g} CPUs)"
-            )
-        workers = ray.get(ready)
-
-        queue: deque[ShardTask] = deque(tasks)
-        inflight: dict[Any, tuple[ShardTask, int, float]] = {}
-        load = [0] * len(actors)
-        attempts: Counter[str] = Counter()
-        results: list[dict] = []
-        failed: dict[str, str] = {}
-        retries = 0
         bar = _Bar(rc.progress, total_images, len(tasks))
+        sched = ShardScheduler(ray, cfg, tasks, bar, make_actor)
         try:
-            while queue or inflight:
-                while queue and min(load) < rc.max_shards_in_flight_per_actor:
-                    i = load.index(min(load))
-                    t = queue.popleft()
-                    inflight[actors[i].run.remote(t)] = (t, i, time.monotonic())
-                    load[i] += 1
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-                if rc.shard_timeout_s:
-                    now = time.monotonic()
-                    for ref, (t, _, t0) in list(inflight.items()):
-                        if ref not in done and now - t0 > rc.shard_timeout_s:
-                            ray.cancel(ref)
-                for ref in done:
-                    t, i, _ = inflight.pop(ref)
-                    load[i] -= 1
-                    try:
-                        results.append(ray.get(ref))
-                        continue
-                    except RayError as exc:
-                        err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                        actor_died = isinstance(exc, RayActorError)
-                    attempts[t.name] += 1
-                    retries += 1
-                    log.warning("shard %s failed on attempt %d (%s)", t.name, attempts[t.name], err[:300])
-                    if attempts[t.name] > rc.max_shard_retries:
-                        failed[t.name] = err[:500]
-                    else:
-                        queue.appendleft(t)
-                    if actor_died:
-                        # A restartable actor comes back by itself; one out of restarts is replaced.
-                        try:
-                            ray.get(actors[i].ready.remote(), timeout=rc.actor_start_timeout_s)
-                        except (RayError, GetTimeoutError):
-                            log.warning("download actor %d is gone: starting a new one", i)
-                            actors[i] = new_actor()
-                if progress is not None:
-                    try:
-                        ok, bad, _ = ray.get(progress.get.remote(), timeout=10)
-                        bar.update(ok, bad, len(results))
-                    except (RayError, GetTimeoutError):
-                        pass
+            sched.run()
         finally:
             bar.close()
-        for a in actors:
-            ray.kill(a, no_restart=True)
-        if progress is not None:
-            ray.kill(progress, no_restart=True)
-        info = {"address": rc.address, "num_actors": rc.num_actors, "num_cpus_per_actor": rc.num_cpus_per_actor,
-                "concurrency_per_actor": rc.concurrency_per_actor, "cluster_cpus": cpus, "workers": workers}
-        return results, failed, retries, info
+            sched.shutdown()
+        info = {"address": rc.address, "num_actors": len(sched.actors), "num_actors_override": rc.num_actors,
+                "num_cpus_per_actor": rc.num_cpus_per_actor, "concurrency_per_actor": rc.concurrency_per_actor,
+                "cluster_cpus": cpus, "workers": sorted(sched.workers),
+                "shards_per_node": dict(sorted(sched.shards_per_node.items())),
+                "lost_nodes": sched.lost_nodes, "shards_rescheduled": sched.rescheduled}
+        return sched.results, sched.failed, sched.retries, info
     finally:
         if started:
             ray.shutdown()
