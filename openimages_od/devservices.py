@@ -4,7 +4,9 @@
   on free loopback ports, with bucket creation.
 * :class:`ImageServer`: an aiohttp HTTP server in a background thread serving
   registered bodies, with scripted faults (5xx, 429 + Retry-After, delays,
-  truncated bodies, redirects) and per-path request counts.
+  truncated bodies, redirects anywhere, bodies dripped byte by byte, bodies
+  sent with any ``Content-Encoding`` as given, e.g. gzip bombs) and per-path
+  request counts. It is the hostile upstream of the prepare tests.
 
 Nothing here is used by the production pipeline; it lets the embedded default
 (`oiod demo`) and the test suite run the real code paths with no internet.
@@ -142,6 +144,11 @@ class Reply:
         delay_s: sleep before answering (to trigger client timeouts).
         truncate_at: send only this many bytes of the body, then drop the connection.
         content_type: Content-Type header.
+        drip_s: send the body ``drip_bytes`` at a time with this pause between
+            writes (a client's read timeout never fires; only a total deadline stops it).
+        drip_bytes: bytes per dripped write.
+        content_encoding: sent as ``Content-Encoding`` with the body as given
+            (pre-compressed by the test, e.g. a gzip bomb), never re-encoded.
     """
 
     status: int = 200
@@ -150,6 +157,9 @@ class Reply:
     delay_s: float = 0.0
     truncate_at: Optional[int] = None
     content_type: str = "image/jpeg"
+    drip_s: float = 0.0
+    drip_bytes: int = 1
+    content_encoding: Optional[str] = None
 
 
 class ImageServer:
@@ -196,6 +206,22 @@ class ImageServer:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         headers = dict(reply.headers)
+        if reply.content_encoding:
+            headers["Content-Encoding"] = reply.content_encoding
+        if reply.drip_s:
+            resp = web.StreamResponse(status=reply.status, headers=headers)
+            resp.content_type = reply.content_type
+            resp.content_length = len(reply.body)
+            await resp.prepare(request)
+            step = max(1, reply.drip_bytes)
+            try:
+                for i in range(0, len(reply.body), step):
+                    await resp.write(reply.body[i:i + step])
+                    await asyncio.sleep(reply.drip_s)
+                await resp.write_eof()
+            except ConnectionError:  # the client gave up (its deadline): expected
+                pass
+            return resp
         if reply.truncate_at is not None:
             resp = web.StreamResponse(status=reply.status, headers=headers)
             resp.content_type = reply.content_type

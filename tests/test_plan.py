@@ -321,8 +321,8 @@ def test_malformed_rows_are_counted_by_reason(tmp_path):
     }
     lines = [",".join(cols)]
     where = {}
-    for reason, row in bad_rows.items():
-        lines.append(",".join(good))
+    for k, (reason, row) in enumerate(bad_rows.items()):
+        lines.append(",".join([f"{k:016x}"] + good[1:]))  # distinct: exact duplicates count as one box
         lines.append(",".join(row))
         where[reason] = len(lines)
     lines.append(",".join(good))

@@ -140,6 +140,10 @@ def read_hierarchy(text: str, display: str) -> Hierarchy:
         root = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{display}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{display}: JSON nested too deeply to be a class hierarchy") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise DataError(f"{display}: not usable JSON ({str(exc)[:120]})") from None
     if not isinstance(root, dict) or "LabelName" not in root:
         keys = sorted(root) if isinstance(root, dict) else type(root).__name__
         raise DataError(
@@ -153,10 +157,13 @@ def read_hierarchy(text: str, display: str) -> Hierarchy:
         node = stack.pop()
         mid = node.get("LabelName")
         if not isinstance(mid, str):
-            raise DataError(f"{display}: a hierarchy node has no LabelName: {str(node)[:80]}")
+            raise DataError(f"{display}: a hierarchy node has no LabelName (string): keys {_keys(node)}")
         if mid != ROOT_MID and mid not in seen:
             seen.add(mid)
             h.order.append(mid)
+        for key in ("Subcategory", "Part"):
+            if not isinstance(node.get(key) or [], list):
+                raise DataError(f"{display}: {key} of {mid[:80]!r} is a {type(node[key]).__name__}, expected a list")
         subs = node.get("Subcategory") or []
         for child in subs:
             cm = child.get("LabelName") if isinstance(child, dict) else None
@@ -172,6 +179,11 @@ def read_hierarchy(text: str, display: str) -> Hierarchy:
         parts = [p for p in (node.get("Part") or []) if isinstance(p, dict)]
         stack.extend(reversed(list(subs) + parts))
     return h
+
+
+def _keys(node: dict) -> str:
+    """A node's keys for a message (never its values: they may be huge or unprintable)."""
+    return repr(sorted(str(k)[:40] for k in node)[:8])
 
 
 def read_trainable(text: str, display: str) -> list[str]:

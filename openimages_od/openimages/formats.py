@@ -21,6 +21,18 @@ recorded in a :class:`MalformedLog`; the value checks (numbers, ranges, IDs)
 are vectorised per record batch by the callers. Line numbers are physical
 lines (1-based, header included); they assume one record per line, which holds
 for every Open Images CSV except image titles with quoted newlines.
+
+A stray quote makes a CSV parser read everything up to the next quote (often
+the end of the file) as one field, so thousands of rows can vanish into one
+"malformed row". :class:`CsvStream` refuses that with a :class:`DataError`
+naming ``file:line`` of the quote, whatever ``selection.strict`` says:
+
+* a row that spans lines in a file without quoted newlines (box and label
+  CSVs), seen by the parser as a malformed row, or counted at the end: the
+  records parsed must equal the physical lines (one ``bytes.count`` pass);
+* in the image index (where titles may hold quoted newlines), a field with a
+  newline followed by what looks like the start of another record
+  (``\n<16 hex digits>,``).
 """
 
 from __future__ import annotations
@@ -51,6 +63,9 @@ __all__ = [
     "detect_layout",
     "read_header",
     "parse_floats",
+    "parse_byte_counts",
+    "duplicate_rows",
+    "count_lines",
     "is_image_id",
 ]
 
@@ -78,6 +93,10 @@ IMAGE_LABEL_LAYOUTS: dict[str, tuple[str, ...]] = {
 _ALIASES = {"imageid": "ImageID"}  # V7 point labels spell it ImageId
 _IMAGE_ID_RE = re.compile(r"^[0-9a-fA-F]{16}$")
 _FLOAT_RE = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
+# Inside one field: a line break then the start of an Open Images record (ImageID is
+# the first column of every layout): rows swallowed by an unbalanced quote.
+_SWALLOWED_RE = r"\n[0-9a-fA-F]{16},"
+_SWALLOWED_PY = re.compile(_SWALLOWED_RE)
 
 
 @dataclass(frozen=True)
@@ -241,12 +260,61 @@ class _LineLocator:
         self._fh.close()
 
 
+def count_lines(path: Path, chunk: int = 16 << 20) -> int:
+    """Physical lines of a file (a last line without a newline counts)."""
+    n = 0
+    last = b"\n"
+    with open(path, "rb") as fh:
+        while True:
+            buf = fh.read(chunk)
+            if not buf:
+                break
+            n += buf.count(b"\n")
+            last = buf[-1:]
+    return n + (0 if last == b"\n" else 1)
+
+
+def _open_quote_line(path: Path, after_line: int = 0) -> Optional[int]:
+    """The first line (after ``after_line``) with an odd number of quotes: where a field that
+    runs over several lines opens."""
+    with open(path, "rb") as fh:
+        for i, line in enumerate(fh, start=1):
+            if i > after_line and line.count(b'"') % 2 == 1:
+                return i
+    return None
+
+
+def _line_of_text(path: Path, text: str) -> Optional[int]:
+    """The physical line where ``text`` (a field's first line) first occurs."""
+    needle = text.encode()
+    if not needle:
+        return None
+    with open(path, "rb") as fh:
+        size = Path(path).stat().st_size
+        if not size:
+            return None
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            i = mm.find(needle)
+            if i < 0:
+                return None
+            line = 1
+            pos = 0
+            while True:
+                j = mm.find(b"\n", pos, i)
+                if j < 0:
+                    return line
+                line += 1
+                pos = j + 1
+
+
 class CsvStream:
     """Stream record batches of selected columns (all as strings) from a local CSV.
 
     Rows with too few or too many fields are skipped and recorded in ``log``
     (``missing_fields`` / ``extra_fields``). For each batch, :meth:`line_of`
-    turns a row's global index among kept rows into its physical line.
+    turns a row's global index among kept rows into its physical line. A
+    stray quote that swallows rows raises :class:`DataError` (see the module
+    docstring), as does a file that is not UTF-8.
 
     Args:
         path: local file.
@@ -276,8 +344,26 @@ class CsvStream:
         self._pending: list[tuple[str, Optional[int], str]] = []
         self._locator = _LineLocator(path)
         self.rows_read = 0
+        self.rows_skipped = 0
+        self._swallow: Optional[str] = None  # message of the first swallowing row seen
+
+    def _swallows(self, text: str) -> bool:
+        if "\n" not in text:
+            return False
+        return not self.newlines_in_values or bool(_SWALLOWED_PY.search(text))
+
+    def _swallow_message(self, line: Optional[int], text: str) -> str:
+        spans = text.count("\n") + 1
+        return (f"{self.display}:{line if line is not None else '?'}: a quote opens a field that runs over "
+                f"{spans} lines (a stray '\"'?), swallowing the rows after it: {text[:80]!r}...; "
+                "fix or remove the quote")
 
     def _on_invalid(self, row: "pacsv.InvalidRow") -> str:
+        self.rows_skipped += 1
+        if self._swallow is None and self._swallows(row.text):
+            first = row.text.split("\n", 1)[0]
+            self._swallow = self._swallow_message(_line_of_text(self.path, first), row.text)
+            return "skip"
         line = self._locator.locate(row.text)
         if line is not None:
             self._skipped.append(line)
@@ -305,8 +391,55 @@ class CsvStream:
                 keep.append((reason, line, detail))
         self._pending = keep
 
+    def _header_only(self) -> bool:
+        """A header without a newline and nothing else (pyarrow cannot skip such a header)."""
+        if not self.header_lines:
+            return False
+        with open(self.path, "rb") as fh:
+            head = fh.read(1 << 16)
+            more = fh.read(1)
+        return not more and b"\n" not in head.rstrip(b"\r\n")
+
+    def _check_swallowed(self, batch: pa.RecordBatch, g0: int, all_columns: bool) -> None:
+        """Raise if a field of ``batch`` holds other records (image index: quoted newlines allowed)."""
+        if self._swallow is not None:
+            raise DataError(self._swallow)
+        if not all_columns:
+            return
+        for col in batch.columns:
+            nl = pc.match_substring(col, "\n")
+            if not pc.any(nl).as_py():
+                continue
+            hit = pc.match_substring_regex(col, _SWALLOWED_RE)
+            if pc.any(hit).as_py():
+                i = int(np.flatnonzero(hit.to_numpy(zero_copy_only=False))[0])
+                text = col[i].as_py()
+                line = _line_of_text(self.path, text.split("\n", 1)[0]) or self.line_of(g0 + i)
+                raise DataError(self._swallow_message(line, text))
+
+    def _check_line_count(self) -> None:
+        """Records parsed must match physical lines where fields cannot hold newlines."""
+        if self.newlines_in_values:
+            return
+        physical = count_lines(self.path)
+        records = self.header_lines + self.rows_read + self.rows_skipped
+        if records < physical:
+            line = _open_quote_line(self.path)
+            raise DataError(
+                f"{self.display}:{line if line is not None else '?'}: a quote opens a field that runs over "
+                f"several lines (a stray '\"'?): {physical - records} line(s) were swallowed into other rows "
+                f"({records} records in {physical} lines); fix or remove the quote"
+            )
+
     def __iter__(self) -> Iterator[tuple[pa.RecordBatch, int]]:
-        """Yield ``(batch, g0)``: a batch and the global kept-row index of its first row."""
+        """Yield ``(batch, g0)``: a batch and the global kept-row index of its first row.
+
+        Raises:
+            DataError: a stray quote swallowed rows, or the file cannot be parsed.
+        """
+        if self._header_only():
+            self._locator.close()
+            return
         read = pacsv.ReadOptions(
             column_names=list(self.layout.columns),
             skip_rows=self.header_lines,
@@ -318,9 +451,13 @@ class CsvStream:
             newlines_in_values=self.newlines_in_values,
             ignore_empty_lines=False,  # a blank line is a malformed row, and keeps line numbers exact
         )
+        # Where quoted newlines are allowed, every column is read so that a field that
+        # swallowed other rows is seen whichever column the quote opened in.
+        all_columns = self.newlines_in_values
+        include = list(self.layout.columns) if all_columns else self.columns
         conv = pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in self.columns},
-            include_columns=self.columns,
+            column_types={c: pa.string() for c in include},
+            include_columns=include,
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
         )
@@ -329,13 +466,19 @@ class CsvStream:
             reader = pacsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=conv)
             for batch in reader:
                 n = batch.num_rows
+                self._check_swallowed(batch, g0, all_columns)
                 if n == 0:
                     continue
+                if all_columns:
+                    batch = batch.select(self.columns)
                 # Skipped rows reported so far that precede this batch's last row belong before it.
                 self._flush_pending(self.line_of(g0 + n - 1))
                 yield batch, g0
                 g0 += n
                 self.rows_read = g0
+            if self._swallow is not None:
+                raise DataError(self._swallow)
+            self._check_line_count()
             self._flush_pending(None)
         except pa.ArrowInvalid as exc:
             raise DataError(f"{self.display}: cannot parse CSV ({exc})") from None
@@ -368,3 +511,42 @@ def parse_floats(col: pa.Array, empty_value: Optional[float] = None) -> tuple[np
     if empty_value is not None:
         vals[empty] = empty_value
     return vals, empty, bad
+
+
+# A byte count above this is not a file size (and would overflow int64 on conversion).
+_MAX_BYTE_COUNT = float(1 << 53)
+
+
+def parse_byte_counts(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parse a byte-count column (``OriginalSize``).
+
+    Returns:
+        ``(values, ok, bad)``: int64 values (0 where not ok), the mask of valid
+        counts, and the mask of cells that are present but not a byte count
+        (non-numeric, negative, fractional, ``inf``/``nan`` or absurdly large).
+        Empty cells are neither ok nor bad.
+    """
+    vals, empty, nonnum = parse_floats(col)
+    with np.errstate(invalid="ignore"):
+        ok = ~(empty | nonnum) & np.isfinite(vals) & (vals >= 0) & (vals <= _MAX_BYTE_COUNT) & (vals == np.floor(vals))
+    bad = ~ok & ~empty
+    return np.where(ok, vals, 0).astype(np.int64), ok, bad
+
+
+def duplicate_rows(*columns: np.ndarray) -> np.ndarray:
+    """Mask of rows equal in every column to an earlier row (the first of each group is kept).
+
+    Args:
+        columns: 1-D arrays of equal length (numbers; compare exactly).
+    """
+    n = len(columns[0]) if columns else 0
+    dup = np.zeros(n, bool)
+    if n < 2:
+        return dup
+    order = np.lexsort(columns[::-1])  # stable: within a group of equal rows, file order
+    same = np.ones(n - 1, bool)
+    for c in columns:
+        cs = c[order]
+        same &= cs[1:] == cs[:-1]
+    dup[order[1:][same]] = True
+    return dup

@@ -57,6 +57,8 @@ from openimages_od.openimages.formats import (
     CsvStream,
     MalformedLog,
     detect_layout,
+    duplicate_rows,
+    parse_byte_counts,
     parse_floats,
 )
 from openimages_od.layout import Layout, image_settings
@@ -221,7 +223,7 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
         _read_boxes_batch(batch, g0, stream, blog, known, keep, has_attrs, parts)
         logm.end_batch(blog)
     ids_all = pa.concat_arrays([a.cast(pa.string()) for a in parts["id"]]) if parts["id"] else pa.array([], pa.string())
-    return _Boxes(
+    b = _Boxes(
         image_id=ids_all,
         code=np.concatenate(parts["code"]) if parts["code"] else np.zeros(0, np.int32),
         coords=np.concatenate(parts["coords"]) if parts["coords"] else np.zeros((0, 4), np.float32),
@@ -230,6 +232,16 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
         has_attrs=has_attrs,
         rows_read=stream.rows_read,
     )
+    # Exact duplicate rows (same image, class, box, confidence, attributes) are one box.
+    dup = duplicate_rows(_hex_keys(b.image_id), b.code, *b.coords.T, b.confidence, *b.attrs.T)
+    if dup.any():
+        first = int(np.flatnonzero(dup)[0])
+        logm.add("duplicate_box", display, None, f"ImageID {b.image_id[first].as_py()} class {keep[b.code[first]].as_py()} "
+                 f"box {b.coords[first].tolist()} repeated", count=int(dup.sum()))
+        k = ~dup
+        b = _Boxes(b.image_id.filter(pa.array(k)), b.code[k], b.coords[k], b.confidence[k], b.attrs[k],
+                   has_attrs, b.rows_read)
+    return b
 
 
 def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: CsvStream, logm: MalformedLog,
@@ -371,9 +383,7 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
             continue
         rows = np.flatnonzero(sel)
         sub = batch.filter(pa.array(sel))
-        size, s_empty, s_bad = parse_floats(sub.column("OriginalSize"))
-        size_ok = ~(s_empty | s_bad) & (size >= 0) & (size == np.floor(size))
-        s_bad_mask = (s_bad | ((size < 0) & ~s_empty)) if len(size) else s_bad
+        size, size_ok, s_bad_mask = parse_byte_counts(sub.column("OriginalSize"))  # inf, nan, 1e30: bad
         if s_bad_mask.any():
             full = np.zeros(batch.num_rows, bool)
             full[rows[s_bad_mask]] = True
@@ -400,7 +410,7 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
             "original_url": nz(sub.column("OriginalURL")),
             "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
             "original_md5": nz(sub.column("OriginalMD5")),
-            "original_size": pa.array(np.where(size_ok, size, 0).astype(np.int64), mask=~size_ok),
+            "original_size": pa.array(size, mask=~size_ok),
             "rotation": rot_arr,
         }))
     outer.end_batch(logm)

@@ -8,7 +8,19 @@ Per-image failures are :class:`FetchFailed` with a stable ``reason`` (the
 ledger's ``error``): ``no_url``, ``http_404``/``http_403``/``http_410``/
 ``http_<code>``, ``timeout``, ``connection``, ``truncated``, ``too_large``,
 ``redirect_loop``, ``too_many_redirects``, ``placeholder_redirect``,
-``s3_not_found``, ``s3_access_denied``, ``s3_error``.
+``bad_url`` (not an http(s) URL, or one that cannot be parsed),
+``bad_redirect`` (a redirect to another scheme such as ``ftp:``, ``file:``,
+``data:``, or a malformed ``Location``), ``bad_encoding`` (a
+``Content-Encoding`` that was not asked for, or a body that does not inflate),
+``http_error`` (any other client error), ``fetch_error`` (anything else that
+went wrong with this one image), ``s3_not_found``, ``s3_access_denied``,
+``s3_error``.
+
+Contract: :meth:`Fetcher.fetch` raises only :class:`FetchFailed` (or
+cancellation), whatever the upstream does, so one hostile URL costs one image,
+never the shard. ``max_body_mb`` bounds the bytes held in memory: the body is
+streamed and decompressed here (``gzip``/``deflate`` only, never more than the
+limit at a time), so a gzip bomb stops at the limit instead of inflating in full.
 
 HTTP retry policy (``source.images.http``): timeouts, connection errors,
 truncated bodies, 5xx and 429 are retried up to ``max_retries`` times with
@@ -23,10 +35,11 @@ import asyncio
 import email.utils
 import random
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from openimages_od.config import ImageSources
 from openimages_od.storage import AccessDenied, ObjectNotFound, Storage, StorageError
@@ -34,6 +47,10 @@ from openimages_od.storage import AccessDenied, ObjectNotFound, Storage, Storage
 __all__ = ["FetchFailed", "Fetched", "Fetcher", "source_url", "parse_retry_after", "backoff_s"]
 
 _DEFAULT_KEY_TEMPLATE = "{split}/{image_id}.jpg"
+_HTTP_SCHEMES = ("http", "https")
+# Only what _read_body can inflate with a bounded output; anything else is refused.
+_ACCEPT_ENCODING = "gzip, deflate"
+_CHUNK = 1 << 16
 
 
 class FetchFailed(Exception):
@@ -133,7 +150,9 @@ class Fetcher:
             timeout = aiohttp.ClientTimeout(total=h.total_timeout_s, sock_connect=h.connect_timeout_s,
                                             sock_read=h.read_timeout_s)
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  headers={"User-Agent": h.user_agent}, auto_decompress=True)
+                                                  headers={"User-Agent": h.user_agent,
+                                                           "Accept-Encoding": _ACCEPT_ENCODING},
+                                                  auto_decompress=False)  # inflated in _read_body, bounded
         return self._session
 
     async def close(self) -> None:
@@ -151,9 +170,14 @@ class Fetcher:
         url = source_url(source, row, self.sources)
         if not url:
             raise FetchFailed("no_url", f"plan row has no {source} URL")
-        if source == "bucket":
-            return await self._fetch_s3(url)
-        return await self._fetch_http(source, url)
+        try:
+            if source == "bucket":
+                return await self._fetch_s3(url)
+            return await self._fetch_http(source, url)
+        except FetchFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one image's problem, whatever it is, is that image's failure
+            raise FetchFailed("fetch_error", f"{url[:200]}: {_describe(exc)}"[:300]) from None
 
     # ------------------------------------------------------------------ S3
 
@@ -176,6 +200,7 @@ class Fetcher:
 
     async def _fetch_http(self, source: str, url: str) -> Fetched:
         h = self.http
+        _check_http_url(url, "bad_url")
         attempt = 0
         while True:
             attempt += 1
@@ -203,35 +228,10 @@ class Fetcher:
                 async with session.get(current, allow_redirects=False) as resp:
                     status = resp.status
                     if status in (301, 302, 303, 307, 308):
-                        loc = resp.headers.get("Location")
-                        if not loc:
-                            raise FetchFailed(f"http_{status}", "redirect without Location")
-                        nxt = urljoin(current, loc)
-                        if "photo_unavailable" in nxt:
-                            raise FetchFailed("placeholder_redirect", nxt)
-                        if nxt in seen:
-                            raise FetchFailed("redirect_loop", nxt)
-                        seen.add(nxt)
-                        current = nxt
+                        current = _next_location(current, resp.headers.get("Location"), status, seen)
                         continue
                     if status == 200:
-                        length = resp.content_length
-                        if length is not None and length > max_bytes:
-                            raise FetchFailed("too_large", f"Content-Length {length} > {max_bytes}")
-                        if length is not None:  # size known and acceptable: one read
-                            data = await resp.read()
-                        else:  # chunked: stop as soon as the limit is crossed
-                            chunks = []
-                            total = 0
-                            async for chunk in resp.content.iter_chunked(1 << 16):
-                                total += len(chunk)
-                                if total > max_bytes:
-                                    raise FetchFailed("too_large", f"body > {max_bytes} bytes")
-                                chunks.append(chunk)
-                            data = b"".join(chunks)
-                        if length is not None and len(data) != length:
-                            raise _Retry("truncated", f"{len(data)} of {length} bytes")
-                        return data, current
+                        return await _read_body(resp, max_bytes, current), current
                     if status == 429 or status >= 500:
                         raise _Retry(f"http_{status}", current, parse_retry_after(resp.headers.get("Retry-After")))
                     raise FetchFailed(f"http_{status}", current)
@@ -240,7 +240,114 @@ class Fetcher:
             raise _Retry("timeout", f"{current}: {type(exc).__name__}") from None
         except aiohttp.ClientPayloadError as exc:
             raise _Retry("truncated", f"{current}: {exc}"[:200]) from None
-        except aiohttp.InvalidURL as exc:
-            raise FetchFailed("bad_url", str(exc)) from None
+        except aiohttp.InvalidURL as exc:  # also aiohttp's NonHttpUrl/InvalidUrl*ClientError
+            raise FetchFailed("bad_url", f"{exc}"[:200]) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError, ConnectionError) as exc:
             raise _Retry("connection", f"{current}: {type(exc).__name__}: {exc}"[:200]) from None
+        except aiohttp.ClientError as exc:  # the rest of aiohttp's client errors: final, not retried
+            raise FetchFailed("http_error", f"{current}: {type(exc).__name__}: {exc}"[:200]) from None
+        except (ValueError, UnicodeError) as exc:  # yarl/urllib on a URL they cannot parse
+            raise FetchFailed("bad_url", f"{current[:200]}: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception whose ``__str__`` may itself fail (half-built error objects)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001
+        return type(exc).__name__
+
+
+def _check_http_url(url: str, reason: str) -> None:
+    """Only absolute http(s) URLs with a host are fetched.
+
+    Raises:
+        FetchFailed: ``reason`` (``bad_url`` or ``bad_redirect``).
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname  # parses the netloc: raises ValueError on "http://[::1"
+    except ValueError as exc:
+        raise FetchFailed(reason, f"{url[:200]!r}: {exc}") from None
+    if parts.scheme.lower() not in _HTTP_SCHEMES:
+        raise FetchFailed(reason, f"{url[:200]!r}: scheme {parts.scheme!r} is not http(s)")
+    if not host:
+        raise FetchFailed(reason, f"{url[:200]!r}: no host")
+
+
+def _next_location(current: str, location: Optional[str], status: int, seen: set[str]) -> str:
+    """The URL a redirect leads to, checked (scheme, placeholder, loop).
+
+    Raises:
+        FetchFailed: ``http_<status>`` without Location, ``bad_redirect``,
+            ``placeholder_redirect`` or ``redirect_loop``.
+    """
+    if not location:
+        raise FetchFailed(f"http_{status}", "redirect without Location")
+    try:
+        nxt = urljoin(current, location.strip())
+    except ValueError as exc:
+        raise FetchFailed("bad_redirect", f"Location {location[:200]!r}: {exc}") from None
+    _check_http_url(nxt, "bad_redirect")
+    if "photo_unavailable" in nxt:
+        raise FetchFailed("placeholder_redirect", nxt)
+    if nxt in seen:
+        raise FetchFailed("redirect_loop", nxt)
+    seen.add(nxt)
+    return nxt
+
+
+def _inflater(encoding: str) -> Optional[Any]:
+    """A zlib decompressor for ``Content-Encoding`` (None for identity).
+
+    Raises:
+        FetchFailed: ``bad_encoding`` for encodings we did not ask for.
+    """
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return None
+    if enc in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib header, detected
+    raise FetchFailed("bad_encoding", f"Content-Encoding {encoding[:50]!r} was not requested")
+
+
+async def _read_body(resp: Any, max_bytes: int, url: str) -> bytes:
+    """Stream a 200 body, inflating it here, never holding more than ``max_bytes``.
+
+    Raises:
+        FetchFailed: ``too_large`` (on the declared, the received or the inflated
+            size), ``bad_encoding``.
+        _Retry: ``truncated`` (fewer bytes than ``Content-Length`` or an
+            incomplete compressed stream).
+    """
+    length = resp.content_length
+    if length is not None and length > max_bytes:
+        raise FetchFailed("too_large", f"Content-Length {length} > {max_bytes}")
+    inflater = _inflater(resp.headers.get("Content-Encoding", ""))
+    out = bytearray()
+    received = 0
+    try:
+        async for chunk in resp.content.iter_chunked(_CHUNK):
+            received += len(chunk)
+            if received > max_bytes:
+                raise FetchFailed("too_large", f"body > {max_bytes} bytes")
+            if inflater is None:
+                out += chunk
+                continue
+            data = chunk
+            while data:
+                # At most one byte past the limit per call: a bomb never inflates further.
+                out += inflater.decompress(data, max_bytes + 1 - len(out))
+                if len(out) > max_bytes:
+                    raise FetchFailed("too_large", f"inflated body > {max_bytes} bytes ({received} received)")
+                data = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+        if inflater is not None:
+            if not inflater.eof:
+                raise _Retry("truncated", f"{url}: compressed body ends early ({received} bytes)")
+    except zlib.error as exc:
+        raise FetchFailed("bad_encoding", f"{url}: {exc}"[:200]) from None
+    if length is not None and received != length:
+        raise _Retry("truncated", f"{received} of {length} bytes")
+    return bytes(out)

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from openimages_od.pipeline.verify import Rejected, full_decode
+from openimages_od.pipeline.verify import Rejected, check_jpeg_scan, full_decode
 
 __all__ = [
     "Op",
@@ -175,8 +175,9 @@ def render(
     average like BILINEAR for a downscale of at most 2x (what is left after the
     draft) at about 2/3 of its cost; LANCZOS is the slowest. When the source is a JPEG that already fits, is upright
     and has no EXIF orientation to honour, its bytes are kept as they are
-    (verified by a full entropy decode at 1/8 scale, which still reads every
-    byte and so still catches truncation).
+    (verified by :func:`~openimages_od.pipeline.verify.check_jpeg_scan`, an
+    entropy decode at 1/8 scale with libjpeg's warnings as errors, which
+    catches truncation and headers that claim more pixels than the data holds).
 
     Args:
         img: from :func:`openimages_od.pipeline.verify.open_image` (not yet loaded).
@@ -198,12 +199,11 @@ def render(
     is_jpeg = img.format == "JPEG"
     if (keep_original_if_fits and is_jpeg and not ops and (tw, th) == (src_w, src_h)
             and orientation in (None, 1) and img.mode in ("RGB", "L")):
-        img.draft(img.mode, (max(1, src_w // 8), max(1, src_h // 8)))
-        full_decode(img)
+        check_jpeg_scan(data)  # the kept bytes are what TF decodes: their scan must be complete
         return RenderedImage(data, src_w, src_h, [], True, (src_w, src_h))
     if is_jpeg and (tw, th) != (src_w, src_h):
         img.draft("RGB" if img.mode not in ("L", "RGB") else img.mode, (tw, th))
-    full_decode(img)
+    full_decode(img, data)
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
     if img.mode != "RGB":

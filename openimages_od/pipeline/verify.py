@@ -6,7 +6,13 @@ Rejections are data, not exceptions that stop a shard: each raises
 Reasons: ``empty``, ``not_image``, ``too_many_pixels`` (decompression bomb:
 ``image.max_pixels``), ``too_small``, ``placeholder`` (Flickr's "This photo is
 no longer available" image), ``md5_mismatch`` (``OriginalMD5`` when the
-original was fetched), ``truncated`` and ``corrupt`` (the full decode failed).
+original was fetched), ``truncated`` and ``corrupt`` (the full decode failed,
+or, for a JPEG, the entropy-coded scan did not hold every pixel the header
+declares: libjpeg only warns about that and fills the rest with grey, so
+:func:`check_jpeg_scan` decodes it once more with warnings as errors).
+
+Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay off (it is asserted at
+import): with it, truncated files decode to partly grey images silently.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import io
 import warnings
 from typing import Optional
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 __all__ = [
     "Rejected",
@@ -27,6 +33,7 @@ __all__ = [
     "is_placeholder",
     "open_image",
     "full_decode",
+    "check_jpeg_scan",
 ]
 
 # Hex MD5 digests of known placeholder files. Flickr serves its "photo
@@ -43,6 +50,8 @@ _PLACEHOLDER_MAX_BYTES = 32 * 1024
 # Our own check below is the decompression-bomb limit; Pillow's global one would
 # raise a different exception type (or warn) first.
 Image.MAX_IMAGE_PIXELS = None
+if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide switch some libraries flip
+    raise ImportError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images would be accepted")
 
 
 class Rejected(Exception):
@@ -117,12 +126,43 @@ def open_image(
     return img
 
 
-def full_decode(img: Image.Image) -> Image.Image:
+def check_jpeg_scan(data: bytes) -> None:
+    """Entropy-decode a JPEG with libjpeg-turbo's warnings as errors.
+
+    libjpeg (and so Pillow, OpenCV and TensorFlow) treats a scan that ends
+    before the last MCU row (a truncated file, or a header that claims more
+    rows than the data holds) as a warning and fills the rest with grey. Here
+    every warning rejects the image. The output is grey at the smallest scale
+    libjpeg offers, because only the entropy decode matters.
+
+    Raises:
+        Rejected: ``truncated`` (the scan ends early) or ``corrupt``.
+    """
+    import simplejpeg
+
+    try:
+        _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        out = "CMYK" if str(colorspace).upper() in ("CMYK", "YCCK") else "GRAY"
+        simplejpeg.decode_jpeg(data, colorspace=out, min_factor=8, strict=True)
+    except Exception as exc:  # noqa: BLE001 - ValueError for warnings/errors, others for garbage
+        msg = str(exc)
+        low = msg.lower()
+        reason = "truncated" if "premature end" in low or "truncated" in low else "corrupt"
+        raise Rejected(reason, f"JPEG scan: {msg}"[:200]) from None
+
+
+def full_decode(img: Image.Image, data: Optional[bytes] = None) -> Image.Image:
     """Decode every pixel; truncated or corrupt data is rejected.
+
+    Args:
+        img: a lazily-decoded image from :func:`open_image`.
+        data: its bytes; for a JPEG, :func:`check_jpeg_scan` runs on them too.
 
     Raises:
         Rejected: ``truncated`` or ``corrupt``.
     """
+    if data is not None and img.format == "JPEG":
+        check_jpeg_scan(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
