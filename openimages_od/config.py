@@ -411,6 +411,39 @@ class ServeConfig(_Section):
     shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: how long in-flight requests may take to drain.")
     access_log: bool = Field(True, description="Structured JSON access log lines on stderr.")
     max_instances: int = Field(64, ge=1, description="Most images in one TF Serving-style :predict request.")
+    allowed_image_prefixes: list[str] = Field(
+        default_factory=list,
+        description="s3://bucket/prefix/ locations a request's image may name; empty = s3:// images refused.",
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send a request's headers "
+                                                             "(also the keep-alive idle timeout).")
+    body_timeout_s: float = Field(30.0, gt=0, description="Time a client has to send a request's body (408 after).")
+    max_connections: int = Field(512, ge=8, description="Open client connections; idle ones are closed first "
+                                                         "when full (capped below the process's file limit).")
+    work_timeout_s: float = Field(30.0, gt=0, description="Limit for one image check, drawing or output write.")
+    fetch_workers: int = Field(8, ge=1, description="Threads for storage work of image fetches (s3 signing).")
+    cpu_workers: int = Field(2, ge=1, description="Threads for image checks/conversion and for drawing (each).")
+    output_workers: int = Field(4, ge=1, description="Threads (and S3 connections) for `output` writes.")
+
+    @field_validator("allowed_image_prefixes")
+    @classmethod
+    def _s3_prefixes(cls, v: list[str]) -> list[str]:
+        out = []
+        for p in v:
+            bucket, _, key = p.removeprefix("s3://").partition("/")
+            if not p.startswith("s3://") or not bucket or any(s in (".", "..") for s in key.split("/")[:-1]):
+                raise ValueError(f"{p!r} is not an s3://bucket[/prefix/] location (only s3:// image sources exist)")
+            out.append(p if p.endswith("/") else p + "/")  # a folder: s3://b/img never admits s3://b/img-private/
+        return out
+
+    @model_validator(mode="after")
+    def _token_env_is_a_name(self) -> "ServeConfig":
+        # A model-level check so the error never quotes the value: people paste the token itself here.
+        v = self.auth_token_env
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v):
+            raise ValueError("auth_token_env must be the NAME of an environment variable that holds the token "
+                             "(letters, digits and '_'), not the token itself; the value given is not shown")
+        return self
 
 
 # --------------------------------------------------------------------------- root

@@ -173,20 +173,24 @@ def huge_png(width: int = 10000, height: int = 10000) -> bytes:
 class ServiceThread:
     """The real service (``create_app``) on a free loopback port in a background thread.
 
-    For clients that are not asyncio (schemathesis, Selenium). Use as a context manager;
-    ``url(path)`` gives full URLs.
+    Served the way ``oiod serve`` serves it (the guarded site: connection limit, JSON errors for
+    malformed HTTP). For clients that are not asyncio (schemathesis, Selenium, raw sockets). Use as
+    a context manager; ``url(path)`` gives full URLs, ``app`` the application.
     """
 
-    def __init__(self, cfg, model=None, resolver=None) -> None:  # noqa: ANN001
+    def __init__(self, cfg, model=None, resolver=None, storage=None, max_connections=None) -> None:  # noqa: ANN001
         from openimages_od.devservices import free_port
 
         self.cfg = cfg
         self.model = model
         self.resolver = resolver
+        self.storage = storage
+        self.max_connections = max_connections or cfg.serve.max_connections
         self.port = free_port()
+        self.app = None
         self._loop = None
         self._thread = None
-        self._runner = None
+        self._stop = None
         self._error: BaseException | None = None
 
     def url(self, path: str = "/") -> str:
@@ -196,28 +200,34 @@ class ServiceThread:
         import asyncio
         import threading
 
-        from aiohttp import web
-
-        from openimages_od.serving.app import create_app
+        from openimages_od.serving.app import connection_events, create_app, make_runner
+        from openimages_od.serving.server import ConnectionGuard, GuardedSite
 
         ready = threading.Event()
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
+        async def main() -> None:
+            self._stop = asyncio.Event()
             try:
-                app = create_app(self.cfg, self.model, resolver=self.resolver)
-                self._runner = web.AppRunner(app, access_log=None)
-                loop.run_until_complete(self._runner.setup())
-                loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+                self.app = create_app(self.cfg, self.model, resolver=self.resolver, storage=self.storage)
+                runner = make_runner(self.app, access=False)
+                await runner.setup()
+                guard = ConnectionGuard(self.max_connections, connection_events(self.app[STATE_KEY()]))
+                await GuardedSite(runner, "127.0.0.1", self.port, guard).start()
             except BaseException as exc:  # noqa: BLE001 - reported to the test thread
                 self._error = exc
                 ready.set()
                 return
             ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
+            try:
+                await self._stop.wait()
+            finally:
+                await runner.cleanup()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(main())
             loop.close()
 
         self._thread = threading.Thread(target=run, daemon=True, name="oiod-serve-test")
@@ -229,6 +239,12 @@ class ServiceThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._loop and self._thread:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop and self._thread and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout=30)
+
+
+def STATE_KEY():  # noqa: N802 - the app's state key, imported late (TensorFlow-free helpers module)
+    from openimages_od.serving.state import STATE
+
+    return STATE

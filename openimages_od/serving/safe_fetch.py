@@ -2,7 +2,7 @@
 
 Rules (all enforced before any connection is made):
 
-* only ``http``, ``https`` and ``s3`` URLs;
+* only ``http`` and ``https`` URLs (``s3://`` is :mod:`openimages_od.serving.s3_source`);
 * a host that is an IP literal is checked directly; any other host is resolved
   by :class:`GuardedResolver` (an aiohttp resolver), which checks EVERY address
   the name resolves to and hands aiohttp only checked addresses, so the socket
@@ -19,10 +19,6 @@ Rules (all enforced before any connection is made):
   fetch is bounded by ``timeout_s`` (504), and the upstream content type must be
   an image or octet-stream (415).
 
-``s3://`` URLs go through the storage layer with the operator's configured
-endpoint and credentials (the caller picks only bucket and key), with the same
-size limit.
-
 Tests (and operators with unusual DNS) can pass their own ``base_resolver``
 (any :class:`aiohttp.abc.AbstractResolver`); the guard still checks what it
 returns.
@@ -34,7 +30,7 @@ import asyncio
 import fnmatch
 import ipaddress
 import socket
-from typing import Any, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 from urllib.parse import urljoin
 
 import aiohttp
@@ -175,19 +171,16 @@ class SafeFetcher:
         timeout_s: limit for the whole fetch including redirects (504).
         max_redirects: hops followed (each re-checked).
         base_resolver: DNS resolver the guard wraps (default: the system resolver in a thread).
-        storage: a :class:`openimages_od.storage.Storage` for ``s3://`` (None refuses s3).
         user_agent: the User-Agent sent upstream.
     """
 
     def __init__(self, policy: AddressPolicy, max_bytes: int, timeout_s: float, max_redirects: int = 3,
-                 base_resolver: Optional[AbstractResolver] = None, storage: Any = None,
-                 user_agent: str = "openimages-od-serve/0.1") -> None:
+                 base_resolver: Optional[AbstractResolver] = None, user_agent: str = "openimages-od-serve/0.1") -> None:
         self.policy = policy
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
         self.base_resolver = base_resolver
-        self.storage = storage
         self.user_agent = user_agent
         self._session: Optional[aiohttp.ClientSession] = None
 
@@ -196,8 +189,9 @@ class SafeFetcher:
             resolver = GuardedResolver(self.policy, self.base_resolver)
             # No DNS cache: every connection re-resolves through the guard.
             connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=64)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
-                                                  headers={"User-Agent": self.user_agent})
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, headers={"User-Agent": self.user_agent},
+                timeout=aiohttp.ClientTimeout(sock_connect=min(5.0, self.timeout_s), sock_read=self.timeout_s))
         return self._session
 
     async def close(self) -> None:
@@ -209,30 +203,29 @@ class SafeFetcher:
         """Scheme and literal-address checks for one hop (names are checked at resolve time)."""
         try:
             u = URL(url)
-        except (ValueError, TypeError):
+            host = u.host
+        except (ValueError, TypeError, UnicodeError):
             raise ApiError(400, "bad_url", "the image URL is not a valid URL") from None
         if u.scheme not in ("http", "https"):
             raise ApiError(400, "unsupported_scheme",
                            f"URL scheme {u.scheme or '(none)'!r} is not allowed (use http, https or s3)")
-        if not u.host:
+        if not host:
             raise ApiError(400, "bad_url", "the image URL has no host")
         if u.user or u.password:
             raise ApiError(400, "bad_url", "credentials in image URLs are not allowed")
-        self.policy.check_host(u.host)
-        ip = _ip_literal(u.host)
+        self.policy.check_host(host)
+        ip = _ip_literal(host)
         if ip is not None:
-            self.policy.check_ip(u.host, ip)
+            self.policy.check_ip(host, ip)
         return u
 
     async def fetch(self, url: str) -> tuple[bytes, str]:
-        """Return ``(body, content_type)`` for an ``http(s)://`` or ``s3://`` URL.
+        """Return ``(body, content_type)`` for an ``http(s)://`` URL.
 
         Raises:
             ApiError: 400 bad URL, 403 refused address, 413 too large, 415 not an image,
-                422 upstream failure, 504 timeout.
+                422 upstream failure (also a redirect to an invalid URL), 504 timeout.
         """
-        if url.startswith("s3://"):
-            return await self._fetch_s3(url)
         try:
             return await asyncio.wait_for(self._fetch_http(url), self.timeout_s)
         except asyncio.TimeoutError:
@@ -249,7 +242,10 @@ class SafeFetcher:
                         loc = resp.headers.get("Location")
                         if not loc:
                             raise ApiError(422, "fetch_failed", f"upstream answered {resp.status} with no Location")
-                        current = urljoin(str(u), loc)
+                        try:
+                            current = urljoin(str(u), loc)
+                        except ValueError:  # e.g. "http://[::1": not the caller's fault, not ours either
+                            raise ApiError(422, "fetch_failed", "upstream redirected to an invalid URL") from None
                         continue
                     if resp.status != 200:
                         raise ApiError(422, "fetch_failed", f"upstream answered HTTP {resp.status}")
@@ -270,37 +266,10 @@ class SafeFetcher:
                     return b"".join(chunks), ctype
             except ApiError:
                 raise
-            except aiohttp.InvalidURL:
-                raise ApiError(400, "bad_url", "the image URL is not valid") from None
+            except (aiohttp.InvalidURL, ValueError):
+                raise ApiError(400 if hop == 0 else 422, "bad_url" if hop == 0 else "fetch_failed",
+                               "the image URL is not valid" if hop == 0 else "upstream redirected to an invalid URL"
+                               ) from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise ApiError(422, "fetch_failed", f"could not fetch the image ({type(exc).__name__})") from None
         raise ApiError(422, "too_many_redirects", f"more than {self.max_redirects} redirects")
-
-    async def _fetch_s3(self, url: str) -> tuple[bytes, str]:
-        from openimages_od.storage import AccessDenied, ObjectNotFound, StorageError, split_s3_url
-
-        if self.storage is None:
-            raise ApiError(400, "unsupported_scheme", "s3:// image URLs are not enabled on this server")
-        try:
-            split_s3_url(url)
-        except (ValueError, StorageError):
-            raise ApiError(400, "bad_url", "not a valid s3://bucket/key URL") from None
-        loop = asyncio.get_running_loop()
-
-        def get() -> bytes:
-            size = self.storage.size(url)
-            if size > self.max_bytes:
-                raise ApiError(413, "image_too_large", f"image is {size} bytes; the limit is {self.max_bytes}")
-            return self.storage.read_bytes(url)
-
-        try:
-            data = await asyncio.wait_for(loop.run_in_executor(None, get), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s") from None
-        except ObjectNotFound:
-            raise ApiError(422, "fetch_failed", "no such S3 object") from None
-        except AccessDenied:
-            raise ApiError(422, "fetch_failed", "access to the S3 object was denied") from None
-        except StorageError as exc:
-            raise ApiError(422, "fetch_failed", f"could not read the S3 object ({exc.strerror or 'error'})") from None
-        return data, ""
