@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from openimages_od.config import Config, save_resolved
-from openimages_od.errors import DataError
+from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage
 
@@ -339,13 +339,81 @@ def _read_global_step(checkpoint: str) -> Optional[int]:
     return None
 
 
-def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str] = None) -> int:
-    """Evaluate the latest (or given) checkpoint, or keep evaluating new ones with ``continuous``.
+def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: Optional[str] = None) -> dict:
+    """Score a predictions file against the ground truth of ``evaluate.split`` with the metric code of
+    ``oiod evaluate`` (no model, no TensorFlow).
+
+    The ground truth is read from the committed shards of the split (the planned
+    images as prepared, in the same order and with the same ``evaluate.max_images``
+    cut as ``oiod evaluate``). Predictions are matched by ImageID (challenge CSV) or
+    by ``source_id`` (COCO JSON); images without predictions count as detecting
+    nothing; predictions for other images or classes are counted and ignored.
+
+    Args:
+        cfg: the project config.
+        predictions: URL of a challenge CSV or COCO results JSON.
+        fmt: ``auto``, ``csv`` or ``coco``.
+        out: folder for ``metrics.json``, ``analysis.json`` and ``outcomes.csv``
+            (default ``{output}/eval/predictions-{file stem}``).
+
+    Returns:
+        The metrics document (also written as ``metrics.json``).
+
+    Raises:
+        DataError: unreadable or malformed file, no shards, no label map.
+    """
+    from openimages_od.config import join_url
+    from openimages_od.training.inputs import (committed_shards, default_cache_dir, load_hierarchy,
+                                               load_label_map, stage_shards)
+    from openimages_od.training.oid_metric import hierarchy_from_json
+    from openimages_od.training.predictions import read_predictions
+
+    storage = Storage.from_config(cfg)
+    ec = cfg.evaluate
+    label_map = load_label_map(cfg, storage)
+    tree = load_hierarchy(cfg, storage)
+    hierarchy = hierarchy_from_json(tree, {c.mid: c.id for c in label_map}) if tree is not None else None
+    files = stage_shards(committed_shards(cfg, ec.split, storage), storage, default_cache_dir(cfg) / "shards")
+    try:
+        text = storage.read_text(predictions)
+    except FileNotFoundError:
+        raise DataError(f"predictions file not found: {predictions}") from None
+    gts = [parse_ground_truth(s) for batch in iter_batches(files, ec.batch_size, ec.max_images) for s in batch]
+    if not gts:
+        raise DataError(f"no images in the {ec.split!r} shards")
+    dims = {g.image_id: (g.width, g.height, g.source_id) for g in gts}
+    preds = read_predictions(text, predictions, label_map, dims, fmt)
+    scorer = Scorer(cfg, label_map, hierarchy)
+    t0 = time.monotonic()
+    for g in gts:
+        boxes, scores, labels = preds.get(g.image_id)
+        scorer.add(g, boxes, scores, labels)
+    stem = predictions.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "predictions"
+    dest = out or cfg.output_path("eval", f"predictions-{stem}")
+    metrics: dict[str, Any] = {
+        "predictions": predictions, "format": preds.format, "split": ec.split, "num_images": scorer.num_images,
+        "num_predictions": preds.num_read, "images_with_predictions": len(preds.by_image),
+        "ignored": {"unknown_images": preds.unknown_images, "unknown_labels": preds.unknown_labels},
+        "eval_seconds": round(time.monotonic() - t0, 3), **scorer.metrics()}
+    if preds.unknown_images or preds.unknown_labels:
+        log.warning("%s: ignored %d predictions for images outside the %r split and %d of classes outside the "
+                    "label map", predictions, preds.unknown_images, ec.split, preds.unknown_labels)
+    storage.write_json(join_url(dest, "metrics.json"), metrics)
+    scorer.write_analysis(storage, dest, "")
+    return metrics
+
+
+def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str] = None,
+                 predictions: Optional[str] = None, predictions_format: str = "auto") -> int:
+    """Evaluate the latest (or given) checkpoint, or keep evaluating new ones with ``continuous``,
+    or score a predictions file.
 
     Args:
         cfg: the project config.
         continuous: watch ``model_dir`` for new checkpoints.
         checkpoint: evaluate this checkpoint (prefix or folder, local or ``s3://``) once.
+        predictions: score this challenge CSV / COCO JSON instead of running a model.
+        predictions_format: ``auto``, ``csv`` or ``coco``.
 
     Returns:
         0 (also when stopped by SIGTERM).
@@ -356,6 +424,12 @@ def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str
     from openimages_od.training.checkpoints import (checkpoint_step, fetch_checkpoint, latest_checkpoint_url,
                                                     resolve_checkpoint)
 
+    if predictions:
+        if continuous or checkpoint:
+            raise ConfigError("--predictions scores a file: it cannot be combined with --continuous or --checkpoint")
+        m = evaluate_predictions(cfg, predictions, predictions_format)
+        _log_summary(m)
+        return 0
     storage = Storage.from_config(cfg)
     stop = threading.Event()
     restore = _install_stop_handlers(stop)
