@@ -305,3 +305,28 @@ def test_predict_then_evaluate_predictions_reproduces_evaluate(trained, tmp_path
         args += ["--set", o]
     r = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "bad.csv: line 2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_predict_images_with_an_export_on_ray_matches_local(trained, tmp_path, ray_local):
+    """`oiod predict --model EXPORT --images ... --ray`: the same files as in-process prediction."""
+    from openimages_od.openimages.ids import source_id
+    from openimages_od.training.export import run_export
+    from openimages_od.training.predict import run_predict
+
+    out, cfg = trained
+    if not (out / "export" / "saved_model").is_dir():
+        assert run_export(cfg) == 0
+    jpgs = sorted(str(p) for p in (out.parent / "out-synth" / "bucket" / "validation").glob("*.jpg"))[:5]
+    cfg1 = load_config(None, tiny_overrides(f"file://{out}") + ["ray.num_actors=1", "ray.num_cpus_per_actor=0.5"])
+    assert run_predict(cfg1, model=str(out / "export"), images=jpgs, out=str(tmp_path / "ray"), ray=True) == 0
+    assert run_predict(cfg1, model=str(out / "export"), images=jpgs, out=str(tmp_path / "local")) == 0
+    for name in ("predictions.csv", "predictions.coco.json"):
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text()
+    info = json.loads((tmp_path / "ray" / "predict.json").read_text())
+    assert info["num_images"] == 5 and info["workers"] == 1 and info["model"] == str(out / "export")
+    ids = {Path(p).stem for p in jpgs}
+    rows = (tmp_path / "ray" / "predictions.csv").read_text().splitlines()[1:]
+    assert {r.split(",")[0] for r in rows} <= ids
+    coco = json.loads((tmp_path / "ray" / "predictions.coco.json").read_text())
+    assert {d["image_id"] for d in coco} <= {source_id(i) for i in ids}
