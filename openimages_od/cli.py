@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("openimages_od.training.train", "run_train", "Train a TF Model Garden RetinaNet from the shards."),
     "evaluate": ("openimages_od.training.evaluate", "run_evaluate",
                  "Evaluate checkpoints: COCO mAP and the Open Images detection metric."),
+    "predict": ("openimages_od.training.predict", "run_predict",
+                "Batch inference over a split or images: challenge CSV + COCO results JSON."),
     "export": ("openimages_od.training.export", "run_export", "Export a SavedModel with label map and model.json."),
     "serve": ("openimages_od.serving.app", "run_serve", "Serve the exported model over HTTP."),
     "detect": ("openimages_od.serving.detect", "run_detect", "Detect objects in local images or URLs."),
@@ -70,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--continuous", action="store_true",
                            help="Watch model_dir and evaluate every new checkpoint until SIGTERM or evaluate.timeout_s.")
             p.add_argument("--checkpoint", metavar="PATH", help="Evaluate this checkpoint instead of the latest.")
+            p.add_argument("--predictions", metavar="FILE",
+                           help="Score this predictions file (challenge CSV or COCO results JSON) instead of a model.")
+            p.add_argument("--format", dest="predictions_format", choices=["auto", "csv", "coco"], default=None,
+                           help="Format of --predictions (default: from the content / extension).")
+        elif name == "predict":
+            p.add_argument("--model", metavar="URL", help="An exported model (oiod export); default: a checkpoint.")
+            p.add_argument("--checkpoint", metavar="PATH", help="This checkpoint instead of the latest in model_dir.")
+            p.add_argument("--split", help="Predict the committed shards of this split (default evaluate.split).")
+            p.add_argument("--images", nargs="+", metavar="IMAGE", help="Predict these images (paths or URLs).")
+            p.add_argument("--image-list", metavar="FILE", help="A file listing images to predict, one a line.")
+            p.add_argument("--out", metavar="URL", help="Output folder (default {output}/predictions/{split}).")
+            p.add_argument("--ray", action="store_true", help="Run on ray.num_actors Ray actors.")
         elif name == "export":
             p.add_argument("--checkpoint", metavar="PATH", help="Export this checkpoint instead of the latest.")
         elif name == "serve":
@@ -109,6 +123,8 @@ _COMMON = {"command", "config", "overrides", "verbose", "debug", "model", "host"
 def _command_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Subcommand-specific options, passed as keyword arguments to the command function."""
     kwargs = {k: v for k, v in vars(args).items() if k not in _COMMON and v is not None}
+    if args.command == "predict" and args.model:
+        kwargs["model"] = args.model  # an export to predict with, not serve.model
     if args.command == "demo" and args.overrides:
         kwargs["overrides"] = list(args.overrides)  # the demo builds its own config, then applies these
     return kwargs

@@ -377,6 +377,11 @@ class EvaluateConfig(_Section):
     poll_interval_s: float = Field(30.0, gt=0)
     timeout_s: Optional[float] = Field(None, gt=0, description="--continuous: stop after this long with no new checkpoint.")
     min_score: float = Field(0.0, ge=0, le=1)
+    group_of_weight: float = Field(
+        1.0, ge=0, description="Open Images metric: weight of a group-of box (1 = challenge; 0 = ignore them).")
+    analysis_min_score: float = Field(
+        0.3, ge=0, le=1, description="Error analysis: predictions at or above this score get a TP/FP reason.")
+    analysis_worst_images: int = Field(3, ge=0, description="Error analysis: worst images kept (drawn) per class.")
 
 
 class ExportConfig(_Section):

@@ -180,7 +180,8 @@ class _Data:
                         "boxes": list(zip(ex.get("image/object/bbox/xmin", ()), ex.get("image/object/bbox/ymin", ()),
                                           ex.get("image/object/bbox/xmax", ()), ex.get("image/object/bbox/ymax", ()),
                                           [_s(t) for t in ex.get("image/object/class/text", ())],
-                                          ex.get("image/object/group_of", ()) or [0] * 999)),
+                                          # == 1 only: the shards write -1 for "unknown"
+                                          [g == 1 for g in ex.get("image/object/group_of", ())] or [False] * 999)),
                     })
                 seen += 1
                 if seen >= MAX_SAMPLE_EXAMPLES:

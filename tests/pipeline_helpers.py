@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from openimages_od.config import join_url
+from openimages_od.openimages.ids import source_id
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.openimages.planio import (
     PLAN_SCHEMA,
@@ -95,8 +96,8 @@ def write_plan(storage: Any, output_url: str, rows: Iterable[dict], images_per_s
     for split, items in sorted(by_split.items()):
         items.sort(key=lambda r: r["image_id"])
         n = (num_shards or {}).get(split) or num_shards_for(len(items), images_per_shard)
-        for ordinal, r in enumerate(items, start=1):
-            r["source_id"] = ordinal
+        for r in items:
+            r["source_id"] = source_id(r["image_id"])
             r["shard"] = shard_of(r["image_id"], n)
         rels, shas = [], []
         for i in range(n):

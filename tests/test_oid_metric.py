@@ -116,7 +116,8 @@ def test_already_expanded_ground_truth_is_not_doubled():
 def test_verified_labels_decide_where_a_class_is_scored():
     # Car: image 1 verified only Ball (a Car detection there is ignored), image 2 verified
     # no Car (its Car detection is a false positive), image 3 has a Car box found at 0.5.
-    # Ranked: 0.8 FP, 0.5 TP -> AP 0.5. Without image labels image 1's 0.9 also counts -> 1/3.
+    # Ranked: 0.8 FP, 0.5 TP -> AP 0.5. Without image labels (the challenge rule) only box classes
+    # are scored: images 1 and 2 have no Car box, so both Car detections are ignored -> AP 1.
     imgs = [
         (gt([[0, 0, 10, 10]], [BALL], pos={BALL}, neg=set()), det([[50, 50, 60, 60]], [0.9], [CAR])),
         (gt(np.zeros((0, 4)), [], pos=set(), neg={CAR}), det([[50, 50, 60, 60]], [0.8], [CAR])),
@@ -129,7 +130,7 @@ def test_verified_labels_decide_where_a_class_is_scored():
     m = OpenImagesMetric([CAR])
     for g, d in imgs:
         m.add_image(gt(g.boxes, g.labels), d)
-    assert m.result()["per_class"][CAR]["ap"] == pytest.approx(1 / 3)
+    assert m.result()["per_class"][CAR]["ap"] == pytest.approx(1.0)
 
 
 def test_negative_label_goes_down_the_hierarchy():
@@ -225,3 +226,174 @@ def test_pr_curve_follows_score_order_and_matches_ap_endpoints():
     assert pr_curve(scores, tp, num_gt=0) is None
     big = pr_curve(np.linspace(1, 0, 5000), np.ones(5000, dtype=bool), num_gt=5000, max_points=50)
     assert len(big["recall"]) <= 50 and big["recall"][-1] == 1.0
+
+
+# --------------------------------------------------------------------------- issue 15: the three defects
+
+
+def _shard_example(is_group_of: int) -> bytes:
+    """A real shard record (the pipeline's TF-free writer) with one 10x10 Ball box of the given IsGroupOf."""
+    from openimages_od.pipeline.example import detection_features, encode_example
+
+    row = {"image_id": "00000000000000aa", "source_id": 7,
+           "boxes": [{"label_id": BALL, "mid": "/m/ball", "is_group_of": is_group_of, "is_occluded": -1,
+                      "is_truncated": -1, "is_depiction": -1}], "image_labels": []}
+    feats = detection_features(row, b"jpeg", 100, 100, [(0.0, 0.1, 0.0, 0.1)], "0" * 64)
+    return encode_example(feats)
+
+
+@pytest.mark.parametrize("is_group_of", [-1, 0])
+def test_unknown_group_of_is_not_group_of_end_to_end(is_group_of):
+    """Acceptance 1: ground truth with group_of -1 is an ordinary box.
+
+    Box 0..10 x 0..10, one detection 0..6 x 0..6: IoU 36/100 = 0.36 < 0.5, a false positive,
+    so AP 0 (as a group-of box it would be inside it, IoA 1, and score AP 1). COCO AP is
+    computed (0.0), not -1 for "no ground truth".
+    """
+    from openimages_od.training.coco_metric import CocoAccumulator
+    from openimages_od.training.evaluate import parse_ground_truth
+
+    g = parse_ground_truth(_shard_example(is_group_of))
+    assert g.group_of.tolist() == [False] and g.positive is None and g.source_id == 7
+    d = det([[0, 0, 6, 6]], [0.9], [BALL])
+    m = OpenImagesMetric([BALL])
+    m.add_image(ImageGroundTruth(g.boxes, g.labels, g.group_of), d)
+    assert iou_matrix(d.boxes, g.boxes)[0, 0] == pytest.approx(0.36)
+    assert m.result()["mAP"] == 0.0
+    acc = CocoAccumulator([BALL])
+    acc.add_image(g.width, g.height, g.boxes, g.labels, g.group_of, d.boxes, d.scores, d.labels)
+    assert acc.result()["AP"] == 0.0
+    # The raw attribute array (-1) handed straight to the metric and COCO is read the same way.
+    m2 = OpenImagesMetric([BALL])
+    m2.add_image(ImageGroundTruth(g.boxes, g.labels, np.array([is_group_of])), d)
+    assert m2.result()["mAP"] == 0.0
+    acc2 = CocoAccumulator([BALL])
+    acc2.add_image(100, 100, g.boxes, g.labels, np.array([is_group_of]), d.boxes, d.scores, d.labels)
+    assert acc2.result()["AP"] == 0.0
+
+
+def test_group_of_one_is_still_group_of_end_to_end():
+    from openimages_od.training.evaluate import parse_ground_truth
+
+    g = parse_ground_truth(_shard_example(1))
+    assert g.group_of.tolist() == [True]
+    m = OpenImagesMetric([BALL])
+    m.add_image(ImageGroundTruth(g.boxes, g.labels, g.group_of), det([[0, 0, 6, 6]], [0.9], [BALL]))
+    assert m.result()["mAP"] == 1.0  # inside the group-of box: IoA 1
+
+
+def test_image_without_image_labels_is_scored_on_its_box_classes_only():
+    """Acceptance 2. Image A has no image-level labels and one Ball box; image B verifies Car.
+
+    A: Ball 0.9 on the Ball box (TP), Car 0.8 on background -> ignored (Car is not a box class of A).
+    B: Car 0.7 on its Car box (TP). Car AP = 1 (if A were scored on every class: 0.8 FP, 0.7 TP -> 0.5).
+    """
+    m = OpenImagesMetric([CAR, BALL])
+    m.add_image(gt([[0, 0, 10, 10]], [BALL]), det([[0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.8], [BALL, CAR]))
+    m.add_image(gt([[0, 0, 10, 10]], [CAR], pos={CAR}, neg=set()), det([[0, 0, 10, 10]], [0.7], [CAR]))
+    r = m.result()["per_class"]
+    assert r[CAR]["ap"] == pytest.approx(1.0) and r[CAR]["num_detections"] == 1
+    assert r[BALL]["ap"] == pytest.approx(1.0)
+
+
+def test_verified_absent_label_without_boxes_scores_false_positives():
+    # Verified absent (confidence 0) makes the class evaluable: a detection there is a FP.
+    m = OpenImagesMetric([CAR])
+    m.add_image(gt(np.zeros((0, 4)), [], pos=set(), neg={CAR}), det([[0, 0, 5, 5]], [0.9], [CAR]))
+    m.add_image(gt([[0, 0, 10, 10]], [CAR]), det([[0, 0, 10, 10]], [0.5], [CAR]))
+    assert m.result()["per_class"][CAR]["ap"] == pytest.approx(0.5)
+
+
+def test_invalid_detection_boxes_are_dropped():
+    m = OpenImagesMetric([BALL])
+    m.add_image(gt([[0, 0, 10, 10]], [BALL]), det([[5, 5, 5, 9], [0, 0, 10, 10]], [0.9, 0.5], [BALL, BALL]))
+    r = m.result()["per_class"][BALL]
+    assert r["ap"] == pytest.approx(1.0) and r["num_detections"] == 1
+
+
+# --------------------------------------------------------------------------- parity with TF OD API's semantics
+# Cases rebuilt from the examples in TF OD API's object_detection_evaluation_test.py
+# (OpenImagesChallengeEvaluatorTest and OpenImagesV2EvaluationTest); expected numbers worked out by hand
+# below, and equal to the figures that test asserts. Classes there: 1 cat, 2 dog, 3 elephant.
+
+CAT, DOG, ELEPHANT = 1, 2, 3
+
+
+def _challenge_case(group_of_weight: float) -> OpenImagesMetric:
+    m = OpenImagesMetric([CAT, DOG, ELEPHANT], group_of_weight=group_of_weight)
+    # img1: verified labels {cat, dog, elephant}; cat, elephant, cat(group) boxes; two dog detections.
+    m.add_image(gt([[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 3, 3]], [CAT, ELEPHANT, CAT], group=[False, False, True],
+                   pos={CAT, DOG, ELEPHANT}),
+                det([[10, 10, 11, 11], [100, 100, 120, 120]], [0.7, 0.8], [DOG, DOG]))
+    # img2: no image-level labels -> evaluable {cat, elephant}; the dog detection is ignored.
+    m.add_image(gt([[10, 10, 11, 11], [500, 500, 510, 510], [10, 10, 12, 12]], [CAT, CAT, ELEPHANT],
+                   group=[False, False, True]),
+                det([[10, 10, 11, 11], [100, 100, 120, 120], [100, 100, 220, 220], [10, 10, 11, 11]],
+                    [0.7, 0.8, 0.5, 0.9], [CAT, CAT, DOG, ELEPHANT]))
+    # img3: one dog box, found.
+    m.add_image(gt([[0, 0, 1, 1]], [DOG]), det([[0, 0, 1, 1]], [0.5], [DOG]))
+    return m
+
+
+def test_parity_challenge_evaluator_group_of_weight_half():
+    """OpenImagesChallengeEvaluator(group_of_weight=0.5) on its documented example.
+
+    cat: ground truth 1 + 0.5 (img1 group) + 2 (img2) = 3.5; detections (img2) 0.8 FP, 0.7 TP
+         -> precision 1/2 at recall 1/3.5 -> AP 1/7.
+    dog: ground truth 1 (img3); img1's 0.8 and 0.7 are FPs (dog verified there), img2's is ignored,
+         img3's 0.5 TP -> precision 1/3 at recall 1 -> AP 1/3.
+    elephant: ground truth 1 + 0.5 = 1.5; img2's 0.9 lies inside the group-of box (IoA 1):
+         a 0.5-weight TP with no FP -> precision 1 at recall 0.5/1.5 -> AP 1/3.
+    mAP = (1/7 + 1/3 + 1/3) / 3 = 17/63 = 0.269841...
+    """
+    r = _challenge_case(0.5).result()
+    assert r["per_class"][CAT]["ap"] == pytest.approx(1 / 7)
+    assert r["per_class"][DOG]["ap"] == pytest.approx(1 / 3)
+    assert r["per_class"][ELEPHANT]["ap"] == pytest.approx(1 / 3)
+    assert r["mAP"] == pytest.approx(17 / 63) and round(r["mAP"], 9) == 0.269841270
+    assert r["per_class"][CAT]["num_gt"] == pytest.approx(3.5)
+
+
+def test_parity_challenge_evaluator_default_weight():
+    """The same case at the challenge default (weight 1).
+
+    cat: ground truth 1 + 1 + 2 = 4; 0.8 FP, 0.7 TP -> AP (1/4) * (1/2) = 1/8.
+    dog: unchanged, 1/3.  elephant: ground truth 2; 0.9 a full TP -> AP 1/2.
+    mAP = (1/8 + 1/3 + 1/2) / 3 = 23/72.
+    """
+    r = _challenge_case(1.0).result()
+    assert r["per_class"][CAT]["ap"] == pytest.approx(1 / 8)
+    assert r["per_class"][DOG]["ap"] == pytest.approx(1 / 3)
+    assert r["per_class"][ELEPHANT]["ap"] == pytest.approx(1 / 2)
+    assert r["mAP"] == pytest.approx(23 / 72)
+
+
+def test_parity_v2_protocol_group_of_weight_zero():
+    """OpenImagesDetectionEvaluator (V2, group-of weight 0) on its documented example.
+
+    img1: cat, elephant, cat boxes; img2: cat, cat(group), elephant; img3: dog. Detections on img2 only:
+    cat 0.7 on the cat box (TP), cat 0.8 on background (FP), elephant 0.9 on background (FP).
+    cat: ground truth 2 + 1 (the group-of box weighs 0) = 3 -> AP (1/3)(1/2) = 1/6.
+    elephant: 2 boxes, one FP -> AP 0.  dog: AP 0.  mAP = 1/18 (0.0555...).
+    Every detection is on a box class of img2, so the challenge's label rule changes nothing here.
+    """
+    m = OpenImagesMetric([CAT, DOG, ELEPHANT], group_of_weight=0.0)
+    m.add_image(gt([[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 3, 3]], [CAT, ELEPHANT, CAT]), det([], [], []))
+    m.add_image(gt([[10, 10, 11, 11], [500, 500, 510, 510], [10, 10, 12, 12]], [CAT, CAT, ELEPHANT],
+                   group=[False, True, False]),
+                det([[10, 10, 11, 11], [100, 100, 120, 120], [100, 100, 220, 220]], [0.7, 0.8, 0.9],
+                    [CAT, CAT, ELEPHANT]))
+    m.add_image(gt([[0, 0, 1, 1]], [DOG]), det([], [], []))
+    r = m.result()
+    assert r["per_class"][CAT]["ap"] == pytest.approx(1 / 6)
+    assert r["per_class"][ELEPHANT]["ap"] == 0.0 and r["per_class"][DOG]["ap"] == 0.0
+    assert r["mAP"] == pytest.approx(1 / 18)
+
+
+def test_group_of_weight_zero_ignores_detections_inside_group_boxes():
+    # Weight 0: the detection inside the group-of box is neither TP nor FP; the group box is no ground truth.
+    m = OpenImagesMetric([BALL], group_of_weight=0.0)
+    m.add_image(gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False]),
+                det([[0, 0, 5, 5], [20, 20, 30, 30]], [0.9, 0.8], [BALL, BALL]))
+    r = m.result()["per_class"][BALL]
+    assert r["ap"] == pytest.approx(1.0) and r["num_gt"] == 1 and r["num_detections"] == 1

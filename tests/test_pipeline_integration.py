@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from openimages_od.config import dump_config, load_config
+from openimages_od.openimages.ids import source_id
 from openimages_od.devservices import Reply
 from openimages_od.pipeline.distribute import ShardWorker, run_prepare
 from openimages_od.pipeline.example import decode_example
@@ -362,7 +363,7 @@ def test_shards_decode_with_model_garden(ray_local, image_server, tmp_path):
             assert abs(g[2] - ymax) < 1e-6 and abs(g[3] - xmax) < 1e-6
         assert d["groundtruth_classes"].numpy().tolist() == [1, 3]
         assert d["groundtruth_is_crowd"].numpy().tolist() == [True, False]
-        assert d["source_id"].numpy().decode() == str(sorted(by_id).index(row["image_id"]) + 1)
+        assert d["source_id"].numpy().decode() == str(source_id(row["image_id"]))
         seen += 1
     assert seen == len(rows)
 

@@ -16,6 +16,7 @@ import pytest
 from openimages_od.config import Config
 from openimages_od.errors import DataError
 from openimages_od.openimages import planio
+from openimages_od.openimages.ids import source_id
 from openimages_od.openimages.classes import read_hierarchy
 from openimages_od.openimages.formats import ATTRIBUTE_COLUMNS, BOX_LAYOUTS, XCLICK_COLUMNS
 from openimages_od.openimages.plan import build_plan
@@ -227,7 +228,7 @@ def test_plan_contents_label_map_and_stats(tmp_path):
         src_rows = [r for r in content["boxes"][split] if r["LabelName"] in expected_mids]
         assert sum(len(r["boxes"]) for r in rows) == len(src_rows) == stats[split]["boxes"] == sm.num_boxes
         assert {r["image_id"] for r in rows} == {r["ImageID"] for r in src_rows}
-        assert [r["source_id"] for r in rows] == list(range(1, n + 1))
+        assert [r["source_id"] for r in rows] == [source_id(r["image_id"]) for r in rows]
         index = {r["ImageID"]: r for r in content["images"][split]}
         for r in rows:
             assert r["shard"] == planio.shard_of(r["image_id"], sm.num_shards)

@@ -255,3 +255,78 @@ def test_multi_worker_training_on_loopback(trained, tmp_path):
     # One writer: the chief's summaries only, and no stray checkpoint folders.
     assert len(list((model / "train").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in model.iterdir() if p.is_dir()) == ["train"]
+
+
+def _figures(m: dict) -> dict[str, float]:
+    """Every number of a metrics document's coco/openimages sections (per-class AP included)."""
+    out = {f"coco/{k}": v for k, v in m["coco"].items()}
+    out["oi/mAP"] = m["openimages"]["mAP"]
+    for cid, v in m["openimages"]["per_class"].items():
+        out[f"oi/{cid}/ap"] = v["ap"]
+        out[f"oi/{cid}/num_detections"] = v["num_detections"]
+    return out
+
+
+def test_predict_then_evaluate_predictions_reproduces_evaluate(trained, tmp_path):
+    """Acceptance 4: `oiod predict` + `oiod evaluate --predictions` (CSV and COCO) give `oiod evaluate`'s figures."""
+    from openimages_od.training.evaluate import evaluate_predictions, run_evaluate
+    from openimages_od.training.predict import run_predict
+
+    out, _ = trained
+    # A 4-step model scores near RetinaNet's 0.01 prior: a low threshold gives ~100 detections per image.
+    cfg = load_config(None, tiny_overrides(f"file://{out}", steps=STEPS) + ["evaluate.min_score=0.005"])
+    assert run_evaluate(cfg) == 0
+    ref = json.loads((out / "eval" / f"metrics-{STEPS}.json").read_text())
+    assert run_predict(cfg, out=str(tmp_path / "pred")) == 0
+    csv_text = (tmp_path / "pred" / "predictions.csv").read_text()
+    assert csv_text.splitlines()[0] == "ImageID,LabelName,Score,XMin,XMax,YMin,YMax"
+    info = json.loads((tmp_path / "pred" / "predict.json").read_text())
+    assert info["num_images"] == ref["num_images"] and info["step"] == STEPS
+    coco = json.loads((tmp_path / "pred" / "predictions.coco.json").read_text())
+    assert len(coco) == len(csv_text.splitlines()) - 1 == info["num_detections"] > 100
+    want = _figures(ref)
+    for name in ("predictions.csv", "predictions.coco.json"):
+        got_doc = evaluate_predictions(cfg, str(tmp_path / "pred" / name), out=str(tmp_path / f"ev-{name}"))
+        assert got_doc["ignored"] == {"unknown_images": 0, "unknown_labels": 0}
+        got = _figures(got_doc)
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            if v is None:
+                assert got[k] is None, (name, k)
+            else:
+                assert abs(got[k] - v) <= 1e-6, (name, k, got[k], v)
+        analysis = json.loads((tmp_path / f"ev-{name}" / "analysis.json").read_text())
+        assert set(analysis["per_class"]) == {"1", "2", "3"} and analysis["num_images"] == ref["num_images"]
+    # The CLI: exit 0 for a good file, 2 with the line for a malformed one.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ImageID,LabelName,Score,XMin,XMax,YMin,YMax\nabc,/m/018xm,high,0,1,0,1\n")
+    args = [sys.executable, "-m", "openimages_od", "evaluate", "--predictions", str(bad)]
+    for o in tiny_overrides(f"file://{out}"):
+        args += ["--set", o]
+    r = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "bad.csv: line 2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_predict_images_with_an_export_on_ray_matches_local(trained, tmp_path, ray_local):
+    """`oiod predict --model EXPORT --images ... --ray`: the same files as in-process prediction."""
+    from openimages_od.openimages.ids import source_id
+    from openimages_od.training.export import run_export
+    from openimages_od.training.predict import run_predict
+
+    out, cfg = trained
+    if not (out / "export" / "saved_model").is_dir():
+        assert run_export(cfg) == 0
+    jpgs = sorted(str(p) for p in (out.parent / "out-synth" / "bucket" / "validation").glob("*.jpg"))[:5]
+    cfg1 = load_config(None, tiny_overrides(f"file://{out}") + ["ray.num_actors=1", "ray.num_cpus_per_actor=0.5"])
+    assert run_predict(cfg1, model=str(out / "export"), images=jpgs, out=str(tmp_path / "ray"), ray=True) == 0
+    assert run_predict(cfg1, model=str(out / "export"), images=jpgs, out=str(tmp_path / "local")) == 0
+    for name in ("predictions.csv", "predictions.coco.json"):
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text()
+    info = json.loads((tmp_path / "ray" / "predict.json").read_text())
+    assert info["num_images"] == 5 and info["workers"] == 1 and info["model"] == str(out / "export")
+    ids = {Path(p).stem for p in jpgs}
+    rows = (tmp_path / "ray" / "predictions.csv").read_text().splitlines()[1:]
+    assert {r.split(",")[0] for r in rows} <= ids
+    coco = json.loads((tmp_path / "ray" / "predictions.coco.json").read_text())
+    assert {d["image_id"] for d in coco} <= {source_id(i) for i in ids}

@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages import planio
+from openimages_od.openimages.ids import source_ids
 from openimages_od.openimages.classes import (
     ClassDescriptions,
     Hierarchy,
@@ -686,7 +687,7 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
             "image_id": final_ids,
             "split": pa.array([split] * n_final, pa.string()),
             "shard": pa.array(shard, pa.int32()),
-            "source_id": pa.array(np.arange(1, n_final + 1), pa.int64()),
+            "source_id": pa.array(source_ids(ids_py), pa.int64()),
             "bucket_key": pa.array([tmpl.format(split=split, image_id=i) for i in ids_py], pa.string()),
             "original_url": icol("original_url", pa.string()),
             "thumbnail_url": icol("thumbnail_url", pa.string()),

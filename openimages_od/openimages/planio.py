@@ -16,8 +16,9 @@ Layout under ``{output}/plan/``:
 
 Shard assignment is :func:`shard_of`: a stable hash of the ImageID modulo the
 shard count, so it does not depend on worker count or row order.
-``source_id`` is a per-split 1-based ordinal in ImageID order (numeric, as
-Model Garden's evaluator requires).
+``source_id`` is :func:`openimages_od.openimages.ids.source_id` of the
+ImageID: numeric (an int64, as Model Garden parses it) and the same for an
+image whatever the selection, split or release.
 """
 
 from __future__ import annotations

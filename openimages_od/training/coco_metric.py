@@ -1,7 +1,8 @@
 """COCO box mAP with ``pycocotools`` on in-memory ground truth and detections.
 
 Group-of boxes are passed as ``iscrowd=1`` (COCO's ignore regions), which is
-also what Model Garden's decoder does with ``image/object/is_crowd``.
+also what Model Garden's decoder does with ``image/object/is_crowd``. Only an
+``IsGroupOf`` of 1 is a crowd: ``-1`` (unknown) is an ordinary box.
 Boxes are ``[ymin, xmin, ymax, xmax]`` in pixels.
 """
 
@@ -12,6 +13,8 @@ import io
 from typing import Sequence
 
 import numpy as np
+
+from openimages_od.training.oid_metric import as_group_of
 
 __all__ = ["CocoAccumulator", "COCO_STAT_NAMES"]
 
@@ -40,7 +43,9 @@ class CocoAccumulator:
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "width": int(width), "height": int(height)})
         gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
-        crowd = np.zeros(len(gt_boxes), dtype=int) if gt_crowd is None else np.asarray(gt_crowd, dtype=int)
+        # ``== 1``, not a cast: Open Images writes -1 for "unknown", which must not become a crowd.
+        crowd = (np.zeros(len(gt_boxes), dtype=int) if gt_crowd is None
+                 else as_group_of(gt_crowd).astype(int))
         for box, label, c in zip(gt_boxes, np.asarray(gt_labels).reshape(-1), crowd):
             y0, x0, y1, x1 = box
             w, h = max(0.0, x1 - x0), max(0.0, y1 - y0)

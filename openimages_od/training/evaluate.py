@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from openimages_od.config import Config, save_resolved
-from openimages_od.errors import DataError
+from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage
 
@@ -56,37 +56,136 @@ class GroundTruth:
     negative: Optional[set[int]]
     image_id: str = ""
     encoded: bytes = field(default=b"", repr=False)
+    source_id: Optional[int] = None
 
 
 def parse_ground_truth(serialized: bytes) -> GroundTruth:
-    """Ground truth of one serialized tf.Example with the shard contract's keys."""
-    import tensorflow as tf
+    """Ground truth of one serialized tf.Example with the shard contract's keys (no TensorFlow needed).
 
-    ex = tf.train.Example.FromString(serialized)
-    f = ex.features.feature
+    ``group_of`` is True only where ``image/object/group_of`` (or, without it,
+    ``is_crowd``) is 1: the shards write -1 for "unknown". Image-level labels
+    with confidence >= 0.5 are verified present, the others verified absent; an
+    image without them has ``positive``/``negative`` None (scored on its box
+    classes only).
+    """
+    from openimages_od.pipeline.example import decode_example
+    from openimages_od.training.oid_metric import as_group_of
 
-    def ints(k: str) -> list[int]:
-        return list(f[k].int64_list.value) if k in f else []
+    f = decode_example(serialized)
 
-    def floats(k: str) -> list[float]:
-        return list(f[k].float_list.value) if k in f else []
+    def floats(k: str) -> np.ndarray:
+        return np.asarray(f.get(k, ()), dtype=np.float64)
 
-    w = ints("image/width")[0]
-    h = ints("image/height")[0]
-    ymin, xmin = np.array(floats("image/object/bbox/ymin")), np.array(floats("image/object/bbox/xmin"))
-    ymax, xmax = np.array(floats("image/object/bbox/ymax")), np.array(floats("image/object/bbox/xmax"))
+    w = int(f["image/width"][0])
+    h = int(f["image/height"][0])
+    ymin, xmin, ymax, xmax = (floats(f"image/object/bbox/{k}") for k in ("ymin", "xmin", "ymax", "xmax"))
     boxes = np.stack([ymin * h, xmin * w, ymax * h, xmax * w], axis=1) if len(ymin) else np.zeros((0, 4))
-    labels = np.array(ints("image/object/class/label"), dtype=np.int64)
-    group = ints("image/object/group_of") or ints("image/object/is_crowd") or [0] * len(labels)
+    labels = np.asarray(f.get("image/object/class/label", ()), dtype=np.int64)
+    raw_group = f.get("image/object/group_of") or f.get("image/object/is_crowd") or [0] * len(labels)
     positive = negative = None
-    image_labels = ints("image/class/label")
     if "image/class/label" in f:
-        conf = floats("image/class/confidence") or [1.0] * len(image_labels)
-        positive = {c for c, s in zip(image_labels, conf) if s >= 0.5}
-        negative = {c for c, s in zip(image_labels, conf) if s < 0.5}
-    name = f["image/filename"].bytes_list.value[0].decode() if "image/filename" in f else ""
-    return GroundTruth(w, h, boxes, labels, np.array(group, dtype=bool), positive, negative, name,
-                       f["image/encoded"].bytes_list.value[0])
+        image_labels = list(f["image/class/label"])
+        conf = list(f.get("image/class/confidence", ())) or [1.0] * len(image_labels)
+        positive = {int(c) for c, s in zip(image_labels, conf) if s >= 0.5}
+        negative = {int(c) for c, s in zip(image_labels, conf) if s < 0.5}
+    name = bytes(f["image/filename"][0]).decode() if "image/filename" in f else ""
+    sid = bytes(f["image/source_id"][0]).decode() if "image/source_id" in f else ""
+    return GroundTruth(w, h, boxes, labels, as_group_of(raw_group), positive, negative, name,
+                       bytes(f["image/encoded"][0]), int(sid) if sid.isdigit() else None)
+
+
+def iter_batches(files: list[str], batch_size: int, max_images: Optional[int] = None) -> Any:
+    """Serialized examples of ``files`` in order, in lists of ``batch_size`` (TFRecord framing checked).
+
+    The same order and the same ``max_images`` cut for ``evaluate`` and
+    ``predict``, so both see the same images.
+    """
+    import mmap
+
+    from openimages_od.pipeline.tfrecord import iter_records
+
+    batch: list[bytes] = []
+    n = 0
+    for path in files:
+        if max_images is not None and n >= max_images:
+            break
+        with open(path, "rb") as fh:
+            if Path(path).stat().st_size == 0:
+                continue
+            # Memory-mapped, so a large shard is not read into memory at once.
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                for rec in iter_records(data, source=path):  # type: ignore[arg-type]
+                    if max_images is not None and n >= max_images:
+                        break
+                    batch.append(rec)
+                    n += 1
+                    if len(batch) == batch_size:
+                        yield batch
+                        batch = []
+    if batch:
+        yield batch
+
+
+class Scorer:
+    """The metric code shared by ``oiod evaluate`` and ``oiod evaluate --predictions``.
+
+    Every image goes to the Open Images metric, COCO and the error analysis
+    with the same pixel boxes, so the two commands give the same figures for
+    the same detections.
+
+    Args:
+        cfg: the project config (``evaluate`` section).
+        label_map: the classes.
+        hierarchy: class relations for the Open Images metric, or None.
+    """
+
+    def __init__(self, cfg: Config, label_map: LabelMap, hierarchy: Any = None) -> None:
+        from openimages_od.training.analysis import ErrorAnalysis
+        from openimages_od.training.coco_metric import CocoAccumulator
+        from openimages_od.training.oid_metric import OpenImagesMetric
+
+        ec = cfg.evaluate
+        self.ec = ec
+        self.hierarchy = hierarchy
+        names = {c.id: c.name for c in label_map}
+        ids = [c.id for c in label_map]
+        self.oid = OpenImagesMetric(ids, hierarchy, ec.iou_threshold, names, group_of_weight=ec.group_of_weight)
+        self.coco = CocoAccumulator(ids, names)
+        self.analysis = ErrorAnalysis(ids, names, ec.iou_threshold, ec.analysis_min_score,
+                                      worst_per_class=ec.analysis_worst_images)
+        self.num_images = 0
+
+    def add(self, g: GroundTruth, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
+        """One image's detections: pixel boxes ``[ymin, xmin, ymax, xmax]``, scores, label-map ids."""
+        from openimages_od.training.oid_metric import ImageDetections, ImageGroundTruth
+
+        self.oid.add_image(ImageGroundTruth(g.boxes, g.labels, g.group_of, g.positive, g.negative),
+                           ImageDetections(boxes, scores, labels))
+        self.coco.add_image(g.width, g.height, g.boxes, g.labels, g.group_of, boxes, scores, labels)
+        self.analysis.add(g.image_id, g.width, g.height, g.boxes, g.labels, g.group_of, boxes, scores, labels,
+                          g.encoded)
+        self.num_images += 1
+
+    def metrics(self) -> dict[str, Any]:
+        """``{"coco": ..., "openimages": ...}`` for the sections in ``evaluate.metrics``."""
+        out: dict[str, Any] = {}
+        if "coco" in self.ec.metrics:
+            out["coco"] = self.coco.result()
+        if "openimages" in self.ec.metrics:
+            r = self.oid.result()
+            out["openimages"] = {
+                "mAP": r["mAP"], "iou_threshold": r["iou_threshold"], "group_of_weight": r["group_of_weight"],
+                "hierarchy": self.hierarchy is not None, "num_classes_scored": r["num_classes_scored"],
+                "per_class": {str(cid): v for cid, v in r["per_class"].items()},
+            }
+        return out
+
+    def write_analysis(self, storage: Storage, eval_url: str, suffix: str) -> None:
+        """``analysis{suffix}.json`` (counts, confusion, worst images) and ``outcomes{suffix}.csv``."""
+        from openimages_od.config import join_url
+
+        storage.write_json(join_url(eval_url, f"analysis{suffix}.json"), self.analysis.result())
+        storage.write_text(join_url(eval_url, f"outcomes{suffix}.csv"), self.analysis.outcomes_csv())
 
 
 class Evaluator:
@@ -132,13 +231,7 @@ class Evaluator:
 
     def _build(self) -> Any:
         if self._module is None:
-            from openimages_od.training.detector import DetectorModule, build_model
-            from openimages_od.training.experiment import build_experiment, padded_size
-
-            params = build_experiment(self.cfg, num_classes=self.label_map.num_classes, mixed_precision="float32",
-                                      score_threshold=self.cfg.evaluate.min_score or 0.05, max_detections=100)
-            padded = padded_size(self.cfg.train.input_size)
-            self._module = DetectorModule(build_model(params, padded), self.cfg.train.input_size, padded)
+            self._module = build_eval_module(self.cfg, len(self.label_map))
         return self._module
 
     def _check_stop(self) -> None:
@@ -149,28 +242,19 @@ class Evaluator:
         """Evaluate one local checkpoint prefix; write metrics JSON and summaries; return the metrics."""
         import tensorflow as tf
 
-        from openimages_od.training.coco_metric import CocoAccumulator
         from openimages_od.training.detector import restore_model
-        from openimages_od.training.oid_metric import ImageDetections, ImageGroundTruth, OpenImagesMetric
 
         module = self._build()
         restore_model(module.model, checkpoint)
         if step is None:
             step = _read_global_step(checkpoint)
         ec = self.cfg.evaluate
-        names = {c.id: c.name for c in self.label_map}
-        ids = [c.id for c in self.label_map]
-        oid = OpenImagesMetric(ids, self.hierarchy, ec.iou_threshold, names)
-        coco = CocoAccumulator(ids, names)
+        scorer = Scorer(self.cfg, self.label_map, self.hierarchy)
         vis: list[tuple[GroundTruth, np.ndarray, np.ndarray, np.ndarray]] = []
         t0 = time.monotonic()
-        n = 0
-        ds = tf.data.TFRecordDataset(self.files).batch(ec.batch_size)
-        if ec.max_images:
-            ds = tf.data.TFRecordDataset(self.files).take(ec.max_images).batch(ec.batch_size)
-        for batch in ds:
+        for batch in iter_batches(self.files, ec.batch_size, ec.max_images):
             self._check_stop()
-            gts = [parse_ground_truth(s) for s in batch.numpy()]
+            gts = [parse_ground_truth(s) for s in batch]
             out = module.detect_bytes(tf.constant([g.encoded for g in gts]))
             out = {k: v.numpy() for k, v in out.items()}
             for i, g in enumerate(gts):
@@ -178,27 +262,18 @@ class Evaluator:
                 boxes = out["detection_boxes"][i, :k] * np.array([g.height, g.width, g.height, g.width])
                 scores = out["detection_scores"][i, :k]
                 labels = out["detection_classes"][i, :k]
-                oid.add_image(ImageGroundTruth(g.boxes, g.labels, g.group_of, g.positive, g.negative),
-                              ImageDetections(boxes, scores, labels))
-                coco.add_image(g.width, g.height, g.boxes, g.labels, g.group_of, boxes, scores, labels)
+                scorer.add(g, boxes, scores, labels)
                 if len(vis) < ec.num_images_to_log:
                     vis.append((g, out["detection_boxes"][i, :k], scores, labels))
-                n += 1
-        if n == 0:
+        if scorer.num_images == 0:
             raise DataError(f"no images in the {ec.split!r} shards")
         self._check_stop()
-        metrics: dict[str, Any] = {"step": step, "checkpoint": checkpoint, "split": ec.split, "num_images": n,
-                                   "eval_seconds": round(time.monotonic() - t0, 3), "dataset": self.dataset}
-        if "coco" in ec.metrics:
-            metrics["coco"] = coco.result()
-        if "openimages" in ec.metrics:
-            r = oid.result()
-            metrics["openimages"] = {
-                "mAP": r["mAP"], "iou_threshold": r["iou_threshold"],
-                "hierarchy": self.hierarchy is not None, "num_classes_scored": r["num_classes_scored"],
-                "per_class": {str(cid): v for cid, v in r["per_class"].items()},
-            }
+        metrics: dict[str, Any] = {"step": step, "checkpoint": checkpoint, "split": ec.split,
+                                   "num_images": scorer.num_images,
+                                   "eval_seconds": round(time.monotonic() - t0, 3), "dataset": self.dataset,
+                                   **scorer.metrics()}
         self._write(metrics, step or 0, vis)
+        scorer.write_analysis(self.storage, self.cfg.output_path("eval"), f"-{step or 0}")
         return metrics
 
     def _write(self, metrics: dict, step: int, vis: list) -> None:
@@ -222,6 +297,21 @@ class Evaluator:
         writer.close()
         if self._syncer is not None:
             self._syncer.push()
+
+
+def build_eval_module(cfg: Config, num_labels: int) -> Any:
+    """The inference module evaluation uses (score threshold ``evaluate.min_score`` or 0.05, 100 detections).
+
+    ``oiod predict --checkpoint`` builds the same one, so its predictions are
+    exactly the detections ``oiod evaluate`` scores.
+    """
+    from openimages_od.training.detector import DetectorModule, build_model
+    from openimages_od.training.experiment import build_experiment, padded_size
+
+    params = build_experiment(cfg, num_classes=num_labels + 1, mixed_precision="float32",
+                              score_threshold=cfg.evaluate.min_score or 0.05, max_detections=100)
+    padded = padded_size(cfg.train.input_size)
+    return DetectorModule(build_model(params, padded), cfg.train.input_size, padded)
 
 
 def _draw(g: GroundTruth, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> Any:
@@ -251,13 +341,82 @@ def _read_global_step(checkpoint: str) -> Optional[int]:
     return None
 
 
-def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str] = None) -> int:
-    """Evaluate the latest (or given) checkpoint, or keep evaluating new ones with ``continuous``.
+def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: Optional[str] = None) -> dict:
+    """Score a predictions file against the ground truth of ``evaluate.split`` with the metric code of
+    ``oiod evaluate`` (no model, no TensorFlow).
+
+    The ground truth is read from the committed shards of the split (the planned
+    images as prepared, in the same order and with the same ``evaluate.max_images``
+    cut as ``oiod evaluate``). Predictions are matched by ImageID (challenge CSV) or
+    by ``source_id`` (COCO JSON); images without predictions count as detecting
+    nothing; predictions for other images or classes are counted and ignored.
+
+    Args:
+        cfg: the project config.
+        predictions: URL of a challenge CSV or COCO results JSON.
+        fmt: ``auto``, ``csv`` or ``coco``.
+        out: folder for ``metrics.json``, ``analysis.json`` and ``outcomes.csv``
+            (default ``{output}/eval/predictions-{file stem}``).
+
+    Returns:
+        The metrics document (also written as ``metrics.json``).
+
+    Raises:
+        DataError: unreadable or malformed file, no shards, no label map.
+    """
+    from openimages_od.config import join_url
+    from openimages_od.training.inputs import (committed_shards, default_cache_dir, load_hierarchy,
+                                               load_label_map, stage_shards)
+    from openimages_od.training.oid_metric import hierarchy_from_json
+    from openimages_od.training.predictions import read_predictions
+
+    storage = Storage.from_config(cfg)
+    ec = cfg.evaluate
+    label_map = load_label_map(cfg, storage)
+    tree = load_hierarchy(cfg, storage)
+    hierarchy = hierarchy_from_json(tree, {c.mid: c.id for c in label_map}) if tree is not None else None
+    files = stage_shards(committed_shards(cfg, ec.split, storage), storage, default_cache_dir(cfg) / "shards")
+    try:
+        text = storage.read_text(predictions)
+    except FileNotFoundError:
+        raise DataError(f"predictions file not found: {predictions}") from None
+    gts = [parse_ground_truth(s) for batch in iter_batches(files, ec.batch_size, ec.max_images) for s in batch]
+    if not gts:
+        raise DataError(f"no images in the {ec.split!r} shards")
+    dims = {g.image_id: (g.width, g.height, g.source_id) for g in gts}
+    preds = read_predictions(text, predictions, label_map, dims, fmt)
+    scorer = Scorer(cfg, label_map, hierarchy)
+    t0 = time.monotonic()
+    for g in gts:
+        boxes, scores, labels = preds.get(g.image_id)
+        scorer.add(g, boxes, scores, labels)
+    stem = predictions.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "predictions"
+    dest = out or cfg.output_path("eval", f"predictions-{stem}")
+    metrics: dict[str, Any] = {
+        "predictions": predictions, "format": preds.format, "split": ec.split, "num_images": scorer.num_images,
+        "num_predictions": preds.num_read, "images_with_predictions": len(preds.by_image),
+        "ignored": {"unknown_images": preds.unknown_images, "unknown_labels": preds.unknown_labels},
+        "eval_seconds": round(time.monotonic() - t0, 3), "dataset": self.dataset,
+                                   **scorer.metrics()}
+    if preds.unknown_images or preds.unknown_labels:
+        log.warning("%s: ignored %d predictions for images outside the %r split and %d of classes outside the "
+                    "label map", predictions, preds.unknown_images, ec.split, preds.unknown_labels)
+    storage.write_json(join_url(dest, "metrics.json"), metrics)
+    scorer.write_analysis(storage, dest, "")
+    return metrics
+
+
+def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str] = None,
+                 predictions: Optional[str] = None, predictions_format: str = "auto") -> int:
+    """Evaluate the latest (or given) checkpoint, or keep evaluating new ones with ``continuous``,
+    or score a predictions file.
 
     Args:
         cfg: the project config.
         continuous: watch ``model_dir`` for new checkpoints.
         checkpoint: evaluate this checkpoint (prefix or folder, local or ``s3://``) once.
+        predictions: score this challenge CSV / COCO JSON instead of running a model.
+        predictions_format: ``auto``, ``csv`` or ``coco``.
 
     Returns:
         0 (also when stopped by SIGTERM).
@@ -268,6 +427,12 @@ def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str
     from openimages_od.training.checkpoints import (checkpoint_step, fetch_checkpoint, latest_checkpoint_url,
                                                     resolve_checkpoint)
 
+    if predictions:
+        if continuous or checkpoint:
+            raise ConfigError("--predictions scores a file: it cannot be combined with --continuous or --checkpoint")
+        m = evaluate_predictions(cfg, predictions, predictions_format)
+        _log_summary(m)
+        return 0
     storage = Storage.from_config(cfg)
     stop = threading.Event()
     restore = _install_stop_handlers(stop)

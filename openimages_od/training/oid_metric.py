@@ -7,17 +7,25 @@ The rules of the Open Images Challenge evaluation:
   "Vehicle" detection (same box and score). Verified-present image labels go
   up the hierarchy too; verified-absent labels go down (no "Vehicle" means no
   "Car"). Only classes of the label map are kept.
-* **Group-of boxes.** Detections are first matched greedily (by score) to
+* **Group-of boxes.** A box is group-of only when its ``IsGroupOf`` is 1:
+  ``-1`` (unknown, e.g. every box of the V2 8-column train layout) and 0 are
+  ordinary boxes (integer arrays are compared with ``== 1``, never cast to
+  bool). Detections are first matched greedily (by score) to
   non-group-of boxes by IoU: the detection's best-IoU box, if unclaimed and
   IoU >= threshold, makes it a true positive; if already claimed, a false
   positive. A detection that is not a true positive and whose best
   intersection-over-detection-area with a group-of box is >= threshold is
   neither rewarded nor penalised on its own: each group-of box with at least
-  one such detection counts once, as a true positive with the highest of
-  their scores. Every group-of box counts as one ground-truth instance.
-* **Verified image labels.** When an image has image-level labels, a class is
-  scored on it only if it is verified present or absent there (or has boxes);
-  detections of other classes are ignored on that image.
+  one such detection counts once, as ``group_of_weight`` of a true positive
+  with the highest of their scores, and every group-of box counts as
+  ``group_of_weight`` ground-truth instances (1.0, the challenge's default;
+  0 ignores group-of boxes as the V2 protocol did).
+* **Verified image labels** (the challenge evaluator's rule). A class is
+  scored on an image only if it is verified there (an image-level label,
+  present or absent) or has a box there; detections of any other class on
+  that image are ignored. An image with no image-level labels at all is
+  scored on its box classes only.
+* **Invalid detections** (``ymin >= ymax`` or ``xmin >= xmax``) are dropped.
 * **AP** is the area under the precision/recall curve after making precision
   monotonically non-increasing (all recall points, as VOC 2010+).
   Classes without ground truth have no AP and are left out of the mean.
@@ -42,6 +50,7 @@ __all__ = [
     "iou_matrix",
     "ioa_matrix",
     "average_precision",
+    "as_group_of",
 ]
 
 
@@ -52,9 +61,10 @@ class ImageGroundTruth:
     Attributes:
         boxes: [n, 4] ``ymin, xmin, ymax, xmax``.
         labels: [n] class ids.
-        group_of: [n] bool.
-        positive_labels: verified-present class ids, or None when the image has no image-level labels.
-        negative_labels: verified-absent class ids (None as above).
+        group_of: [n] bool, or Open Images' integer ``IsGroupOf`` (1 yes, 0 no, -1 unknown):
+            only 1 is group-of.
+        positive_labels: verified-present class ids (None or empty: none).
+        negative_labels: verified-absent class ids (None or empty: none).
     """
 
     boxes: np.ndarray
@@ -68,9 +78,21 @@ class ImageGroundTruth:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         if self.group_of is None:
             self.group_of = np.zeros(len(self.labels), dtype=bool)
-        self.group_of = np.asarray(self.group_of, dtype=bool).reshape(-1)
+        self.group_of = as_group_of(self.group_of)
         if not (len(self.boxes) == len(self.labels) == len(self.group_of)):
             raise ValueError("boxes, labels and group_of must have the same length")
+
+
+def as_group_of(values: object) -> np.ndarray:
+    """Open Images ``IsGroupOf`` values -> bool: True only for 1 (``-1`` means unknown, not group-of).
+
+    A bool array is returned as is; anything else is compared with ``== 1``
+    (a plain ``astype(bool)`` would turn ``-1`` into True).
+    """
+    arr = np.asarray(values).reshape(-1)
+    if arr.dtype == bool:
+        return arr
+    return arr == 1
 
 
 @dataclass
@@ -168,7 +190,8 @@ def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     """AP from scored true/false positives and the number of ground-truth instances.
 
-    Returns NaN when ``num_gt`` is 0 (the class is not scored).
+    ``tp`` may be weights (a group-of hit counts ``group_of_weight``); an entry
+    <= 0 is a false positive. Returns NaN when ``num_gt`` is 0 (the class is not scored).
     """
     if num_gt <= 0:
         return float("nan")
@@ -177,7 +200,7 @@ def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     tp = np.asarray(tp, dtype=np.float64)[order]
     ctp = np.cumsum(tp)
-    cfp = np.cumsum(1.0 - tp)
+    cfp = np.cumsum(tp <= 0)  # a group-of hit weighs group_of_weight as a TP and nothing as a FP
     precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
     recall = ctp / num_gt
     r = np.concatenate([[0.0], recall, [1.0]])
@@ -195,9 +218,9 @@ def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: int, max_points: int = 
     if num_gt <= 0 or len(scores) == 0:
         return None
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    ctp = np.cumsum(np.asarray(tp, dtype=np.float64)[order])
-    n = np.arange(1, len(ctp) + 1)
-    precision, recall = ctp / n, ctp / num_gt
+    tps = np.asarray(tp, dtype=np.float64)[order]
+    ctp = np.cumsum(tps)
+    precision, recall = ctp / np.maximum(ctp + np.cumsum(tps <= 0), 1e-12), ctp / num_gt
     keep = np.unique(np.linspace(0, len(ctp) - 1, min(max_points, len(ctp))).round().astype(int))
     return {"recall": [round(float(x), 5) for x in recall[keep]],
             "precision": [round(float(x), 5) for x in precision[keep]]}
@@ -211,17 +234,21 @@ class OpenImagesMetric:
         hierarchy: class relations for expansion; None = no expansion.
         iou_threshold: matching threshold for IoU (boxes) and IoA (group-of boxes).
         class_names: optional id -> name for the report.
+        group_of_weight: what a group-of box weighs, as ground truth and as a
+            true positive (1.0 in the challenge; 0 ignores group-of boxes).
     """
 
     def __init__(self, class_ids: Sequence[int], hierarchy: Optional[Hierarchy] = None,
-                 iou_threshold: float = 0.5, class_names: Optional[Mapping[int, str]] = None) -> None:
+                 iou_threshold: float = 0.5, class_names: Optional[Mapping[int, str]] = None,
+                 group_of_weight: float = 1.0) -> None:
         self.class_ids = [int(c) for c in class_ids]
         self.hierarchy = hierarchy
         self.iou_threshold = float(iou_threshold)
+        self.group_of_weight = float(group_of_weight)
         self.class_names = dict(class_names or {})
         self._scores: dict[int, list[np.ndarray]] = {c: [] for c in self.class_ids}
         self._tp: dict[int, list[np.ndarray]] = {c: [] for c in self.class_ids}
-        self._num_gt: dict[int, int] = {c: 0 for c in self.class_ids}
+        self._num_gt: dict[int, float] = {c: 0.0 for c in self.class_ids}
         self._num_images = 0
 
     # ---------------------------------------------------------------- expansion
@@ -266,16 +293,17 @@ class OpenImagesMetric:
         gt = self._expand_gt(gt)
         det = self._expand_det(det)
         self._num_images += 1
-        if gt.positive_labels is None and gt.negative_labels is None:
-            evaluable = set(self.class_ids)
-        else:
-            evaluable = set(gt.positive_labels or ()) | set(gt.negative_labels or ()) | {int(x) for x in gt.labels}
+        # The challenge evaluator's rule: verified labels (either way) plus box classes; an image
+        # without image-level labels is scored on its box classes only, never on every class.
+        evaluable = set(gt.positive_labels or ()) | set(gt.negative_labels or ()) | {int(x) for x in gt.labels}
+        valid = (det.boxes[:, 0] < det.boxes[:, 2]) & (det.boxes[:, 1] < det.boxes[:, 3])
         for cid in self.class_ids:
             if cid not in evaluable:
                 continue
             gmask = gt.labels == cid
-            dmask = det.labels == cid
-            self._num_gt[cid] += int(gmask.sum())
+            dmask = (det.labels == cid) & valid
+            n_group = int((gmask & gt.group_of).sum())
+            self._num_gt[cid] += int(gmask.sum()) - n_group + self.group_of_weight * n_group
             if not dmask.any():
                 continue
             scores, tp = self._match(det.boxes[dmask], det.scores[dmask], gt.boxes[gmask], gt.group_of[gmask])
@@ -313,8 +341,11 @@ class OpenImagesMetric:
                     group_hit[j] = True
                     group_scores[j] = max(group_scores[j], dscores[i])
         keep = ~in_group
-        scores = np.concatenate([dscores[keep], group_scores[group_hit]])
-        labels = np.concatenate([tp[keep], np.ones(int(group_hit.sum()), dtype=bool)])
+        # As the challenge evaluator: a group-of box counts when hit with a positive score and a
+        # positive weight (weight 0: the detections inside it are ignored altogether).
+        counted = group_hit & (group_scores > 0) & (self.group_of_weight > 0)
+        scores = np.concatenate([dscores[keep], group_scores[counted]])
+        labels = np.concatenate([tp[keep].astype(np.float64), np.full(int(counted.sum()), self.group_of_weight)])
         return scores, labels
 
     # ---------------------------------------------------------------- result
@@ -328,14 +359,14 @@ class OpenImagesMetric:
         aps = []
         for cid in self.class_ids:
             scores = np.concatenate(self._scores[cid]) if self._scores[cid] else np.zeros(0)
-            tp = np.concatenate(self._tp[cid]) if self._tp[cid] else np.zeros(0, dtype=bool)
+            tp = np.concatenate(self._tp[cid]) if self._tp[cid] else np.zeros(0)
             ap = average_precision(scores, tp, self._num_gt[cid])
             if not np.isnan(ap):
                 aps.append(ap)
             per_class[cid] = {
                 "ap": None if np.isnan(ap) else ap,
                 "name": self.class_names.get(cid, str(cid)),
-                "num_gt": self._num_gt[cid],
+                "num_gt": int(self._num_gt[cid]) if float(self._num_gt[cid]).is_integer() else self._num_gt[cid],
                 "num_detections": int(len(scores)),
                 "pr_curve": pr_curve(scores, tp, self._num_gt[cid]),
             }
@@ -345,14 +376,15 @@ class OpenImagesMetric:
             "num_images": self._num_images,
             "num_classes_scored": len(aps),
             "iou_threshold": self.iou_threshold,
+            "group_of_weight": self.group_of_weight,
         }
 
 
 def evaluate_images(gts: Iterable[ImageGroundTruth], dets: Iterable[ImageDetections],
                     class_ids: Sequence[int], hierarchy: Optional[Hierarchy] = None,
-                    iou_threshold: float = 0.5) -> dict:
+                    iou_threshold: float = 0.5, group_of_weight: float = 1.0) -> dict:
     """Convenience: score paired lists of ground truth and detections."""
-    m = OpenImagesMetric(class_ids, hierarchy, iou_threshold)
+    m = OpenImagesMetric(class_ids, hierarchy, iou_threshold, group_of_weight=group_of_weight)
     for g, d in zip(gts, dets):
         m.add_image(g, d)
     return m.result()
