@@ -278,7 +278,7 @@ def test_configmap_is_the_project_config() -> None:
 
 def test_default_config_is_small() -> None:
     allowed = {
-        "output": {"url", "s3"}, "ray": {"address", "num_actors", "num_cpus_per_actor", "concurrency_per_actor"},
+        "output": {"url", "s3"}, "ray": {"address", "num_cpus_per_actor", "concurrency_per_actor", "forward_env"},
         "train": {"model_dir", "batch_size", "steps", "backbone"}, "export": {"dir"}, "serve": {"model"},
     }
     cfg = _chart().values["config"]
@@ -585,7 +585,7 @@ def test_cpu_training_needs_no_gpu_but_an_image() -> None:
 
 def test_evaluate_export_tensorboard_commands() -> None:
     objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml"))
-    (ev,) = find(objs, "Deployment", "-evaluate")
+    (ev,) = find(objs, "Job", "-evaluate-1")
     (c,) = ev["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["oiod", "evaluate", "-c", CONFIG_PATH, "--continuous"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -631,7 +631,7 @@ def test_serving_without_hpa_has_fixed_replicas() -> None:
 def test_components_toggle_independently() -> None:
     base = {"images": {"train": {"repository": "r/train"}}, "prepare": {"enabled": False}}
     kinds_of = {
-        "train": ("Job", "-train-1"), "evaluate": ("Deployment", "-evaluate"), "export": ("Job", "-export-1"),
+        "train": ("Job", "-train-1"), "evaluate": ("Job", "-evaluate-1"), "export": ("Job", "-export-1"),
         "serve": ("Deployment", "-serve"),
     }
     for component, (kind, suffix) in kinds_of.items():
@@ -673,8 +673,12 @@ def test_chart_created_secret() -> None:
 
 def test_no_keys_when_using_workload_identity() -> None:
     objs = render_chart(scenario_values("k8s/values-eks-gpu.yaml"))
-    (sa,) = find(objs, "ServiceAccount")
+    (sa,) = find(objs, "ServiceAccount", "-ray-worker")
     assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    # Least privilege: components that never touch the bucket get no cloud role.
+    for name in ("-tensorboard", "-prepare-submitter", "-test"):
+        for other in find(objs, "ServiceAccount", name):
+            assert "annotations" not in other["metadata"], other["metadata"]["name"]
     (job,) = find(objs, "RayJob")
     (c,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     env = container_env(c)
@@ -739,7 +743,7 @@ def test_every_value_is_documented() -> None:
 def test_values_yaml_matches_schema_and_defaults_render() -> None:
     _chart().validate_schema(_chart().values)
     kinds = sorted(o["kind"] for o in render_chart())
-    assert kinds == ["ConfigMap", "RayJob", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "RayJob", "ServiceAccount", "ServiceAccount", "ServiceAccount"]
 
 
 def test_readme_documents_operator_and_steps() -> None:
