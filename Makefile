@@ -1,12 +1,13 @@
 # The two commands a newcomer needs (see README.md):
 #   make demo   -- set up .venv and run `oiod demo` end to end (embedded default)
 #   make test   -- set up .venv and run the whole test suite (what CI runs)
+#   make images -- build the worker, serve and train images with podman (no registry needed)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.oiod-installed
 
-.PHONY: setup demo test browser clean
+.PHONY: setup demo test browser containers images images-ci containers-train clean
 
 setup: $(STAMP)
 
@@ -29,7 +30,32 @@ browser:
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "chromium not installed: browser tests will be skipped"; fi; }
 
-test: setup browser
+# podman, buildah, debootstrap and runc for the container lane and `make images`
+# (Debian packages; needs root or sudo). Without them the lane is skipped.
+containers:
+	@command -v podman >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah debootstrap runc uidmap >/dev/null; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah debootstrap runc uidmap >/dev/null; \
+	  else echo "podman not installed: the container lane will be skipped"; fi; }
+
+# All three images (localhost/openimages-od-{worker,serve,train}:$(TAG)); build
+# times and sizes go to build/images.jsonl. See docker/README.md.
+TAG ?= dev
+images: containers
+	TAG=$(TAG) docker/build-images.sh worker serve train
+
+# What the test suite's container lane needs (the train image is too big for CI).
+images-ci: containers
+	@if [ "$$(id -u)" = 0 ] && command -v podman >/dev/null 2>&1; then \
+	  for n in worker serve; do podman image exists localhost/openimages-od-$$n:$(TAG) || missing="$$missing $$n"; done; \
+	  if [ -n "$$missing" ]; then TAG=$(TAG) docker/build-images.sh $$missing; fi; fi
+
+# The train image's part of the lane (train, evaluate, export Jobs and TensorBoard), outside CI.
+containers-train: setup containers
+	TAG=$(TAG) docker/build-images.sh train
+	OIOD_IMAGE_TAG=$(TAG) $(BIN)/python -m pytest -m containers -k train_image -s tests/test_containers.py
+
+test: setup browser images-ci
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -61,8 +61,10 @@ class SeaweedFS:
     failure paths), ``start()`` brings it back on the same ports and data.
     """
 
-    def __init__(self, workdir: Optional[str] = None, access_key: str = "oiod-test", secret_key: str = "oiod-test-secret") -> None:
+    def __init__(self, workdir: Optional[str] = None, access_key: str = "oiod-test", secret_key: str = "oiod-test-secret",
+                 ip: str = "127.0.0.1") -> None:
         self._own_dir = workdir is None
+        self.ip = ip
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="oiod-weed-"))
         self.access_key = access_key
         self.secret_key = secret_key
@@ -71,7 +73,7 @@ class SeaweedFS:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.ip}:{self.ports['s3']}"
 
     def env(self) -> dict[str, str]:
         """Environment for a client process (standard AWS variables)."""
@@ -83,7 +85,7 @@ class SeaweedFS:
         p = self.ports
         cmd = [
             _weed_binary(), f"-logdir={self.workdir / 'logs'}", "mini", f"-dir={self.workdir}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false",
+            f"-ip={self.ip}", f"-ip.bind={self.ip}", "-master.telemetry=false", "-admin.ui=false",
             "-webdav=false", f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
             f"-admin.port={p['admin']}",

@@ -278,7 +278,7 @@ def test_configmap_is_the_project_config() -> None:
 
 def test_default_config_is_small() -> None:
     allowed = {
-        "output": {"url", "s3"}, "ray": {"address", "num_actors", "num_cpus_per_actor", "concurrency_per_actor"},
+        "output": {"url", "s3"}, "ray": {"address", "num_cpus_per_actor", "concurrency_per_actor", "forward_env"},
         "train": {"model_dir", "batch_size", "steps", "backbone"}, "export": {"dir"}, "serve": {"model"},
     }
     cfg = _chart().values["config"]
@@ -585,7 +585,7 @@ def test_cpu_training_needs_no_gpu_but_an_image() -> None:
 
 def test_evaluate_export_tensorboard_commands() -> None:
     objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml"))
-    (ev,) = find(objs, "Deployment", "-evaluate")
+    (ev,) = find(objs, "Job", "-evaluate-1")
     (c,) = ev["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["oiod", "evaluate", "-c", CONFIG_PATH, "--continuous"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -631,7 +631,7 @@ def test_serving_without_hpa_has_fixed_replicas() -> None:
 def test_components_toggle_independently() -> None:
     base = {"images": {"train": {"repository": "r/train"}}, "prepare": {"enabled": False}}
     kinds_of = {
-        "train": ("Job", "-train-1"), "evaluate": ("Deployment", "-evaluate"), "export": ("Job", "-export-1"),
+        "train": ("Job", "-train-1"), "evaluate": ("Job", "-evaluate-1"), "export": ("Job", "-export-1"),
         "serve": ("Deployment", "-serve"),
     }
     for component, (kind, suffix) in kinds_of.items():
@@ -673,8 +673,12 @@ def test_chart_created_secret() -> None:
 
 def test_no_keys_when_using_workload_identity() -> None:
     objs = render_chart(scenario_values("k8s/values-eks-gpu.yaml"))
-    (sa,) = find(objs, "ServiceAccount")
+    (sa,) = find(objs, "ServiceAccount", "-ray-worker")
     assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    # Least privilege: components that never touch the bucket get no cloud role.
+    for name in ("-tensorboard", "-prepare-submitter", "-test"):
+        for other in find(objs, "ServiceAccount", name):
+            assert "annotations" not in other["metadata"], other["metadata"]["name"]
     (job,) = find(objs, "RayJob")
     (c,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     env = container_env(c)
@@ -739,7 +743,7 @@ def test_every_value_is_documented() -> None:
 def test_values_yaml_matches_schema_and_defaults_render() -> None:
     _chart().validate_schema(_chart().values)
     kinds = sorted(o["kind"] for o in render_chart())
-    assert kinds == ["ConfigMap", "RayJob", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "RayJob", "ServiceAccount", "ServiceAccount", "ServiceAccount"]
 
 
 def test_readme_documents_operator_and_steps() -> None:
@@ -803,3 +807,428 @@ def test_seaweedfs_dev_serves_s3_on_8333() -> None:
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert "-s3" in c["command"] and "-s3.port=8333" in c["command"]
     assert not c["image"].endswith(":latest") and ":" in c["image"]
+
+
+# --------------------------------------------------------------------------- what the KubeRay operator rejects (issue 13)
+#
+# KubeRay validates RayJob/RayCluster in its controller (ray-operator/controllers/ray/utils/validation.go), after
+# the API server accepted them, so a rejected object just sits in ValidationFailed. The CRD schema cannot express
+# these rules: kuberay_operator_errors() restates the ones reachable from this chart (KubeRay 1.5-1.6) and every
+# scenario must pass them; _validate.tpl refuses the values that would produce a violation.
+
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL|SESSION", re.I)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def _cluster_spec_errors(spec: dict) -> list[str]:
+    errors = []
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    for name, group in groups:
+        if not group["template"]["spec"].get("containers"):
+            errors.append(f"{name}: no container")
+        params = group.get("rayStartParams", {})
+        if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+            errors.append(f"{name}: resources in both rayStartParams and resources")
+        if "labels" in params:
+            errors.append(f"{name}: rayStartParams.labels")
+        if params.get("redis-username"):
+            errors.append(f"{name}: redis-username")
+    head_env = {e["name"] for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])}
+    if "RAY_REDIS_ADDRESS" in head_env and not spec.get("gcsFaultToleranceOptions"):
+        errors.append("RAY_REDIS_ADDRESS without gcsFaultToleranceOptions")
+    if "REDIS_USERNAME" in head_env:
+        errors.append("REDIS_USERNAME env")
+    if (spec.get("authOptions") or {}).get("mode") == "token":
+        if not spec.get("rayVersion") or _version_tuple(spec["rayVersion"]) < (2, 52, 0):
+            errors.append("authOptions.mode=token needs rayVersion >= 2.52.0")
+    return errors
+
+
+def kuberay_operator_errors(obj: dict) -> list[str]:
+    """What KubeRay's ValidateRay{Cluster,Job}{Metadata,Spec} would say about one object ([] = accepted)."""
+    errors = []
+    name = obj["metadata"]["name"]
+    limit = 47 if obj["kind"] == "RayJob" else 63
+    if len(name) > limit or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        errors.append(f"name {name!r}: DNS-1035 label of at most {limit} characters")
+    spec = obj["spec"]
+    if obj["kind"] == "RayCluster":
+        return errors + _cluster_spec_errors(spec)
+    selector = spec.get("clusterSelector") or {}
+    shutdown = spec.get("shutdownAfterJobFinishes", False)
+    if spec.get("suspend") and not shutdown:
+        errors.append("suspend without shutdownAfterJobFinishes")
+    if spec.get("ttlSecondsAfterFinished", 0) < 0:
+        errors.append("negative ttlSecondsAfterFinished")
+    if not shutdown and spec.get("ttlSecondsAfterFinished", 0) > 0:
+        errors.append("ttlSecondsAfterFinished without shutdownAfterJobFinishes")
+    if not spec.get("rayClusterSpec") and not selector:
+        errors.append("neither rayClusterSpec nor clusterSelector")
+    if selector:
+        if not selector.get("ray.io/cluster"):
+            errors.append("clusterSelector without ray.io/cluster")
+        if spec.get("submissionMode") == "SidecarMode":
+            errors.append("clusterSelector in SidecarMode")
+        if spec.get("suspend"):
+            errors.append("suspend with clusterSelector")
+        if spec.get("backoffLimit", 0) > 0:  # KubeRay >= 1.6 (PR 4527): a retry would delete the shared cluster
+            errors.append("backoffLimit with clusterSelector")
+    if spec.get("submissionMode") == "InteractiveMode" and spec.get("backoffLimit", 0) > 0:
+        errors.append("backoffLimit in InteractiveMode")
+    if "activeDeadlineSeconds" in spec and spec["activeDeadlineSeconds"] <= 0:
+        errors.append("activeDeadlineSeconds <= 0")
+    if spec.get("backoffLimit", 0) < 0:
+        errors.append("negative backoffLimit")
+    if spec.get("rayClusterSpec"):
+        errors += _cluster_spec_errors(spec["rayClusterSpec"])
+    return errors
+
+
+def test_kuberay_would_accept_every_scenario(scenario: tuple[str, dict, list[dict]]) -> None:
+    name, _, objs = scenario
+    for obj in objs:
+        if obj["kind"] in ("RayJob", "RayCluster"):
+            assert not kuberay_operator_errors(obj), (name, obj["metadata"]["name"], kuberay_operator_errors(obj))
+
+
+def test_operator_rules_are_not_a_rubber_stamp() -> None:
+    """The restated rules catch what the old chart rendered (backoffLimit next to clusterSelector)."""
+    (job,) = find(render_chart(scenario_values("ci/autoscaling-values.yaml")), "RayJob")
+    assert "backoffLimit" not in job["spec"] and job["spec"]["clusterSelector"]
+    old = copy.deepcopy(job)
+    old["spec"]["backoffLimit"] = 1  # what templates/rayjob.yaml rendered before issue 13
+    assert kuberay_operator_errors(old) == ["backoffLimit with clusterSelector"]
+    (own,) = find(render_chart(), "RayJob")
+    bad = copy.deepcopy(own)
+    bad["spec"]["shutdownAfterJobFinishes"] = False
+    bad["spec"]["rayClusterSpec"]["rayVersion"] = "2.50.0"
+    bad["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["labels"] = "a=b"
+    assert len(kuberay_operator_errors(bad)) == 3, kuberay_operator_errors(bad)
+
+
+@pytest.mark.parametrize(
+    "values, needles",
+    [
+        pytest.param({"ray": {"head": {"rayStartParams": {"labels": "zone=a"}}}}, ["rayStartParams.labels"], id="labels"),
+        pytest.param({"ray": {"download": {"rayStartParams": {"redis-username": "u"}}}}, ["redis-username"], id="redis-user"),
+        pytest.param({"ray": {"rayVersion": "2.50.0"}}, ["ray.auth.mode=token needs Ray >= 2.52.0", "2.50.0"], id="auth-old-ray"),
+        pytest.param({"ray": {"auth": {"mode": "disabled"}}, "networkPolicy": {"enabled": False}},
+                     ["ray.auth.mode=disabled with networkPolicy.enabled=false"], id="ray-wide-open"),
+        pytest.param({"config": {"ray": {"forward_env": ["AWS_SECRET_ACCESS_KEY"]}}},
+                     ["config.ray.forward_env lists AWS_SECRET_ACCESS_KEY"], id="secret-in-runtime-env"),
+        pytest.param({"prepare": {"clusterName": "other"}}, ["prepare.clusterName=other only applies"], id="stray-cluster-name"),
+    ],
+)
+def test_render_refuses_what_the_operator_or_a_leak_would(values: dict, needles: list[str]) -> None:
+    with pytest.raises(Exception) as info:
+        render_chart(values)
+    for needle in needles:
+        assert needle in str(info.value), (needle, str(info.value))
+
+
+def test_release_names_kuberay_rejects_are_refused() -> None:
+    with pytest.raises(Exception, match="not a DNS-1035 label"):
+        render_chart(release="1st")
+    objs = render_chart({"fullnameOverride": "first"}, release="1st")
+    (job,) = find(objs, "RayJob")
+    assert not kuberay_operator_errors(job)
+
+
+def test_existing_cluster_by_name_has_no_retries() -> None:
+    objs = render_chart({"prepare": {"useExistingCluster": True, "clusterName": "team-ray"}})
+    (job,) = find(objs, "RayJob")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "team-ray"}
+    assert "backoffLimit" not in job["spec"] and "ttlSecondsAfterFinished" not in job["spec"]
+    assert not kuberay_operator_errors(job) and not find(objs, "RayCluster")
+
+
+# --------------------------------------------------------------------------- secrets stay secret (issue 13)
+
+
+def _ray_cluster_specs(objs: list[dict]) -> list[tuple[str, dict]]:
+    out = [(o["metadata"]["name"], o["spec"]) for o in find(objs, "RayCluster")]
+    out += [(o["metadata"]["name"], o["spec"]["rayClusterSpec"]) for o in find(objs, "RayJob")
+            if "rayClusterSpec" in o["spec"]]
+    return out
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_every_ray_cluster_has_token_auth_or_a_network_policy(scenario: tuple[str, dict, list[dict]]) -> None:
+    name, _, objs = scenario
+    policies = find(objs, "NetworkPolicy")
+    for cluster, spec in _ray_cluster_specs(objs):
+        token = (spec.get("authOptions") or {}).get("mode") == "token"
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        fenced = all(any(_selects(p["spec"]["podSelector"], pod["metadata"]["labels"]) for p in policies) for pod in pods)
+        assert token or fenced, (name, cluster)
+        assert token and fenced, f"{name}: the defaults give both ({cluster})"
+
+
+def test_network_policy_admits_only_the_release_and_the_operator() -> None:
+    objs = render_chart({"rayCluster": {"enabled": True}})
+    (policy,) = find(objs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    (cluster,) = find(objs, "RayCluster")
+    (job,) = find(objs, "RayJob")
+    own_pods = [cluster["spec"]["headGroupSpec"]["template"], cluster["spec"]["workerGroupSpecs"][0]["template"],
+                job["spec"]["submitterPodTemplate"]]
+    for pod in own_pods[:2]:
+        assert _selects(spec["podSelector"], pod["metadata"]["labels"])
+    release_rule, operator_rule = spec["ingress"]
+    (peer,) = release_rule["from"]
+    assert set(peer) == {"podSelector"}  # same namespace only
+    for pod in own_pods:  # Ray nodes and the submitter reach every Ray port
+        assert _selects(peer["podSelector"], pod["metadata"]["labels"])
+    other_release = {**own_pods[0]["metadata"]["labels"], "app.kubernetes.io/instance": "someone-else"}
+    assert not _selects(peer["podSelector"], other_release)
+    (op,) = operator_rule["from"]
+    assert op["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
+    assert operator_rule["ports"] == [{"protocol": "TCP", "port": 8265}]
+
+
+def test_no_secret_travels_through_runtime_env(
+    scenario: tuple[str, dict, list[dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_mod = pytest.importorskip("openimages_od.config")
+    name, _, objs = scenario
+    (cm,) = find(objs, "ConfigMap", "-config")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    for key, val in _plain_env(objs).items():
+        monkeypatch.setenv(key, val)
+    cfg = config_mod.load_config(path, overrides=[])
+    leaked = [v for v in cfg.ray.forward_env if _SECRET_NAME.search(v)]
+    assert not leaked, (name, leaked)
+    for job in find(objs, "RayJob"):
+        assert "runtimeEnvYAML" not in job["spec"], name
+        assert "forward_env" not in job["spec"]["entrypoint"], name
+
+
+def test_ray_workers_get_credentials_from_the_secret_only() -> None:
+    objs = render_chart(scenario_values("ci/external-s3-values.yaml") | {"prepare": {"enabled": True}})
+    for _, spec in _ray_cluster_specs(objs):
+        for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+            env = container_env(pod["spec"]["containers"][0])
+            assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "oiod-s3", "key": "secret-key"}}
+
+
+# --------------------------------------------------------------------------- lifecycles (issue 13)
+
+
+def _pod_templates(obj: dict) -> Iterator[tuple[str, dict]]:
+    spec = obj.get("spec", {})
+    if obj["kind"] in ("Deployment", "Job"):
+        yield obj["kind"], spec["template"]
+    elif obj["kind"] == "RayJob":
+        yield "RayJob", spec["submitterPodTemplate"]
+        if "rayClusterSpec" in spec:
+            yield "RayJob", spec["rayClusterSpec"]["headGroupSpec"]["template"]
+            for g in spec["rayClusterSpec"]["workerGroupSpecs"]:
+                yield "RayJob", g["template"]
+    elif obj["kind"] == "RayCluster":
+        yield "RayCluster", spec["headGroupSpec"]["template"]
+        for g in spec["workerGroupSpecs"]:
+            yield "RayCluster", g["template"]
+
+
+def test_no_version_labels_in_pod_templates(scenario: tuple[str, dict, list[dict]]) -> None:
+    name, _, objs = scenario
+    for obj in objs:
+        for kind, template in _pod_templates(obj):
+            labels = template["metadata"]["labels"]
+            assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, (name, kind)
+
+
+def test_job_templates_survive_a_chart_version_bump(tmp_path: Path) -> None:
+    """`helm upgrade` to a new chart version must not change any (immutable) Job pod template."""
+    import shutil
+
+    bumped = tmp_path / "openimages-od"
+    shutil.copytree(CHART_DIR, bumped)
+    chart_yaml = bumped / "Chart.yaml"
+    chart_yaml.write_text(re.sub(r"(?m)^(version|appVersion): .*$", r'\1: "9.9.9"', chart_yaml.read_text()))
+    values = scenario_values("ci/gpu-multiworker-values.yaml")
+    new = helm.Chart.load(str(bumped)).render(values, name=RELEASE, namespace=NAMESPACE, is_install=False)
+    new_objs = [d for k, v in sorted(new.items()) if not k.endswith("NOTES.txt") for d in _docs(v)]
+    old_jobs = {j["metadata"]["name"]: j for j in find(render_chart(values), "Job")}
+    new_jobs = {j["metadata"]["name"]: j for j in find(new_objs, "Job")}
+    assert old_jobs.keys() == new_jobs.keys() and len(old_jobs) == 3
+    for job_name, job in old_jobs.items():
+        assert job["spec"]["template"] == new_jobs[job_name]["spec"]["template"], job_name
+        assert job["metadata"]["labels"] != new_jobs[job_name]["metadata"]["labels"]  # the Job's own labels may move
+
+
+def test_evaluator_does_not_restart_after_its_final_step(scenario: tuple[str, dict, list[dict]]) -> None:
+    name, _, objs = scenario
+    for obj in objs:
+        for label, pod in pod_specs(obj):
+            for c in pod["containers"]:
+                if c.get("command", [])[:2] == ["oiod", "evaluate"]:
+                    # A Deployment restarts a container that exits 0; a Job with Never does not.
+                    assert obj["kind"] == "Job" and pod["restartPolicy"] == "Never", (name, label)
+                    assert obj["spec"]["activeDeadlineSeconds"] > 0
+
+
+def test_each_component_has_its_own_service_account() -> None:
+    values = scenario_values("ci/gpu-multiworker-values.yaml") | {"prepare": {"enabled": True}}
+    values["serviceAccount"] = {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}}
+    objs = render_chart(values)
+    accounts = {sa["metadata"]["name"]: sa for sa in find(objs, "ServiceAccount")}
+    used: dict[str, set[str]] = {}
+    for obj in objs:
+        for label, pod in pod_specs(obj):
+            used.setdefault(pod["serviceAccountName"], set()).add(label.split("/")[0] + "/" + label.split("/")[-1])
+            if not (label.endswith("/head") and pod["automountServiceAccountToken"]):
+                assert pod["automountServiceAccountToken"] is False, label
+    assert set(used) <= set(accounts), set(used) - set(accounts)
+    assert len(used) >= 8, used  # head, worker, submitter, train, evaluate, export, serve, tensorboard
+    for sa in accounts.values():
+        assert sa["automountServiceAccountToken"] is False
+        bucket = not sa["metadata"]["name"].endswith(("-tensorboard", "-prepare-submitter", "-test"))
+        assert ("annotations" in sa["metadata"]) == bucket, sa["metadata"]["name"]
+    assert not find(objs, "Role") and not find(objs, "RoleBinding") and not find(objs, "ClusterRole")
+
+
+_SCHEDULING = {
+    "podAnnotations": {"example.com/team": "vision"},
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}]}}},
+    "tolerations": [{"key": "pool", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}],
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}}],
+    "priorityClassName": "batch-low",
+    "nodeSelector": {"pool": "batch"},
+}
+
+
+def test_scheduling_is_settable_per_component() -> None:
+    values: dict = {"images": {"train": {"repository": "r/train"}}, "modelStorage": {"enabled": True},
+                    "config": {"train": {"model_dir": "/models/m"}}, "rayCluster": {"enabled": True}}
+    for c in ("prepare", "train", "evaluate", "export", "tensorboard", "serve"):
+        values[c] = {"enabled": True, **_SCHEDULING}
+    values["ray"] = {"head": _SCHEDULING, "download": _SCHEDULING}
+    objs = render_chart(values)
+    pods = 0
+    for obj in objs:
+        validate_object(obj)
+        for _, template in _pod_templates(obj):
+            pods += 1
+            spec = template["spec"]
+            for key in ("affinity", "tolerations", "topologySpreadConstraints", "priorityClassName", "nodeSelector"):
+                assert spec[key] == _SCHEDULING[key], (obj["metadata"]["name"], key)
+            assert template["metadata"]["annotations"]["example.com/team"] == "vision"
+    assert pods == 10  # RayCluster head+worker, RayJob head+worker+submitter, 3 Jobs, 2 Deployments
+    (serve,) = find(objs, "Deployment", "-serve")
+    assert "checksum/config" in serve["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_ray_probes_are_as_tolerant_as_kuberay() -> None:
+    # KubeRay's defaults (utils/constant.go): readiness 10 x 5 s with a 2 s (worker) / 5 s (head) timeout,
+    # liveness 120 x 5 s with the same timeouts.
+    (job,) = find(render_chart(), "RayJob")
+    spec = job["spec"]["rayClusterSpec"]
+    for role, template, timeout in (("head", spec["headGroupSpec"]["template"], 5),
+                                    ("worker", spec["workerGroupSpecs"][0]["template"], 2)):
+        (c,) = template["spec"]["containers"]
+        ready, live = c["readinessProbe"], c["livenessProbe"]
+        assert ready["timeoutSeconds"] >= timeout and live["timeoutSeconds"] >= timeout, role
+        assert ready["failureThreshold"] * ready["periodSeconds"] >= 50, role
+        assert live["failureThreshold"] * live["periodSeconds"] >= 600, role
+        assert live["initialDelaySeconds"] >= 30, role
+
+
+def test_multiworker_training_restarts_as_a_group_with_a_deadline() -> None:
+    objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml"))
+    (job,) = find(objs, "Job", "-train-gpu-1")
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    assert spec["backoffLimit"] == 2 * 4  # restarts x workers: one group restart fails every worker once
+    assert spec["activeDeadlineSeconds"] > 0
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}} in rules
+    assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules)
+
+
+def test_helm_test_hook_checks_the_serving_endpoint() -> None:
+    objs = render_chart({"serve": {"enabled": True}, "prepare": {"enabled": False}})
+    (pod,) = [o for o in objs if o["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (svc,) = find(objs, "Service", "-serve")
+    (c,) = pod["spec"]["containers"]
+    env = container_env(c)
+    assert env["OIOD_TEST_URL"] == f"http://{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:80"
+    script = c["command"][2]
+    assert "/readyz" in script and "/v1/detect" in script
+    assert c["image"] == "openimages-od-serve:0.1.0" and pod["spec"]["restartPolicy"] == "Never"
+    compile(script, "helm-test", "exec")
+    assert not [o for o in render_chart({"serve": {"enabled": True}, "helmTest": {"enabled": False}}) if o["kind"] == "Pod"]
+
+
+# --------------------------------------------------------------------------- one knob scales prepare (issue 14)
+
+
+def _worker_cpus(group: dict) -> float:
+    cpu = str(group["rayStartParams"].get("num-cpus") or group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    return float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+
+
+def test_download_replicas_is_the_one_knob() -> None:
+    """More replicas -> a bigger worker group, and nothing pins the actor count: actors follow the cluster."""
+    for replicas in (2, 3):
+        objs = render_chart({"ray": {"download": {"replicas": replicas, "maxReplicas": 4}}})
+        (job,) = find(objs, "RayJob")
+        (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        assert group["replicas"] == replicas
+        (cm,) = find(objs, "ConfigMap", "-config")
+        assert "num_actors" not in yaml.safe_load(cm["data"]["config.yaml"])["ray"]
+        assert "num_actors" not in job["spec"]["entrypoint"]
+        cpus_per_actor = yaml.safe_load(cm["data"]["config.yaml"])["ray"]["num_cpus_per_actor"]
+        # What Ray will report, from which prepare derives its actors.
+        assert replicas * _worker_cpus(group) / cpus_per_actor == 2 * replicas
+
+
+def test_no_scenario_leaves_cpus_idle(scenario: tuple[str, dict, list[dict]]) -> None:
+    """An explicit actor count below what the workers hold leaves CPUs idle (k8s/values-eks-gpu.yaml did)."""
+    name, _, objs = scenario
+    for job in find(objs, "RayJob"):
+        argv = shlex.split(job["spec"]["entrypoint"])
+        pinned = [a.split("=", 1)[1] for a in argv if a.startswith("ray.num_actors=")]
+        (cm,) = find(objs, "ConfigMap", "-config")
+        ray_cfg = yaml.safe_load(cm["data"]["config.yaml"])["ray"]
+        if "num_actors" in ray_cfg:
+            pinned.append(ray_cfg["num_actors"])
+        clusters = _ray_cluster_specs(objs)
+        (_, spec), = [c for c in clusters if c[0] == job["spec"].get("clusterSelector", {}).get("ray.io/cluster")] or clusters
+        (group,) = spec["workerGroupSpecs"]
+        capacity = group["maxReplicas" if spec["enableInTreeAutoscaling"] else "replicas"] * _worker_cpus(group)
+        for n in pinned:
+            assert int(n) * float(ray_cfg.get("num_cpus_per_actor", 0.5)) >= capacity, (name, n, capacity)
+
+
+def test_autoscaler_demand_reaches_max_replicas() -> None:
+    objs = render_chart(scenario_values("ci/autoscaling-values.yaml"))
+    (cluster,) = find(objs, "RayCluster")
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True and group["maxReplicas"] == 20
+    (job,) = find(objs, "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    # 20 workers x 4 CPUs / 2 CPUs per actor: the actors that do not fit yet are the pending demand.
+    assert argv[argv.index("--set") + 1] == "ray.num_actors=40"
+    more = scenario_values("ci/autoscaling-values.yaml")
+    more["ray"]["download"]["maxReplicas"] = 30
+    (job,) = find(render_chart(more), "RayJob")
+    assert "ray.num_actors=60" in job["spec"]["entrypoint"]

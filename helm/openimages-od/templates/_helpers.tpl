@@ -74,16 +74,80 @@ app.kubernetes.io/part-of: openimages-od
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
+{{/*
+Labels of a pod template. No chart or app version here: Job pod templates are
+immutable, so a version label would make `helm upgrade` after a chart bump
+fail on every existing Job (and roll every Deployment for nothing).
+include "oiod.podLabels" (list . "serve")
+*/}}
+{{- define "oiod.podLabels" -}}
+{{ include "oiod.selectorLabels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+app.kubernetes.io/part-of: openimages-od
+{{- with (index . 0).Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod metadata: labels and the component's podAnnotations (plus extra ones).
+include "oiod.podMetadata" (dict "root" . "component" "serve" "values" .Values.serve "annotations" (dict ...))
+*/}}
+{{- define "oiod.podMetadata" -}}
+labels:
+  {{- include "oiod.podLabels" (list .root .component) | nindent 2 }}
+  {{- with .extraLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- $ann := merge (dict) (default dict .annotations) (default dict .values.podAnnotations) }}
+{{- with $ann }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Scheduling fields of a pod spec from a component's values.
+include "oiod.scheduling" .Values.serve
+*/}}
+{{- define "oiod.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}
+
 {{- define "oiod.componentSelectorLabels" -}}
 {{ include "oiod.selectorLabels" (index . 0) }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
+{{/*
+ServiceAccount of one component: include "oiod.serviceAccountName" (list . "serve").
+One account per component, so a cloud role (IRSA, Workload Identity) or a
+RoleBinding given to one of them reaches nobody else.
+*/}}
 {{- define "oiod.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "oiod.fullname" .) .Values.serviceAccount.name }}
+{{- $root := index . 0 }}
+{{- if $root.Values.serviceAccount.create }}
+{{- include "oiod.componentName" (list $root (index . 1)) }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- default "default" $root.Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
 
@@ -160,6 +224,12 @@ imagePullSecrets:
 Environment of every oiod container: object-store endpoint, region, keys.
 */}}
 {{- define "oiod.env" -}}
+{{- include "oiod.baseEnv" . }}
+{{- include "oiod.credentialsEnv" . }}
+{{- end }}
+
+{{/* The environment without the object-store keys (TensorBoard reads only the volume). */}}
+{{- define "oiod.baseEnv" -}}
 - name: OIOD_CONFIG
   value: /etc/oiod/config.yaml
 - name: HOME
@@ -180,6 +250,14 @@ Environment of every oiod container: object-store endpoint, region, keys.
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+The object-store keys, from the Secret only: Ray workers get them here, in
+their pod environment, never through a Ray runtime_env (which the dashboard
+shows to whoever can reach it).
+*/}}
+{{- define "oiod.credentialsEnv" -}}
 {{- if or .Values.objectStore.existingSecret .Values.objectStore.createSecret.enabled }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -249,7 +327,46 @@ include "oiod.volumes" (dict "root" . "models" true "shm" "2Gi")
 The exact command the prepare RayJob runs; NOTES.txt and the tests read it too.
 */}}
 {{- define "oiod.prepareEntrypoint" -}}
-oiod prepare -c /etc/oiod/config.yaml{{ include "oiod.extraArgs" .Values.prepare.extraArgs }}
+oiod prepare -c /etc/oiod/config.yaml{{ include "oiod.autoscaleArgs" . }}{{ include "oiod.extraArgs" .Values.prepare.extraArgs }}
+{{- end }}
+
+{{/*
+CPUs Ray sees on one download worker: `num-cpus` from rayStartParams, else
+the container's CPU limit (what KubeRay passes to `ray start`), else its
+request. "1500m" counts as 1.5.
+*/}}
+{{- define "oiod.downloadWorkerCpus" -}}
+{{- $d := .Values.ray.download }}
+{{- $cpu := "" }}
+{{- if hasKey $d.rayStartParams "num-cpus" }}
+{{- $cpu = toString (get $d.rayStartParams "num-cpus") }}
+{{- else }}
+{{- $res := default dict $d.resources }}
+{{- $cpu = toString (default (get (default dict $res.requests) "cpu") (get (default dict $res.limits) "cpu")) }}
+{{- end }}
+{{- if hasSuffix "m" $cpu }}
+{{- divf (float64 (trimSuffix "m" $cpu)) 1000.0 }}
+{{- else }}
+{{- float64 (default "0" $cpu) }}
+{{- end }}
+{{- end }}
+
+{{/*
+With the in-tree autoscaler, prepare asks for as many actors as maxReplicas
+workers can hold: those that do not fit yet stay pending, and pending
+resource demand is what makes the autoscaler add workers. Without it the
+actors follow the workers that exist (no argument). An explicit
+config.ray.num_actors wins either way.
+*/}}
+{{- define "oiod.autoscaleArgs" -}}
+{{- $v := .Values }}
+{{- $cfgRay := default dict $v.config.ray }}
+{{- if and $v.ray.enableInTreeAutoscaling (not (hasKey $cfgRay "num_actors")) }}
+{{- $perActor := float64 (default 0.5 (get $cfgRay "num_cpus_per_actor")) }}
+{{- $perWorker := float64 (include "oiod.downloadWorkerCpus" .) }}
+{{- $actors := mul (int $v.ray.download.maxReplicas) (int (floor (divf $perWorker $perActor))) }}
+{{- if gt (int $actors) 0 }} --set ray.num_actors={{ $actors }}{{ end }}
+{{- end }}
 {{- end }}
 
 {{/*

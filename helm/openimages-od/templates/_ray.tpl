@@ -5,11 +5,22 @@ RayCluster and the cluster a prepare RayJob creates for itself.
 The chart sets its own probes on Ray containers so KubeRay does not inject its
 default exec probes (they call wget, which the slim worker image lacks): the
 head is probed on the dashboard's GCS health endpoint, workers on the raylet
-health endpoint of the dashboard agent.
+health endpoint of the dashboard agent. Timeouts and thresholds are at least
+as tolerant as KubeRay's defaults: a download worker at its CPU limit answers
+slowly and must not be killed for it.
+
+Token authentication (authOptions): KubeRay generates the token, keeps it in a
+Secret and injects RAY_AUTH_MODE / RAY_AUTH_TOKEN into the Ray containers and
+the submitter; the health endpoints stay open for the probes.
 */}}
 {{- define "oiod.rayClusterSpec" -}}
 {{- $v := .Values }}
+{{- $pr := $v.ray.probes }}
 rayVersion: {{ $v.ray.rayVersion | quote }}
+{{- if eq $v.ray.auth.mode "token" }}
+authOptions:
+  mode: token
+{{- end }}
 enableInTreeAutoscaling: {{ $v.ray.enableInTreeAutoscaling }}
 {{- if $v.ray.enableInTreeAutoscaling }}
 autoscalerOptions:
@@ -26,23 +37,15 @@ headGroupSpec:
     {{- include "oiod.rayStartParams" $v.ray.head.rayStartParams | nindent 4 }}
   template:
     metadata:
-      labels:
-        {{- include "oiod.componentLabels" (list . "ray-head") | nindent 8 }}
+      {{- include "oiod.podMetadata" (dict "root" . "component" "ray-head" "values" $v.ray.head) | nindent 6 }}
     spec:
-      serviceAccountName: {{ include "oiod.serviceAccountName" . }}
+      serviceAccountName: {{ include "oiod.serviceAccountName" (list . "ray-head") }}
       # The in-tree autoscaler sidecar needs the API token; nothing else does.
       automountServiceAccountToken: {{ $v.ray.enableInTreeAutoscaling }}
       {{- include "oiod.imagePullSecrets" . | nindent 6 }}
       securityContext:
         {{- include "oiod.podSecurityContext" . | nindent 8 }}
-      {{- with $v.ray.head.nodeSelector }}
-      nodeSelector:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $v.ray.head.tolerations }}
-      tolerations:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+      {{- include "oiod.scheduling" $v.ray.head | nindent 6 }}
       containers:
         - name: ray-head
           image: {{ include "oiod.image" (list . $v.images.worker) }}
@@ -68,16 +71,16 @@ headGroupSpec:
               port: 8265
             initialDelaySeconds: 10
             periodSeconds: 5
-            timeoutSeconds: 2
-            failureThreshold: 10
+            timeoutSeconds: {{ max 5 $pr.readinessTimeoutSeconds }}
+            failureThreshold: {{ $pr.readinessFailureThreshold }}
           livenessProbe:
             httpGet:
               path: /api/gcs_healthz
               port: 8265
             initialDelaySeconds: 30
-            periodSeconds: 10
-            timeoutSeconds: 2
-            failureThreshold: 12
+            periodSeconds: 5
+            timeoutSeconds: {{ max 5 $pr.livenessTimeoutSeconds }}
+            failureThreshold: {{ $pr.livenessFailureThreshold }}
           volumeMounts:
             {{- include "oiod.volumeMounts" (dict "root" . "shm" $v.ray.head.shmSizeLimit) | nindent 12 }}
       volumes:
@@ -91,22 +94,14 @@ workerGroupSpecs:
       {{- include "oiod.rayStartParams" $v.ray.download.rayStartParams | nindent 6 }}
     template:
       metadata:
-        labels:
-          {{- include "oiod.componentLabels" (list . "ray-download") | nindent 10 }}
+        {{- include "oiod.podMetadata" (dict "root" . "component" "ray-download" "values" $v.ray.download) | nindent 8 }}
       spec:
-        serviceAccountName: {{ include "oiod.serviceAccountName" . }}
+        serviceAccountName: {{ include "oiod.serviceAccountName" (list . "ray-worker") }}
         automountServiceAccountToken: false
         {{- include "oiod.imagePullSecrets" . | nindent 8 }}
         securityContext:
           {{- include "oiod.podSecurityContext" . | nindent 10 }}
-        {{- with $v.ray.download.nodeSelector }}
-        nodeSelector:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        {{- with $v.ray.download.tolerations }}
-        tolerations:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
+        {{- include "oiod.scheduling" $v.ray.download | nindent 8 }}
         containers:
           - name: ray-worker
             image: {{ include "oiod.image" (list . $v.images.worker) }}
@@ -123,16 +118,16 @@ workerGroupSpecs:
                 port: 52365
               initialDelaySeconds: 10
               periodSeconds: 5
-              timeoutSeconds: 2
-              failureThreshold: 10
+              timeoutSeconds: {{ $pr.readinessTimeoutSeconds }}
+              failureThreshold: {{ $pr.readinessFailureThreshold }}
             livenessProbe:
               httpGet:
                 path: /api/local_raylet_healthz
                 port: 52365
               initialDelaySeconds: 30
-              periodSeconds: 10
-              timeoutSeconds: 2
-              failureThreshold: 12
+              periodSeconds: 5
+              timeoutSeconds: {{ $pr.livenessTimeoutSeconds }}
+              failureThreshold: {{ $pr.livenessFailureThreshold }}
             volumeMounts:
               {{- include "oiod.volumeMounts" (dict "root" . "shm" $v.ray.download.shmSizeLimit) | nindent 14 }}
         volumes:

@@ -10,8 +10,53 @@ values involved and what to change. Called once from configmap.yaml.
 {{- $errors = append $errors "prepare.enabled=true renders a KubeRay RayJob, but kuberay.rayJobSupport=false says the cluster's KubeRay operator cannot run RayJobs. Install or upgrade the kuberay-operator chart (see README.md, Prerequisites) and set kuberay.rayJobSupport=true, or set prepare.enabled=false." }}
 {{- end }}
 
-{{- if and $v.prepare.enabled $v.prepare.useExistingCluster (not $v.rayCluster.enabled) }}
-{{- $errors = append $errors "prepare.useExistingCluster=true submits the RayJob to the chart's RayCluster, but rayCluster.enabled=false. Set rayCluster.enabled=true or prepare.useExistingCluster=false." }}
+{{- if and $v.prepare.enabled $v.prepare.useExistingCluster (not $v.rayCluster.enabled) (not $v.prepare.clusterName) }}
+{{- $errors = append $errors "prepare.useExistingCluster=true submits the RayJob to the chart's RayCluster, but rayCluster.enabled=false. Set rayCluster.enabled=true, name another cluster in prepare.clusterName, or set prepare.useExistingCluster=false." }}
+{{- end }}
+{{- if and $v.prepare.clusterName (not $v.prepare.useExistingCluster) }}
+{{- $errors = append $errors (printf "prepare.clusterName=%s only applies with prepare.useExistingCluster=true." $v.prepare.clusterName) }}
+{{- end }}
+
+{{- /* KubeRay operator validation (ray-operator/controllers/ray/utils/validation.go, KubeRay 1.5-1.6): what it rejects makes the RayJob/RayCluster go to ValidationFailed, which no schema shows. */}}
+{{- if or $v.prepare.enabled $v.rayCluster.enabled }}
+{{- $names := list }}
+{{- if $v.rayCluster.enabled }}{{ $names = append $names (list "RayCluster" (include "oiod.rayClusterName" .) 63) }}{{ end }}
+{{- if $v.prepare.enabled }}{{ $names = append $names (list "RayJob" (include "oiod.rayJobName" .) 47) }}{{ end }}
+{{- range $names }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" (index . 1)) }}
+{{- $errors = append $errors (printf "%s name %q is not a DNS-1035 label (must start with a letter; KubeRay rejects it): use a release name that starts with a letter or set fullnameOverride." (index . 0) (index . 1)) }}
+{{- else if gt (len (index . 1)) (index . 2) }}
+{{- $errors = append $errors (printf "%s name %q is longer than KubeRay's limit of %d characters: shorten fullnameOverride." (index . 0) (index . 1) (index . 2)) }}
+{{- end }}
+{{- end }}
+{{- range $group := list "head" "download" }}
+{{- $params := (get $v.ray $group).rayStartParams }}
+{{- if hasKey $params "labels" }}
+{{- $errors = append $errors (printf "ray.%s.rayStartParams.labels is rejected by KubeRay (it wants the group's top-level labels field); remove it." $group) }}
+{{- end }}
+{{- if hasKey $params "redis-username" }}
+{{- $errors = append $errors (printf "ray.%s.rayStartParams.redis-username is rejected by KubeRay (only GcsFaultToleranceOptions may set it); remove it." $group) }}
+{{- end }}
+{{- end }}
+{{- if eq $v.ray.auth.mode "token" }}
+{{- if not (semverCompare ">=2.52.0-0" $v.ray.rayVersion) }}
+{{- $errors = append $errors (printf "ray.auth.mode=token needs Ray >= 2.52.0 (KubeRay refuses authOptions otherwise), but ray.rayVersion is %s. Use a newer worker image and rayVersion." $v.ray.rayVersion) }}
+{{- end }}
+{{- else if not $v.networkPolicy.enabled }}
+{{- $errors = append $errors "ray.auth.mode=disabled with networkPolicy.enabled=false leaves the Ray dashboard and job API open to every pod in the cluster (anyone reaching it runs code with the object-store keys). Keep ray.auth.mode=token, or enable networkPolicy." }}
+{{- end }}
+{{- end }}
+{{- if and $v.prepare.enabled (not $v.prepare.useExistingCluster) (not $v.prepare.shutdownAfterJobFinishes) (gt (int $v.prepare.ttlSecondsAfterFinished) 0) }}
+{{- /* Not an error: the template leaves ttlSecondsAfterFinished out then, as KubeRay requires. */}}
+{{- end }}
+
+{{- $cfgRay := default dict $v.config.ray }}
+{{- if and $v.prepare.enabled (hasKey $cfgRay "forward_env") }}
+{{- range (get $cfgRay "forward_env") }}
+{{- if regexMatch "(?i)(SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL|SESSION)" . }}
+{{- $errors = append $errors (printf "config.ray.forward_env lists %s: forwarded variables travel in the Ray runtime_env, which the dashboard shows. Ray pods already get the object-store keys from the Secret in their environment; pass other secrets the same way (see the chart README, Secrets)." .) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- $d := $v.ray.download }}
