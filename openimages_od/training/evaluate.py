@@ -365,8 +365,7 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
         DataError: unreadable or malformed file, no shards, no label map.
     """
     from openimages_od.config import join_url
-    from openimages_od.training.inputs import (committed_shards, default_cache_dir, load_hierarchy,
-                                               load_label_map, stage_shards)
+    from openimages_od.training.inputs import default_cache_dir, load_hierarchy, load_label_map, stage_shards
     from openimages_od.training.oid_metric import hierarchy_from_json
     from openimages_od.training.predictions import read_predictions
 
@@ -375,7 +374,10 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
     label_map = load_label_map(cfg, storage)
     tree = load_hierarchy(cfg, storage)
     hierarchy = hierarchy_from_json(tree, {c.mid: c.id for c in label_map}) if tree is not None else None
-    files = stage_shards(committed_shards(cfg, ec.split, storage), storage, default_cache_dir(cfg) / "shards")
+    from openimages_od.dataset import dataset_shards, dataset_summary
+
+    urls, dataset = dataset_shards(cfg, storage, ec.split)
+    files = stage_shards(urls, storage, default_cache_dir(cfg) / "shards")
     try:
         text = storage.read_text(predictions)
     except FileNotFoundError:
@@ -396,8 +398,8 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
         "predictions": predictions, "format": preds.format, "split": ec.split, "num_images": scorer.num_images,
         "num_predictions": preds.num_read, "images_with_predictions": len(preds.by_image),
         "ignored": {"unknown_images": preds.unknown_images, "unknown_labels": preds.unknown_labels},
-        "eval_seconds": round(time.monotonic() - t0, 3), "dataset": self.dataset,
-                                   **scorer.metrics()}
+        "eval_seconds": round(time.monotonic() - t0, 3), "dataset": dataset_summary(dataset),
+        **scorer.metrics()}
     if preds.unknown_images or preds.unknown_labels:
         log.warning("%s: ignored %d predictions for images outside the %r split and %d of classes outside the "
                     "label map", predictions, preds.unknown_images, ec.split, preds.unknown_labels)
