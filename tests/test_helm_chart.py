@@ -784,6 +784,8 @@ def test_k8s_manifests_validate(path: str) -> None:
     assert objs
     for obj in objs:
         validate_object(obj)
+        if obj["kind"] in ("RayJob", "RayCluster"):
+            assert not kuberay_operator_errors(obj), kuberay_operator_errors(obj)
         for label, pod in pod_specs(obj):
             assert pod["securityContext"]["runAsNonRoot"] is True, label
             for c in pod["containers"]:
