@@ -27,9 +27,7 @@ import base64
 import json
 import math
 import os
-import re
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys

@@ -127,7 +127,7 @@ def test_base_image_is_a_build_argument(name: str) -> None:
     froms = [a for w, a in instructions(DOCKERFILES[name]) if w == "FROM"]
     assert froms and all(a.split()[0] == "${BASE_IMAGE}" for a in froms), froms
     script = (DOCKER / "build-images.sh").read_text()
-    assert f"Dockerfile.$name" in script and "--build-arg \"BASE_IMAGE=$base\"" in script
+    assert "Dockerfile.$name" in script and "--build-arg \"BASE_IMAGE=$base\"" in script
     assert base_arg(DOCKERFILES[name]) == base_arg(DOCKERFILES["worker"])  # one base for the three
 
 
