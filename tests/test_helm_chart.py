@@ -784,6 +784,8 @@ def test_k8s_manifests_validate(path: str) -> None:
     assert objs
     for obj in objs:
         validate_object(obj)
+        if obj["kind"] in ("RayJob", "RayCluster"):
+            assert not kuberay_operator_errors(obj), kuberay_operator_errors(obj)
         for label, pod in pod_specs(obj):
             assert pod["securityContext"]["runAsNonRoot"] is True, label
             for c in pod["containers"]:
@@ -994,6 +996,8 @@ def test_network_policy_admits_only_the_release_and_the_operator() -> None:
         assert _selects(peer["podSelector"], pod["metadata"]["labels"])
     other_release = {**own_pods[0]["metadata"]["labels"], "app.kubernetes.io/instance": "someone-else"}
     assert not _selects(peer["podSelector"], other_release)
+    serving = {**own_pods[0]["metadata"]["labels"], "app.kubernetes.io/component": "serve"}
+    assert not _selects(peer["podSelector"], serving)  # the release's other pods have no business with Ray
     (op,) = operator_rule["from"]
     assert op["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
     assert operator_rule["ports"] == [{"protocol": "TCP", "port": 8265}]
@@ -1015,6 +1019,16 @@ def test_no_secret_travels_through_runtime_env(
     for job in find(objs, "RayJob"):
         assert "runtimeEnvYAML" not in job["spec"], name
         assert "forward_env" not in job["spec"]["entrypoint"], name
+
+
+def test_tensorboard_gets_no_object_store_keys() -> None:
+    objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml")
+                        | {"objectStore": {"existingSecret": "s3-keys"}})
+    (tb,) = find(objs, "Deployment", "-tensorboard")
+    (c,) = tb["spec"]["template"]["spec"]["containers"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(container_env(c))
+    (train,) = find(objs, "Job", "-train-gpu-1")
+    assert "AWS_SECRET_ACCESS_KEY" in container_env(train["spec"]["template"]["spec"]["containers"][0])
 
 
 def test_ray_workers_get_credentials_from_the_secret_only() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(with_pgid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_chart_prepare_entrypoint_runs_as_a_ray_job(ray_head, tmp_path):

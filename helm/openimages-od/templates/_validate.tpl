@@ -46,9 +46,8 @@ values involved and what to change. Called once from configmap.yaml.
 {{- $errors = append $errors "ray.auth.mode=disabled with networkPolicy.enabled=false leaves the Ray dashboard and job API open to every pod in the cluster (anyone reaching it runs code with the object-store keys). Keep ray.auth.mode=token, or enable networkPolicy." }}
 {{- end }}
 {{- end }}
-{{- if and $v.prepare.enabled (not $v.prepare.useExistingCluster) (not $v.prepare.shutdownAfterJobFinishes) (gt (int $v.prepare.ttlSecondsAfterFinished) 0) }}
-{{- /* Not an error: the template leaves ttlSecondsAfterFinished out then, as KubeRay requires. */}}
-{{- end }}
+{{- /* ttlSecondsAfterFinished without shutdownAfterJobFinishes, and backoffLimit with clusterSelector, are
+     rejected by KubeRay too: templates/rayjob.yaml leaves them out in those cases instead of failing. */}}
 
 {{- $cfgRay := default dict $v.config.ray }}
 {{- if and $v.prepare.enabled (hasKey $cfgRay "forward_env") }}
