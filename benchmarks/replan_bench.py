@@ -71,7 +71,8 @@ def main() -> None:
                 f"output.url={work / out}", "source.images.order=[original]", f"image.max_side={args.max_side}",
                 "ray.num_actors=2", "ray.num_cpus_per_actor=1", "ray.concurrency_per_actor=32",
                 "ray.progress=false", "ray.local_num_cpus=2", "ray.object_store_memory_mb=200",
-                f"selection.max_images={max_images}", f"shards.images_per_shard={per_shard}"])
+                "selection.classes=[Dog, Apple, Cat]", f"selection.max_images={max_images}",
+                f"shards.images_per_shard={per_shard}"])
             d = base.model_dump(mode="json")
             d["source"] = {**d["source"], **ds.source_config(["train"])}
             return Config.model_validate(d)

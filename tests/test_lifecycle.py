@@ -149,8 +149,8 @@ def test_replan_reads_only_current_labels_and_fetches_only_new_images(ray_local,
             assert sorted(mids) == sorted(b["LabelName"] for b in by_id[iid].boxes if b["LabelName"] in wanted)
         # Only the current plan's shard files are left.
         names = {o.url.rsplit("/", 1)[1] for o in st.list(layout.tfrecords_dir(split) + "/")}
-        assert all(n.endswith(f"-of-{doc['splits'][split]['num_shards']:05d}.tfrecord")
-                   or n.endswith(f"-of-{doc['splits'][split]['num_shards']:05d}.stats.json") for n in names)
+        n_of = f"-of-{doc['splits'][split]['num_shards']:05d}"
+        assert all(n.endswith((f"{n_of}.tfrecord", f"{n_of}.stats.json")) for n in names), names
     ledger = [e for o in st.list(layout.ledger_dir() + "/") for e in decode_ledger(st.read_bytes(o.url))]
     assert {e.image_id for e in ledger if not e.from_cache} == new
     report = st.read_json(layout.prepare_report)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import time
@@ -35,8 +36,6 @@ from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
-
-import io
 
 import pyarrow.parquet as pq
 
