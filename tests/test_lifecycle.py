@@ -362,3 +362,54 @@ def test_prepare_refuses_image_settings_other_than_the_plans(tmp_path):
     m = PlanManifest(splits={}, num_classes=1, image_settings={**image_settings(cfg.image), "max_side": 1024})
     with pytest.raises(ConfigError, match=r"image.max_side: 1024 in the plan, 512 now"):
         check_image_settings(cfg, m)
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_layout_owns_every_path_and_the_commit_rule(tmp_path):
+    from openimages_od.layout import image_digest, is_current, shard_key
+
+    cfg = load_config(None, [f"output.url={tmp_path}/o", f"output.cache_url=s3://cache-bucket/oiod",
+                             "train.model_dir=s3://models/m1"])
+    lay = Layout.from_config(cfg)
+    root = f"file://{tmp_path}/o"
+    assert lay.tfrecord("train", "train-00001-of-00004") == f"{root}/tfrecords/train/train-00001-of-00004.tfrecord"
+    assert lay.shard_stats("train", "x") == f"{root}/tfrecords/train/x.stats.json"
+    assert lay.ledger("validation", "x") == f"{root}/ledger/validation/x.jsonl"
+    assert (lay.dataset, lay.plan_manifest, lay.lock) == (f"{root}/dataset.json", f"{root}/plan/manifest.json",
+                                                          f"{root}/.oiod.lock")
+    assert lay.model_dataset == "s3://models/m1/dataset.json" and lay.export_dir == f"{root}/export"
+    d = image_digest(cfg.image)
+    assert lay.image_cache(d, "abcdef0123456789") == f"s3://cache-bucket/oiod/images-{d}/ab/abcdef0123456789.oiodimg"
+    assert lay.relative(lay.tfrecord("train", "n")) == "tfrecords/train/n.tfrecord"
+    # A setting that changes bytes changes the digest; one that does not, does not.
+    assert image_digest(load_config(None, ["image.max_side=512"]).image) != d
+    assert image_digest(load_config(None, ["ray.num_actors=7"]).image) == d
+    key = shard_key("p", "l", d)
+    assert is_current({"shard_key": key, "tfrecord_sha256": "s"}, key)
+    assert not is_current({"shard_key": shard_key("p2", "l", d), "tfrecord_sha256": "s"}, key)
+    assert not is_current({"images": 3}, key) and not is_current(None, key)
+
+
+def test_cache_entries_round_trip_and_match_only_the_same_image():
+    from openimages_od.pipeline.cache import CacheEntry, decode_entry, encode_entry
+
+    e = CacheEntry("abc", "ok", rotation=90, original_md5="m==", source="original", url="http://x/a.jpg", bytes=10,
+                   width=3, height=4, ops=[2], attempts=["bucket:s3_not_found"], data=b"\xff\xd8jpeg\n\x00")
+    back = decode_entry(encode_entry(e))
+    assert back == e
+    assert back.matches({"rotation": 90, "original_md5": "m=="})
+    assert not back.matches({"rotation": 0, "original_md5": "m=="})  # a new release rotated it: a miss
+    assert not back.matches({"rotation": 90, "original_md5": "other"})
+    with pytest.raises(ValueError):
+        decode_entry(b"garbage")
+
+
+def test_status_cli_exit_codes(tmp_path, capsys):
+    from openimages_od.cli import main
+
+    assert main(["status", "--set", f"output.url={tmp_path}/o"]) == 1
+    assert "next     oiod plan" in capsys.readouterr().out
+    assert main(["status", "--json", "--set", f"output.url={tmp_path}/o"]) == 1
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is False
