@@ -372,7 +372,9 @@ def run_status(cfg: Config, json_out: bool = False) -> int:
       + ", ".join(f"{k}: {v['images']} images / {v['shards']} shards" for k, v in sorted(pl["splits"].items()))
       + ("" if pl["matches_config"] else "  [config changed since]"))
     if pl["removed_classes"]:
-        p("removed  " + ", ".join(f"{r['id']}={r['name']}" for r in pl["removed_classes"]))
+        rc = pl["removed_classes"]
+        p(f"removed  {len(rc)} classes, ids retired: " + ", ".join(f"{r['id']}={r['name']}" for r in rc[:8])
+          + (f", ... ({len(rc) - 8} more)" if len(rc) > 8 else ""))
     sh = s["shards"]
     p(f"shards   {sh['committed']} committed, {sh['stale']} stale (another plan), {sh['missing']} missing, "
       f"{sh['failed_last_run']} failed in the last run, {sh['with_failed_images']} with failed images; "

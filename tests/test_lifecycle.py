@@ -149,8 +149,8 @@ def test_replan_reads_only_current_labels_and_fetches_only_new_images(ray_local,
             assert sorted(mids) == sorted(b["LabelName"] for b in by_id[iid].boxes if b["LabelName"] in wanted)
         # Only the current plan's shard files are left.
         names = {o.url.rsplit("/", 1)[1] for o in st.list(layout.tfrecords_dir(split) + "/")}
-        assert all(n.endswith(f"-of-{doc['splits'][split]['num_shards']:05d}.tfrecord")
-                   or n.endswith(f"-of-{doc['splits'][split]['num_shards']:05d}.stats.json") for n in names)
+        n_of = f"-of-{doc['splits'][split]['num_shards']:05d}"
+        assert all(n.endswith((f"{n_of}.tfrecord", f"{n_of}.stats.json")) for n in names), names
     ledger = [e for o in st.list(layout.ledger_dir() + "/") for e in decode_ledger(st.read_bytes(o.url))]
     assert {e.image_id for e in ledger if not e.from_cache} == new
     report = st.read_json(layout.prepare_report)
@@ -166,17 +166,12 @@ def test_replan_reads_only_current_labels_and_fetches_only_new_images(ray_local,
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("where", ["file", "s3"])
-def test_reshard_fetches_nothing_and_equals_a_clean_prepare(where, ray_local, image_server, tmp_path, request):
-    ds = _dataset(tmp_path, image_server, n=24, seed=7)
-    s3 = None
-    if where == "s3":
-        request.getfixturevalue("seaweedfs")
-        bucket = request.getfixturevalue("s3_bucket")
-        s3 = request.getfixturevalue("s3_options")
-        out, clean_out = f"s3://{bucket}/run", f"s3://{bucket}/clean"
-    else:
-        out, clean_out = f"file://{tmp_path}/run", f"file://{tmp_path}/clean"
+def test_reshard_fetches_nothing_and_equals_a_clean_prepare(ray_local, image_server, tmp_path, seaweedfs, s3_bucket,
+                                                           s3_options):
+    """On S3 (the file:// path does the same in the re-plan and kill tests, which also compare bytes)."""
+    ds = _dataset(tmp_path, image_server, n=20, seed=7)
+    s3 = s3_options
+    out, clean_out = f"s3://{s3_bucket}/run", f"s3://{s3_bucket}/clean"
     classes = ["Apple", "Dog", "Cat"]
     cfg1 = _cfg(ds, out, classes, 6, s3=s3)
     assert run_prepare(cfg1) == 0
@@ -237,7 +232,7 @@ def test_selection_label_map_pins_ids_in_the_plan(tmp_path):
 
 @pytest.mark.integration
 def test_killed_prepare_during_replan_gives_the_uninterrupted_result(ray_local, image_server, tmp_path):
-    ds = _dataset(tmp_path, image_server, n=30, seed=9)
+    ds = _dataset(tmp_path, image_server, n=24, seed=9)
     out = f"file://{tmp_path}/out"
     cfg1 = _cfg(ds, out, ["Vehicle", "Apple"], 6)
     assert run_prepare(cfg1) == 0
@@ -274,7 +269,12 @@ def test_killed_prepare_during_replan_gives_the_uninterrupted_result(ray_local, 
         dataset_shards(cfg2, st, "train")
 
     assert run_prepare(cfg2) == 0
-    clean = _cfg(ds, f"file://{tmp_path}/clean", ["Apple", "Dog", "Cat"], 4)
+    # The uninterrupted run of the same history, in an output of its own (same label ids: planned
+    # [Vehicle, Apple] first, then re-planned), fetching every image afresh into its own cache.
+    ref = f"file://{tmp_path}/ref"
+    build_plan(_cfg(ds, ref, ["Vehicle", "Apple"], 6))
+    clean = _cfg(ds, ref, ["Apple", "Dog", "Cat"], 4)
+    build_plan(clean)
     assert run_prepare(clean) == 0
     for split in ("train", "validation"):
         assert _shard_bytes(st, cfg2, split) == _shard_bytes(st, clean, split)
@@ -362,3 +362,54 @@ def test_prepare_refuses_image_settings_other_than_the_plans(tmp_path):
     m = PlanManifest(splits={}, num_classes=1, image_settings={**image_settings(cfg.image), "max_side": 1024})
     with pytest.raises(ConfigError, match=r"image.max_side: 1024 in the plan, 512 now"):
         check_image_settings(cfg, m)
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_layout_owns_every_path_and_the_commit_rule(tmp_path):
+    from openimages_od.layout import image_digest, is_current, shard_key
+
+    cfg = load_config(None, [f"output.url={tmp_path}/o", f"output.cache_url=s3://cache-bucket/oiod",
+                             "train.model_dir=s3://models/m1"])
+    lay = Layout.from_config(cfg)
+    root = f"file://{tmp_path}/o"
+    assert lay.tfrecord("train", "train-00001-of-00004") == f"{root}/tfrecords/train/train-00001-of-00004.tfrecord"
+    assert lay.shard_stats("train", "x") == f"{root}/tfrecords/train/x.stats.json"
+    assert lay.ledger("validation", "x") == f"{root}/ledger/validation/x.jsonl"
+    assert (lay.dataset, lay.plan_manifest, lay.lock) == (f"{root}/dataset.json", f"{root}/plan/manifest.json",
+                                                          f"{root}/.oiod.lock")
+    assert lay.model_dataset == "s3://models/m1/dataset.json" and lay.export_dir == f"{root}/export"
+    d = image_digest(cfg.image)
+    assert lay.image_cache(d, "abcdef0123456789") == f"s3://cache-bucket/oiod/images-{d}/ab/abcdef0123456789.oiodimg"
+    assert lay.relative(lay.tfrecord("train", "n")) == "tfrecords/train/n.tfrecord"
+    # A setting that changes bytes changes the digest; one that does not, does not.
+    assert image_digest(load_config(None, ["image.max_side=512"]).image) != d
+    assert image_digest(load_config(None, ["ray.num_actors=7"]).image) == d
+    key = shard_key("p", "l", d)
+    assert is_current({"shard_key": key, "tfrecord_sha256": "s"}, key)
+    assert not is_current({"shard_key": shard_key("p2", "l", d), "tfrecord_sha256": "s"}, key)
+    assert not is_current({"images": 3}, key) and not is_current(None, key)
+
+
+def test_cache_entries_round_trip_and_match_only_the_same_image():
+    from openimages_od.pipeline.cache import CacheEntry, decode_entry, encode_entry
+
+    e = CacheEntry("abc", "ok", rotation=90, original_md5="m==", source="original", url="http://x/a.jpg", bytes=10,
+                   width=3, height=4, ops=[2], attempts=["bucket:s3_not_found"], data=b"\xff\xd8jpeg\n\x00")
+    back = decode_entry(encode_entry(e))
+    assert back == e
+    assert back.matches({"rotation": 90, "original_md5": "m=="})
+    assert not back.matches({"rotation": 0, "original_md5": "m=="})  # a new release rotated it: a miss
+    assert not back.matches({"rotation": 90, "original_md5": "other"})
+    with pytest.raises(ValueError):
+        decode_entry(b"garbage")
+
+
+def test_status_cli_exit_codes(tmp_path, capsys):
+    from openimages_od.cli import main
+
+    assert main(["status", "--set", f"output.url={tmp_path}/o"]) == 1
+    assert "next     oiod plan" in capsys.readouterr().out
+    assert main(["status", "--json", "--set", f"output.url={tmp_path}/o"]) == 1
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is False

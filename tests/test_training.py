@@ -71,6 +71,9 @@ def test_train_writes_checkpoints_summaries_and_params(trained):
     resolved = load_config(model / "config.resolved.yaml")
     assert resolved.train.input_size == 128 and resolved.train.steps == STEPS
     assert _event_steps(model / "train", "total_loss") == [2, 4]
+    # What the model saw is on record: the output's dataset lockfile, copied into model_dir.
+    assert json.loads((model / "dataset.json").read_text())["digest"] == json.loads(
+        (out / "dataset.json").read_text())["digest"]
 
 
 def test_restart_resumes_from_latest_checkpoint_on_s3(trained, tmp_path, seaweedfs, s3_bucket, s3_options):
@@ -120,6 +123,7 @@ def test_evaluate_writes_metrics_and_summaries(trained):
     assert oi["hierarchy"] is True and set(oi["per_class"]) == {"1", "2", "3"}
     assert all(v["num_gt"] > 0 for v in oi["per_class"].values())
     assert (out / "eval" / "config.resolved.yaml").is_file()
+    assert m["dataset"]["digest"] == json.loads((out / "dataset.json").read_text())["digest"]
     import tensorflow as tf
 
     tags = set()
@@ -143,6 +147,7 @@ def test_export_serves_both_signatures(trained):
     assert info["step"] == STEPS and info["input_size"] == 128 and info["backbone"] == "mobilenetv2"
     assert len(info["config_digest"]) == 64 and set(info["signatures"]) == {"serving_default", "serving_images"}
     assert "Traffic sign" in (exp / "label_map.pbtxt").read_text()
+    assert info["dataset"]["digest"] == json.loads((out / "model" / "dataset.json").read_text())["digest"]
     assert (exp / "config.resolved.yaml").is_file()
 
     loaded = tf.saved_model.load(str(exp / "saved_model"))
@@ -169,6 +174,34 @@ def test_export_serves_both_signatures(trained):
     assert r3["detection_boxes"].shape[0] == 2
 
 
+def test_model_dir_of_another_label_map_is_refused_unless_fine_tuning(trained, tmp_path):
+    """Ids are stable across re-plans, but a model trained on one label map must not silently resume on
+    another; with train.fine_tune its checkpoints are set aside and initialize the new model."""
+    from openimages_od.openimages.labelmap import LabelClass, LabelMap
+    from openimages_od.training.train import run_train
+
+    from training_helpers import label_map, write_lockfile
+
+    out, _ = trained
+    out2 = tmp_path / "out"
+    shutil.copytree(out, out2, ignore=shutil.ignore_patterns("eval", "export"))
+    lm = LabelMap([*label_map(), LabelClass(4, "/m/01yrx", "Cat")])  # a class appended by a re-plan
+    (out2 / "label_map.pbtxt").write_text(lm.to_pbtxt())
+    write_lockfile(out2, lm)
+    cfg = load_config(None, tiny_overrides(f"file://{out2}", steps=2))
+    with pytest.raises(DataError, match="trained on another label map .* train.fine_tune=true"):
+        run_train(cfg)
+    cfg = load_config(None, tiny_overrides(f"file://{out2}", steps=2) + ["train.fine_tune=true"])
+    assert run_train(cfg) == 0
+    moved = out2 / "model" / "previous" / label_map().digest[:12]
+    assert (moved / f"ckpt-{STEPS}.index").is_file() and (moved / "label_map.pbtxt").read_text() == (
+        label_map().to_pbtxt())
+    assert (out2 / "model" / "ckpt-2.index").is_file() and not (out2 / "model" / f"ckpt-{STEPS}.index").exists()
+    assert (out2 / "model" / "label_map.pbtxt").read_text() == lm.to_pbtxt()
+    params = (out2 / "model" / "params.yaml").read_text()
+    assert "num_classes: 5" in params and "init_checkpoint_modules: backbone" in params
+
+
 def test_no_committed_shards_is_a_data_error(tmp_path):
     from openimages_od.training.train import run_train
 
@@ -190,6 +223,7 @@ def test_evaluate_continuous_picks_up_new_checkpoint_and_stops_on_sigterm(traine
     shutil.copytree(out / "tfrecords", out2 / "tfrecords")
     shutil.copytree(out / "metadata", out2 / "metadata")
     shutil.copy(out / "label_map.pbtxt", out2 / "label_map.pbtxt")
+    shutil.copy(out / "dataset.json", out2 / "dataset.json")  # the lockfile names the shards to read
     model2 = tmp_path / "model"
     model2.mkdir()
     args = [sys.executable, "-m", "openimages_od", "evaluate", "--continuous"]

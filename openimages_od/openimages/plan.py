@@ -786,9 +786,12 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
         added = [c for c in label_map if c.mid not in previous.by_mid]
         gone = [c for c in previous if c.mid not in label_map.by_mid]
         if added or gone:
-            log.info("label map: %d classes kept their ids, %d added (%s), %d removed (%s)",
-                     len(label_map) - len(added), len(added), ", ".join(f"{c.id}={c.name}" for c in added) or "-",
-                     len(gone), ", ".join(f"{c.id}={c.name}" for c in gone) or "-")
+            def few(cs: list) -> str:
+                return (", ".join(f"{c.id}={c.name}" for c in cs[:8]) + (f", ... ({len(cs) - 8} more)"
+                                                                          if len(cs) > 8 else "")) or "-"
+
+            log.info("label map: %d classes kept their ids, %d added (%s), %d removed, ids retired (%s)",
+                     len(label_map) - len(added), len(added), few(added), len(gone), few(gone))
 
     # The manifest marks a complete plan: remove it first so a half-rewritten plan is never "done".
     st.delete(layout.plan_manifest)

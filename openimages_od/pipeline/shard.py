@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import time
@@ -35,8 +36,6 @@ from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
-
-import io
 
 import pyarrow.parquet as pq
 
@@ -241,7 +240,7 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
     if task.plan_sha256 and hashlib.sha256(plan_bytes).hexdigest() != task.plan_sha256:
         raise DataError(f"{task.plan_url} is not the plan shard this prepare started from (the plan was "
                         f"rewritten while prepare ran); rerun `oiod prepare`")
-    rows = pq.read_table(io.BytesIO(plan_bytes)).to_pylist()
+    rows = pq.ParquetFile(io.BytesIO(plan_bytes)).read().to_pylist()  # ParquetFile: no pyarrow.dataset import
     rows.sort(key=lambda r: r["image_id"])
     for r in rows:
         if r["split"] != task.split:
