@@ -197,10 +197,10 @@ class JsonAccessLogger(AbstractAccessLogger):
 async def _write_output(state: ServeState, url: str, data: bytes) -> None:
     try:
         await state.pools.output.run(state.output_storage.write_bytes, url, data)
-    except IsADirectoryError:
-        raise ApiError(409, "output_conflict", "output names an existing folder") from None
     except OSError as exc:
-        if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        # The storage layer wraps the OS error; the caller's name clashing with what is there is a 409.
+        causes = {exc.errno, getattr(exc.__cause__, "errno", None)}
+        if causes & {errno.EISDIR, errno.ENOTDIR, errno.EEXIST}:
             raise ApiError(409, "output_conflict", "output (or a folder on its path) clashes with an "
                                                    "existing file or folder") from None
         log.error("cannot store annotated image at %s: %s", url, exc)
