@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+from serving_helpers import FakeS3, ServiceThread, blob_image, make_export
 
 from openimages_od.config import S3Options, load_config
 from openimages_od.devservices import Reply, free_port
-from serving_helpers import FakeS3, ServiceThread, blob_image, make_export
 
 pytestmark = [pytest.mark.tf, pytest.mark.integration]
 
@@ -284,7 +284,7 @@ def _closed_by_peer(s: socket.socket, within: float) -> tuple[bool, bytes]:
         while chunk := s.recv(65536):
             data += chunk
         return True, data
-    except socket.timeout:
+    except TimeoutError:
         return False, data
     except ConnectionError:
         return True, data
@@ -337,8 +337,10 @@ def _serve_subprocess(export_dir: Path, tmp_path: Path, nofile: int, *sets: str)
     cmd = [sys.executable, "-m", "openimages_od.cli", "serve", "--model", str(export_dir), "--port", str(port)]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.log", "wb"),
-                            cwd=tmp_path, preexec_fn=limit_fds)
+    with open(tmp_path / "stderr.log", "wb") as err:  # the child keeps its own copy of the descriptor
+        # preexec_fn: the limit must hold from the child's start; the test starts no threads before this.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
+                                preexec_fn=limit_fds)  # noqa: PLW1509
     return proc, port
 
 
