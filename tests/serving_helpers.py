@@ -257,7 +257,8 @@ class FakeS3:
     read permission), unknown keys 404. Keys starting with ``stall/`` answer 200 with a large
     ``Content-Length`` and then drip one byte every 0.2 s for as long as the client stays
     connected: ``stall_ended`` records, per request, how many seconds the client kept the
-    connection. ``methods`` counts request methods (the service must never HEAD).
+    connection; a PUT there never gets an answer (``put_stall_ended`` likewise). ``methods`` counts
+    request methods (the service must never HEAD).
     """
 
     def __init__(self) -> None:
@@ -270,6 +271,7 @@ class FakeS3:
         self.denied: set[tuple[str, str]] = set()
         self.methods: collections.Counter[str] = collections.Counter()
         self.stall_ended: list[float] = []
+        self.put_stall_ended: list[float] = []
         self._loop = None
         self._thread = None
 
@@ -285,6 +287,13 @@ class FakeS3:
 
         self.methods[request.method] += 1
         bucket, _, key = request.path.lstrip("/").partition("/")
+        if key.startswith("stall/") and request.method == "PUT":  # a write that never gets an answer
+            t0 = time.monotonic()
+            try:
+                await asyncio.sleep(60)
+            finally:
+                self.put_stall_ended.append(time.monotonic() - t0)
+            return web.Response(status=200)
         if key.startswith("stall/"):
             resp = web.StreamResponse(status=200, headers={"Content-Type": "image/png", "Content-Length": "100000"})
             await resp.prepare(request)

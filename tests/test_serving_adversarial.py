@@ -492,6 +492,41 @@ async def test_stalling_s3_endpoint_does_not_starve_uploads(make_client, fake_s3
 
 
 @pytest.mark.asyncio
+async def test_stalling_output_store_gives_504_and_frees_its_thread(make_client, fake_s3):
+    """Item 4, writes: an ``output`` write to a stalling S3 endpoint is a 504 at serve.work_timeout_s,
+    the write itself gives up shortly after (short client timeouts, 2 attempts), and requests without
+    ``output`` are not slowed down meanwhile."""
+    from openimages_od.serving.state import STATE
+
+    client = await make_client("serve.output_dir=s3://imgs/stall", "serve.work_timeout_s=2",
+                               "serve.output_workers=1", storage=_fake_storage(fake_s3))
+    img = _b64(blob_image())
+
+    async def plain() -> float:
+        await asyncio.sleep(0.3)
+        t0 = time.perf_counter()
+        resp = await client.post("/v1/detect", json={"image": img})
+        assert resp.status == 200, await resp.text()
+        return time.perf_counter() - t0
+
+    a, b, plain_s = await asyncio.gather(
+        client.post("/v1/detect", json={"image": img, "output": "a.png"}),
+        client.post("/v1/detect", json={"image": img, "output": "b.png"}), plain())
+    stalled, busy = sorted((a, b), key=lambda r: -r.status)
+    assert (await _error(stalled, 504))["code"] == "output_timeout"
+    assert (await _error(busy, 503))["code"] == "busy"  # the single output thread was taken
+    pool = client.app[STATE].pools.output
+    t0 = time.monotonic()
+    while pool.running and time.monotonic() - t0 < 10:
+        await asyncio.sleep(0.1)
+    print(f"\nstalling output store: 504 at the 2 s deadline, the write thread freed {time.monotonic() - t0:.2f} s "
+          f"later; a plain request meanwhile took {plain_s * 1000:.0f} ms")
+    assert pool.running == 0 and time.monotonic() - t0 < 4
+    assert plain_s < 1.0
+    assert fake_s3.put_stall_ended and max(fake_s3.put_stall_ended) < 2.5
+
+
+@pytest.mark.asyncio
 async def test_s3_sources_off_by_default_and_confined(make_client, fake_s3):
     """Item 2: s3:// images are refused unless allowed; outside the allowed prefixes nothing is even
     requested; missing and unreadable objects read the same; sizes are not revealed; one GET."""

@@ -299,12 +299,16 @@ def _auth_token(env_name: Optional[str]) -> Optional[str]:
 
 
 def _serving_storage(storage: Any, timeout_s: float, attempts: int, pool: int) -> Any:
-    """A copy of ``storage`` whose S3 clients give up quickly (an output write must not hang a thread)."""
+    """A copy of ``storage`` whose S3 clients give up quickly: with ``attempts`` tries of at most
+    ``timeout_s / attempts`` each, a write to a stalling endpoint ends near the deadline instead of
+    holding an ``output`` thread for minutes of retries after the caller got its 504."""
     from openimages_od.storage import Storage
 
+    per_try = max(1.0, timeout_s / attempts)
+
     def tight(o: Any) -> Any:
-        return o.model_copy(update={"connect_timeout_s": min(o.connect_timeout_s, 5.0),
-                                    "read_timeout_s": min(o.read_timeout_s, timeout_s),
+        return o.model_copy(update={"connect_timeout_s": min(o.connect_timeout_s, 5.0, per_try),
+                                    "read_timeout_s": min(o.read_timeout_s, per_try),
                                     "max_attempts": min(o.max_attempts, attempts), "max_pool_connections": pool})
 
     return Storage(s3=tight(storage.s3_default), bucket_options={b: tight(o) for b, o in storage.bucket_options.items()})
