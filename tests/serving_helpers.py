@@ -248,3 +248,104 @@ def STATE_KEY():  # noqa: N802 - the app's state key, imported late (TensorFlow-
     from openimages_od.serving.state import STATE
 
     return STATE
+
+
+class FakeS3:
+    """A tiny path-style S3 GET endpoint on loopback with scripted faults (for the serving tests).
+
+    ``objects[(bucket, key)]`` is served with 200; ``denied`` keys answer 403 (like S3 without
+    read permission), unknown keys 404. Keys starting with ``stall/`` answer 200 with a large
+    ``Content-Length`` and then drip one byte every 0.2 s for as long as the client stays
+    connected: ``stall_ended`` records, per request, how many seconds the client kept the
+    connection; a PUT there never gets an answer (``put_stall_ended`` likewise). ``methods`` counts
+    request methods (the service must never HEAD).
+    """
+
+    def __init__(self) -> None:
+        import collections
+
+        from openimages_od.devservices import free_port
+
+        self.port = free_port()
+        self.objects: dict[tuple[str, str], bytes] = {}
+        self.denied: set[tuple[str, str]] = set()
+        self.methods: collections.Counter[str] = collections.Counter()
+        self.stall_ended: list[float] = []
+        self.put_stall_ended: list[float] = []
+        self._loop = None
+        self._thread = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, request):  # noqa: ANN001, ANN202
+        import asyncio
+        import time
+
+        from aiohttp import web
+
+        self.methods[request.method] += 1
+        bucket, _, key = request.path.lstrip("/").partition("/")
+        if key.startswith("stall/") and request.method == "PUT":  # a write that never gets an answer
+            t0 = time.monotonic()
+            try:
+                await asyncio.sleep(60)
+            finally:
+                self.put_stall_ended.append(time.monotonic() - t0)
+            return web.Response(status=200)
+        if key.startswith("stall/"):
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "image/png", "Content-Length": "100000"})
+            await resp.prepare(request)
+            t0 = time.monotonic()
+            try:
+                for _ in range(1000):
+                    await resp.write(b"\0")
+                    await asyncio.sleep(0.2)
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                self.stall_ended.append(time.monotonic() - t0)
+            return resp
+        if (bucket, key) in self.denied:
+            return web.Response(status=403, body=b"<Error><Code>AccessDenied</Code></Error>",
+                                content_type="application/xml")
+        body = self.objects.get((bucket, key))
+        if body is None:
+            return web.Response(status=404, body=b"<Error><Code>NoSuchKey</Code></Error>",
+                                content_type="application/xml")
+        return web.Response(body=body, content_type="image/png")
+
+    def __enter__(self) -> "FakeS3":
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            # handler_cancellation: a client that hangs up stops the dripping handler at once.
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="fake-s3")
+        self._thread.start()
+        if not ready.wait(15):
+            raise RuntimeError("fake S3 did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop and self._thread:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)

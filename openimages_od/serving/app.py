@@ -197,10 +197,10 @@ class JsonAccessLogger(AbstractAccessLogger):
 async def _write_output(state: ServeState, url: str, data: bytes) -> None:
     try:
         await state.pools.output.run(state.output_storage.write_bytes, url, data)
-    except IsADirectoryError:
-        raise ApiError(409, "output_conflict", "output names an existing folder") from None
     except OSError as exc:
-        if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        # The storage layer wraps the OS error; the caller's name clashing with what is there is a 409.
+        causes = {exc.errno, getattr(exc.__cause__, "errno", None)}
+        if causes & {errno.EISDIR, errno.ENOTDIR, errno.EEXIST}:
             raise ApiError(409, "output_conflict", "output (or a folder on its path) clashes with an "
                                                    "existing file or folder") from None
         log.error("cannot store annotated image at %s: %s", url, exc)
@@ -299,12 +299,16 @@ def _auth_token(env_name: Optional[str]) -> Optional[str]:
 
 
 def _serving_storage(storage: Any, timeout_s: float, attempts: int, pool: int) -> Any:
-    """A copy of ``storage`` whose S3 clients give up quickly (an output write must not hang a thread)."""
+    """A copy of ``storage`` whose S3 clients give up quickly: with ``attempts`` tries of at most
+    ``timeout_s / attempts`` each, a write to a stalling endpoint ends near the deadline instead of
+    holding an ``output`` thread for minutes of retries after the caller got its 504."""
     from openimages_od.storage import Storage
 
+    per_try = max(1.0, timeout_s / attempts)
+
     def tight(o: Any) -> Any:
-        return o.model_copy(update={"connect_timeout_s": min(o.connect_timeout_s, 5.0),
-                                    "read_timeout_s": min(o.read_timeout_s, timeout_s),
+        return o.model_copy(update={"connect_timeout_s": min(o.connect_timeout_s, 5.0, per_try),
+                                    "read_timeout_s": min(o.read_timeout_s, per_try),
                                     "max_attempts": min(o.max_attempts, attempts), "max_pool_connections": pool})
 
     return Storage(s3=tight(storage.s3_default), bucket_options={b: tight(o) for b, o in storage.bucket_options.items()})

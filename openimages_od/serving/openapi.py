@@ -24,13 +24,16 @@ def openapi_document(model_name: str = "oiod", auth: bool = False) -> dict[str, 
         auth: whether bearer auth is on (adds the security scheme).
     """
     errors = {
-        "400": _error("Invalid request (bad JSON, bad field, not an image, not an allowed URL)"),
-        "403": _error("The image URL points at a refused (private, loopback, metadata) address"),
+        "400": _error("Invalid request (bad JSON, bad field, not an image, not an allowed URL or output name)"),
+        "403": _error("The image URL points at a refused (private, loopback, metadata) address, or is an "
+                      "s3:// URL outside serve.allowed_image_prefixes"),
+        "408": _error("The request body did not arrive within serve.body_timeout_s"),
+        "409": _error("The output name clashes with an existing folder or file"),
         "413": _error("Body, image or pixel count over the limit"),
         "415": _error("Unsupported Content-Type or image format"),
-        "422": _error("The image URL could not be fetched"),
-        "503": _error("Model not loaded yet, or shutting down"),
-        "504": _error("Fetching the image URL timed out"),
+        "422": _error("The image URL could not be fetched (missing and unreadable objects alike)"),
+        "503": _error("Model not loaded yet, shutting down, or all workers of a step busy (Retry-After)"),
+        "504": _error("Fetching the image, checking, drawing or storing it timed out"),
     }
     if auth:
         errors["401"] = _error("Missing or wrong bearer token")
@@ -38,13 +41,16 @@ def openapi_document(model_name: str = "oiod", auth: bool = False) -> dict[str, 
         "type": "object", "required": ["image"], "additionalProperties": False,
         "properties": {
             "image": {"type": "string", "minLength": 1,
-                      "description": "http(s):// or s3:// URL, data: URI, or base64 of JPEG/PNG bytes."},
+                      "description": "http(s):// URL, s3:// URL (only under serve.allowed_image_prefixes), "
+                                     "data: URI, or base64 of JPEG/PNG bytes."},
             "min_score": {"type": "number", "minimum": 0, "maximum": 1},
             "max_detections": {"type": "integer", "minimum": 1, "maximum": 1000},
             "draw": {"type": "boolean", "description": "Return the image with boxes drawn."},
             "format": {"type": "string", "enum": ["jpeg", "png"], "description": "Drawn image format."},
-            "output": {"type": "string", "description": "Store the drawn image under serve.output_dir "
-                                                        "(400 when the server has none)."},
+            "output": {"type": "string", "maxLength": 512,
+                       "description": "Store the drawn image under serve.output_dir (400 when the server has "
+                                      "none): a relative name of [A-Za-z0-9_.-] parts not starting with '.', "
+                                      "at most 8 deep, ending in .jpg, .jpeg or .png."},
         },
     }
     options_params = [

@@ -145,8 +145,11 @@ class GuardedRequestHandler(RequestHandler):
                      message: Optional[str] = None) -> web.StreamResponse:
         # Called by aiohttp for requests it could not parse (before any middleware) and for
         # exceptions that escaped the app: one short log line, no traceback, no request bytes echoed.
-        log.info("rejected a malformed request from %s: %s %s", request.remote, status,
-                 type(exc).__name__ if exc else "")
+        if status >= 500:  # an exception escaped the app (a bug): keep its traceback
+            log.error("unhandled error on a request from %s", request.remote, exc_info=exc)
+        else:
+            log.info("rejected a malformed request from %s: %s %s", request.remote, status,
+                     type(exc).__name__ if exc else "")
         code = "bad_request" if status == 400 else "internal"
         text = ("the request could not be parsed as HTTP (bad request line or headers)" if status == 400
                 else "internal server error" if status >= 500 else "the request was rejected")
