@@ -137,6 +137,20 @@ def test_stray_quote_in_image_index_stops_the_plan(tmp_path):
         _plan(ds["src"], tmp_path / "out")
 
 
+def test_record_swallowed_into_a_title_of_a_valid_row_stops_the_plan(tmp_path):
+    ds = _dataset(tmp_path / "m")
+    p = Path(ds["src"]["splits"]["train"]["images"])
+    lines = p.read_text().split("\n")
+    # Line 3's Title opens a quote that closes only after the whole of line 4: still 12 fields.
+    head, tail = lines[2].split(',"A photo, ')
+    swallowed = lines[3].replace('"', "").replace(", ", " ")  # a record without quotes of its own
+    lines[2] = head + ',"A photo\n' + swallowed + '\nend' + tail[tail.index('"'):]
+    del lines[3]
+    p.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"images\.csv:3: a quote opens a field that runs over 3 lines"):
+        _plan(ds["src"], tmp_path / "out")
+
+
 def test_quoted_newlines_in_titles_are_still_fine(tmp_path):
     ds = _dataset(tmp_path / "m")
     p = Path(ds["src"]["splits"]["train"]["images"])
