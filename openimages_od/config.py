@@ -6,9 +6,17 @@ forbids unknown keys. Errors name the layer (file path with line, or
 ``--set``), the dotted key and what was expected, and exit with code 2.
 
 String values may reference environment variables as ``${NAME}`` or
-``${NAME:-default}``; they are expanded when the config is loaded (so secrets
-stay in the environment and never in the file or ``config.resolved.yaml``
-unless the user writes them there).
+``${NAME:-default}``; they are expanded when the config is loaded, and
+:func:`dump_config` (so ``config.resolved.yaml``) writes the reference back
+instead of the value, so secrets stay in the environment and never reach the
+file unless the user writes them there. Validation errors show the reference,
+not the value.
+
+Hostile files are refused before any work: YAML aliases that expand past
+:data:`MAX_YAML_NODES` nodes (a "billion laughs" alias bomb), recursive
+aliases, nesting deeper than :data:`MAX_YAML_DEPTH`, files over
+:data:`MAX_CONFIG_BYTES`. Split names must be safe path components and
+``key_template`` may use only ``{split}`` and ``{image_id}`` without format specs.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ import copy
 import difflib
 import os
 import re
+import string
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from openimages_od.errors import ConfigError
 
@@ -37,6 +47,20 @@ __all__ = [
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Split names become path components (plan/{split}/..., tfrecords/{split}/..., keys).
+_SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _check_split_name(v: str) -> str:
+    if not _SPLIT_NAME_RE.match(v):
+        raise ValueError(f"split name {v[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (it becomes a path component)")
+    return v
+
+
+SplitName = Annotated[str, AfterValidator(_check_split_name)]
 
 
 # --------------------------------------------------------------------------- shared
@@ -112,10 +136,21 @@ class ImageSources(_Section):
     @field_validator("key_template")
     @classmethod
     def _template_fields(cls, v: str) -> str:
+        # Parsed, not tried: a format spec such as {image_id:>999999999} would allocate gigabytes.
+        if len(v) > 512:
+            raise ValueError("must be at most 512 characters")
         try:
-            v.format(split="train", image_id="0" * 16)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"may only use the fields {{split}} and {{image_id}} ({exc})") from None
+            parts = list(string.Formatter().parse(v))
+        except ValueError as exc:
+            raise ValueError(f"is not a valid template ({exc})") from None
+        for _, name, spec, conversion in parts:
+            if name is None:
+                continue
+            if name not in ("split", "image_id"):
+                raise ValueError(f"may only use the fields {{split}} and {{image_id}} (got {{{name[:40]}}})")
+            if spec or conversion:
+                raise ValueError(f"{{{name}}} may not have a conversion or format spec "
+                                 f"(got {{{name}{'!' + conversion if conversion else ''}{':' + spec[:20] if spec else ''}}})")
         return v
 
 
@@ -130,7 +165,7 @@ class SourceConfig(_Section):
     trainable_classes: Optional[str] = Field(
         None, description="V2 trainable class list (one MID a line) or a label map .pbtxt."
     )
-    splits: dict[str, SplitSource] = Field(default_factory=dict)
+    splits: dict[SplitName, SplitSource] = Field(default_factory=dict)
     s3: S3Options = Field(default_factory=S3Options, description="Options for s3:// metadata URLs.")
     images: ImageSources = Field(default_factory=ImageSources)
 
@@ -156,7 +191,7 @@ class SelectionConfig(_Section):
     include_subclasses: bool = Field(False, description="Add hierarchy descendants (Subcategory) of each class.")
     trainable_only: bool = Field(False, description="Restrict to the V2 trainable set (source.trainable_classes).")
     filters: AttributeFilters = Field(default_factory=AttributeFilters)
-    splits: list[str] = Field(default_factory=list, description="Splits to plan; empty = all in source.splits.")
+    splits: list[SplitName] = Field(default_factory=list, description="Splits to plan; empty = all in source.splits.")
     max_images: Optional[int] = Field(None, ge=1, description="Cap per split.")
     max_images_per_class: Optional[int] = Field(None, ge=1)
     min_boxes_per_image: int = Field(1, ge=0)
@@ -350,7 +385,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     summary_every: int = Field(50, ge=1)
     max_checkpoints: int = Field(5, ge=1)
-    split: str = "train"
+    split: SplitName = "train"
     shuffle_buffer: int = Field(256, ge=1)
     cache_dir: Optional[str] = Field(None, description="Local staging for s3:// shards; null = a temp dir.")
     seed: Optional[int] = 0
@@ -368,7 +403,7 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     """COCO and Open Images mAP."""
 
-    split: str = "validation"
+    split: SplitName = "validation"
     metrics: list[Literal["coco", "openimages"]] = Field(default_factory=lambda: ["coco", "openimages"])
     iou_threshold: float = Field(0.5, gt=0, le=1)
     batch_size: int = Field(4, ge=1)
@@ -467,6 +502,8 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    # Dotted path -> (the ${VAR} text as written, the value it expanded to), for dump_config.
+    _env_refs: dict[tuple, tuple[str, Any]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
@@ -532,25 +569,113 @@ def join_url(root: str, *parts: str) -> str:
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any, where: str) -> Any:
+def _expand_env(value: Any, where: str, refs: Optional[dict[tuple, tuple[str, Any]]] = None,
+                path: tuple = ()) -> Any:
+    """Expand ``${VAR}`` references; ``refs`` records each expanded path with its reference."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k), refs, path + (k,)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_expand_env(v, f"{where}[{i}]", refs, path + (i,)) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
-
-        def repl(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in os.environ:
-                return os.environ[name]
-            if default is not None:
-                return default
-            raise ConfigError(f"{where}: environment variable {name} is not set (referenced as ${{{name}}})")
-
-        expanded = _ENV_RE.sub(repl, value)
-        # "${X:-}" meaning "unset" maps to null so optional fields can be left out.
-        return None if expanded == "" and value.strip().startswith("${") else expanded
+        out = _expand_str(value, where)
+        if refs is not None and _ENV_RE.search(value):
+            refs[path] = (value, out)
+        return out
     return value
+
+
+def _expand_str(value: str, where: str) -> Any:
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set (referenced as ${{{name}}})")
+
+    expanded = _ENV_RE.sub(repl, value)
+    # "${X:-}" meaning "unset" maps to null so optional fields can be left out.
+    return None if expanded == "" and value.strip().startswith("${") else expanded
+
+
+#: Most nodes a config document may expand to (aliases counted as often as they are used).
+MAX_YAML_NODES = 100_000
+#: Deepest nesting of mappings/sequences.
+MAX_YAML_DEPTH = 64
+#: Largest config file read.
+MAX_CONFIG_BYTES = 4 << 20
+
+
+def _check_yaml_node(root: Any, where: str) -> None:
+    """Refuse alias bombs, recursive aliases and deep nesting before anything is constructed.
+
+    The composed node graph shares aliased nodes; the size it would expand to is
+    counted with one visit per distinct node (memoised), so the check itself is
+    linear in the document.
+
+    Raises:
+        ConfigError: naming ``where`` and the line of the offending node.
+    """
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    # Iterative post-order walk: (node, depth, children_done).
+    stack: list[tuple[Any, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        nid = id(node)
+        if done:
+            active.discard(nid)
+            if isinstance(node, yaml.MappingNode):
+                kids = [n for kv in node.value for n in kv]
+            else:
+                kids = list(node.value)
+            total = 1 + sum(size[id(k)] for k in kids)
+            size[nid] = total
+            if total > MAX_YAML_NODES:
+                line = node.start_mark.line + 1
+                raise ConfigError(f"{where}:{line}: the document expands to more than {MAX_YAML_NODES} "
+                                  "nodes (YAML aliases used as a bomb?)")
+            continue
+        if nid in size:
+            continue
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            size[nid] = 1
+            continue
+        if nid in active:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: a YAML alias refers to itself (recursive)")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+        active.add(nid)
+        stack.append((node, depth, True))
+        kids = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else node.value
+        for k in kids:
+            if id(k) not in size:
+                stack.append((k, depth + 1, False))
+
+
+def safe_yaml_load(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs, recursion and deep nesting first.
+
+    Raises:
+        ConfigError: the text is not valid YAML or is hostile (naming ``where`` and the line).
+    """
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # the reader already refuses control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_node(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}{loc}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _line_index(text: str) -> dict[str, int]:
@@ -608,8 +733,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_yaml_load(raw, f"--set {key}") if raw.strip() else ""
+    except ConfigError as exc:
+        if "not valid YAML" not in str(exc):
+            raise  # hostile, not merely unquoted text
         value = raw
     return key.split("."), value
 
@@ -632,9 +759,11 @@ def _describe_type(err: dict) -> str:
     return msg[0].lower() + msg[1:] if msg else t
 
 
-def _format_errors(exc: ValidationError, origin: dict[str, str], allowed: dict[str, list[str]]) -> str:
+def _format_errors(exc: ValidationError, origin: dict[str, str], allowed: dict[str, list[str]],
+                   refs: Optional[dict[tuple, tuple[str, Any]]] = None) -> str:
     lines = []
     for err in exc.errors():
+        ref = (refs or {}).get(tuple(err["loc"]))
         loc = [str(p) for p in err["loc"]]
         dotted = ".".join(loc)
         where = "built-in defaults"
@@ -658,6 +787,8 @@ def _format_errors(exc: ValidationError, origin: dict[str, str], allowed: dict[s
             desc = f"unknown key{hint}"
         got = err.get("input")
         got_s = "" if err.get("type") in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        if ref is not None:  # the value came from the environment: show where, never what
+            got_s = f" (from {ref[0]})"
         lines.append(f"{where}: {dotted}: {desc.removeprefix('value error, ')}{got_s}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -689,15 +820,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if path is not None:
         p = Path(path)
         try:
+            if p.is_file() and p.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{p}: {p.stat().st_size} bytes; a config file may be at most {MAX_CONFIG_BYTES}")
             text = p.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError(f"{p}{loc}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        data = safe_yaml_load(text, str(p))
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -707,11 +837,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         merged = _deep_merge(merged, data, file_origin, str(p))
         origin.update({k: f"{p}:{lines[k]}" if k in lines else str(p) for k in file_origin})
     merged = _merge_overrides(merged, overrides or [], origin)
+    refs: dict[tuple, tuple[str, Any]] = {}
     try:
-        merged = _expand_env(merged, "")
+        merged = _expand_env(merged, "", refs)
     except ConfigError as exc:
         raise ConfigError(f"{path or '--set'}: {exc}") from None
-    return _validate(merged, origin)
+    cfg = _validate(merged, origin, refs)
+    cfg._env_refs = refs
+    return cfg
 
 
 def _merge_overrides(data: dict, overrides: list[str], origin: dict[str, str]) -> dict:
@@ -731,22 +864,50 @@ def _merge_overrides(data: dict, overrides: list[str], origin: dict[str, str]) -
     return data
 
 
-def _validate(data: dict, origin: dict[str, str]) -> Config:
+def _validate(data: dict, origin: dict[str, str], refs: Optional[dict[tuple, tuple[str, Any]]] = None) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin, _allowed_keys(Config))) from None
+        raise ConfigError(_format_errors(exc, origin, _allowed_keys(Config), refs or {})) from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied and validated."""
     origin: dict[str, str] = {}
-    return _validate(_merge_overrides(cfg.model_dump(mode="json"), overrides, origin), origin)
+    out = _validate(_merge_overrides(cfg.model_dump(mode="json"), overrides, origin), origin, cfg._env_refs)
+    out._env_refs = dict(cfg._env_refs)  # dump_config only restores those whose value is unchanged
+    return out
+
+
+def _with_references(data: Any, refs: dict[tuple, tuple[str, Any]]) -> Any:
+    """``data`` with every value that came from ``${VAR}`` (and is unchanged) replaced by the reference."""
+    for path, (raw, value) in refs.items():
+        node = data
+        for k in path[:-1]:
+            if isinstance(node, dict) and k in node:
+                node = node[k]
+            elif isinstance(node, list) and isinstance(k, int) and k < len(node):
+                node = node[k]
+            else:
+                node = None
+                break
+        last = path[-1] if path else None
+        if node is None or last is None:
+            continue
+        if isinstance(node, dict) and last in node and node[last] == value:
+            node[last] = raw
+        elif isinstance(node, list) and isinstance(last, int) and last < len(node) and node[last] == value:
+            node[last] = raw
+    return data
 
 
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML (round-trips through :func:`load_config`)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+    """The resolved config as YAML (round-trips through :func:`load_config` in the same environment).
+
+    Values that came from ``${VAR}`` references are written as the reference, never as the value.
+    """
+    data = _with_references(cfg.model_dump(mode="json"), cfg._env_refs)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
 def save_resolved(cfg: Config, dir_url: str, storage: Any | None = None) -> str:

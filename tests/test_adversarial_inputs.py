@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BOX_COLS = BOX_LAYOUTS["v4"]
 
 
-def _dataset(d: Path, n_images: int = 45, seed: int = 3) -> dict:
-    """45 images / ~87 Car boxes (the issue's reproduction), an image index, and the ``source`` section."""
+def _dataset(d: Path, n_images: int = 45, seed: int = 3, quote_all: bool = False) -> dict:
+    """45 images / ~87 Car boxes (the issue's reproduction), an image index, and the ``source`` section.
+
+    ``quote_all`` writes the box CSV with every field quoted (as a re-export might).
+    """
     rng = random.Random(seed)
     d.mkdir(parents=True, exist_ok=True)
     ids = sorted(f"{rng.getrandbits(64):016x}" for _ in range(n_images))
@@ -45,6 +49,8 @@ def _dataset(d: Path, n_images: int = 45, seed: int = 3) -> dict:
         index.append(f'{iid},train,https://farm.example/{iid}.jpg,https://flickr.example/{iid},cc,'
                      f'https://flickr.example/u,"Author, A","A photo, {iid[:4]}",12345,md5==,'
                      f'https://thumb.example/{iid}.jpg,0')
+    if quote_all:
+        boxes = [",".join(f'"{f}"' for f in line.split(",")) for line in boxes]
     (d / "boxes.csv").write_text("\n".join(boxes) + "\n")
     (d / "images.csv").write_text("\n".join(index) + "\n")
     src = {"class_descriptions": str(CLASSES),
@@ -54,6 +60,13 @@ def _dataset(d: Path, n_images: int = 45, seed: int = 3) -> dict:
 
 def _plan(src: dict, out: Path, **sel):
     return build_plan(make_cfg(src, str(out), classes=["Car"], include_subclasses=False, **sel))
+
+
+def _double_last_quote(path: Path, line: int) -> None:
+    """In a quoted CSV, one quote more after the last field of ``line``: the field runs on into the next line."""
+    lines = path.read_text().split("\n")
+    lines[line - 1] += '"'
+    path.write_text("\n".join(lines))
 
 
 def count_lines(path: Path) -> int:
@@ -78,24 +91,38 @@ def test_clean_dataset_plans_every_image(tmp_path):
     assert all(r["original_url"] for r in rows)
 
 
-@pytest.mark.parametrize("strict", [False, True])
-def test_stray_quote_in_box_csv_stops_the_plan_at_its_line(tmp_path, strict):
+def test_stray_quote_in_box_csv_costs_only_its_row_and_is_reported_at_its_line(tmp_path):
     ds = _dataset(tmp_path / "m")
     _insert_quote(Path(ds["src"]["splits"]["train"]["boxes"]), 6)
+    res = _plan(ds["src"], tmp_path / "out")
+    sm = res.manifest.splits["train"]
+    assert sm.num_boxes == len(ds["boxes"]) - 2  # header and the spoilt row
+    assert sm.num_images >= 44
+    mal = res.stats["splits"]["train"]["malformed"]
+    assert mal == {"bad_image_id": {"count": 1, "examples": [mal["bad_image_id"]["examples"][0]]}}
+    assert mal["bad_image_id"]["examples"][0].startswith(f"{ds['src']['splits']['train']['boxes']}:6: ")
+    with pytest.raises(DataError, match=r"boxes\.csv:6: malformed row \(bad_image_id\)"):
+        _plan(ds["src"], tmp_path / "out2", strict=True)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_stray_quote_in_a_quoted_box_csv_stops_the_plan_at_its_line(tmp_path, strict):
+    ds = _dataset(tmp_path / "m", quote_all=True)
+    assert _plan(ds["src"], tmp_path / "clean").manifest.splits["train"].num_boxes == len(ds["boxes"]) - 1
+    _double_last_quote(Path(ds["src"]["splits"]["train"]["boxes"]), 6)
     with pytest.raises(DataError, match=r"boxes\.csv:6: a quote opens a field that runs over \d+ lines"):
         _plan(ds["src"], tmp_path / "out", strict=strict)
 
 
-def test_two_stray_quotes_that_make_a_valid_row_are_caught_by_the_line_count(tmp_path):
-    ds = _dataset(tmp_path / "m")
+def test_a_valid_looking_row_over_two_lines_is_caught_by_the_line_count(tmp_path):
+    ds = _dataset(tmp_path / "m", quote_all=True)
     p = Path(ds["src"]["splits"]["train"]["boxes"])
-    # A quote opening the Source field of line 5 and one closing the Source field of line 9:
-    # the parser sees one 13-field row and loses lines 6-9.
+    # Line 5's Source field runs on into line 6 and the row still has 13 fields: the parser
+    # accepts it, and line 6 is gone. Only counting records against lines sees it.
     lines = p.read_text().split("\n")
     f5 = lines[4].split(",")
-    f5[1] = '"' + f5[1]
-    lines[4] = ",".join(f5[:2])
-    lines[8] = lines[8].split(",")[0] + '",' + ",".join(f5[2:])
+    lines[4] = ",".join(f5[:1]) + "," + f5[1][:-1]
+    lines[5] = 'more",' + ",".join(f5[2:])
     p.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"boxes\.csv:5: a quote opens a field that runs over several lines"):
         _plan(ds["src"], tmp_path / "out")
@@ -111,6 +138,20 @@ def test_stray_quote_in_image_index_stops_the_plan(tmp_path):
         _plan(ds["src"], tmp_path / "out")
 
 
+def test_record_swallowed_into_a_title_of_a_valid_row_stops_the_plan(tmp_path):
+    ds = _dataset(tmp_path / "m")
+    p = Path(ds["src"]["splits"]["train"]["images"])
+    lines = p.read_text().split("\n")
+    # Line 3's Title opens a quote that closes only after the whole of line 4: still 12 fields.
+    head, tail = lines[2].split(',"A photo, ')
+    swallowed = lines[3].replace('"', "").replace(", ", " ")  # a record without quotes of its own
+    lines[2] = head + ',"A photo\n' + swallowed + '\nend' + tail[tail.index('"'):]
+    del lines[3]
+    p.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"images\.csv:3: a quote opens a field that runs over 3 lines"):
+        _plan(ds["src"], tmp_path / "out")
+
+
 def test_quoted_newlines_in_titles_are_still_fine(tmp_path):
     ds = _dataset(tmp_path / "m")
     p = Path(ds["src"]["splits"]["train"]["images"])
@@ -121,9 +162,9 @@ def test_quoted_newlines_in_titles_are_still_fine(tmp_path):
     assert all(r["original_url"] for r in rows)
 
 
-def test_cli_exits_non_zero_on_a_stray_quote(tmp_path):
-    ds = _dataset(tmp_path / "m")
-    _insert_quote(Path(ds["src"]["splits"]["train"]["boxes"]), 10)
+def test_cli_exits_non_zero_on_a_stray_quote_that_swallows_rows(tmp_path):
+    ds = _dataset(tmp_path / "m", quote_all=True)
+    _double_last_quote(Path(ds["src"]["splits"]["train"]["boxes"]), 10)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"source": ds["src"], "selection": {"classes": ["Car"]},
                                    "output": {"url": str(tmp_path / "out")}}))
@@ -197,6 +238,8 @@ _NOISE = st.sampled_from(['"', ",", "\n", "\r\n", "\r", "\x00", "é", "\ufeff", 
 @st.composite
 def _mutated_csv(draw) -> str:
     lines = [",".join(BOX_COLS)] + list(_GOOD)
+    if draw(st.booleans()):  # every field quoted: the quoting parser and its swallow checks
+        lines = [",".join(f'"{f}"' for f in line.split(",")) for line in lines]
     for _ in range(draw(st.integers(1, 6))):
         i = draw(st.integers(1, len(lines) - 1))
         j = draw(st.integers(0, len(lines[i])))
@@ -239,3 +282,47 @@ def test_fuzzed_hierarchy_json_parses_or_fails_naming_the_file(doc):
     for m in h.order:
         h.descendants(m)
         h.ancestors(m)
+
+
+_INDEX = [",".join(INDEX_COLS + ("Rotation",))] + [
+    f'{i:016x},train,https://farm.example/{i}.jpg,https://flickr.example/{i},cc,https://flickr.example/u,'
+    f'"Author, A","A photo, {i}",12345,md5==,https://thumb.example/{i}.jpg,0' for i in range(1, 20)]
+
+
+@st.composite
+def _mutated_index(draw) -> str:
+    lines = list(_INDEX)
+    for _ in range(draw(st.integers(1, 5))):
+        i = draw(st.integers(1, len(lines) - 1))
+        j = draw(st.integers(0, len(lines[i])))
+        lines[i] = lines[i][:j] + draw(_NOISE) + lines[i][j:]
+    return "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_mutated_index())
+def test_fuzzed_image_index_reads_or_fails_with_the_file_name(tmp_path, text):
+    p = tmp_path / "index.csv"
+    p.write_bytes(text.encode("utf-8"))
+    try:
+        stream = CsvStream(p, detect_layout(p, "images", "index.csv"), ["ImageID", "OriginalURL", "OriginalSize"],
+                           "index.csv", MalformedLog(), block_size=512, newlines_in_values=True)
+        for batch, _ in stream:
+            # Whatever was accepted holds no swallowed record in a field that was read.
+            for col in batch.columns:
+                assert not any(re.search(r"\n[0-9a-fA-F]{16},", v or "") for v in col.to_pylist()), col
+    except DataError as exc:
+        assert str(exc).startswith("index.csv"), exc
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.lists(st.sampled_from(['/m/0k4j,Car', '"/m/01g317","Person, adult"', "LabelName,DisplayName", '"',
+                                      ",", "\n", "\r", "/m/x", "\ufeff", "a,b,c", "", " ", "\x00"]),
+                     max_size=12).map("".join))
+def test_fuzzed_class_descriptions_parse_or_fail_naming_the_file(text):
+    from openimages_od.openimages.classes import read_class_descriptions
+
+    try:
+        read_class_descriptions(text, "classes.csv")
+    except DataError as exc:
+        assert str(exc).startswith("classes.csv")

@@ -64,7 +64,11 @@ def read_class_descriptions(text: str, display: str) -> ClassDescriptions:
     """
     out = ClassDescriptions()
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    for lineno, row in enumerate(reader, start=1):
+    try:
+        rows = list(enumerate(reader, start=1))
+    except csv.Error as exc:  # e.g. a bare CR inside an unquoted field
+        raise DataError(f"{display}:{reader.line_num}: not a valid CSV row ({exc})") from None
+    for lineno, row in rows:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) < 2:

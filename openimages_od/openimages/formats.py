@@ -24,15 +24,26 @@ for every Open Images CSV except image titles with quoted newlines.
 
 A stray quote makes a CSV parser read everything up to the next quote (often
 the end of the file) as one field, so thousands of rows can vanish into one
-"malformed row". :class:`CsvStream` refuses that with a :class:`DataError`
-naming ``file:line`` of the quote, whatever ``selection.strict`` says:
+"malformed row". The readers prevent or refuse that:
 
-* a row that spans lines in a file without quoted newlines (box and label
-  CSVs), seen by the parser as a malformed row, or counted at the end: the
-  records parsed must equal the physical lines (one ``bytes.count`` pass);
-* in the image index (where titles may hold quoted newlines), a field with a
-  newline followed by what looks like the start of another record
-  (``\n<16 hex digits>,``).
+* Box and label CSVs hold only IDs and numbers. When their first line has no
+  quote (every Open Images release), quoting is off: a stray ``"`` is an
+  ordinary character, so it spoils only its own row, which the value checks
+  report as malformed with its exact ``file:line``. This is also the fastest
+  way to parse.
+* When their first line is quoted (a re-export with quoted fields), quoting is
+  on, and a row that spans lines is refused with a :class:`DataError` naming
+  ``file:line`` of the quote: seen by the parser as a malformed row, or found
+  at the end by counting records against physical lines.
+* In the image index (titles may hold quoted newlines), a field with a newline
+  followed by what looks like the start of another record
+  (``\\n<16 hex digits>,``) is refused the same way: in a malformed row at
+  once; in rows that parsed, by a second pass over every column, made only
+  when the file has fewer records than lines (a file without multi-line
+  fields costs one line count).
+
+These refusals hold whatever ``selection.strict`` says: the rest of the file
+would be misread.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -274,6 +285,11 @@ def count_lines(path: Path, chunk: int = 16 << 20) -> int:
     return n + (0 if last == b"\n" else 1)
 
 
+def _first_line_quoted(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return b'"' in fh.readline(1 << 16)
+
+
 def _open_quote_line(path: Path, after_line: int = 0) -> Optional[int]:
     """The first line (after ``after_line``) with an odd number of quotes: where a field that
     runs over several lines opens."""
@@ -282,6 +298,13 @@ def _open_quote_line(path: Path, after_line: int = 0) -> Optional[int]:
             if i > after_line and line.count(b'"') % 2 == 1:
                 return i
     return None
+
+
+def _needle(text: str) -> str:
+    """What to search for to find a multi-line field: its first two lines (unique enough), at most 300 chars."""
+    first = text.find("\n")
+    second = text.find("\n", first + 1) if first >= 0 else -1
+    return text[: second if second > 0 else len(text)][:300]
 
 
 def _line_of_text(path: Path, text: str) -> Optional[int]:
@@ -346,6 +369,8 @@ class CsvStream:
         self.rows_read = 0
         self.rows_skipped = 0
         self._swallow: Optional[str] = None  # message of the first swallowing row seen
+        # Quoting only where the file uses it (see the module docstring).
+        self.quoting = newlines_in_values or _first_line_quoted(path)
 
     def _swallows(self, text: str) -> bool:
         if "\n" not in text:
@@ -361,8 +386,7 @@ class CsvStream:
     def _on_invalid(self, row: "pacsv.InvalidRow") -> str:
         self.rows_skipped += 1
         if self._swallow is None and self._swallows(row.text):
-            first = row.text.split("\n", 1)[0]
-            self._swallow = self._swallow_message(_line_of_text(self.path, first), row.text)
+            self._swallow = self._swallow_message(_line_of_text(self.path, _needle(row.text)), row.text)
             return "skip"
         line = self._locator.locate(row.text)
         if line is not None:
@@ -400,12 +424,8 @@ class CsvStream:
             more = fh.read(1)
         return not more and b"\n" not in head.rstrip(b"\r\n")
 
-    def _check_swallowed(self, batch: pa.RecordBatch, g0: int, all_columns: bool) -> None:
+    def _check_swallowed(self, batch: pa.RecordBatch, g0: int) -> None:
         """Raise if a field of ``batch`` holds other records (image index: quoted newlines allowed)."""
-        if self._swallow is not None:
-            raise DataError(self._swallow)
-        if not all_columns:
-            return
         for col in batch.columns:
             nl = pc.match_substring(col, "\n")
             if not pc.any(nl).as_py():
@@ -414,15 +434,20 @@ class CsvStream:
             if pc.any(hit).as_py():
                 i = int(np.flatnonzero(hit.to_numpy(zero_copy_only=False))[0])
                 text = col[i].as_py()
-                line = _line_of_text(self.path, text.split("\n", 1)[0]) or self.line_of(g0 + i)
+                line = _line_of_text(self.path, _needle(text)) or self.line_of(g0 + i)
                 raise DataError(self._swallow_message(line, text))
 
     def _check_line_count(self) -> None:
-        """Records parsed must match physical lines where fields cannot hold newlines."""
-        if self.newlines_in_values:
+        """Records parsed against physical lines: where fields cannot hold newlines (quoted box and
+        label files) they must match; where they can (the image index), fewer records than lines
+        triggers a second pass over every column that looks for fields holding other records."""
+        if not self.quoting:
             return
         physical = count_lines(self.path)
         records = self.header_lines + self.rows_read + self.rows_skipped
+        if records < physical and self.newlines_in_values:
+            self._rescan_every_column()
+            return
         if records < physical:
             line = _open_quote_line(self.path)
             raise DataError(
@@ -430,6 +455,35 @@ class CsvStream:
                 f"several lines (a stray '\"'?): {physical - records} line(s) were swallowed into other rows "
                 f"({records} records in {physical} lines); fix or remove the quote"
             )
+
+    def _options(self, include: list[str], handler: Any) -> tuple[Any, Any, Any]:
+        read = pacsv.ReadOptions(
+            column_names=list(self.layout.columns),
+            skip_rows=self.header_lines,
+            block_size=self.block_size,
+            encoding="utf8",
+        )
+        parse = pacsv.ParseOptions(
+            quote_char='"' if self.quoting else False,
+            invalid_row_handler=handler,
+            newlines_in_values=self.newlines_in_values,
+            ignore_empty_lines=False,  # a blank line is a malformed row, and keeps line numbers exact
+        )
+        conv = pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in include},
+            include_columns=include,
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        )
+        return read, parse, conv
+
+    def _rescan_every_column(self) -> None:
+        """Second pass (only for files with multi-line fields): every column, looking for records inside fields."""
+        read, parse, conv = self._options(list(self.layout.columns), lambda row: "skip")
+        g0 = 0
+        for batch in pacsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=conv):
+            self._check_swallowed(batch, g0)
+            g0 += batch.num_rows
 
     def __iter__(self) -> Iterator[tuple[pa.RecordBatch, int]]:
         """Yield ``(batch, g0)``: a batch and the global kept-row index of its first row.
@@ -440,37 +494,16 @@ class CsvStream:
         if self._header_only():
             self._locator.close()
             return
-        read = pacsv.ReadOptions(
-            column_names=list(self.layout.columns),
-            skip_rows=self.header_lines,
-            block_size=self.block_size,
-            encoding="utf8",
-        )
-        parse = pacsv.ParseOptions(
-            invalid_row_handler=self._on_invalid,
-            newlines_in_values=self.newlines_in_values,
-            ignore_empty_lines=False,  # a blank line is a malformed row, and keeps line numbers exact
-        )
-        # Where quoted newlines are allowed, every column is read so that a field that
-        # swallowed other rows is seen whichever column the quote opened in.
-        all_columns = self.newlines_in_values
-        include = list(self.layout.columns) if all_columns else self.columns
-        conv = pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in include},
-            include_columns=include,
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-        )
+        read, parse, conv = self._options(self.columns, self._on_invalid)
         g0 = 0
         try:
             reader = pacsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=conv)
             for batch in reader:
                 n = batch.num_rows
-                self._check_swallowed(batch, g0, all_columns)
+                if self._swallow is not None:
+                    raise DataError(self._swallow)
                 if n == 0:
                     continue
-                if all_columns:
-                    batch = batch.select(self.columns)
                 # Skipped rows reported so far that precede this batch's last row belong before it.
                 self._flush_pending(self.line_of(g0 + n - 1))
                 yield batch, g0

@@ -167,10 +167,11 @@ class Fetcher:
         Raises:
             FetchFailed: with the reason (after retries).
         """
-        url = source_url(source, row, self.sources)
-        if not url:
-            raise FetchFailed("no_url", f"plan row has no {source} URL")
+        url = ""
         try:
+            url = source_url(source, row, self.sources) or ""
+            if not url:
+                raise FetchFailed("no_url", f"plan row has no {source} URL")
             if source == "bucket":
                 return await self._fetch_s3(url)
             return await self._fetch_http(source, url)

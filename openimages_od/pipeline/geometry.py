@@ -190,8 +190,21 @@ def render(
         resample: ``box``, ``bilinear`` or ``lanczos`` (``image.resample``).
 
     Raises:
-        Rejected: ``truncated``, ``corrupt``, ``bad_rotation``.
+        Rejected: ``truncated``, ``corrupt``, ``bad_rotation``; any other error
+            raised while decoding or converting these bytes is ``corrupt`` too,
+            so one hostile file costs one image, never its shard.
     """
+    try:
+        return _render(img, data, rotation=rotation, max_side=max_side, quality=quality, exif_mode=exif_mode,
+                       keep_original_if_fits=keep_original_if_fits, resample=resample)
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for hostile files
+        raise Rejected("corrupt", f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _render(img: Image.Image, data: bytes, *, rotation: Optional[int], max_side: int, quality: int,
+            exif_mode: str, keep_original_if_fits: bool, resample: str) -> RenderedImage:
     src_w, src_h = img.size
     orientation = exif_orientation(img) if exif_mode != "ignore" else None
     ops = choose_ops(rotation, orientation, exif_mode)
