@@ -141,8 +141,6 @@ def main() -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    from openimages_od.openimages.labelmap import LabelMap  # noqa: F401  (names come from the metrics)
-
     tr = stats["splits"]["train"]
     print()
     print(f"longtail_bench: {args.images} train images (rare {args.rare} drawn {args.ratio:g}x less), "
