@@ -91,3 +91,30 @@ def test_report_error_analysis_in_headless_chromium(tmp_path):
         assert console_errors(driver) == []
     finally:
         driver.quit()
+
+
+def test_report_samples_mark_group_of_only_when_one(tmp_path):
+    """Unknown group_of (-1, every V2 train box) is not drawn as "(group)"; 1 is."""
+    import io
+
+    from PIL import Image
+
+    from openimages_od.pipeline.example import detection_features, encode_example
+    from openimages_od.pipeline.tfrecord import encode_records
+    from openimages_od.report import _Data
+    from openimages_od.storage import Storage
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(buf, format="JPEG")
+    recs = []
+    for i, g in enumerate((-1, 0, 1)):
+        row = {"image_id": f"{i:016x}", "source_id": i + 1, "image_labels": [],
+               "boxes": [{"label_id": 1, "mid": "/m/018xm", "is_group_of": g}]}
+        recs.append(encode_example(detection_features(row, buf.getvalue(), 64, 48, [(0.1, 0.5, 0.1, 0.5)], "0" * 64)))
+    d = tmp_path / "out" / "tfrecords" / "validation"
+    d.mkdir(parents=True)
+    (d / "validation-00000-of-00001.tfrecord").write_bytes(encode_records(recs))
+    (d / "validation-00000-of-00001.stats.json").write_text("{}")
+    cfg = load_config(None, [f"output.url={tmp_path / 'out'}"])
+    data = _Data(cfg, Storage.from_config(cfg)).load()
+    assert [s["boxes"][0][5] for s in data.samples] == [False, False, True]
