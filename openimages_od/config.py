@@ -389,6 +389,10 @@ class TrainConfig(_Section):
     shuffle_buffer: int = Field(256, ge=1)
     cache_dir: Optional[str] = Field(None, description="Local staging for s3:// shards; null = a temp dir.")
     seed: Optional[int] = 0
+    repeat_factor_threshold: Optional[float] = Field(
+        None, gt=0, le=1,
+        description="Repeat-factor sampling (LVIS): oversample images of classes in fewer than this fraction "
+                    "of training images (r = max(1, sqrt(t / f))); null = off. 0.001 is LVIS's value.")
 
     @field_validator("input_size")
     @classmethod

@@ -8,7 +8,10 @@ Sections: totals; class histogram per split (class imbalance is the first
 thing to look at); boxes per image; image sizes; failure reasons; a grid of
 sample images from the shards with their ground-truth boxes drawn (after
 rotation and resizing, so coordinate bugs show at a glance); and, after
-evaluation, per-class AP bars and precision-recall curves.
+evaluation, per-class AP bars and precision-recall curves, per-class AP
+against the number of training boxes, and the error analysis of
+``eval/analysis-{step}.json`` (TP/FP by reason and misses per class, the
+confusion matrix, the worst images per class with their boxes drawn).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class _Data:
         self.dataset: Optional[dict] = None
         self.metrics: Optional[dict] = None
         self.metrics_url: Optional[str] = None
+        self.analysis: Optional[dict] = None
+        self.analysis_url: Optional[str] = None
 
     def load(self) -> "_Data":
         self._label_map()
@@ -197,8 +202,11 @@ class _Data:
                 except ValueError:
                     continue
         if found:
-            self.metrics_url = max(found)[1]
+            step, self.metrics_url = max(found)
             self.metrics = self.st.read_json(self.metrics_url)
+            url = self.cfg.output_path("eval", f"analysis-{step}.json")
+            self.analysis = self._json(url)
+            self.analysis_url = url if self.analysis else None
 
 
 def _s(v: Any) -> str:
@@ -349,6 +357,78 @@ def _pr_curves(metrics: dict, names: dict[str, str]) -> Optional[str]:
     return _png(fig)
 
 
+def _ap_vs_frequency(metrics: dict, train_boxes: dict[str, int]) -> Optional[tuple[str, list[tuple[str, int, float]]]]:
+    """Scatter of per-class AP against training boxes (log x): does AP follow frequency?"""
+    per = ((metrics.get("openimages") or {}).get("per_class") or {}) if isinstance(metrics, dict) else {}
+    points = [(v["name"], train_boxes[v["name"]], float(v["ap"])) for v in per.values()
+              if isinstance(v, dict) and v.get("ap") is not None and v.get("name") in train_boxes]
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([max(1, b) for _, b, _ in points], [a for _, _, a in points], color="#4363d8")
+    for name, b, a in points[:40]:
+        ax.annotate(name, (max(1, b), a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("training boxes (log)")
+    ax.set_ylabel("AP@0.5 (Open Images)")
+    ax.set_title("per-class AP vs training box count")
+    return _png(fig), sorted(points, key=lambda p: p[1])
+
+
+def _error_analysis_html(a: dict, url: Optional[str]) -> list[str]:
+    parts = [f"<h2 id='errors'>Error analysis</h2><p class='muted'>Predictions with score &ge; "
+             f"{a.get('min_score')} at IoU {a.get('iou_threshold')}: each is a true positive or a false positive "
+             f"for one reason (<b>localisation</b>: right class, IoU in [{a.get('loc_iou')}, "
+             f"{a.get('iou_threshold')}); <b>wrong class</b>: on an object of another class; <b>duplicate</b>: "
+             f"the object was already found; <b>background</b>: nothing there). Every prediction and miss is in "
+             f"<code>{html.escape((url or '').replace('analysis-', 'outcomes-').replace('.json', '.csv'))}</code>."
+             f"</p>"]
+    rows = []
+    for v in (a.get("per_class") or {}).values():
+        rows.append((v["name"], v["gt"], v["tp"], v["fp"], v["localisation"], v["wrong_class"], v["duplicate"],
+                     v["background"], v["missed"], "-" if v["precision"] is None else f"{v['precision']:.3f}",
+                     "-" if v["recall"] is None else f"{v['recall']:.3f}"))
+    t = a.get("totals") or {}
+    if t:
+        fp = sum(t.get(k, 0) for k in ("localisation", "wrong_class", "duplicate", "background"))
+        rows.append(("all", t.get("gt", 0), t.get("tp", 0), fp, t.get("localisation", 0), t.get("wrong_class", 0),
+                     t.get("duplicate", 0), t.get("background", 0), t.get("missed", 0), "", ""))
+    parts.append("<div id='error-table'>" + _table(rows, ("class", "ground truth", "TP", "FP", "FP localisation",
+                                                          "FP wrong class", "FP duplicate", "FP background",
+                                                          "missed", "precision", "recall")) + "</div>")
+    conf = a.get("confusion") or {}
+    if conf.get("matrix"):
+        m = conf["matrix"]
+        peak = max([max(r) for r in m] + [1])
+        head = "<th>ground truth \\ predicted</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in conf["cols"])
+        body = []
+        for name, row in zip(conf["rows"], m):
+            cells = "".join(
+                f"<td class='cm' style='background:rgba(67,99,216,{0.08 + 0.8 * v / peak:.2f})'>{v}</td>" for v in row)
+            body.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+        parts.append("<h3 id='confusion'>Confusion matrix</h3><p class='muted'>" + html.escape(conf.get("note", ""))
+                     + f"</p><table id='confusion-matrix'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}"
+                     "</tbody></table>")
+    worst = a.get("worst_images") or {}
+    if any(worst.values()):
+        parts.append("<h3 id='worst'>Worst images per class</h3><p class='muted'>Most false positives plus misses "
+                     "of the class. Green: ground truth (orange: missed); blue: true positive; red: false positive "
+                     "with its reason.</p><div class='sample-grid' id='worst-images'>")
+        for items in worst.values():
+            for w in items:
+                if not w.get("image"):
+                    continue
+                fps = sum(1 for d in w.get("detections", []) if d.get("outcome") != "tp")
+                parts.append(f"<figure><img src='{w['image']}' alt='worst {html.escape(w['class'])} "
+                             f"{html.escape(w['image_id'])}'><figcaption>{html.escape(w['class'])} &middot; "
+                             f"{html.escape(w['image_id'])} &middot; {fps} FP, {len(w.get('missed', []))} missed"
+                             "</figcaption></figure>")
+        parts.append("</div>")
+    return parts
+
+
 # ------------------------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -359,6 +439,7 @@ th{background:#fafafa} .charts{display:flex;flex-wrap:wrap;gap:1rem} .chart{max-
 .sample-grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:.8rem}
 .sample-grid figure{margin:0;border:1px solid #eee;padding:.3rem} .sample-grid img{width:100%}
 .sample-grid figcaption{font-size:.8rem;color:#555;word-break:break-all}
+td.cm{text-align:right;min-width:2.5rem}
 """
 
 
@@ -473,7 +554,17 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
         pr = _pr_curves(d.metrics, d.names)
         if pr:
             parts.append(_img(pr, "precision-recall curves"))
+        train_boxes = {d.names.get(m, m): n for m, n in (d.class_counts.get(d.cfg.train.split) or {})
+                       .get("boxes", {}).items()}
+        freq = _ap_vs_frequency(d.metrics, train_boxes)
         parts.append("</div>")
+        if freq:
+            png, points = freq
+            parts.append("<h3 id='ap-vs-frequency'>Per-class AP vs training boxes</h3><div class='charts'>"
+                         + _img(png, "AP vs training boxes") + "</div>")
+            parts.append(_table([(n, b, f"{a:.4f}") for n, b, a in points], ("class", "training boxes", "AP@0.5")))
+        if d.analysis:
+            parts.extend(_error_analysis_html(d.analysis, d.analysis_url))
     else:
         parts.append("<p>No evaluation yet (run <code>oiod evaluate</code>).</p>")
     parts.append("</body></html>")

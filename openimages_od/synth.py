@@ -151,8 +151,14 @@ def _rotate_box_cw(box: dict, k: int) -> dict:
     return {**box, "XMin": x0, "XMax": x1, "YMin": y0, "YMax": y1}
 
 
+def _pick(rng: random.Random, classes: tuple[SynthClass, ...], weights: Optional[list[float]]) -> SynthClass:
+    # Without weights, exactly the draw the generator always made (datasets stay byte-identical per seed).
+    return rng.choice(classes) if weights is None else rng.choices(classes, weights)[0]
+
+
 def _make_image(rng: random.Random, nrng: np.random.Generator, classes: tuple[SynthClass, ...], image_id: str,
-                split: str, min_side: int, max_side: int, rotation: int, group_of_rate: float) -> SynthImage:
+                split: str, min_side: int, max_side: int, rotation: int, group_of_rate: float,
+                weights: Optional[list[float]] = None) -> SynthImage:
     w = rng.randint(min_side, max_side)
     h = rng.randint(min_side, max_side)
     img = Image.fromarray(_texture(nrng, w, h))
@@ -162,7 +168,7 @@ def _make_image(rng: random.Random, nrng: np.random.Generator, classes: tuple[Sy
     n_obj = rng.randint(1, 3)
     occupied: list[tuple[float, float, float, float]] = []
     for _ in range(n_obj):
-        cls = rng.choice(classes)
+        cls = _pick(rng, classes, weights)
         for _attempt in range(20):
             bw = rng.uniform(0.18, 0.45) * w
             bh = bw * rng.uniform(0.8, 1.25) if cls.shape != "rect" else rng.uniform(0.2, 0.5) * h
@@ -180,7 +186,7 @@ def _make_image(rng: random.Random, nrng: np.random.Generator, classes: tuple[Sy
         present.add(cls.mid)
     if rng.random() < group_of_rate:
         # A cluster of small objects of one class, annotated by one group-of box.
-        cls = rng.choice(classes)
+        cls = _pick(rng, classes, weights)
         gx0, gy0 = rng.uniform(0, 0.6) * w, rng.uniform(0, 0.6) * h
         gw, gh = 0.35 * w, 0.35 * h
         if all(gx0 + gw < o[0] or gx0 > o[2] or gy0 + gh < o[1] or gy0 > o[3] for o in occupied):
@@ -221,6 +227,7 @@ def generate_dataset(
     group_of_rate: float = 0.1,
     seed: int = 0,
     clean: bool = True,
+    class_weights: Optional[dict[str, float]] = None,
 ) -> SynthDataset:
     """Write a dataset in the Open Images V7 layout under ``root``.
 
@@ -236,6 +243,9 @@ def generate_dataset(
         group_of_rate: fraction of images with a group-of cluster.
         seed: everything is deterministic given the seed.
         clean: remove ``root`` first.
+        class_weights: relative frequency of each class (by MID or name) when drawing objects, for a
+            long-tailed dataset (e.g. ``{"Window": 1, "Ball": 20, "Traffic sign": 20}``: Window objects
+            20x rarer); None = uniform. Classes not named get weight 1.
 
     Returns:
         The :class:`SynthDataset` (images with their bytes and stored-frame boxes).
@@ -247,6 +257,12 @@ def generate_dataset(
     splits = splits or {"train": 0.8, "validation": 0.2}
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
+    weights = None
+    if class_weights is not None:
+        unknown = set(class_weights) - {c.mid for c in classes} - {c.name for c in classes}
+        if unknown:
+            raise ValueError(f"class_weights names unknown classes {sorted(unknown)}")
+        weights = [float(class_weights.get(c.mid, class_weights.get(c.name, 1.0))) for c in classes]
     base_url = base_url.rstrip("/")
 
     names_path, hierarchy_path = bundled_metadata()
@@ -276,7 +292,7 @@ def generate_dataset(
                     break
             rotation = rng.choice([90, 180, 270]) if rng.random() < rotation_rate else 0
             images.append(_make_image(rng, nrng, classes, image_id, split, min_side, max_side, rotation,
-                                      group_of_rate))
+                                      group_of_rate, weights))
 
     bucket = root / "bucket"
     for split in counts:

@@ -270,7 +270,8 @@ def test_multi_worker_training_on_loopback(trained, tmp_path):
         env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
         args = [sys.executable, "-m", "openimages_od", "train"]
         for o in tiny_overrides(f"file://{out}", model_dir=str(model), steps=2) + [
-                "train.distribution=multi_worker", f"train.cache_dir={tmp_path / f'cache{i}'}"]:
+                "train.distribution=multi_worker", f"train.cache_dir={tmp_path / f'cache{i}'}",
+                "train.repeat_factor_threshold=0.5"]:  # class-aware sampling on every worker
             args += ["--set", o]
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

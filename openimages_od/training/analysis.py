@@ -15,7 +15,8 @@ one outcome (the TIDE/FiftyOne vocabulary):
 
 Ground-truth boxes no prediction claimed are ``missed``. The confusion matrix
 matches predictions to ground truth by IoU alone (class-agnostic, greedy by
-score, as FiftyOne's ``classwise=False``): rows are the ground-truth class or
+score, as FiftyOne's ``classwise=False``; IoA for group-of boxes, which take
+any number of predictions): rows are the ground-truth class or
 ``(none)`` for a prediction on background, columns the predicted class or
 ``(missed)`` for an unmatched box. The worst images of each class (most
 false positives plus misses of that class) are kept with their drawings.
@@ -149,17 +150,18 @@ class ErrorAnalysis:
                                "group_of": bool(gg[j])})
                 self.outcome_rows.append([image_id, self._name(c), "", *(f"{v:.2f}" for v in gb[j]), "missed",
                                           self._name(c), ""])
-        self._confuse(iou, dl, gl)
+        self._confuse(np.where(gg[None, :], ioa, iou), dl, gl, gg)
         record = {"image_id": image_id, "width": int(width), "height": int(height), "detections": dets,
                   "missed": missed, "ground_truth": [{"box": [round(float(v), 2) for v in b], "label": self._name(l),
                                                       "group_of": bool(g)} for b, l, g in zip(gb, gl, gg)]}
         self._keep_worst(image_id, record, encoded, dets, missed)
 
-    def _confuse(self, iou: np.ndarray, dl: np.ndarray, gl: np.ndarray) -> None:
-        used = np.zeros(iou.shape[1], bool)
-        for i in range(iou.shape[0]):
+    def _confuse(self, overlap: np.ndarray, dl: np.ndarray, gl: np.ndarray, gg: np.ndarray) -> None:
+        # overlap: IoU with ordinary boxes, IoA with group-of boxes (which take any number of predictions).
+        used = np.zeros(overlap.shape[1], bool)
+        for i in range(overlap.shape[0]):
             col = self._index[int(dl[i])]
-            cand = np.where(used, -1.0, iou[i]) if iou.shape[1] else np.zeros(0)
+            cand = np.where(used & ~gg, -1.0, overlap[i]) if overlap.shape[1] else np.zeros(0)
             if len(cand) and cand.max() >= self.thr:
                 j = int(cand.argmax())
                 used[j] = True

@@ -5,8 +5,14 @@ serves (:class:`~openimages_od.training.detector.DetectorModule`) over the
 committed shards of ``evaluate.split`` and writes:
 
 * ``{output}/eval/metrics-{step}.json``: overall and per-class figures;
+* ``{output}/eval/analysis-{step}.json`` and ``outcomes-{step}.csv``: the
+  error analysis (:mod:`.analysis`);
 * TensorBoard scalars and a few images (ground truth green, detections red)
   under ``{model_dir}/eval``.
+
+:class:`Scorer` holds the metric code; ``--predictions FILE``
+(:func:`evaluate_predictions`) feeds it a predictions file instead of a model,
+so external detectors are scored exactly like ours.
 
 ``--continuous`` polls ``model_dir`` every ``evaluate.poll_interval_s`` for a
 new checkpoint (like the seed's ``eval.py``), and stops when the final

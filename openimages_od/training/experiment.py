@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, Optional
+from typing import Any, List, Optional  # List: a Model Garden config field annotation (resolved at runtime)
 
 from openimages_od.config import Config
 
@@ -166,7 +166,15 @@ def build_experiment(
         drop_remainder=True,
     )
     validation_data = rn.DataConfig(is_training=False, global_batch_size=cfg.evaluate.batch_size, dtype="float32")
-    task = rn.RetinaNetTask(
+    task_cls = rn.RetinaNetTask
+    extra: dict[str, Any] = {}
+    if t.repeat_factor_threshold is not None and train_files:
+        from openimages_od.training.sampling import repeat_factors_for
+
+        task_cls = _sampling_task_config()
+        extra = {"repeat_factors": repeat_factors_for(cfg, list(train_files), num_classes - 1)}
+    task = task_cls(
+        **extra,
         model=model,
         train_data=train_data,
         validation_data=validation_data,
@@ -192,6 +200,58 @@ def build_experiment(
     exp = cfg_def.ExperimentConfig(task=task, trainer=trainer, runtime=runtime)
     exp.validate()
     return exp
+
+
+_SAMPLING_TASK: Any = None
+
+
+def _sampling_task_config() -> Any:
+    """A RetinaNet task config with per-class repeat factors, registered (once) with its task class.
+
+    Model Garden's ``RetinaNetTask.build_inputs`` builds its ``InputReader`` without
+    a ``sample_fn``; the task class below passes one (repeat-factor sampling, see
+    :mod:`.sampling`) and is otherwise Model Garden's. ``train.py`` finds it through
+    ``task_factory.get_task`` like any registered task, and ``params.yaml`` records
+    the factors used.
+    """
+    global _SAMPLING_TASK
+    if _SAMPLING_TASK is not None:
+        return _SAMPLING_TASK
+    import contextlib
+    import dataclasses
+
+    from official.core import task_factory
+    from official.vision.configs import retinanet as rn
+    from official.vision.tasks import retinanet as rn_task
+
+    @dataclasses.dataclass
+    class RepeatFactorRetinaNetTask(rn.RetinaNetTask):
+        # Repeat factor per label-map id (index 0 = background); see openimages_od.training.sampling.
+        repeat_factors: List[float] = dataclasses.field(default_factory=list)
+
+    @task_factory.register_task_cls(RepeatFactorRetinaNetTask)
+    class RepeatFactorTask(rn_task.RetinaNetTask):
+        def build_inputs(self, params: Any, input_context: Any = None) -> Any:
+            if not params.is_training or not self.task_config.repeat_factors:
+                return super().build_inputs(params, input_context)
+            from openimages_od.training.sampling import make_sample_fn
+
+            sample_fn = make_sample_fn(list(self.task_config.repeat_factors), params.seed,
+                                       max(1, params.shuffle_buffer_size))
+            factory = rn_task.input_reader_factory
+            original = factory.input_reader_generator
+
+            def generator(p: Any, **kwargs: Any) -> Any:
+                return original(p, sample_fn=sample_fn, **kwargs)
+
+            # The reader is created inside super().build_inputs; swap the factory for that call only.
+            with contextlib.ExitStack() as stack:
+                factory.input_reader_generator = generator
+                stack.callback(setattr, factory, "input_reader_generator", original)
+                return super().build_inputs(params, input_context)
+
+    _SAMPLING_TASK = RepeatFactorRetinaNetTask
+    return _SAMPLING_TASK
 
 
 def _backbone_kwargs(name: str, backbones: Any) -> dict[str, Any]:
