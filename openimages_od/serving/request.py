@@ -36,6 +36,7 @@ __all__ = ["DetectOptions", "MAX_DETECTIONS_LIMIT", "decode_base64", "loads_json
            "parse_options", "read_body", "read_json", "resolve_image_source"]
 
 MAX_DETECTIONS_LIMIT = 1000
+MAX_URL_CHARS = 8192
 OPTION_KEYS = frozenset({"image", "min_score", "max_detections", "draw", "format", "output"})
 # Bodies up to this size are parsed inline (microseconds); larger ones on the image pool.
 INLINE_PARSE_BYTES = 256 * 1024
@@ -130,6 +131,8 @@ async def resolve_image_source(state: ServeState, source: str) -> bytes:
     data: URI or base64."""
     s = source.strip()
     scheme = _scheme(s)
+    if scheme and len(s) > MAX_URL_CHARS:  # before any URL parsing
+        raise ApiError(400, "bad_url", f"image URLs are at most {MAX_URL_CHARS} characters")
     if scheme in ("http", "https"):
         assert state.fetcher is not None
         data, _ = await state.fetcher.fetch(s)
