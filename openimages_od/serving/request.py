@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from openimages_od.config import join_url, normalize_root
 from openimages_od.serving.errors import ApiError
-from openimages_od.serving.state import ServeState
+from openimages_od.serving.state import STATE, ServeState
 
 __all__ = ["DetectOptions", "MAX_DETECTIONS_LIMIT", "decode_base64", "loads_json", "parse_detect_request",
            "parse_options", "read_body", "read_json", "resolve_image_source"]
@@ -300,8 +300,6 @@ async def _read_multipart(state: ServeState, request: web.Request) -> tuple[Opti
 
 async def parse_detect_request(request: web.Request) -> tuple[bytes, DetectOptions]:
     """Image bytes and options from any of the accepted request forms."""
-    from openimages_od.serving.state import STATE
-
     state = request.app[STATE]
     if request.content_length is not None and request.content_length > state.max_body_bytes:
         raise ApiError(413, "payload_too_large", f"request body is larger than {state.serve.max_body_mb:g} MB")
