@@ -438,6 +438,7 @@ def test_acceptance_healthz_under_slow_clients_and_80k_spaces(export_dir, tmp_pa
         except subprocess.TimeoutExpired:
             proc.kill()
     log = (tmp_path / "stderr.log").read_bytes()
+    print(f"acceptance 2: the service wrote {len(log)} bytes of log in all")
     assert b"Traceback" not in log, log[-3000:].decode(errors="replace")
     assert len(log) < 100_000, f"{len(log)} bytes of log"
 

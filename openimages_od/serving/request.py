@@ -30,12 +30,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from openimages_od.config import join_url, normalize_root
 from openimages_od.serving.errors import ApiError
-from openimages_od.serving.state import ServeState
+from openimages_od.serving.state import STATE, ServeState
 
 __all__ = ["DetectOptions", "MAX_DETECTIONS_LIMIT", "decode_base64", "loads_json", "parse_detect_request",
            "parse_options", "read_body", "read_json", "resolve_image_source"]
 
 MAX_DETECTIONS_LIMIT = 1000
+MAX_URL_CHARS = 8192
 OPTION_KEYS = frozenset({"image", "min_score", "max_detections", "draw", "format", "output"})
 # Bodies up to this size are parsed inline (microseconds); larger ones on the image pool.
 INLINE_PARSE_BYTES = 256 * 1024
@@ -130,6 +131,8 @@ async def resolve_image_source(state: ServeState, source: str) -> bytes:
     data: URI or base64."""
     s = source.strip()
     scheme = _scheme(s)
+    if scheme and len(s) > MAX_URL_CHARS:  # before any URL parsing
+        raise ApiError(400, "bad_url", f"image URLs are at most {MAX_URL_CHARS} characters")
     if scheme in ("http", "https"):
         assert state.fetcher is not None
         data, _ = await state.fetcher.fetch(s)
@@ -297,8 +300,6 @@ async def _read_multipart(state: ServeState, request: web.Request) -> tuple[Opti
 
 async def parse_detect_request(request: web.Request) -> tuple[bytes, DetectOptions]:
     """Image bytes and options from any of the accepted request forms."""
-    from openimages_od.serving.state import STATE
-
     state = request.app[STATE]
     if request.content_length is not None and request.content_length > state.max_body_bytes:
         raise ApiError(413, "payload_too_large", f"request body is larger than {state.serve.max_body_mb:g} MB")
