@@ -381,7 +381,8 @@ def _error_analysis_html(a: dict, url: Optional[str]) -> list[str]:
     parts = [f"<h2 id='errors'>Error analysis</h2><p class='muted'>Predictions with score &ge; "
              f"{a.get('min_score')} at IoU {a.get('iou_threshold')}: each is a true positive or a false positive "
              f"for one reason (<b>localisation</b>: right class, IoU in [{a.get('loc_iou')}, "
-             f"{a.get('iou_threshold')}); <b>wrong class</b>: on an object of another class; <b>duplicate</b>: "
+             f"{a.get('iou_threshold')}); <b>wrong class</b>: on an object of another class (IoU &ge; the threshold, "
+             f"or &ge; {a.get('loc_iou')} when nothing of its class is near); <b>duplicate</b>: "
              f"the object was already found; <b>background</b>: nothing there). Every prediction and miss is in "
              f"<code>{html.escape((url or '').replace('analysis-', 'outcomes-').replace('.json', '.csv'))}</code>."
              f"</p>"]

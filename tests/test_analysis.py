@@ -67,3 +67,12 @@ def test_worst_images_keep_the_k_worst():
               np.full(n_fp, 0.9), np.full(n_fp, BALL))
     worst = a.result(draw=False)["worst_images"]["1"]
     assert [(w["image_id"], w["errors"]) for w in worst] == [("img1", 4), ("img3", 3)]
+
+
+def test_wrong_class_and_off_box_is_a_class_error_not_background():
+    # A Car prediction overlapping only a Ball box by IoU 36/100 (TIDE's "both"): wrong class, not background.
+    a = ErrorAnalysis([BALL, CAR], {BALL: "Ball", CAR: "Car"}, min_score=0.0)
+    a.add("img", 100, 100, np.array([[0, 0, 10, 10]], float), np.array([BALL]), np.array([False]),
+          np.array([[0, 0, 6, 6], [50, 50, 60, 60]], float), np.array([0.9, 0.8]), np.array([CAR, CAR]))
+    car = a.result(draw=False)["per_class"]["2"]
+    assert (car["wrong_class"], car["background"], car["localisation"]) == (1, 1, 0)

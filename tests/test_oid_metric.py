@@ -231,19 +231,27 @@ def test_pr_curve_follows_score_order_and_matches_ap_endpoints():
 # --------------------------------------------------------------------------- issue 15: the three defects
 
 
-def _shard_example(is_group_of: int) -> bytes:
-    """A real shard record (the pipeline's TF-free writer) with one 10x10 Ball box of the given IsGroupOf."""
-    from openimages_od.pipeline.example import detection_features, encode_example
+def _shard_example(is_group_of: int, raw_group_of: bool = False) -> bytes:
+    """A real shard record (the pipeline's TF-free writer) with one 10x10 Ball box of the given IsGroupOf.
+
+    ``raw_group_of`` writes the plan's value as is into ``image/object/group_of`` (and ``is_crowd``),
+    as shards written before the writer mapped -1 to 0 did.
+    """
+    from openimages_od.pipeline.example import IntF, detection_features, encode_example
 
     row = {"image_id": "00000000000000aa", "source_id": 7,
            "boxes": [{"label_id": BALL, "mid": "/m/ball", "is_group_of": is_group_of, "is_occluded": -1,
                       "is_truncated": -1, "is_depiction": -1}], "image_labels": []}
     feats = detection_features(row, b"jpeg", 100, 100, [(0.0, 0.1, 0.0, 0.1)], "0" * 64)
+    assert feats["image/object/group_of"] == (1 if is_group_of == 1 else 0,)
+    if raw_group_of:
+        feats["image/object/group_of"] = IntF([is_group_of])
+        feats["image/object/is_crowd"] = IntF([is_group_of])
     return encode_example(feats)
 
 
-@pytest.mark.parametrize("is_group_of", [-1, 0])
-def test_unknown_group_of_is_not_group_of_end_to_end(is_group_of):
+@pytest.mark.parametrize("is_group_of,raw", [(-1, False), (-1, True), (0, False)])
+def test_unknown_group_of_is_not_group_of_end_to_end(is_group_of, raw):
     """Acceptance 1: ground truth with group_of -1 is an ordinary box.
 
     Box 0..10 x 0..10, one detection 0..6 x 0..6: IoU 36/100 = 0.36 < 0.5, a false positive,
@@ -253,7 +261,7 @@ def test_unknown_group_of_is_not_group_of_end_to_end(is_group_of):
     from openimages_od.training.coco_metric import CocoAccumulator
     from openimages_od.training.evaluate import parse_ground_truth
 
-    g = parse_ground_truth(_shard_example(is_group_of))
+    g = parse_ground_truth(_shard_example(is_group_of, raw))
     assert g.group_of.tolist() == [False] and g.positive is None and g.source_id == 7
     d = det([[0, 0, 6, 6]], [0.9], [BALL])
     m = OpenImagesMetric([BALL])

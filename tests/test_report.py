@@ -99,7 +99,7 @@ def test_report_samples_mark_group_of_only_when_one(tmp_path):
 
     from PIL import Image
 
-    from openimages_od.pipeline.example import detection_features, encode_example
+    from openimages_od.pipeline.example import IntF, detection_features, encode_example
     from openimages_od.pipeline.tfrecord import encode_records
     from openimages_od.report import _Data
     from openimages_od.storage import Storage
@@ -110,7 +110,10 @@ def test_report_samples_mark_group_of_only_when_one(tmp_path):
     for i, g in enumerate((-1, 0, 1)):
         row = {"image_id": f"{i:016x}", "source_id": i + 1, "image_labels": [],
                "boxes": [{"label_id": 1, "mid": "/m/018xm", "is_group_of": g}]}
-        recs.append(encode_example(detection_features(row, buf.getvalue(), 64, 48, [(0.1, 0.5, 0.1, 0.5)], "0" * 64)))
+        feats = detection_features(row, buf.getvalue(), 64, 48, [(0.1, 0.5, 0.1, 0.5)], "0" * 64)
+        if g == -1:  # as shards written before the writer mapped unknown to 0
+            feats["image/object/group_of"] = IntF([-1])
+        recs.append(encode_example(feats))
     d = tmp_path / "out" / "tfrecords" / "validation"
     d.mkdir(parents=True)
     (d / "validation-00000-of-00001.tfrecord").write_bytes(encode_records(recs))

@@ -189,9 +189,11 @@ def detection_features(
         boxes: (xmin, xmax, ymin, ymax) per ``row["boxes"]`` entry, after rotation.
         sha256_hex: digest of ``encoded``.
 
-    Attribute keys (``group_of``, ``occluded``, ``truncated``, ``depiction``)
-    keep Open Images' values (1, 0, -1 = unknown); ``is_crowd`` is 1 only for
-    group-of boxes, since Model Garden casts it to bool.
+    ``group_of`` and ``is_crowd`` are 1 for group-of boxes and 0 otherwise
+    (Open Images' -1, unknown, is written 0): readers such as TF OD API's and
+    Model Garden's decoders cast these keys to bool, and -1 would read as True.
+    The other attribute keys (``occluded``, ``truncated``, ``depiction``) keep
+    Open Images' values (1, 0, -1 = unknown).
     """
     src = row.get("boxes") or []
     clip = lambda v: min(1.0, max(0.0, float(v)))  # noqa: E731
@@ -209,7 +211,7 @@ def detection_features(
         "image/object/bbox/ymax": FloatF(clip(b[3]) for b in boxes),
         "image/object/class/label": IntF(int(b["label_id"]) for b in src),
         "image/object/class/text": BytesF(b["mid"] for b in src),
-        "image/object/group_of": IntF(_attr(b.get("is_group_of")) for b in src),
+        "image/object/group_of": IntF(1 if b.get("is_group_of") == 1 else 0 for b in src),
         "image/object/is_crowd": IntF(1 if b.get("is_group_of") == 1 else 0 for b in src),
         "image/object/occluded": IntF(_attr(b.get("is_occluded")) for b in src),
         "image/object/truncated": IntF(_attr(b.get("is_truncated")) for b in src),

@@ -11,6 +11,10 @@ one outcome (the TIDE/FiftyOne vocabulary):
 * ``wrong_class``: IoU >= threshold with a box of another class;
 * ``localisation``: its class is there but the best IoU is in
   ``[loc_iou, threshold)``;
+* ``wrong_class`` too when it overlaps only a box of another class, by an IoU
+  in ``[loc_iou, threshold)`` (TIDE's "both" error: the class is wrong and the
+  box is off; counted with the class errors, since fixing the box alone would
+  not make it right);
 * ``background``: none of the above (nothing of any class where it points).
 
 Ground-truth boxes no prediction claimed are ``missed``. The confusion matrix
@@ -129,6 +133,8 @@ class ErrorAnalysis:
                 outcome, gt_label = "wrong_class", int(gl[int(other.argmax())])
             elif best_same >= self.loc_iou:
                 outcome, gt_label = "localisation", c
+            elif len(other) and other.max() >= self.loc_iou:
+                outcome, gt_label = "wrong_class", int(gl[int(other.argmax())])
             else:
                 outcome = "background"
             self.counts[c][outcome] += 1

@@ -362,7 +362,7 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
         predictions: URL of a challenge CSV or COCO results JSON.
         fmt: ``auto``, ``csv`` or ``coco``.
         out: folder for ``metrics.json``, ``analysis.json`` and ``outcomes.csv``
-            (default ``{output}/eval/predictions-{file stem}``).
+            (default ``{output}/eval/external/{file name}``).
 
     Returns:
         The metrics document (also written as ``metrics.json``).
@@ -398,8 +398,7 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
     for g in gts:
         boxes, scores, labels = preds.get(g.image_id)
         scorer.add(g, boxes, scores, labels)
-    stem = predictions.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "predictions"
-    dest = out or cfg.output_path("eval", f"predictions-{stem}")
+    dest = out or cfg.output_path("eval", "external", predictions.rstrip("/").rsplit("/", 1)[-1])
     metrics: dict[str, Any] = {
         "predictions": predictions, "format": preds.format, "split": ec.split, "num_images": scorer.num_images,
         "num_predictions": preds.num_read, "images_with_predictions": len(preds.by_image),
@@ -494,9 +493,11 @@ def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str
 def _log_summary(m: dict) -> None:
     coco = (m.get("coco") or {}).get("AP")
     oi = (m.get("openimages") or {}).get("mAP")
-    log.info("step %s: COCO AP %s, Open Images mAP@0.5 %s (%d images)", m.get("step"),
+    log.info("%s: COCO AP %s, Open Images mAP@0.5 %s (%d images)",
+             m.get("predictions") or f"step {m.get('step')}",
              "n/a" if coco is None else f"{coco:.4f}", "n/a" if oi is None else f"{oi:.4f}", m.get("num_images", 0))
-    print(f"step {m.get('step')}: coco_AP={coco} openimages_mAP={oi} images={m.get('num_images')}", flush=True)
+    what = f"predictions {m['predictions']}" if "predictions" in m else f"step {m.get('step')}"
+    print(f"{what}: coco_AP={coco} openimages_mAP={oi} images={m.get('num_images')}", flush=True)
 
 
 def _install_stop_handlers(stop: threading.Event):  # noqa: ANN202
