@@ -16,6 +16,8 @@ import tracemalloc
 import aiohttp
 import pytest
 import yarl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from openimages_od.config import load_config
 from openimages_od.devservices import Reply
@@ -198,3 +200,32 @@ def test_prepare_over_every_hostile_upstream_finishes_every_shard(ray_local, ima
         else:
             assert (e.status, e.error) == ("failed", reason), (iid, e, [c.name for c in cases if c.reason == reason])
     assert sum(s["ok"] for s in stats) == sum(1 for r in expect.values() if r is None)
+
+
+# --------------------------------------------------------------------------- fuzzing the image checks
+
+
+def _seeds() -> list[bytes]:
+    out = []
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"):
+        out.append(photo(40, 30, seed=2, fmt=fmt))
+    return out
+
+
+_SEEDS = _seeds()
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, len(_SEEDS) - 1),
+       edits=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=0, max_size=4), st.integers(0, 4)), max_size=4))
+def test_fuzzed_image_bytes_are_rendered_or_rejected(seed, edits):
+    """Whatever the bytes, the image stage answers a result or a :class:`Rejected`, never another error."""
+    data = bytearray(_SEEDS[seed])
+    for pos, ins, cut in edits:
+        i = int(pos * len(data))
+        data[i:i + cut] = ins
+    try:
+        out = render(open_image(bytes(data), max_pixels=4_000_000), bytes(data), rotation=90, max_side=32, quality=80)
+    except Rejected:
+        return
+    assert out.width <= 32 and out.height <= 32
