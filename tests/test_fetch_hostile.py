@@ -229,3 +229,31 @@ def test_fuzzed_image_bytes_are_rendered_or_rejected(seed, edits):
     except Rejected:
         return
     assert out.width <= 32 and out.height <= 32
+
+
+@pytest.mark.asyncio
+async def test_bucket_objects_are_read_with_a_bounded_range(seaweedfs, s3_bucket, s3_options):
+    """A huge mirror object costs at most max_body_mb + 1 bytes; an empty one is rejected as empty."""
+    s3 = seaweedfs.client()
+    s3.put_object(Bucket=s3_bucket, Key="train/big.jpg", Body=b"\xff" * (3 * MAX_BODY))
+    s3.put_object(Bucket=s3_bucket, Key="train/empty.jpg", Body=b"")
+    good = photo(60, 40, seed=1)
+    s3.put_object(Bucket=s3_bucket, Key="train/good.jpg", Body=good)
+    src = load_config(None, HOSTILE_HTTP + [f"source.images.bucket={s3_bucket}"]).source.images.model_copy(
+        update={"s3": s3_options})
+    f = Fetcher(src, concurrency=2)
+    try:
+        async def bucket(name):
+            return await f.fetch("bucket", {"image_id": name, "split": "train", "bucket_key": f"train/{name}.jpg"})
+
+        with pytest.raises(FetchFailed) as exc:
+            await bucket("big")
+        assert exc.value.reason == "too_large"
+        empty = await bucket("empty")
+        assert empty.data == b""
+        with pytest.raises(Rejected) as rej:
+            open_image(empty.data, max_pixels=10**8)
+        assert rej.value.reason == "empty"
+        assert (await bucket("good")).data == good
+    finally:
+        await f.close()
