@@ -16,6 +16,8 @@ import tracemalloc
 import aiohttp
 import pytest
 import yarl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from openimages_od.config import load_config
 from openimages_od.devservices import Reply
@@ -198,3 +200,60 @@ def test_prepare_over_every_hostile_upstream_finishes_every_shard(ray_local, ima
         else:
             assert (e.status, e.error) == ("failed", reason), (iid, e, [c.name for c in cases if c.reason == reason])
     assert sum(s["ok"] for s in stats) == sum(1 for r in expect.values() if r is None)
+
+
+# --------------------------------------------------------------------------- fuzzing the image checks
+
+
+def _seeds() -> list[bytes]:
+    out = []
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"):
+        out.append(photo(40, 30, seed=2, fmt=fmt))
+    return out
+
+
+_SEEDS = _seeds()
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, len(_SEEDS) - 1),
+       edits=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=0, max_size=4), st.integers(0, 4)), max_size=4))
+def test_fuzzed_image_bytes_are_rendered_or_rejected(seed, edits):
+    """Whatever the bytes, the image stage answers a result or a :class:`Rejected`, never another error."""
+    data = bytearray(_SEEDS[seed])
+    for pos, ins, cut in edits:
+        i = int(pos * len(data))
+        data[i:i + cut] = ins
+    try:
+        out = render(open_image(bytes(data), max_pixels=4_000_000), bytes(data), rotation=90, max_side=32, quality=80)
+    except Rejected:
+        return
+    assert out.width <= 32 and out.height <= 32
+
+
+@pytest.mark.asyncio
+async def test_bucket_objects_are_read_with_a_bounded_range(seaweedfs, s3_bucket, s3_options):
+    """A huge mirror object costs at most max_body_mb + 1 bytes; an empty one is rejected as empty."""
+    s3 = seaweedfs.client()
+    s3.put_object(Bucket=s3_bucket, Key="train/big.jpg", Body=b"\xff" * (3 * MAX_BODY))
+    s3.put_object(Bucket=s3_bucket, Key="train/empty.jpg", Body=b"")
+    good = photo(60, 40, seed=1)
+    s3.put_object(Bucket=s3_bucket, Key="train/good.jpg", Body=good)
+    src = load_config(None, HOSTILE_HTTP + [f"source.images.bucket={s3_bucket}"]).source.images.model_copy(
+        update={"s3": s3_options})
+    f = Fetcher(src, concurrency=2)
+    try:
+        async def bucket(name):
+            return await f.fetch("bucket", {"image_id": name, "split": "train", "bucket_key": f"train/{name}.jpg"})
+
+        with pytest.raises(FetchFailed) as exc:
+            await bucket("big")
+        assert exc.value.reason == "too_large"
+        empty = await bucket("empty")
+        assert empty.data == b""
+        with pytest.raises(Rejected) as rej:
+            open_image(empty.data, max_pixels=10**8)
+        assert rej.value.reason == "empty"
+        assert (await bucket("good")).data == good
+    finally:
+        await f.close()

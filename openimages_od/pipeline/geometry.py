@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from openimages_od.pipeline.verify import Rejected, check_jpeg_scan, full_decode
+from openimages_od.pipeline.verify import Rejected, check_jpeg_scan, decode_jpeg_strict, full_decode
 
 __all__ = [
     "Op",
@@ -169,9 +169,11 @@ def render(
 ) -> RenderedImage:
     """Decode (fully), orient, resize and encode one verified-header image.
 
-    JPEG fast path: ``draft`` lets libjpeg decode straight at 1/2, 1/4 or 1/8
-    scale when the target allows it (for an exact power-of-two ratio no resize
-    is left to do), and ``resample`` does the rest: BOX by default, an area
+    JPEG fast path: libjpeg decodes straight at 1/2, 1/4 or 1/8 scale when the
+    target allows it (the scale Pillow's ``draft`` would pick; YCbCr and grey
+    JPEGs are decoded by libjpeg-turbo with warnings as errors, see
+    :func:`~openimages_od.pipeline.verify.decode_jpeg_strict`; for an exact
+    power-of-two ratio no resize is left to do), and ``resample`` does the rest: BOX by default, an area
     average like BILINEAR for a downscale of at most 2x (what is left after the
     draft) at about 2/3 of its cost; LANCZOS is the slowest. When the source is a JPEG that already fits, is upright
     and has no EXIF orientation to honour, its bytes are kept as they are
@@ -214,9 +216,13 @@ def _render(img: Image.Image, data: bytes, *, rotation: Optional[int], max_side:
             and orientation in (None, 1) and img.mode in ("RGB", "L")):
         check_jpeg_scan(data)  # the kept bytes are what TF decodes: their scan must be complete
         return RenderedImage(data, src_w, src_h, [], True, (src_w, src_h))
-    if is_jpeg and (tw, th) != (src_w, src_h):
-        img.draft("RGB" if img.mode not in ("L", "RGB") else img.mode, (tw, th))
-    full_decode(img, data)
+    if is_jpeg and img.mode in ("RGB", "L"):
+        # One libjpeg-turbo decode at the draft scale, with the scan checked (warnings as errors).
+        img = decode_jpeg_strict(data, img.mode, (src_w, src_h), (tw, th) if (tw, th) != (src_w, src_h) else None)
+    else:
+        if is_jpeg and (tw, th) != (src_w, src_h):
+            img.draft("RGB" if img.mode not in ("L", "RGB") else img.mode, (tw, th))
+        full_decode(img, data)
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
     if img.mode != "RGB":

@@ -34,6 +34,7 @@ __all__ = [
     "open_image",
     "full_decode",
     "check_jpeg_scan",
+    "decode_jpeg_strict",
 ]
 
 # Hex MD5 digests of known placeholder files. Flickr serves its "photo
@@ -145,10 +146,46 @@ def check_jpeg_scan(data: bytes) -> None:
         out = "CMYK" if str(colorspace).upper() in ("CMYK", "YCCK") else "GRAY"
         simplejpeg.decode_jpeg(data, colorspace=out, min_factor=8, strict=True)
     except Exception as exc:  # noqa: BLE001 - ValueError for warnings/errors, others for garbage
-        msg = str(exc)
-        low = msg.lower()
-        reason = "truncated" if "premature end" in low or "truncated" in low else "corrupt"
-        raise Rejected(reason, f"JPEG scan: {msg}"[:200]) from None
+        raise _jpeg_rejection(exc) from None
+
+
+def _jpeg_rejection(exc: Exception) -> Rejected:
+    msg = str(exc)
+    low = msg.lower()
+    reason = "truncated" if "premature end" in low or "truncated" in low else "corrupt"
+    return Rejected(reason, f"JPEG scan: {msg}"[:200])
+
+
+def decode_jpeg_strict(data: bytes, mode: str, size: tuple[int, int],
+                       draft: Optional[tuple[int, int]] = None) -> Image.Image:
+    """Decode a YCbCr or greyscale JPEG with libjpeg-turbo, warnings as errors (one decode, not two).
+
+    Args:
+        data: the JPEG bytes.
+        mode: ``RGB`` or ``L`` (Pillow's mode for the file).
+        size: the file's ``(width, height)``.
+        draft: ``(width, height)`` the result must at least have: decoded at the smallest
+            of 1/1, 1/2, 1/4, 1/8 scale that allows it, exactly as Pillow's ``draft`` chooses
+            (libjpeg-turbo could scale by any n/8, but that would change the pixels).
+
+    Raises:
+        Rejected: ``truncated`` or ``corrupt`` (see :func:`check_jpeg_scan`).
+    """
+    import simplejpeg
+
+    w, h = size
+    factor = 1
+    if draft is not None:
+        room = min(w // max(1, draft[0]), h // max(1, draft[1]))
+        factor = next(f for f in (8, 4, 2, 1) if room >= f)
+    # The smallest n/8 scale with at least ceil(side / factor) pixels is exactly 1/factor.
+    w, h = -(-w // factor), -(-h // factor)
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", min_width=w,
+                                     min_height=h, strict=True)
+    except Exception as exc:  # noqa: BLE001
+        raise _jpeg_rejection(exc) from None
+    return Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode)
 
 
 def full_decode(img: Image.Image, data: Optional[bytes] = None) -> Image.Image:
@@ -161,7 +198,7 @@ def full_decode(img: Image.Image, data: Optional[bytes] = None) -> Image.Image:
     Raises:
         Rejected: ``truncated`` or ``corrupt``.
     """
-    if data is not None and img.format == "JPEG":
+    if data is not None and img.format in ("JPEG", "MPO"):
         check_jpeg_scan(data)
     try:
         with warnings.catch_warnings():
