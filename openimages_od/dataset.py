@@ -373,7 +373,7 @@ def run_status(cfg: Config, json_out: bool = False) -> int:
       + ("" if pl["matches_config"] else "  [config changed since]"))
     if pl["removed_classes"]:
         rc = pl["removed_classes"]
-        p(f"removed  {len(rc)} classes, ids retired: " + ", ".join(f"{r['id']}={r['name']}" for r in rc[:8])
+        p(f"removed  {len(rc)} class{'es' if len(rc) != 1 else ''}, ids retired: " + ", ".join(f"{r['id']}={r['name']}" for r in rc[:8])
           + (f", ... ({len(rc) - 8} more)" if len(rc) > 8 else ""))
     sh = s["shards"]
     p(f"shards   {sh['committed']} committed, {sh['stale']} stale (another plan), {sh['missing']} missing, "
