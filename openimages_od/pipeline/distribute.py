@@ -345,7 +345,7 @@ class ShardScheduler:
         self.nodes = {n["NodeID"]: n for n in self.ray.nodes() if n.get("Alive") and self._capacity(n) > 0}
         for a in self.actors:
             if a.state != "dead" and a.node_id not in self.nodes:
-                self._lose(a, f"node {a.node_ip} is no longer alive")
+                self._lose(a, f"node {a.node_ip} is no longer alive", node_lost=True)
         self._stock(now)
 
     def _stock(self, now: float) -> None:
@@ -364,7 +364,10 @@ class ShardScheduler:
                 break
             nid = min(room)[1]
             node = self.nodes[nid]
-            self.actors.append(self._new_actor(nid, node.get("NodeManagerAddress", "?"), now))
+            ip = node.get("NodeManagerAddress", "?")
+            log.info("starting a download actor on node %s (%d of %d there)", ip, per_node[nid] + 1,
+                     self._capacity(node))
+            self.actors.append(self._new_actor(nid, ip, now))
             per_node[nid] += 1
             total += 1
         self._request_capacity(cap)
@@ -389,18 +392,21 @@ class ShardScheduler:
         except Exception as exc:  # noqa: BLE001 - only a hint to an autoscaler that may not exist
             log.debug("request_resources(%d) failed: %s", n, exc)
 
-    def _lose(self, a: _Actor, why: str, suspect_node: bool = False) -> None:
-        """Give up on an actor: its shards go back to the front of the queue at once."""
+    def _lose(self, a: _Actor, why: str, node_lost: bool = False) -> None:
+        """Give up on an actor: its shards go back to the front of the queue at once.
+
+        With ``node_lost`` (dead in the GCS, or silent), no new actor goes to that node.
+        """
         if a.state == "dead":
             return
         a.state = "dead"
-        if suspect_node and a.node_id not in self.suspect:
+        if node_lost:
             self.suspect.add(a.node_id)
+        if node_lost and a.node_ip not in self.lost_nodes:
+            self.lost_nodes.append(a.node_ip)
         if a.inflight:
             log.warning("download actor %s on %s lost (%s): rescheduling %d shard(s) on the other nodes",
                         a.name or "?", a.node_ip, why, len(a.inflight))
-            if a.node_ip not in self.lost_nodes:
-                self.lost_nodes.append(a.node_ip)
         for ref in list(a.inflight):
             t, _, _ = self.inflight.pop(ref)
             self.queue.appendleft(t)
@@ -423,6 +429,7 @@ class ShardScheduler:
             return
         a.state, a.last_seen, a.ping_sent = "ready", now, now
         self.workers.add(a.name)
+        log.info("download actor %s on node %s ready after %.1fs", a.name, a.node_ip, now - a.created)
 
     def _on_ping(self, a: _Actor, ref: Any, now: float) -> None:
         from ray.exceptions import RayError
@@ -471,7 +478,7 @@ class ShardScheduler:
                             rc.actor_start_timeout_s, rc.num_cpus_per_actor)
             elif a.state == "ready":
                 if a.ping_ref is not None and now - a.ping_sent > rc.node_loss_timeout_s:
-                    self._lose(a, f"no heartbeat for {rc.node_loss_timeout_s:g}s", suspect_node=True)
+                    self._lose(a, f"no heartbeat for {rc.node_loss_timeout_s:g}s", node_lost=True)
                 elif a.ping_ref is None and now - a.ping_sent >= _PING_EVERY_S:
                     a.ping_ref, a.ping_sent = a.handle.heartbeat.remote(), now
         if rc.shard_timeout_s:
