@@ -169,7 +169,7 @@ class LoopbackRayCluster:
         return self
 
     def add_worker(self, num_cpus: float = 1, resources: Optional[dict[str, float]] = None,
-                   wait: bool = True, timeout_s: float = 90.0, attempts: int = 2) -> RayNode:
+                   wait: bool = True, timeout_s: float = 60.0, attempts: int = 2) -> RayNode:
         """Start a worker raylet on the next free loopback address (127.0.0.3, .4, ...).
 
         On a loaded machine ``ray start`` can give up on its own start-up timeout: it is

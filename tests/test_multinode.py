@@ -123,6 +123,20 @@ def _committed(st: Storage, cfg) -> int:
     return sum(1 for o in st.list(cfg.output_path("tfrecords", "train") + "/") if o.url.endswith(".stats.json"))
 
 
+def _node_committed(st: Storage, cfg, node) -> bool:
+    """Has a process of ``node`` (its ``ray start`` process tree) committed a shard?"""
+    import psutil
+
+    try:
+        pids = {p.pid for p in psutil.Process(node.proc.pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return False
+    for o in st.list(cfg.output_path("tfrecords", "train") + "/"):
+        if o.url.endswith(".stats.json") and int(st.read_json(o.url)["worker"].rsplit(":", 1)[1]) in pids:
+            return True
+    return False
+
+
 def _report(st: Storage, cfg) -> dict:
     return st.read_json(cfg.output_path("prepare_report.json"))
 
@@ -248,8 +262,9 @@ def test_frozen_worker_node_is_given_up_after_the_heartbeat_timeout(cluster, row
     out = str(tmp_path / "frozen")
     cfg, st = _plan(out, rows)
     proc, log = _start_prepare(cluster, _config(cluster, out), tmp_path, "frozen")
+    # Freeze it once its actors work (a shard of its own committed), so that shards are in flight there.
     deadline = time.monotonic() + 90
-    while _committed(st, cfg) < 3 and time.monotonic() < deadline and proc.poll() is None:
+    while not _node_committed(st, cfg, victim) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None and _committed(st, cfg) < N_IMAGES // PER_SHARD
     os.killpg(victim.proc.pid, signal.SIGSTOP)
