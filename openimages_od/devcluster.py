@@ -61,10 +61,36 @@ class RayNode:
             return None
         return None
 
+    def _tree(self) -> list[Any]:
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal_all(self, sig: int) -> None:
+        """Send ``sig`` to every process of the node (workers may sit in process groups of their own)."""
+        for p in self._tree():
+            with contextlib.suppress(Exception):
+                p.send_signal(sig)
+
+    def freeze(self) -> None:
+        """Stop every process of the node without killing it: a hung or partitioned node."""
+        self.signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal_all(signal.SIGCONT)
+
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the node's whole process group (raylet, workers, agents)."""
-        if self.proc.poll() is not None and not _group_alive(self.proc.pid):
+        """Stop the node's whole process tree (raylet, workers, agents)."""
+        tree = self._tree()
+        if self.proc.poll() is not None and not _group_alive(self.proc.pid) and len(tree) <= 1:
             return
+        for p in tree[1:]:
+            with contextlib.suppress(Exception):
+                p.send_signal(signal.SIGCONT)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -73,6 +99,9 @@ class RayNode:
             pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in tree[1:]:  # workers outside the group
+            with contextlib.suppress(Exception):
+                p.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -267,11 +266,10 @@ def test_frozen_worker_node_is_given_up_after_the_heartbeat_timeout(cluster, row
     while not _node_committed(st, cfg, victim) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None and _committed(st, cfg) < N_IMAGES // PER_SHARD
-    os.killpg(victim.proc.pid, signal.SIGSTOP)
+    victim.freeze()
     try:
         rc, text = _finish(proc, log, 120)
     finally:
-        os.killpg(victim.proc.pid, signal.SIGCONT)
         victim.stop()
     assert rc == 0, text[-3000:]
     assert _shards(st, cfg) == reference
