@@ -32,6 +32,20 @@ def test_forward_env_accepts_plain_settings():
     assert cfg.ray.forward_env == ["AWS_DEFAULT_REGION", "AWS_PROFILE", "OIOD_S3_ENDPOINT", "KEYRING_BACKEND"]
 
 
+def test_prepare_refuses_a_config_holding_a_credential(tmp_path, monkeypatch):
+    """A credential expanded into the config (e.g. ``${AWS_SECRET_ACCESS_KEY}`` in a URL) would be the
+    actors' constructor argument and land in config.resolved.yaml: refused before anything runs."""
+    from openimages_od.pipeline.distribute import run_prepare
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    cfg = load_config(None, [f"output.url={tmp_path}/out",
+                             "source.images.bucket=b-${AWS_SECRET_ACCESS_KEY}"])
+    with pytest.raises(ConfigError, match=r"source\.images\.bucket \(from \$AWS_SECRET_ACCESS_KEY\)") as ei:
+        run_prepare(cfg)
+    assert "s3cr3t-value-xyz" not in str(ei.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.integration
 def test_actors_follow_the_nodes_cpus(ray_local, image_server, tmp_path):
     """No ray.num_actors: the embedded 2-CPU node gets 2 / 0.5 = 4 actors (not more than shards)."""

@@ -582,6 +582,32 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
+def _secrets_in_config(cfg_data: dict[str, Any]) -> list[str]:
+    """``key (from $NAME)`` for every config string holding the value of a credential variable.
+
+    The config is the download actors' constructor argument (and ``config.resolved.yaml``):
+    a credential expanded into it from ``${NAME}`` would be stored and could be shown.
+    """
+    from openimages_od.config import _SECRET_NAME
+
+    # Short values (test keys, placeholders) would match ordinary words; real keys are 20+ characters.
+    secrets = {v: k for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 16}
+    found: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(node, str):
+            found.extend(f"{where} (from ${name})" for value, name in secrets.items() if value in node)
+
+    walk(cfg_data, "")
+    return found
+
+
 def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple[list[dict], dict[str, str], int, dict]:
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -651,6 +677,12 @@ def run_prepare(cfg: Config, retry_failed: bool = False, skip_plan: bool = False
     t0 = time.monotonic()
     storage = Storage.from_config(cfg)
     plan_url = cfg.output_path("plan")
+    leaked = _secrets_in_config(cfg.model_dump(mode="json"))
+    if leaked:
+        raise ConfigError(
+            f"the configuration holds credentials: {', '.join(leaked)}; they would be saved in "
+            "config.resolved.yaml and passed to every download actor (the Ray dashboard can show it): leave "
+            "credentials in the environment (the standard AWS variables, a profile, or the pod's Secret)")
     manifest = _ensure_plan(cfg, storage, plan_url, skip_plan)
     save_resolved(cfg, cfg.output_path("tfrecords"), storage)
     tasks, committed = pending_tasks(cfg, storage, manifest, plan_url, retry_failed)
