@@ -127,7 +127,7 @@ class LoopbackRayCluster:
         system_config: ``_system_config`` for the head (e.g. faster node-death detection).
     """
 
-    def __init__(self, head_ip: str = "127.0.0.2", head_cpus: float = 0, dashboard: bool = True,
+    def __init__(self, head_ip: str = "127.0.0.2", head_cpus: int = 0, dashboard: bool = True,
                  env: Optional[dict[str, str]] = None, object_store_mb: int = 80,
                  system_config: Optional[dict[str, Any]] = None) -> None:
         self.head_ip = head_ip
@@ -184,7 +184,7 @@ class LoopbackRayCluster:
 
     def start_head(self, timeout_s: float = 90.0) -> "LoopbackRayCluster":
         ports = self._ports("gcs", "dash", "client")
-        args = ["--head", f"--port={ports['gcs']}", f"--num-cpus={self.head_cpus:g}",
+        args = ["--head", f"--port={ports['gcs']}", f"--num-cpus={int(self.head_cpus)}",
                 f"--ray-client-server-port={ports['client']}",
                 f"--include-dashboard={'true' if self.dashboard else 'false'}"]
         if self.dashboard:
@@ -197,7 +197,7 @@ class LoopbackRayCluster:
             self._wait(self._dashboard_up, timeout_s, self.head, "dashboard")
         return self
 
-    def add_worker(self, num_cpus: float = 1, resources: Optional[dict[str, float]] = None,
+    def add_worker(self, num_cpus: int = 1, resources: Optional[dict[str, float]] = None,
                    wait: bool = True, timeout_s: float = 60.0, attempts: int = 2) -> RayNode:
         """Start a worker raylet on the next free loopback address (127.0.0.3, .4, ...).
 
@@ -208,7 +208,7 @@ class LoopbackRayCluster:
             used = {w.ip for w in self.workers if w.alive()} | {self.head_ip}
             ip = next(f"127.0.0.{i}" for i in range(3, 10) if f"127.0.0.{i}" not in used)
             before = self._nodes_alive()
-            args = [f"--address={self.address}", f"--num-cpus={num_cpus:g}"]
+            args = [f"--address={self.address}", f"--num-cpus={int(num_cpus)}"]
             if resources:
                 args.append(f"--resources={json.dumps(resources)}")
             node = self._start(ip, args, f"worker-{ip}-{attempt}", self._ports())
