@@ -205,8 +205,11 @@ class LoopbackRayCluster:
         tried ``attempts`` times.
         """
         for attempt in range(attempts):
-            used = {w.ip for w in self.workers if w.alive()} | {self.head_ip}
-            ip = next(f"127.0.0.{i}" for i in range(3, 10) if f"127.0.0.{i}" not in used)
+            # A fresh address when one is left (a lost node's address is slow to reuse), else a free one.
+            ips = [f"127.0.0.{i}" for i in range(3, 10) if f"127.0.0.{i}" != self.head_ip]
+            ever = {w.ip for w in self.workers}
+            busy = {w.ip for w in self.workers if w.alive()}
+            ip = next((i for i in ips if i not in ever), None) or next(i for i in ips if i not in busy)
             before = self._nodes_alive()
             args = [f"--address={self.address}", f"--num-cpus={int(num_cpus)}"]
             if resources:

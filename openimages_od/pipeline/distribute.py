@@ -1,4 +1,5 @@
-"""``oiod prepare`` on Ray: the only module that imports Ray.
+"""``oiod prepare`` on Ray: connects to Ray and builds the actors; its scheduling
+loop is :mod:`openimages_od.pipeline.scheduler` (the only other module that touches Ray).
 
 The driver (:func:`run_prepare`) makes sure a plan exists, lists the shards
 that are not committed yet (a committed shard has its ``.stats.json``; it is
@@ -10,7 +11,7 @@ pool of async download actors (:class:`ShardWorker`). Each actor runs
 ``ray.decode_threads_per_actor`` threads for decode/resize/encode.
 
 Scaling: unless ``ray.num_actors`` overrides it, the number of actors follows
-the cluster (:class:`ShardScheduler`): each alive node gets
+the cluster (:class:`~openimages_od.pipeline.scheduler.ShardScheduler`): each alive node gets
 ``ray.actors_per_node`` actors (default: its CPUs / ``ray.num_cpus_per_actor``),
 pinned to it, and nodes that join during the run get theirs and take shards.
 A run with no usable node waits for one for up to ``ray.join_timeout_s``.
@@ -30,7 +31,8 @@ but the driver has to survive for the live bar.
 
 Secrets: nothing secret rides in a ``runtime_env``, an actor's constructor
 arguments or a task's arguments (the Ray dashboard shows the first and can
-show the others); workers read credentials from their own environment.
+show the others); workers read credentials from their own environment, and a
+config holding a credential's value is refused before anything runs.
 """
 
 from __future__ import annotations
