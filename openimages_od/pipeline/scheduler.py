@@ -36,6 +36,8 @@ class ProgressView(Protocol):
 _TICK_S = 0.5
 _NODE_POLL_S = 1.0
 _PING_EVERY_S = 1.0
+# Failed actor starts on one node before it gets no more actors in this run.
+_MAX_START_FAILURES = 3
 # Most actors' worth of CPUs asked from the autoscaler at once (it stops at maxReplicas anyway).
 _MAX_REQUEST_BUNDLES = 1024
 
@@ -100,6 +102,8 @@ class ShardScheduler:
         self._last_node_poll = 0.0
         self._idle_since: Optional[float] = None
         self._last_wait_msg = 0.0
+        self.start_failures: Counter[str] = Counter()  # per node
+        self.last_start_error = ""
 
     # ------------------------------------------------------------------ nodes and actors
 
@@ -194,8 +198,15 @@ class ShardScheduler:
         try:
             a.name = self.ray.get(ref)
         except RayError as exc:
-            log.warning("download actor on %s could not start: %s", a.node_ip, _short(exc))
+            self.last_start_error = _short(exc)[:300]
+            self.start_failures[a.node_id] += 1
+            log.warning("download actor on %s could not start: %s", a.node_ip, self.last_start_error)
             self._lose(a, "did not start")
+            if self.start_failures[a.node_id] >= _MAX_START_FAILURES:
+                # Retrying a node where actors keep failing to start (broken image, env) only spins.
+                log.warning("no more download actors on %s after %d failed starts", a.node_ip,
+                            self.start_failures[a.node_id])
+                self.suspect.add(a.node_id)
             return
         a.state, a.last_seen, a.ping_sent = "ready", now, now
         self.workers.add(a.name)
@@ -273,8 +284,9 @@ class ShardScheduler:
             raise OiodError(
                 f"ray: no download actor could run for {self.rc.join_timeout_s:g}s (ray.join_timeout_s): "
                 f"no alive worker node offers {need} per actor (alive nodes: {desc}; lost: "
-                f"{', '.join(self.lost_nodes) or 'none'}); start worker nodes (chart: ray.download.replicas) "
-                f"or lower ray.num_cpus_per_actor"
+                f"{', '.join(self.lost_nodes) or 'none'}"
+                + (f"; last actor start error: {self.last_start_error}" if self.last_start_error else "")
+                + "); start worker nodes (chart: ray.download.replicas) or lower ray.num_cpus_per_actor"
             )
         if waited >= 5 and now - self._last_wait_msg >= 10:
             self._last_wait_msg = now
