@@ -269,10 +269,10 @@ def _secrets_in_config(cfg_data: dict[str, Any]) -> list[str]:
     The config is the download actors' constructor argument (and ``config.resolved.yaml``):
     a credential expanded into it from ``${NAME}`` would be stored and could be shown.
     """
-    from openimages_od.config import _SECRET_NAME
+    from openimages_od.config import SECRET_ENV_NAME
 
     # Short values (test keys, placeholders) would match ordinary words; real keys are 20+ characters.
-    secrets = {v: k for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 16}
+    secrets = {v: k for k, v in os.environ.items() if SECRET_ENV_NAME.search(k) and len(v) >= 16}
     found: list[str] = []
 
     def walk(node: Any, where: str) -> None:
