@@ -175,8 +175,8 @@ def run_prepare(cluster, out: Path, args: argparse.Namespace, extra: list[str]) 
     commits = sorted(p.stat().st_mtime for p in (out / "tfrecords" / "train").glob("*.stats.json"))
     per_shard = report["totals"]["ok"] / max(1, len(commits))
     actors = report["ray"]["num_actors"]
-    # Steady state: from the end of the first wave (one shard per actor) to the last commit.
-    first = min(actors, len(commits) - 1)
+    # Steady state: from the end of the first wave (the shards in flight at the start) to the last commit.
+    first = min(actors * 2, len(commits) - 1)  # 2 shards in flight per actor
     span = commits[-1] - commits[first - 1] if first >= 1 else commits[-1] - commits[0]
     steady = (len(commits) - first) * per_shard / span if span > 0 else float("nan")
     return {"wall_s": wall, "ok": report["totals"]["ok"], "failed": report["totals"]["failed"],
@@ -186,11 +186,11 @@ def run_prepare(cluster, out: Path, args: argparse.Namespace, extra: list[str]) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--images-per-node", type=int, default=480)
+    ap.add_argument("--images-per-node", type=int, default=320)
     ap.add_argument("--per-shard", type=int, default=16)
     ap.add_argument("--latency-ms", type=float, default=250.0)
-    ap.add_argument("--concurrency", type=int, default=8, help="fetches in flight per actor (one actor per node)")
-    ap.add_argument("--cpus-per-node", type=float, default=0.5, help="logical CPUs each worker raylet offers")
+    ap.add_argument("--concurrency", type=int, default=4, help="fetches in flight per actor (one actor per node)")
+    ap.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs each worker raylet offers")
     ap.add_argument("--cpu-images", type=int, default=160, help="images of the per-image CPU run (0 = skip)")
     ap.add_argument("--max-side", type=int, default=640)
     args = ap.parse_args()
@@ -210,16 +210,19 @@ def main() -> int:
                 cluster.add_worker(num_cpus=args.cpus_per_node)
             out = work / f"n{n}"
             write_inputs(out, svc, n * args.images_per_node, 40, args.per_shard)
-            results[n] = run_prepare(cluster, out, args, ["image.max_side=256"])
+            with CpuSampler([w.proc.pid for w in cluster.workers if w.alive()]) as sampler:
+                results[n] = run_prepare(cluster, out, args, ["image.max_side=256"])
             r = results[n]
+            r["cores_used"] = sampler.used_s() / r["wall_s"]
             print(f"nodes={n} actors={r['actors']} images={r['ok']} (failed {r['failed']}) wall={r['wall_s']:.1f}s "
-                  f"steady={r['steady_images_per_s']:.1f} images/s shards per node={r['shards_per_node']}",
-                  flush=True)
+                  f"steady={r['steady_images_per_s']:.1f} images/s, worker nodes used {r['cores_used']:.2f} cores "
+                  f"on average; shards per node={r['shards_per_node']}", flush=True)
         svc.stop()
 
-        cpu_ms = float("nan")
+        cpu_ms, avg_kb = float("nan"), float("nan")
         if args.cpu_images:
             make_photos(big, (1024, 768), 40)
+            avg_kb = sum(p.stat().st_size for p in big.glob("*.jpg")) / 40 / 1000
             svc = ImageService(big, 0)
             for w in cluster.workers[1:]:
                 w.stop()  # one node: its processes are the ones sampled
@@ -238,21 +241,27 @@ def main() -> int:
     print()
     print(f"latency {args.latency_ms:g} ms per request, {args.concurrency} fetches in flight per node, "
           f"{args.cpus_per_node:g} logical CPU per node")
-    print("| worker nodes | images/s (steady) | x 1 node | scaling efficiency |")
-    print("|---|---|---|---|")
+    print("| worker nodes | images/s (steady) | x 1 node | scaling efficiency | worker CPU (cores) |")
+    print("|---|---|---|---|---|")
     for n, r in sorted(results.items()):
         rate = r["steady_images_per_s"]
-        print(f"| {n} | {rate:.1f} | {rate / base:.2f} | {rate / (n * base):.2f} |")
+        print(f"| {n} | {rate:.1f} | {rate / base:.2f} | {rate / (n * base):.2f} | {r['cores_used']:.2f} |")
     print()
-    print(f"per-image CPU cost (1024 px photo -> {args.max_side} px, worker node processes): {cpu_ms:.1f} CPU-ms")
+    print(f"per-image CPU cost (1024 px photo -> {args.max_side} px, worker node processes): {cpu_ms:.1f} CPU-ms; "
+          f"photos average {avg_kb:.0f} KB")
     if cpu_ms == cpu_ms:
-        print("sizing: images/s one core sustains when latency is hidden by concurrency = "
-              f"{1000 / cpu_ms:.0f}; hours for the {TRAIN_IMAGES:,}-image train split on N nodes x C cores:")
-        print("| nodes | cores/node | images/s | hours (train split) |")
-        print("|---|---|---|---|")
-        for nodes, cores in ((1, 4), (4, 4), (8, 8), (16, 8), (32, 16)):
-            rate = 0.8 * nodes * cores * 1000 / cpu_ms  # 80 %: cores also run raylet, agents, S3 writes
-            print(f"| {nodes} | {cores} | {rate:,.0f} | {TRAIN_IMAGES / rate / 3600:.1f} |")
+        per_core = 1000 / cpu_ms
+        print(f"sizing: one core sustains {per_core:.0f} images/s once latency is hidden by concurrency "
+              f"(fetches in flight per node >= images/s per node x latency); at 80 % of each node's cores "
+              f"(the rest: raylet, agents, S3 writes), for the {TRAIN_IMAGES:,}-image train split:")
+        print("| nodes | cores/node | images/s | download MB/s | fetches in flight per node at 100 ms | "
+              "train split |")
+        print("|---|---|---|---|---|---|")
+        for nodes, cores in ((1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (8, 8), (16, 8)):
+            rate = 0.8 * nodes * cores * per_core
+            hours = TRAIN_IMAGES / rate / 3600
+            print(f"| {nodes} | {cores} | {rate:,.0f} | {rate * avg_kb / 1000:,.0f} | "
+                  f"{rate / nodes * 0.1:.0f} | {int(hours)} h {round(60 * (hours % 1)):02d} min |")
     return 0
 
 

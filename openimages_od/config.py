@@ -293,7 +293,7 @@ class RayConfig(_Section):
     @field_validator("forward_env")
     @classmethod
     def _no_secrets_forwarded(cls, v: list[str]) -> list[str]:
-        secret = [n for n in v if _SECRET_NAME.search(n)]
+        secret = [n for n in v if SECRET_ENV_NAME.search(n)]
         if secret:
             raise ValueError(
                 f"{secret} look like credentials; runtime_env is shown by the Ray dashboard, so give the workers "
@@ -304,7 +304,7 @@ class RayConfig(_Section):
 
 
 # Names of environment variables that hold credentials (never copied into a runtime_env).
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|(^|_)KEY($|_)|ACCESS_KEY", re.I)
+SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|(^|_)KEY($|_)|ACCESS_KEY", re.I)
 
 
 # --------------------------------------------------------------------------- image

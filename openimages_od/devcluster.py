@@ -61,10 +61,36 @@ class RayNode:
             return None
         return None
 
+    def _tree(self) -> list[Any]:
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal_all(self, sig: int) -> None:
+        """Send ``sig`` to every process of the node (workers may sit in process groups of their own)."""
+        for p in self._tree():
+            with contextlib.suppress(Exception):
+                p.send_signal(sig)
+
+    def freeze(self) -> None:
+        """Stop every process of the node without killing it: a hung or partitioned node."""
+        self.signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal_all(signal.SIGCONT)
+
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the node's whole process group (raylet, workers, agents)."""
-        if self.proc.poll() is not None and not _group_alive(self.proc.pid):
+        """Stop the node's whole process tree (raylet, workers, agents)."""
+        tree = self._tree()
+        if self.proc.poll() is not None and not _group_alive(self.proc.pid) and len(tree) <= 1:
             return
+        for p in tree[1:]:
+            with contextlib.suppress(Exception):
+                p.send_signal(signal.SIGCONT)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -73,6 +99,9 @@ class RayNode:
             pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in tree[1:]:  # workers outside the group
+            with contextlib.suppress(Exception):
+                p.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
 
@@ -98,7 +127,7 @@ class LoopbackRayCluster:
         system_config: ``_system_config`` for the head (e.g. faster node-death detection).
     """
 
-    def __init__(self, head_ip: str = "127.0.0.2", head_cpus: float = 0, dashboard: bool = True,
+    def __init__(self, head_ip: str = "127.0.0.2", head_cpus: int = 0, dashboard: bool = True,
                  env: Optional[dict[str, str]] = None, object_store_mb: int = 80,
                  system_config: Optional[dict[str, Any]] = None) -> None:
         self.head_ip = head_ip
@@ -155,7 +184,7 @@ class LoopbackRayCluster:
 
     def start_head(self, timeout_s: float = 90.0) -> "LoopbackRayCluster":
         ports = self._ports("gcs", "dash", "client")
-        args = ["--head", f"--port={ports['gcs']}", f"--num-cpus={self.head_cpus:g}",
+        args = ["--head", f"--port={ports['gcs']}", f"--num-cpus={int(self.head_cpus)}",
                 f"--ray-client-server-port={ports['client']}",
                 f"--include-dashboard={'true' if self.dashboard else 'false'}"]
         if self.dashboard:
@@ -168,18 +197,21 @@ class LoopbackRayCluster:
             self._wait(self._dashboard_up, timeout_s, self.head, "dashboard")
         return self
 
-    def add_worker(self, num_cpus: float = 1, resources: Optional[dict[str, float]] = None,
-                   wait: bool = True, timeout_s: float = 90.0, attempts: int = 2) -> RayNode:
+    def add_worker(self, num_cpus: int = 1, resources: Optional[dict[str, float]] = None,
+                   wait: bool = True, timeout_s: float = 60.0, attempts: int = 2) -> RayNode:
         """Start a worker raylet on the next free loopback address (127.0.0.3, .4, ...).
 
         On a loaded machine ``ray start`` can give up on its own start-up timeout: it is
         tried ``attempts`` times.
         """
         for attempt in range(attempts):
-            used = {w.ip for w in self.workers if w.alive()} | {self.head_ip}
-            ip = next(f"127.0.0.{i}" for i in range(3, 10) if f"127.0.0.{i}" not in used)
+            # A fresh address when one is left (a lost node's address is slow to reuse), else a free one.
+            ips = [f"127.0.0.{i}" for i in range(3, 10) if f"127.0.0.{i}" != self.head_ip]
+            ever = {w.ip for w in self.workers}
+            busy = {w.ip for w in self.workers if w.alive()}
+            ip = next((i for i in ips if i not in ever), None) or next(i for i in ips if i not in busy)
             before = self._nodes_alive()
-            args = [f"--address={self.address}", f"--num-cpus={num_cpus:g}"]
+            args = [f"--address={self.address}", f"--num-cpus={int(num_cpus)}"]
             if resources:
                 args.append(f"--resources={json.dumps(resources)}")
             node = self._start(ip, args, f"worker-{ip}-{attempt}", self._ports())

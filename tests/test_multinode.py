@@ -10,8 +10,8 @@ process, as the RayJob entrypoint does.
 The tests run in file order and build on the cluster's state: no worker (the
 run fails, naming what is missing), the only worker joining 30 s late (the run
 waits), a second worker joining mid-run (it gets shards), a worker's raylet
-killed for good mid-run (shards rescheduled, output byte-identical), and a
-sweep of the dashboard's API for the credentials.
+killed for good mid-run and another frozen (shards rescheduled, output
+byte-identical), and a sweep of the dashboard's API for the credentials.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -54,15 +54,24 @@ def cluster(seaweedfs):
 
 
 @pytest.fixture(scope="module")
-def rows():
+def image_server_mod():
     with ImageServer() as srv:
-        out = []
-        for i in range(N_IMAGES):
-            iid = f"e{i:015x}"
-            url = srv.script(f"o/{iid}.jpg", [Reply(200, photo(96, 72, seed=i), delay_s=DELAY_S)])
-            out.append(image_row(iid, original_url=url, rotation=[0, 90][i % 2],
-                                 boxes=[box(1 + i % 3, 0.1, 0.4, 0.2, 0.7)]))
-        yield out
+        yield srv
+
+
+def _rows(srv: ImageServer, delay_s: float, tag: str) -> list[dict]:
+    out = []
+    for i in range(N_IMAGES):
+        iid = f"e{i:015x}"
+        url = srv.script(f"{tag}/{iid}.jpg", [Reply(200, photo(96, 72, seed=i), delay_s=delay_s)])
+        out.append(image_row(iid, original_url=url, rotation=[0, 90][i % 2],
+                             boxes=[box(1 + i % 3, 0.1, 0.4, 0.2, 0.7)]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows(image_server_mod):
+    return _rows(image_server_mod, DELAY_S, "o")
 
 
 _REFERENCE: dict[str, bytes] = {}
@@ -111,6 +120,20 @@ def _shards(st: Storage, cfg) -> dict[str, bytes]:
 
 def _committed(st: Storage, cfg) -> int:
     return sum(1 for o in st.list(cfg.output_path("tfrecords", "train") + "/") if o.url.endswith(".stats.json"))
+
+
+def _node_committed(st: Storage, cfg, node) -> bool:
+    """Has a process of ``node`` (its ``ray start`` process tree) committed a shard?"""
+    import psutil
+
+    try:
+        pids = {p.pid for p in psutil.Process(node.proc.pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return False
+    for o in st.list(cfg.output_path("tfrecords", "train") + "/"):
+        if o.url.endswith(".stats.json") and int(st.read_json(o.url)["worker"].rsplit(":", 1)[1]) in pids:
+            return True
+    return False
 
 
 def _report(st: Storage, cfg) -> dict:
@@ -176,18 +199,19 @@ def test_only_worker_joins_late_and_the_run_waits(cluster, rows, tmp_path):
 # --------------------------------------------------------------------------- elastic growth
 
 
-def test_second_worker_joining_mid_run_receives_shards(cluster, rows, tmp_path):
+def test_second_worker_joining_mid_run_receives_shards(cluster, rows, image_server_mod, tmp_path):
     _ensure_workers(cluster, 1)
     out = str(tmp_path / "grow")
-    cfg, st = _plan(out, rows)
-    # One actor per node fetching one image at a time: the run outlasts a node's start-up (~5 s here).
+    # Same images, slower answers, one actor per node fetching one image at a time: the run
+    # (~32 s on one node) outlasts a node's start-up (5-15 s on a loaded 2-core machine).
+    cfg, st = _plan(out, _rows(image_server_mod, 0.5, "slow"))
     proc, log = _start_prepare(cluster, _config(cluster, out, "ray.actors_per_node=1", "ray.concurrency_per_actor=1"),
                                tmp_path, "grow")
     deadline = time.monotonic() + 90
     while _committed(st, cfg) < 1 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before the second node could join"
-    new = cluster.add_worker(num_cpus=1)
+    new = cluster.add_worker(num_cpus=1, wait=False)
     rc, text = _finish(proc, log, 180)
     assert rc == 0, text[-3000:]
     per_node = _report(st, cfg)["ray"]["shards_per_node"]
@@ -219,10 +243,40 @@ def test_lost_worker_node_does_not_stall_and_output_is_identical(cluster, rows, 
     print(f"prepare finished {time.monotonic() - killed_at:.1f}s after the raylet was killed")
     assert _shards(st, cfg) == reference
     report = _report(st, cfg)
-    assert report["ray"]["lost_nodes"] == [victim.ip], report["ray"]
-    assert report["ray"]["shards_rescheduled"] >= 1
+    # The victim's shards were redone: failed over from its dead actors (counted as retries) or
+    # rescheduled when the node was found lost (heartbeat silence or the GCS), whichever came first.
+    assert report["this_run"]["shard_retries"] + report["ray"]["shards_rescheduled"] >= 1, report
+    assert set(report["ray"]["lost_nodes"]) <= {victim.ip}
     assert report["totals"]["ok"] == N_IMAGES and report["totals"]["shards"] == N_IMAGES // PER_SHARD
     victim.stop()
+
+
+def test_frozen_worker_node_is_given_up_after_the_heartbeat_timeout(cluster, rows, tmp_path):
+    """A node that stops answering without dying (frozen, partitioned: nothing errors) is given
+    up after ray.node_loss_timeout_s (5 s here), before the GCS would notice, and its shards
+    run elsewhere; the output is still byte-identical."""
+    _ensure_workers(cluster, 2)
+    reference = _reference(cluster, rows, tmp_path)
+    victim = [w for w in cluster.workers if w.alive()][-1]
+    out = str(tmp_path / "frozen")
+    cfg, st = _plan(out, rows)
+    proc, log = _start_prepare(cluster, _config(cluster, out), tmp_path, "frozen")
+    # Freeze it once its actors work (a shard of its own committed), so that shards are in flight there.
+    deadline = time.monotonic() + 90
+    while not _node_committed(st, cfg, victim) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None and _committed(st, cfg) < N_IMAGES // PER_SHARD
+    victim.freeze()
+    try:
+        rc, text = _finish(proc, log, 120)
+    finally:
+        victim.stop()
+    assert rc == 0, text[-3000:]
+    assert _shards(st, cfg) == reference
+    report = _report(st, cfg)
+    assert report["ray"]["lost_nodes"] == [victim.ip], report["ray"]
+    assert report["ray"]["shards_rescheduled"] >= 1
+    assert "no heartbeat for 5s" in text or "is no longer alive" in text
 
 
 # --------------------------------------------------------------------------- secrets (#13)
