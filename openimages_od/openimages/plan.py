@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import numpy as np
@@ -57,10 +57,12 @@ from openimages_od.openimages.formats import (
     ATTRIBUTE_COLUMNS,
     CsvStream,
     MalformedLog,
+    RowLines,
     detect_layout,
     duplicate_rows,
     parse_byte_counts,
     parse_floats,
+    select_rows_fast,
 )
 from openimages_od.layout import Layout, image_settings
 from openimages_od.openimages.labelmap import LabelMap, assign_ids
@@ -71,6 +73,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PlanResult", "build_plan", "run_plan", "MetadataInputs"]
 
+_Lines = Union[CsvStream, RowLines]  # where a checked row's file:line comes from
 _ATTR_FIELDS = ("is_occluded", "is_truncated", "is_group_of", "is_depiction", "is_inside")
 _HEX = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -169,7 +172,7 @@ def _rank(ids: pa.Array, seed: int) -> np.ndarray:
     return x
 
 
-def _record(logm: MalformedLog, stream: CsvStream, g0: int, mask: np.ndarray, reason: str,
+def _record(logm: MalformedLog, stream: _Lines, g0: int, mask: np.ndarray, reason: str,
             detail_fn: Any) -> None:
     """Count rows of ``mask`` under ``reason``; examples (and strict mode) get file:line."""
     n = int(mask.sum())
@@ -185,7 +188,7 @@ def _record(logm: MalformedLog, stream: CsvStream, g0: int, mask: np.ndarray, re
         logm.counts[reason] = logm.counts.get(reason, 0) + (n - shown)
 
 
-def _blank_rows(batch: pa.RecordBatch, stream: CsvStream, g0: int, logm: MalformedLog) -> np.ndarray:
+def _blank_rows(batch: pa.RecordBatch, stream: _Lines, g0: int, logm: MalformedLog) -> np.ndarray:
     """Rows whose ImageID is empty (blank lines parse as rows of empty fields): counted as missing fields."""
     blank = pc.equal(pc.binary_length(batch.column("ImageID")), 0).to_numpy(zero_copy_only=False)
     if blank.any():
@@ -217,12 +220,22 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
     has_attrs = ATTRIBUTE_COLUMNS[0] in layout.columns
     cols = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"] + (
         list(ATTRIBUTE_COLUMNS) if has_attrs else [])
-    stream = CsvStream(path, layout, cols, display, logm)
     parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
-    for batch, g0 in stream:
+    fast = select_rows_fast(path, layout, cols, display, keep.to_pylist(),
+                            known.to_pylist() if known is not None else None)
+    if fast is not None:
+        # Only the rows the checks below look at, with their lines (see select_rows_fast).
+        rows, lines, rows_read = fast
         blog = logm.batch_log()
-        _read_boxes_batch(batch, g0, stream, blog, known, keep, has_attrs, parts)
+        _read_boxes_batch(rows, 0, lines, blog, known, keep, has_attrs, parts)
         logm.end_batch(blog)
+    else:
+        stream = CsvStream(path, layout, cols, display, logm)
+        for batch, g0 in stream:
+            blog = logm.batch_log()
+            _read_boxes_batch(batch, g0, stream, blog, known, keep, has_attrs, parts)
+            logm.end_batch(blog)
+        rows_read = stream.rows_read
     ids_all = pa.concat_arrays([a.cast(pa.string()) for a in parts["id"]]) if parts["id"] else pa.array([], pa.string())
     b = _Boxes(
         image_id=ids_all,
@@ -231,7 +244,7 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
         confidence=np.concatenate(parts["conf"]) if parts["conf"] else np.zeros(0, np.float32),
         attrs=np.concatenate(parts["attrs"]) if parts["attrs"] else np.zeros((0, 5), np.int8),
         has_attrs=has_attrs,
-        rows_read=stream.rows_read,
+        rows_read=rows_read,
     )
     # Exact duplicate rows (same image, class, box, confidence, attributes) are one box.
     dup = duplicate_rows(_hex_keys(b.image_id), b.code, *b.coords.T, b.confidence, *b.attrs.T)
@@ -245,7 +258,7 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
     return b
 
 
-def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: CsvStream, logm: MalformedLog,
+def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: MalformedLog,
                       known: Optional[pa.Array], keep: pa.Array, has_attrs: bool, parts: dict[str, list]) -> None:
     """Validate one batch; append its good rows of kept classes to ``parts``."""
     label = batch.column("LabelName")
@@ -317,13 +330,17 @@ def _read_image_labels(path: Path, display: str, known: Optional[pa.Array], keep
                        logm: MalformedLog) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """(image_id, code into ``keep``, confidence) of image-level labels of kept classes."""
     layout = detect_layout(path, "image_labels", display)
-    stream = CsvStream(path, layout, ["ImageID", "LabelName", "Confidence"], display, logm)
+    cols = ["ImageID", "LabelName", "Confidence"]
     ids_l: list[pa.Array] = []
     code_l: list[np.ndarray] = []
     conf_l: list[np.ndarray] = []
-    for batch, g0 in stream:
+    fast = select_rows_fast(path, layout, cols, display, keep.to_pylist(),
+                            known.to_pylist() if known is not None else None)
+    batches: Any = ([(fast[0], 0)] if fast is not None else CsvStream(path, layout, cols, display, logm))
+    lines: _Lines = fast[1] if fast is not None else batches
+    for batch, g0 in batches:
         blog = logm.batch_log()
-        got = _read_labels_batch(batch, g0, stream, blog, known, keep)
+        got = _read_labels_batch(batch, g0, lines, blog, known, keep)
         logm.end_batch(blog)
         if got is not None:
             ids_l.append(got[0])
@@ -334,7 +351,7 @@ def _read_image_labels(path: Path, display: str, known: Optional[pa.Array], keep
             np.concatenate(conf_l) if conf_l else np.zeros(0, np.float32))
 
 
-def _read_labels_batch(batch: pa.RecordBatch, g0: int, stream: CsvStream, logm: MalformedLog,
+def _read_labels_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: MalformedLog,
                        known: Optional[pa.Array], keep: pa.Array) -> Optional[tuple[pa.Array, np.ndarray, np.ndarray]]:
     label = batch.column("LabelName")
     blank = _blank_rows(batch, stream, g0, logm)
