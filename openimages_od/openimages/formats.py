@@ -527,6 +527,27 @@ class CsvStream:
 # --------------------------------------------------------------------------- fast path (polars)
 
 
+def _line_chunks(path: Path, skip_lines: int, chunk_bytes: int) -> Iterator[bytes]:
+    """The file after its first ``skip_lines`` lines, in pieces of about ``chunk_bytes`` ending at a line end."""
+    with open(path, "rb") as fh:
+        for _ in range(skip_lines):
+            fh.readline()
+        carry = b""
+        while True:
+            buf = fh.read(chunk_bytes)
+            if not buf:
+                if carry:
+                    yield carry
+                return
+            data = carry + buf
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a chunk: keep reading
+                carry = data
+                continue
+            carry = data[cut:]
+            yield data[:cut]
+
+
 class RowLines:
     """A row subset's line lookup, standing in for :meth:`CsvStream.line_of` in the value checks.
 
@@ -550,6 +571,7 @@ def select_rows_fast(
     display: str,
     keep: Sequence[str],
     known: Optional[Sequence[str]],
+    chunk_bytes: int = 32 << 20,
 ) -> Optional[tuple[pa.RecordBatch, RowLines, int]]:
     """The rows a plan looks at, from a well-formed unquoted ID/label CSV, with polars' streaming engine.
 
@@ -574,6 +596,7 @@ def select_rows_fast(
         display: the file name for messages.
         keep: labels whose rows are returned.
         known: all known labels (rows of other labels are returned too), or None.
+        chunk_bytes: bytes parsed at a time (memory is a few chunks plus the rows returned).
 
     Returns:
         ``(rows, lines, total_rows)`` or ``None``.
@@ -587,21 +610,30 @@ def select_rows_fast(
     last = layout.columns[-1]
     header = 1 if layout.has_header else 0
     schema = {c: pl.String for c in layout.columns}
+    want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
+    if known is not None:
+        want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
+    out = list(dict.fromkeys(["__row", *columns, last]))
+    parts = []
+    total = 0
     try:
-        lf = pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
-                         row_index_name="__row", encoding="utf8", raise_if_empty=False)
-        want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
-        if known is not None:
-            want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
-        out = list(dict.fromkeys(["__row", *columns, last]))
-        df = lf.select(out).filter(want).collect(engine="streaming")
+        # Chunks cut at line ends (every record is one line without quoting), each parsed on
+        # every core and filtered before its other columns are kept. Not scan_csv on the path:
+        # polars would memory-map the whole file, and its pages count in the process's RSS.
+        for chunk in _line_chunks(path, header, chunk_bytes):
+            parts.append(pl.scan_csv(chunk, has_header=False, schema=schema, quote_char=None,
+                                     row_index_name="__row", row_index_offset=total, raise_if_empty=False)
+                         .select(out).filter(want).collect())
+            total += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
+        df = pl.concat(parts) if parts else pl.DataFrame(schema={c: pl.String for c in out[1:]})
         if df.height and df.select(pl.col(last).is_null().any()).item():
             return None  # a short row or a blank line: CsvStream says which, with its line
-        total = int(pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
-                                raise_if_empty=False).select(pl.len()).collect().item())
     except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
         log.debug("%s: polars fast path not taken (%s)", display, exc)
         return None
+    if not parts:
+        return pa.RecordBatch.from_arrays([pa.array([], pa.string()) for _ in columns], names=list(columns)), \
+            RowLines(display, np.zeros(0, np.int64)), 0
     lines = df.get_column("__row").to_numpy().astype(np.int64) + header + 1
     df = df.select([pl.col(c).fill_null("") for c in columns])
     table = df.to_arrow()

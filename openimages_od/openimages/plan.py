@@ -149,16 +149,68 @@ class MetadataInputs:
 # --------------------------------------------------------------------------- helpers
 
 
+def _id_keys(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys, ok)``: the uint64 value of each 16-hex-digit ImageID (0 where not one) and where it is one.
+
+    Reads the string bytes straight from the Arrow buffers: no Python string per row.
+    """
+    n = len(ids)
+    keys = np.zeros(n, np.uint64)
+    if n == 0:
+        return keys, np.zeros(0, bool)
+    ids = ids.cast(pa.string())
+    if ids.null_count:
+        ids = pc.fill_null(ids, "")
+    is16 = pc.equal(pc.binary_length(ids), 16).to_numpy(zero_copy_only=False)
+    sub = ids if is16.all() else ids.filter(pa.array(is16))
+    ok = is16.copy()
+    if len(sub):
+        offs = np.frombuffer(sub.buffers()[1], np.int32)[sub.offset: sub.offset + len(sub) + 1]
+        raw = np.frombuffer(sub.buffers()[2], np.uint8)[offs[0]:offs[-1]].reshape(-1, 16)
+        nib = _HEX[raw]
+        hexok = (nib < 16).all(axis=1)
+        nib = nib.astype(np.uint64)
+        k = np.zeros(len(sub), np.uint64)
+        for j in range(16):
+            k = (k << np.uint64(4)) | nib[:, j]
+        idx = np.flatnonzero(is16)
+        keys[idx] = np.where(hexok, k, np.uint64(0))
+        ok[idx] = hexok
+    return keys, ok
+
+
 def _hex_keys(ids: pa.Array) -> np.ndarray:
     """uint64 value of 16-hex-digit ImageIDs (validated upstream), vectorised."""
-    if len(ids) == 0:
-        return np.zeros(0, np.uint64)
-    raw = np.asarray(ids.to_numpy(zero_copy_only=False).astype("S16"))
-    nib = _HEX[raw.view(np.uint8).reshape(-1, 16)].astype(np.uint64)
-    out = np.zeros(len(raw), np.uint64)
-    for k in range(16):
-        out = (out << np.uint64(4)) | nib[:, k]
-    return out
+    return _id_keys(ids)[0]
+
+
+class _IdSet:
+    """Membership of ImageIDs in a fixed set, built once (``pc.is_in`` rebuilds its hash table
+    per call, which dominated streaming a 1.7M-row index against 650k wanted IDs)."""
+
+    def __init__(self, wanted: pa.Array) -> None:
+        self.wanted = wanted.cast(pa.string())
+        keys, ok = _id_keys(self.wanted)
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.ids = self.wanted.take(pa.array(order)) if len(order) else self.wanted
+        # Exact string comparison after the key match; keys equal for different strings
+        # (upper/lower case hex) or invalid IDs fall back to pc.is_in.
+        self.exact = bool(ok.all()) and (len(self.keys) < 2 or bool((self.keys[1:] != self.keys[:-1]).all()))
+
+    def contains(self, ids: pa.Array) -> np.ndarray:
+        if not self.exact:
+            return pc.is_in(ids, value_set=self.wanted).to_numpy(zero_copy_only=False)
+        keys, ok = _id_keys(ids)
+        if not len(self.keys):
+            return np.zeros(len(ids), bool)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        hit = ok & (self.keys[pos] == keys)
+        if hit.any():
+            idx = np.flatnonzero(hit)
+            same = pc.equal(ids.cast(pa.string()).take(pa.array(idx)), self.ids.take(pa.array(pos[idx])))
+            hit[idx] = same.to_numpy(zero_copy_only=False)
+        return hit
 
 
 def _rank(ids: pa.Array, seed: int) -> np.ndarray:
@@ -393,10 +445,11 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
     stream = CsvStream(path, layout, cols, display, logm, newlines_in_values=True)
     tables = []
     outer = logm
+    wanted_set = _IdSet(wanted)
     for batch, g0 in stream:
         outer.end_batch(logm)  # strict mode: the previous batch's earliest bad row, if any
         logm = outer.batch_log()
-        sel = pc.is_in(batch.column("ImageID"), value_set=wanted).to_numpy(zero_copy_only=False)
+        sel = wanted_set.contains(batch.column("ImageID"))
         if not sel.any():
             continue
         rows = np.flatnonzero(sel)
@@ -457,6 +510,38 @@ def _expand(codes: np.ndarray, offs: np.ndarray, flat: np.ndarray) -> tuple[np.n
     starts = np.repeat(offs[codes], counts)
     within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
     return rows, flat[starts + within]
+
+
+def _shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`planio.shard_of` and :func:`ids.source_ids` of each ImageID, from one hash per image.
+
+    Both are ``blake2b(ImageID, 8 bytes)`` read big-endian (the shard its remainder, the
+    source_id its low 63 bits), so the hash is computed once, not twice per image.
+    """
+    blake = hashlib.blake2b
+    h = np.fromiter((int.from_bytes(blake(i.encode(), digest_size=8).digest(), "big") for i in ids_py),
+                    np.uint64, count=len(ids_py))
+    shard = (h % np.uint64(n_shards)).astype(np.int32)
+    src = (h & np.uint64((1 << 63) - 1)).astype(np.int64)
+    src[src == 0] = 1
+    if len(np.unique(src)) != len(src):
+        source_ids(ids_py)  # raises DataError naming the colliding ImageIDs
+    return shard, src
+
+
+def _bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str]) -> pa.Array:
+    """``tmpl.format(split=split, image_id=i)`` per image; one vectorised join for the usual
+    template where ``{image_id}`` appears once, plainly."""
+    marker = "\x00"
+    if tmpl.count("{image_id}") == 1:
+        try:
+            probe = tmpl.format(split=split, image_id=marker)
+        except (KeyError, IndexError, ValueError):
+            probe = ""
+        if probe.count(marker) == 1:
+            pre, post = probe.split(marker)
+            return pc.binary_join_element_wise(pa.scalar(pre), ids.cast(pa.string()), pa.scalar(post), "")
+    return pa.array([tmpl.format(split=split, image_id=i) for i in ids_py], pa.string())
 
 
 # --------------------------------------------------------------------------- plan
@@ -697,15 +782,15 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     # 6. shards
     ids_py = final_ids.to_pylist()
     n_shards = planio.num_shards_for(n_final, cfg.shards.images_per_shard)
-    shard = np.fromiter((planio.shard_of(i, n_shards) for i in ids_py), np.int32, count=n_final)
+    shard, src_ids = _shards_and_source_ids(ids_py, n_shards)
     tmpl = cfg.source.images.key_template
     table = pa.table(
         {
             "image_id": final_ids,
             "split": pa.array([split] * n_final, pa.string()),
             "shard": pa.array(shard, pa.int32()),
-            "source_id": pa.array(source_ids(ids_py), pa.int64()),
-            "bucket_key": pa.array([tmpl.format(split=split, image_id=i) for i in ids_py], pa.string()),
+            "source_id": pa.array(src_ids, pa.int64()),
+            "bucket_key": _bucket_keys(tmpl, split, final_ids, ids_py),
             "original_url": icol("original_url", pa.string()),
             "thumbnail_url": icol("thumbnail_url", pa.string()),
             "original_md5": icol("original_md5", pa.string()),
@@ -823,8 +908,9 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
 
     # Shards left by an earlier plan with other shard counts or splits would confuse readers.
     wanted = {join_url(plan_url, p) for sm in split_manifests.values() for p in sm.shards}
+    wanted_norm = {_norm(w) for w in wanted}
     for obj in st.list(plan_url + "/"):
-        if obj.url.endswith(".parquet") and _norm(obj.url) not in {_norm(w) for w in wanted}:
+        if obj.url.endswith(".parquet") and _norm(obj.url) not in wanted_norm:
             st.delete(obj.url)
 
     st.write_text(layout.label_map_pbtxt, label_map.to_pbtxt())
