@@ -532,20 +532,15 @@ def _line_chunks(path: Path, skip_lines: int, chunk_bytes: int) -> Iterator[byte
     with open(path, "rb") as fh:
         for _ in range(skip_lines):
             fh.readline()
-        carry = b""
         while True:
             buf = fh.read(chunk_bytes)
             if not buf:
-                if carry:
-                    yield carry
                 return
-            data = carry + buf
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:  # one line longer than a chunk: keep reading
-                carry = data
-                continue
-            carry = data[cut:]
-            yield data[:cut]
+            if not buf.endswith(b"\n"):
+                rest = fh.readline()  # the rest of the cut line: one copy, not a carry per chunk
+                if rest:
+                    buf = b"".join((buf, rest))
+            yield buf
 
 
 class RowLines:
@@ -614,30 +609,32 @@ def select_rows_fast(
     if known is not None:
         want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
     out = list(dict.fromkeys(["__row", *columns, last]))
-    parts = []
+    line_parts: list[np.ndarray] = []
+    col_parts: dict[str, list[pa.Array]] = {c: [] for c in columns}
     total = 0
     try:
         # Chunks cut at line ends (every record is one line without quoting), each parsed on
         # every core and filtered before its other columns are kept. Not scan_csv on the path:
         # polars would memory-map the whole file, and its pages count in the process's RSS.
         for chunk in _line_chunks(path, header, chunk_bytes):
-            parts.append(pl.scan_csv(chunk, has_header=False, schema=schema, quote_char=None,
-                                     row_index_name="__row", row_index_offset=total, raise_if_empty=False)
-                         .select(out).filter(want).collect())
+            df = (pl.scan_csv(chunk, has_header=False, schema=schema, quote_char=None, row_index_name="__row",
+                              row_index_offset=total, raise_if_empty=False)
+                  .select(out).filter(want).collect())
             total += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
-        df = pl.concat(parts) if parts else pl.DataFrame(schema={c: pl.String for c in out[1:]})
-        if df.height and df.select(pl.col(last).is_null().any()).item():
-            return None  # a short row or a blank line: CsvStream says which, with its line
+            if not df.height:
+                continue
+            if df.get_column(last).null_count():
+                return None  # a short row or a blank line: CsvStream says which, with its line
+            line_parts.append(df.get_column("__row").to_numpy().astype(np.int64) + header + 1)
+            table = df.select([pl.col(c).fill_null("") for c in columns]).to_arrow()
+            for c in columns:
+                # A compact copy: polars' filtered string views would keep the whole chunk alive.
+                col_parts[c].append(table.column(c).combine_chunks().cast(pa.string()))
     except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
         log.debug("%s: polars fast path not taken (%s)", display, exc)
         return None
-    if not parts:
-        return pa.RecordBatch.from_arrays([pa.array([], pa.string()) for _ in columns], names=list(columns)), \
-            RowLines(display, np.zeros(0, np.int64)), 0
-    lines = df.get_column("__row").to_numpy().astype(np.int64) + header + 1
-    df = df.select([pl.col(c).fill_null("") for c in columns])
-    table = df.to_arrow()
-    arrays = [table.column(c).combine_chunks().cast(pa.string()) for c in columns]
+    arrays = [pa.concat_arrays(col_parts[c]) if col_parts[c] else pa.array([], pa.string()) for c in columns]
+    lines = np.concatenate(line_parts) if line_parts else np.zeros(0, np.int64)
     batch = pa.RecordBatch.from_arrays(arrays, names=list(columns))
     return batch, RowLines(display, lines), total
 
