@@ -1,15 +1,12 @@
 """The plan's fast paths give exactly what the streaming pyarrow reader gives.
 
 ``select_rows_fast`` (polars, chunked) is tried first for box and image-label
-CSVs; ``CsvStream`` is the reference. Here both run on the same files (with
-chunks small enough that rows and checks straddle chunk boundaries) and must
+CSVs; ``CsvStream`` is the reference. Here both run on the same files and must
 give the same plan, the same malformed-row counts and the same ``file:line``
 examples; structural damage must make the fast path step aside.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +26,7 @@ def _plan(tmp_path, src, name, monkeypatch, engine, **sel):
     if engine == "pyarrow":
         monkeypatch.setattr(plan, "select_rows_fast", lambda *a, **k: None)
     else:
-        monkeypatch.setattr(plan, "select_rows_fast", functools.partial(select_rows_fast, chunk_bytes=700))
+        monkeypatch.setattr(plan, "select_rows_fast", select_rows_fast)
     res = build_plan(make_cfg(src, str(tmp_path / name), **sel))
     monkeypatch.undo()
     return res, read_plan(str(tmp_path / name))
@@ -75,12 +72,12 @@ def test_fast_path_steps_aside_on_structural_damage(tmp_path, damage):
     assert rows.num_rows == 2 and list(lines.lines) == [2, 3] and total == 2
 
 
-def test_fast_path_lines_across_chunks(tmp_path):
+def test_fast_path_lines(tmp_path):
     cols = BOX_LAYOUTS["v4"]
     rows = [f"{k:016x},xclick,{CAR if k % 7 == 0 else '/m/019jd'},1,0.1,0.5,0.2,0.6,0,0,0,0,0" for k in range(500)]
     p = tmp_path / "b.csv"
     p.write_text(",".join(cols) + "\n" + "\n".join(rows))  # no final newline
-    got = select_rows_fast(p, detect_layout(p, "boxes", "b.csv"), BOX_COLS, "b.csv", [CAR], None, chunk_bytes=333)
+    got = select_rows_fast(p, detect_layout(p, "boxes", "b.csv"), BOX_COLS, "b.csv", [CAR], None)
     rows_b, lines, total = got
     assert total == 500
     assert list(lines.lines) == [k + 2 for k in range(500) if k % 7 == 0]

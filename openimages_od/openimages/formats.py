@@ -527,22 +527,6 @@ class CsvStream:
 # --------------------------------------------------------------------------- fast path (polars)
 
 
-def _line_chunks(path: Path, skip_lines: int, chunk_bytes: int) -> Iterator[bytes]:
-    """The file after its first ``skip_lines`` lines, in pieces of about ``chunk_bytes`` ending at a line end."""
-    with open(path, "rb") as fh:
-        for _ in range(skip_lines):
-            fh.readline()
-        while True:
-            buf = fh.read(chunk_bytes)
-            if not buf:
-                return
-            if not buf.endswith(b"\n"):
-                rest = fh.readline()  # the rest of the cut line: one copy, not a carry per chunk
-                if rest:
-                    buf = b"".join((buf, rest))
-            yield buf
-
-
 class RowLines:
     """A row subset's line lookup, standing in for :meth:`CsvStream.line_of` in the value checks.
 
@@ -566,7 +550,6 @@ def select_rows_fast(
     display: str,
     keep: Sequence[str],
     known: Optional[Sequence[str]],
-    chunk_bytes: int = 32 << 20,
 ) -> Optional[tuple[pa.RecordBatch, RowLines, int]]:
     """The rows a plan looks at, from a well-formed unquoted ID/label CSV, with polars' streaming engine.
 
@@ -591,7 +574,6 @@ def select_rows_fast(
         display: the file name for messages.
         keep: labels whose rows are returned.
         known: all known labels (rows of other labels are returned too), or None.
-        chunk_bytes: bytes parsed at a time (memory is a few chunks plus the rows returned).
 
     Returns:
         ``(rows, lines, total_rows)`` or ``None``.
@@ -608,19 +590,19 @@ def select_rows_fast(
     want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
     if known is not None:
         want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
-    out = list(dict.fromkeys(["__row", *columns, last]))
     line_parts: list[np.ndarray] = []
     col_parts: dict[str, list[pa.Array]] = {c: [] for c in columns}
-    total = 0
+
+    def scan() -> Any:
+        return pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
+                           row_index_name="__row", raise_if_empty=False)
+
     try:
-        # Chunks cut at line ends (every record is one line without quoting), each parsed on
-        # every core and filtered before its other columns are kept. Not scan_csv on the path:
-        # polars would memory-map the whole file, and its pages count in the process's RSS.
-        for chunk in _line_chunks(path, header, chunk_bytes):
-            df = (pl.scan_csv(chunk, has_header=False, schema=schema, quote_char=None, row_index_name="__row",
-                              row_index_offset=total, raise_if_empty=False)
-                  .select(out).filter(want).collect())
-            total += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
+        # polars' streaming engine parses on every core and filters before the other columns
+        # are kept; batches come back in file order and are copied out one at a time.
+        # No projection: with one, polars stops each row at the last column it needs and would
+        # not see a row with extra fields (with every column it raises, and CsvStream takes over).
+        for df in scan().filter(want).collect_batches():
             if not df.height:
                 continue
             if df.get_column(last).null_count():
@@ -628,15 +610,20 @@ def select_rows_fast(
             line_parts.append(df.get_column("__row").to_numpy().astype(np.int64) + header + 1)
             table = df.select([pl.col(c).fill_null("") for c in columns]).to_arrow()
             for c in columns:
-                # A compact copy: polars' filtered string views would keep the whole chunk alive.
+                # A compact copy: polars' filtered string views would keep whole parsed blocks alive.
                 col_parts[c].append(table.column(c).combine_chunks().cast(pa.string()))
+        total = int(scan().select(pl.len()).collect().item())
     except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
         log.debug("%s: polars fast path not taken (%s)", display, exc)
         return None
+    lines_all = np.concatenate(line_parts) if line_parts else np.zeros(0, np.int64)
+    if len(lines_all) > 1 and (np.diff(lines_all) <= 0).any():  # file order is relied upon (strict mode)
+        order = np.argsort(lines_all, kind="stable")
+        lines_all = lines_all[order]
+        col_parts = {c: [pa.concat_arrays(v).take(pa.array(order))] for c, v in col_parts.items()}
     arrays = [pa.concat_arrays(col_parts[c]) if col_parts[c] else pa.array([], pa.string()) for c in columns]
-    lines = np.concatenate(line_parts) if line_parts else np.zeros(0, np.int64)
     batch = pa.RecordBatch.from_arrays(arrays, names=list(columns))
-    return batch, RowLines(display, lines), total
+    return batch, RowLines(display, lines_all), total
 
 
 # --------------------------------------------------------------------------- value parsing
