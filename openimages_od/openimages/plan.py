@@ -30,6 +30,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -804,12 +805,15 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     s_order = np.argsort(shard, kind="stable")
     table = table.take(pa.array(s_order))
     bounds = np.searchsorted(shard[s_order], np.arange(n_shards + 1))
-    paths, shas = [], []
-    for i in range(n_shards):
-        rel = planio.plan_shard_path(split, i, n_shards)
-        shas.append(planio.write_plan_table(storage, join_url(plan_url, rel),
-                                            table.slice(bounds[i], bounds[i + 1] - bounds[i])))
-        paths.append(rel)
+    paths = [planio.plan_shard_path(split, i, n_shards) for i in range(n_shards)]
+
+    def write(i: int) -> str:
+        return planio.write_plan_table(storage, join_url(plan_url, paths[i]),
+                                       table.slice(bounds[i], bounds[i + 1] - bounds[i]))
+
+    # Parquet encoding and the fsync of each shard release the GIL: a few threads overlap them.
+    with ThreadPoolExecutor(max_workers=min(4, n_shards)) as pool:
+        shas = list(pool.map(write, range(n_shards)))
 
     # stats
     box_per_cls = np.bincount(b_tgt, minlength=n_sel)
