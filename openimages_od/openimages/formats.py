@@ -53,6 +53,7 @@ import io
 import logging
 import mmap
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -597,27 +598,41 @@ def select_rows_fast(
         return pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
                            row_index_name="__row", raise_if_empty=False)
 
-    try:
-        # polars' streaming engine parses on every core and filters before the other columns
-        # are kept; batches come back in file order and are copied out one at a time.
-        # No projection: with one, polars stops each row at the last column it needs and would
-        # not see a row with extra fields (with every column it raises, and CsvStream takes over).
-        for df in scan().filter(want).collect_batches():
-            if not df.height:
-                continue
-            if df.get_column(last).null_count():
-                return None  # a short row or a blank line: CsvStream says which, with its line
-            line_parts.append(df.get_column("__row").to_numpy().astype(np.int64) + header + 1)
-            table = df.select([pl.col(c).fill_null("") for c in columns]).to_arrow()
-            for c in columns:
-                # A compact copy: polars' filtered string views would keep whole parsed blocks alive.
-                col_parts[c].append(table.column(c).combine_chunks().cast(pa.string()))
-        # Every record is one line here (no quoting; a blank line made us step aside). Counted
-        # with bytes.count, not polars: its count memory-maps the file, and those pages are RSS.
-        total = count_lines(path) - header
-    except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
-        log.debug("%s: polars fast path not taken (%s)", display, exc)
-        return None
+    pending: list[Any] = []
+
+    def take(frames: list[Any]) -> None:
+        df = pl.concat(frames)
+        line_parts.append(df.get_column("__row").to_numpy().astype(np.int64) + header + 1)
+        table = df.select([pl.col(c).fill_null("") for c in columns]).to_arrow()
+        for c in columns:
+            # A compact copy: polars' filtered string views would keep whole parsed blocks alive.
+            col_parts[c].append(table.column(c).combine_chunks().cast(pa.string()))
+
+    # Every record is one line here (no quoting; a blank line makes us step aside), so the
+    # row count is the line count: bytes.count on a thread while polars parses (polars' own
+    # count would memory-map the file, and those pages are RSS).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        lines_total = pool.submit(count_lines, path)
+        try:
+            # polars' streaming engine parses on every core and filters before the other columns
+            # are kept; batches come back in file order and are copied out a few dozen at a time.
+            # No projection: with one, polars stops each row at the last column it needs and would
+            # not see a row with extra fields (with every column it raises, and CsvStream takes over).
+            for df in scan().filter(want).collect_batches():
+                if not df.height:
+                    continue
+                if df.get_column(last).null_count():
+                    return None  # a short row or a blank line: CsvStream says which, with its line
+                pending.append(df)
+                if len(pending) >= 64:
+                    take(pending)
+                    pending = []
+            if pending:
+                take(pending)
+        except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
+            log.debug("%s: polars fast path not taken (%s)", display, exc)
+            return None
+        total = lines_total.result() - header
     lines_all = np.concatenate(line_parts) if line_parts else np.zeros(0, np.int64)
     if len(lines_all) > 1 and (np.diff(lines_all) <= 0).any():  # file order is relied upon (strict mode)
         order = np.argsort(lines_all, kind="stable")
