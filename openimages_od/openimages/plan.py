@@ -443,7 +443,8 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
     layout = detect_layout(path, "images", display)
     has_rot = "Rotation" in layout.columns
     cols = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5"] + (["Rotation"] if has_rot else [])
-    stream = CsvStream(path, layout, cols, display, logm, newlines_in_values=True)
+    # Smaller blocks than the box reader's: the index's rows are long and few are kept.
+    stream = CsvStream(path, layout, cols, display, logm, newlines_in_values=True, block_size=4 << 20)
     tables = []
     outer = logm
     wanted_set = _IdSet(wanted)
@@ -803,13 +804,13 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
         schema=planio.PLAN_SCHEMA,
     )
     s_order = np.argsort(shard, kind="stable")
-    table = table.take(pa.array(s_order))
     bounds = np.searchsorted(shard[s_order], np.arange(n_shards + 1))
     paths = [planio.plan_shard_path(split, i, n_shards) for i in range(n_shards)]
 
     def write(i: int) -> str:
+        # Each shard's rows taken from the table as it is written: no sorted copy of the whole plan.
         return planio.write_plan_table(storage, join_url(plan_url, paths[i]),
-                                       table.slice(bounds[i], bounds[i + 1] - bounds[i]))
+                                       table.take(pa.array(s_order[bounds[i]:bounds[i + 1]])))
 
     # Parquet encoding and the fsync of each shard release the GIL: a few threads overlap them.
     with ThreadPoolExecutor(max_workers=min(4, n_shards)) as pool:
