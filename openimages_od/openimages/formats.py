@@ -16,7 +16,9 @@ Image-level labels: ``ImageID,Source,LabelName,Confidence``.
 ``ImageId`` (the V7 point-label spelling) is accepted as ``ImageID`` everywhere.
 
 Parsing is streaming (``pyarrow.csv.open_csv``) so memory stays bounded at any
-file size. Rows with the wrong number of fields are skipped by the parser and
+file size. :func:`select_rows_fast` is a faster path for well-formed unquoted
+ID/label CSVs (polars, parallel, filtering before conversion); it steps aside
+for anything structurally odd, which this reader then reports. Rows with the wrong number of fields are skipped by the parser and
 recorded in a :class:`MalformedLog`; the value checks (numbers, ranges, IDs)
 are vectorised per record batch by the callers. Line numbers are physical
 lines (1-based, header included); they assume one record per line, which holds

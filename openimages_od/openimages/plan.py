@@ -2,9 +2,11 @@
 
 Pipeline per split, all in bounded memory:
 
-1. stream the box CSV (:class:`~openimages_od.openimages.formats.CsvStream`),
-   drop rows of unselected classes with one vectorised lookup per batch, and
-   validate the rest (ImageID, numbers, ranges, XMin <= XMax, attributes);
+1. read the box CSV: a well-formed unquoted file through polars' streaming
+   engine, keeping only rows of kept or unknown classes with their lines
+   (:func:`~openimages_od.openimages.formats.select_rows_fast`), anything else
+   streamed by :class:`~openimages_od.openimages.formats.CsvStream`, which
+   reports structural damage row by row; then validate the kept rows (ImageID, numbers, ranges, XMin <= XMax, attributes);
    malformed rows are counted by reason (or stop the run with ``selection.strict``);
 2. apply attribute filters, ``min_confidence`` and the optional hierarchy
    expansion (ancestors that are selected classes, as the OID evaluation does);
@@ -12,8 +14,8 @@ Pipeline per split, all in bounded memory:
    list columns with ``pa.ListArray.from_arrays`` offsets;
 4. apply the caps (``max_images_per_class``, ``max_images``) with a seeded hash
    rank, so the choice is deterministic and independent of row order;
-5. stream the image index and the image-level labels with ``is_in`` against
-   the selected images;
+5. stream the image index (membership by sorted uint64 keys of the selected
+   ImageIDs, built once) and the image-level labels (as the boxes);
 6. assign shards with :func:`planio.shard_of` and write Parquet shards, stats,
    the label map, the resolved config and, last, the manifest.
 
