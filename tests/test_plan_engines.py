@@ -12,12 +12,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
 from openimages_od.openimages import formats, plan, planio
-from openimages_od.openimages.formats import BOX_LAYOUTS, detect_layout, select_rows_fast
+from openimages_od.openimages.formats import (
+    BOX_LAYOUTS,
+    detect_layout,
+    select_rows_fast,
+)
 from openimages_od.openimages.ids import source_ids
-from openimages_od.openimages.plan import _IdSet, _bucket_keys, _shards_and_source_ids, build_plan
-from test_plan import CAR, CLASSES, make_cfg, make_content, read_plan, write_release
+from openimages_od.openimages.plan import (
+    _bucket_keys,
+    _IdSet,
+    _shards_and_source_ids,
+    build_plan,
+)
 
 BOX_COLS = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"]
 

@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PlanResult", "build_plan", "run_plan", "MetadataInputs"]
 
-_Lines = Union[CsvStream, RowLines]  # where a checked row's file:line comes from
+_Lines = CsvStream | RowLines  # where a checked row's file:line comes from
 _ATTR_FIELDS = ("is_occluded", "is_truncated", "is_group_of", "is_depiction", "is_inside")
 _HEX = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
