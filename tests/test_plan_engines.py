@@ -1,12 +1,14 @@
 """The plan's fast paths give exactly what the streaming pyarrow reader gives.
 
-``select_rows_fast`` (polars, chunked) is tried first for box and image-label
+``iter_rows_fast`` / ``select_rows_fast`` (polars, streaming) are tried first for box and image-label
 CSVs; ``CsvStream`` is the reference. Here both run on the same files and must
 give the same plan, the same malformed-row counts and the same ``file:line``
 examples; structural damage must make the fast path step aside.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +19,9 @@ from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 from openimages_od.openimages import formats, plan, planio
 from openimages_od.openimages.formats import (
     BOX_LAYOUTS,
+    FastPathUnavailable,
     detect_layout,
+    iter_rows_fast,
     select_rows_fast,
 )
 from openimages_od.openimages.ids import source_ids
@@ -32,10 +36,15 @@ BOX_COLS = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"
 
 
 def _plan(tmp_path, src, name, monkeypatch, engine, **sel):
-    if engine == "pyarrow":
+    if engine == "pyarrow":  # the reference: every CSV through CsvStream
+        def unavailable(*a, **k):
+            raise FastPathUnavailable("test")
+            yield  # a generator, like iter_rows_fast
+
         monkeypatch.setattr(plan, "select_rows_fast", lambda *a, **k: None)
-    else:
-        monkeypatch.setattr(plan, "select_rows_fast", select_rows_fast)
+        monkeypatch.setattr(plan, "iter_rows_fast", unavailable)
+    else:  # small groups, so checks run group by group
+        monkeypatch.setattr(plan, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
     res = build_plan(make_cfg(src, str(tmp_path / name), **sel))
     monkeypatch.undo()
     return res, read_plan(str(tmp_path / name))

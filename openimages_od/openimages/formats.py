@@ -85,6 +85,8 @@ __all__ = [
     "count_lines",
     "is_image_id",
     "RowLines",
+    "FastPathUnavailable",
+    "iter_rows_fast",
     "select_rows_fast",
 ]
 
@@ -546,29 +548,38 @@ class RowLines:
         return int(self.lines[g])
 
 
-def select_rows_fast(
+class FastPathUnavailable(Exception):
+    """Raised by :func:`iter_rows_fast`: the file is not one it reads exactly; use :class:`CsvStream`."""
+
+
+def iter_rows_fast(
     path: Path,
     layout: Layout,
     columns: Sequence[str],
     display: str,
     keep: Sequence[str],
     known: Optional[Sequence[str]],
-) -> Optional[tuple[pa.RecordBatch, RowLines, int]]:
+    group_batches: int = 64,
+) -> Iterator[tuple[pa.RecordBatch, RowLines]]:
     """The rows a plan looks at, from a well-formed unquoted ID/label CSV, with polars' streaming engine.
 
     A plan validates only rows of kept classes (plus every row's class against
     ``known`` and its ImageID against blank), so the other ~94% of a box file
     need not be converted at all: polars scans the file on every core and keeps
     rows whose ``LabelName`` is kept or unknown, or whose ``ImageID`` is empty.
-    The caller runs the same value checks as on a :class:`CsvStream` batch,
-    with :class:`RowLines` giving each row's physical line.
+    They come in file order, in groups of ``group_batches`` polars batches, each
+    with a :class:`RowLines` giving its rows' physical lines; the caller runs the
+    same value checks as on a :class:`CsvStream` batch. The generator's return
+    value is the number of rows in the file.
 
-    This is only a fast path. It returns ``None`` (and the caller streams the
-    file with :class:`CsvStream`, which reports structural problems row by row)
-    when polars is missing, when the first line is quoted, or when the file is
-    not plainly well-formed: a row with more fields (polars raises), a row with
-    fewer fields or a blank line (its last column is missing), invalid UTF-8.
-    Without quoting every record is one physical line, so lines are exact.
+    This is only a fast path. It raises :class:`FastPathUnavailable` (and the
+    caller streams the file with :class:`CsvStream`, which reports structural
+    problems row by row) when polars is missing, when the first line is quoted,
+    or when the file is not plainly well-formed: a row with more fields (polars
+    raises), a row with fewer fields or a blank line (its last column is
+    missing), invalid UTF-8. A group is yielded only once all of its rows passed
+    those checks, so in strict mode the earliest bad row is still the one
+    reported. Without quoting every record is one physical line, so lines are exact.
 
     Args:
         path: local file.
@@ -577,72 +588,85 @@ def select_rows_fast(
         display: the file name for messages.
         keep: labels whose rows are returned.
         known: all known labels (rows of other labels are returned too), or None.
+        group_batches: polars batches per group (memory: one group plus the caller's results).
 
-    Returns:
-        ``(rows, lines, total_rows)`` or ``None``.
+    Raises:
+        FastPathUnavailable: see above.
     """
     if _first_line_quoted(path):
-        return None
+        raise FastPathUnavailable("quoted file")
     try:
         import polars as pl
     except ImportError:  # optional speed-up: the streaming pyarrow reader does the same work
-        return None
+        raise FastPathUnavailable("polars is not installed") from None
     last = layout.columns[-1]
     header = 1 if layout.has_header else 0
     schema = {c: pl.String for c in layout.columns}
     want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
     if known is not None:
         want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
-    line_parts: list[np.ndarray] = []
-    col_parts: dict[str, list[pa.Array]] = {c: [] for c in columns}
+    scan = pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
+                       row_index_name="__row", raise_if_empty=False)
 
-    def scan() -> Any:
-        return pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
-                           row_index_name="__row", raise_if_empty=False)
-
-    pending: list[Any] = []
-
-    def take(frames: list[Any]) -> None:
+    def group(frames: list[Any]) -> tuple[pa.RecordBatch, RowLines]:
         df = pl.concat(frames)
-        line_parts.append(df.get_column("__row").to_numpy().astype(np.int64) + header + 1)
+        lines = df.get_column("__row").to_numpy().astype(np.int64) + header + 1
         table = df.select([pl.col(c).fill_null("") for c in columns]).to_arrow()
-        for c in columns:
-            # A compact copy: polars' filtered string views would keep whole parsed blocks alive.
-            col_parts[c].append(table.column(c).combine_chunks().cast(pa.string()))
+        # Compact copies: polars' filtered string views would keep whole parsed blocks alive.
+        arrays = [table.column(c).combine_chunks().cast(pa.string()) for c in columns]
+        return pa.RecordBatch.from_arrays(arrays, names=list(columns)), RowLines(display, lines)
 
     # Every record is one line here (no quoting; a blank line makes us step aside), so the
     # row count is the line count: bytes.count on a thread while polars parses (polars' own
     # count would memory-map the file, and those pages are RSS).
     with ThreadPoolExecutor(max_workers=1) as pool:
         lines_total = pool.submit(count_lines, path)
-        try:
-            # polars' streaming engine parses on every core and filters before the other columns
-            # are kept; batches come back in file order and are copied out a few dozen at a time.
-            # No projection: with one, polars stops each row at the last column it needs and would
-            # not see a row with extra fields (with every column it raises, and CsvStream takes over).
-            for df in scan().filter(want).collect_batches():
-                if not df.height:
-                    continue
+        pending: list[Any] = []
+        # No projection: with one, polars stops each row at the last column it needs and would
+        # not see a row with extra fields (with every column it raises, and CsvStream takes over).
+        batches = scan.filter(want).collect_batches()
+        while True:
+            try:
+                df = next(batches, None)
+            except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
+                log.debug("%s: polars fast path not taken (%s)", display, exc)
+                raise FastPathUnavailable(str(exc)) from None
+            if df is not None and df.height:
                 if df.get_column(last).null_count():
-                    return None  # a short row or a blank line: CsvStream says which, with its line
+                    raise FastPathUnavailable("a short row or a blank line")
                 pending.append(df)
-                if len(pending) >= 64:
-                    take(pending)
-                    pending = []
-            if pending:
-                take(pending)
-        except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
-            log.debug("%s: polars fast path not taken (%s)", display, exc)
-            return None
-        total = lines_total.result() - header
-    lines_all = np.concatenate(line_parts) if line_parts else np.zeros(0, np.int64)
-    if len(lines_all) > 1 and (np.diff(lines_all) <= 0).any():  # file order is relied upon (strict mode)
-        order = np.argsort(lines_all, kind="stable")
-        lines_all = lines_all[order]
-        col_parts = {c: [pa.concat_arrays(v).take(pa.array(order))] for c, v in col_parts.items()}
-    arrays = [pa.concat_arrays(col_parts[c]) if col_parts[c] else pa.array([], pa.string()) for c in columns]
-    batch = pa.RecordBatch.from_arrays(arrays, names=list(columns))
-    return batch, RowLines(display, lines_all), total
+            if pending and (df is None or len(pending) >= group_batches):
+                yield group(pending)
+                pending = []
+            if df is None:
+                break
+        return lines_total.result() - header
+
+
+def select_rows_fast(
+    path: Path,
+    layout: Layout,
+    columns: Sequence[str],
+    display: str,
+    keep: Sequence[str],
+    known: Optional[Sequence[str]],
+) -> Optional[tuple[pa.RecordBatch, RowLines, int]]:
+    """All of :func:`iter_rows_fast` at once: ``(rows, lines, total_rows)``, or None where it steps aside."""
+    it = iter_rows_fast(path, layout, columns, display, keep, known)
+    groups: list[tuple[pa.RecordBatch, RowLines]] = []
+    try:
+        while True:
+            groups.append(next(it))
+    except StopIteration as stop:
+        total = int(stop.value)
+    except FastPathUnavailable:
+        return None
+    if not groups:
+        empty = [pa.array([], pa.string()) for _ in columns]
+        return pa.RecordBatch.from_arrays(empty, names=list(columns)), RowLines(display, np.zeros(0, np.int64)), total
+    batch = pa.Table.from_batches([g[0] for g in groups]).combine_chunks().to_batches()[0]
+    lines = np.concatenate([g[1].lines for g in groups])
+    return batch, RowLines(display, lines), total
 
 
 # --------------------------------------------------------------------------- value parsing

@@ -60,10 +60,12 @@ from openimages_od.openimages.formats import (
     ATTRIBUTE_COLUMNS,
     CsvStream,
     MalformedLog,
+    FastPathUnavailable,
     RowLines,
     detect_layout,
     duplicate_rows,
     parse_byte_counts,
+    iter_rows_fast,
     parse_floats,
     select_rows_fast,
 )
@@ -276,14 +278,9 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
     cols = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"] + (
         list(ATTRIBUTE_COLUMNS) if has_attrs else [])
     parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
-    fast = select_rows_fast(path, layout, cols, display, keep.to_pylist(),
-                            known.to_pylist() if known is not None else None)
+    fast = _read_boxes_fast(path, layout, cols, display, known, keep, has_attrs, logm)
     if fast is not None:
-        # Only the rows the checks below look at, with their lines (see select_rows_fast).
-        rows, lines, rows_read = fast
-        blog = logm.batch_log()
-        _read_boxes_batch(rows, 0, lines, blog, known, keep, has_attrs, parts)
-        logm.end_batch(blog)
+        parts, rows_read = fast
     else:
         stream = CsvStream(path, layout, cols, display, logm)
         for batch, g0 in stream:
@@ -311,6 +308,32 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
         b = _Boxes(b.image_id.filter(pa.array(k)), b.code[k], b.coords[k], b.confidence[k], b.attrs[k],
                    has_attrs, b.rows_read)
     return b
+
+
+def _read_boxes_fast(path: Path, layout: Any, cols: list[str], display: str, known: Optional[pa.Array],
+                     keep: pa.Array, has_attrs: bool, logm: MalformedLog) -> Optional[tuple[dict[str, list], int]]:
+    """The checks of :func:`_read_boxes_batch` on the rows :func:`iter_rows_fast` keeps, group by group
+    (so memory holds parsed values, not strings, of the kept rows); None where the fast path steps aside.
+
+    Rows are recorded in a scratch log, merged only when the whole file went through, so a file the
+    fast path gives up on half-way is not counted twice.
+    """
+    scratch = MalformedLog(strict=logm.strict, max_examples=logm.max_examples)
+    parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
+    it = iter_rows_fast(path, layout, cols, display, keep.to_pylist(),
+                        known.to_pylist() if known is not None else None)
+    try:
+        while True:
+            rows, lines = next(it)
+            blog = scratch.batch_log()
+            _read_boxes_batch(rows, 0, lines, blog, known, keep, has_attrs, parts)
+            scratch.end_batch(blog)
+    except StopIteration as stop:
+        rows_read = int(stop.value)
+    except FastPathUnavailable:
+        return None
+    logm.merge(scratch)
+    return parts, rows_read
 
 
 def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: MalformedLog,
