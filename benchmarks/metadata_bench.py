@@ -1,14 +1,24 @@
-"""Benchmark: ``oiod plan`` on a full-size V6 train box CSV vs a pandas baseline.
+"""Benchmark: ``oiod plan`` on a full-size V6 train box CSV vs polars and pandas used well.
 
 Generates (once, reused) a box CSV in the V6 21-column train layout with
-``--rows`` rows (default 14.6 million, about 2.3 GB, the real size) and an
-image index of matching size (~1.7M images at full size), then plans it with a
-20-class selection, and runs a pandas ``read_csv`` + ``isin`` filter +
-``groupby(...).agg(list)`` + image-index merge baseline on the same files. Each
-run is a separate subprocess, so the peak RSS printed is per run.
+``--rows`` rows (default 14.6 million, about 2.2 GB, the real size) and an
+image index of matching size (~1.7M images, 0.62 GB at full size), then runs,
+each in its own subprocess (so the peak RSS printed is per run, imports included):
 
-    .venv/bin/python benchmarks/metadata_bench.py               # full size (a few minutes)
-    .venv/bin/python benchmarks/metadata_bench.py --rows 200000  # quick mode
+* ``project``: ``oiod plan`` with a 20-class selection (every row checked,
+  stats, deterministic shards, label map, manifest);
+* ``polars``: lazy ``scan_csv``, filter on the classes, ``group_by`` image,
+  join the index, streaming collect, ``write_parquet`` (no validation);
+* ``pandas``: ``read_csv`` with ``usecols`` and dtypes in 2M-row chunks, filter
+  per chunk, group by one stable sort + offsets, merge the index, Parquet.
+
+Rounds are interleaved (and rotated) so a noisy neighbour hits every
+contender alike; the best time of each is reported, with the ratios.
+
+    .venv/bin/python benchmarks/metadata_bench.py                  # full size, best of 3 (~4 minutes)
+    .venv/bin/python benchmarks/metadata_bench.py --quick          # 1.46M rows, 1 round
+    .venv/bin/python benchmarks/metadata_bench.py --rows 146000000 --only project --rounds 1 --cleanup
+                                                                   # 10x: memory at scale (25 GB of CSV)
 """
 
 from __future__ import annotations
