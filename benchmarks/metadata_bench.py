@@ -1,21 +1,33 @@
-"""Benchmark: ``oiod plan`` on a full-size V6 train box CSV vs a pandas baseline.
+"""Benchmark: ``oiod plan`` on a full-size V6 train box CSV vs polars and pandas used well.
 
 Generates (once, reused) a box CSV in the V6 21-column train layout with
-``--rows`` rows (default 14.6 million, about 2.3 GB, the real size) and an
-image index of matching size (~1.7M images at full size), then plans it with a
-20-class selection, and runs a pandas ``read_csv`` + ``isin`` filter +
-``groupby(...).agg(list)`` + image-index merge baseline on the same files. Each
-run is a separate subprocess, so the peak RSS printed is per run.
+``--rows`` rows (default 14.6 million, about 2.2 GB, the real size) and an
+image index of matching size (~1.7M images, 0.62 GB at full size), then runs,
+each in its own subprocess (so the peak RSS printed is per run, imports included):
 
-    .venv/bin/python benchmarks/metadata_bench.py               # full size (a few minutes)
-    .venv/bin/python benchmarks/metadata_bench.py --rows 200000  # quick mode
+* ``project``: ``oiod plan`` with a 20-class selection (every row checked,
+  stats, deterministic shards, label map, manifest);
+* ``polars``: lazy ``scan_csv``, filter on the classes, ``group_by`` image,
+  join the index, streaming collect, ``write_parquet`` (no validation);
+* ``pandas``: ``read_csv`` with ``usecols`` and dtypes in 2M-row chunks, filter
+  per chunk, group by one stable sort + offsets, merge the index, Parquet.
+
+Rounds are interleaved (and rotated) so a noisy neighbour hits every
+contender alike; the best time of each is reported, with the ratios.
+
+    .venv/bin/python benchmarks/metadata_bench.py                  # full size, best of 3 (~4 minutes)
+    .venv/bin/python benchmarks/metadata_bench.py --quick          # 1.46M rows, 1 round
+    .venv/bin/python benchmarks/metadata_bench.py --rows 146000000 --only project --rounds 1 --cleanup
+                                                                   # 10x: memory at scale (25 GB of CSV)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,42 +145,88 @@ def run_project(boxes: Path, images: Path, out: Path) -> dict:
     return {"images": sm.num_images, "boxes": sm.num_boxes}
 
 
-def run_pandas(boxes: Path, images: Path, out: Path) -> dict:
-    import pandas as pd
+BOX_COLS = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
+            "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+INDEX_COLS = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5", "Rotation"]
+
+
+def run_polars(boxes: Path, images: Path, out: Path) -> dict:
+    """Polars as a data engineer would use it: lazy scans, filter, group_by, join, streaming collect."""
+    import polars as pl
 
     sel = selected_classes(_mids())
-    # low_memory=False: pandas 2.3's default chunked C parser segfaults on this file on this machine
-    # (in pandas_parser.so, from ~1M rows on, even for two string columns).
-    df = pd.read_csv(boxes, usecols=["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-                                     "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"],
-                     low_memory=False)
-    df = df[df["LabelName"].isin(sel)]
-    grouped = df.groupby("ImageID").agg(list).reset_index()
-    idx = pd.read_csv(images, usecols=["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize",
-                                       "OriginalMD5", "Rotation"], low_memory=False)
-    idx = idx[idx["ImageID"].isin(grouped["ImageID"])]
-    plan = grouped.merge(idx, on="ImageID", how="left")
-    plan.to_parquet(out / "pandas-plan.parquet")
-    return {"images": int(len(plan)), "boxes": int(len(df))}
+    b = (pl.scan_csv(boxes, schema_overrides={"ImageID": pl.String, "LabelName": pl.String})
+         .select(BOX_COLS)
+         .filter(pl.col("LabelName").is_in(sel)))
+    grouped = b.group_by("ImageID").agg(pl.all())
+    idx = pl.scan_csv(images, schema_overrides={"ImageID": pl.String, "OriginalMD5": pl.String}).select(INDEX_COLS)
+    plan = grouped.join(idx, on="ImageID", how="left").collect(engine="streaming")
+    plan.write_parquet(out / "polars-plan.parquet")
+    n_boxes = int(plan.select(pl.col("LabelName").list.len().sum()).item())
+    return {"images": plan.height, "boxes": n_boxes}
+
+
+def run_pandas(boxes: Path, images: Path, out: Path) -> dict:
+    """pandas used well: only the needed columns, typed, filtered per chunk; grouped by sort + offsets."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sel = set(selected_classes(_mids()))
+    dtypes = {c: "float32" for c in BOX_COLS[2:]}
+    parts = []
+    # Chunked, so only one chunk of the 14.6M rows is in memory; the C engine (the default).
+    for chunk in pd.read_csv(boxes, usecols=BOX_COLS, dtype={"ImageID": str, "LabelName": str, **dtypes},
+                             chunksize=2_000_000):
+        parts.append(chunk[chunk["LabelName"].isin(sel)])
+    df = pd.concat(parts, ignore_index=True)
+    # Group on indices: one stable sort by image, offsets at the boundaries (no per-group Python lists).
+    df = df.sort_values("ImageID", kind="stable").reset_index(drop=True)
+    ids = df["ImageID"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    offsets = np.r_[starts, len(df)].astype(np.int32)
+    images_df = pd.DataFrame({"ImageID": ids[starts]})
+    idx = pd.read_csv(images, usecols=INDEX_COLS, dtype={"ImageID": str, "OriginalMD5": str})
+    images_df = images_df.merge(idx[idx["ImageID"].isin(images_df["ImageID"])], on="ImageID", how="left")
+    table = pa.Table.from_pandas(images_df, preserve_index=False)
+    for c in BOX_COLS[1:]:
+        table = table.append_column(c, pa.ListArray.from_arrays(pa.array(offsets), pa.array(df[c].to_numpy())))
+    pq.write_table(table, out / "pandas-plan.parquet")
+    return {"images": int(len(images_df)), "boxes": int(len(df))}
+
+
+RUNNERS = {"project": run_project, "polars": run_polars, "pandas": run_pandas}
+LABELS = {
+    "project": "project (oiod plan: validated, stats, shards)",
+    "polars": "polars (scan_csv, filter, group_by, join, streaming collect, write_parquet)",
+    "pandas": "pandas (usecols + dtypes, chunked filter, sort + offsets group, merge)",
+}
 
 
 def _child(kind: str, boxes: str, images: str, out: str) -> None:
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    res = (run_project if kind == "project" else run_pandas)(Path(boxes), Path(images), out_p)
+    res = RUNNERS[kind](Path(boxes), Path(images), out_p)
     res["seconds"] = time.monotonic() - t0
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    res["cpu_s"] = ru.ru_utime + ru.ru_stime
+    res["peak_rss_mb"] = ru.ru_maxrss / 1024
     print("RESULT " + json.dumps(res))
 
 
 def _measure(kind: str, boxes: Path, images: Path, out: Path) -> dict:
+    """One run in a fresh interpreter (imports included in the time), so peak RSS is per run."""
+    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, __file__, "--child", kind, str(boxes), str(images), str(out)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT "):])
+    res["process_s"] = time.monotonic() - t0
+    return res
 
 
 def main() -> None:
@@ -176,30 +234,51 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=14_600_000, help="Box rows (default: the real V6 train size).")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "oiod-metadata-bench",
                     help="Where generated files live (reused if present).")
-    ap.add_argument("--skip-baseline", action="store_true", help="Only run the project.")
+    ap.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; the best of each is reported.")
+    ap.add_argument("--quick", action="store_true", help="1 round of 1.46M rows (a tenth of the real size).")
+    ap.add_argument("--only", default="project,polars,pandas", help="Comma-separated contenders.")
+    ap.add_argument("--cleanup", action="store_true", help="Delete the generated files afterwards.")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "BOXES", "IMAGES", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(*args.child)
         return
+    if args.quick:
+        args.rows, args.rounds = min(args.rows, 1_460_000), 1
+    kinds = [k for k in args.only.split(",") if k]
     data = args.workdir / f"rows-{args.rows}"
     t0 = time.monotonic()
     boxes, images = generate(args.rows, data)
     print(f"data: {boxes} ({boxes.stat().st_size / 1e9:.2f} GB, {args.rows:,} rows), "
-          f"{images} ({images.stat().st_size / 1e9:.2f} GB); ready in {time.monotonic() - t0:.1f} s")
-    with tempfile.TemporaryDirectory(prefix="oiod-bench-out-") as tmp:
-        proj = _measure("project", boxes, images, Path(tmp) / "project")
-        print(f"project (oiod plan, pyarrow streaming): {proj['seconds']:.1f} s, "
-              f"{args.rows / proj['seconds']:,.0f} rows/s, peak RSS {proj['peak_rss_mb']:,.0f} MB, "
-              f"{proj['images']:,} images / {proj['boxes']:,} boxes selected")
-        if args.skip_baseline:
-            return
-        base = _measure("pandas", boxes, images, Path(tmp) / "pandas")
-        print(f"baseline (pandas read_csv + isin + groupby.agg(list) + merge): {base['seconds']:.1f} s, "
-              f"{args.rows / base['seconds']:,.0f} rows/s, peak RSS {base['peak_rss_mb']:,.0f} MB, "
-              f"{base['images']:,} images / {base['boxes']:,} boxes selected")
-        print(f"ratio: project is {base['seconds'] / proj['seconds']:.2f}x the baseline's speed, "
-              f"uses {proj['peak_rss_mb'] / base['peak_rss_mb']:.2f}x its peak RSS")
+          f"{images} ({images.stat().st_size / 1e9:.2f} GB); ready in {time.monotonic() - t0:.1f} s; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    try:
+        with tempfile.TemporaryDirectory(prefix="oiod-bench-out-", dir=args.workdir) as tmp:
+            for r in range(args.rounds):
+                # Interleaved (and rotated) so a noisy neighbour hits every contender alike.
+                for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                    res = _measure(kind, boxes, images, Path(tmp) / f"{kind}-{r}")
+                    runs[kind].append(res)
+                    print(f"  round {r + 1} {kind:8s} {res['seconds']:6.1f} s (CPU {res['cpu_s']:6.1f} s), "
+                          f"peak RSS {res['peak_rss_mb']:6,.0f} MB, {res['images']:,} images / "
+                          f"{res['boxes']:,} boxes; load {os.getloadavg()[0]:.1f}", flush=True)
+                    shutil.rmtree(Path(tmp) / f"{kind}-{r}", ignore_errors=True)
+    finally:
+        if args.cleanup:
+            shutil.rmtree(data, ignore_errors=True)
+    best = {k: min(v, key=lambda x: x["seconds"]) for k, v in runs.items()}
+    print(f"\nbest of {args.rounds} interleaved round(s), {args.rows:,} box rows:")
+    ref = best.get("project")
+    for k in kinds:
+        b = best[k]
+        rss = max(x["peak_rss_mb"] for x in runs[k])
+        line = (f"{LABELS[k]}: {b['seconds']:.1f} s, {args.rows / b['seconds']:,.0f} rows/s, "
+                f"peak RSS {rss:,.0f} MB (max over rounds), {b['images']:,} images / {b['boxes']:,} boxes")
+        if ref is not None and k != "project":
+            line += (f"; project is {b['seconds'] / ref['seconds']:.2f}x its speed, "
+                     f"{max(x['peak_rss_mb'] for x in runs['project']) / rss:.2f}x its peak RSS")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Image-level labels: ``ImageID,Source,LabelName,Confidence``.
 ``ImageId`` (the V7 point-label spelling) is accepted as ``ImageID`` everywhere.
 
 Parsing is streaming (``pyarrow.csv.open_csv``) so memory stays bounded at any
-file size. Rows with the wrong number of fields are skipped by the parser and
+file size. :func:`select_rows_fast` is a faster path for well-formed unquoted
+ID/label CSVs (polars, parallel, filtering before conversion); it steps aside
+for anything structurally odd, which this reader then reports. Rows with the wrong number of fields are skipped by the parser and
 recorded in a :class:`MalformedLog`; the value checks (numbers, ranges, IDs)
 are vectorised per record batch by the callers. Line numbers are physical
 lines (1-based, header included); they assume one record per line, which holds
@@ -50,8 +52,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import mmap
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -62,6 +66,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from openimages_od.errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Layout",
@@ -78,6 +84,10 @@ __all__ = [
     "duplicate_rows",
     "count_lines",
     "is_image_id",
+    "RowLines",
+    "FastPathUnavailable",
+    "iter_rows_fast",
+    "select_rows_fast",
 ]
 
 BOX_BASE = ("ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax")
@@ -517,6 +527,146 @@ class CsvStream:
             raise DataError(f"{self.display}: cannot parse CSV ({exc})") from None
         finally:
             self._locator.close()
+
+
+# --------------------------------------------------------------------------- fast path (polars)
+
+
+class RowLines:
+    """A row subset's line lookup, standing in for :meth:`CsvStream.line_of` in the value checks.
+
+    Args:
+        display: the file name for messages.
+        lines: physical line (1-based) of each row of the subset.
+    """
+
+    def __init__(self, display: str, lines: np.ndarray) -> None:
+        self.display = display
+        self.lines = lines
+
+    def line_of(self, g: int) -> int:
+        return int(self.lines[g])
+
+
+class FastPathUnavailable(Exception):
+    """Raised by :func:`iter_rows_fast`: the file is not one it reads exactly; use :class:`CsvStream`."""
+
+
+def iter_rows_fast(
+    path: Path,
+    layout: Layout,
+    columns: Sequence[str],
+    display: str,
+    keep: Sequence[str],
+    known: Optional[Sequence[str]],
+    group_batches: int = 64,
+) -> Iterator[tuple[pa.RecordBatch, RowLines]]:
+    """The rows a plan looks at, from a well-formed unquoted ID/label CSV, with polars' streaming engine.
+
+    A plan validates only rows of kept classes (plus every row's class against
+    ``known`` and its ImageID against blank), so the other ~94% of a box file
+    need not be converted at all: polars scans the file on every core and keeps
+    rows whose ``LabelName`` is kept or unknown, or whose ``ImageID`` is empty.
+    They come in file order, in groups of ``group_batches`` polars batches, each
+    with a :class:`RowLines` giving its rows' physical lines; the caller runs the
+    same value checks as on a :class:`CsvStream` batch. The generator's return
+    value is the number of rows in the file.
+
+    This is only a fast path. It raises :class:`FastPathUnavailable` (and the
+    caller streams the file with :class:`CsvStream`, which reports structural
+    problems row by row) when polars is missing, when the first line is quoted,
+    or when the file is not plainly well-formed: a row with more fields (polars
+    raises), a row with fewer fields or a blank line (its last column is
+    missing), invalid UTF-8. A group is yielded only once all of its rows passed
+    those checks, so in strict mode the earliest bad row is still the one
+    reported. Without quoting every record is one physical line, so lines are exact.
+
+    Args:
+        path: local file.
+        layout: from :func:`detect_layout` (``boxes`` or ``image_labels``).
+        columns: columns to return (as strings, empty fields as ``""``).
+        display: the file name for messages.
+        keep: labels whose rows are returned.
+        known: all known labels (rows of other labels are returned too), or None.
+        group_batches: polars batches per group (memory: one group plus the caller's results).
+
+    Raises:
+        FastPathUnavailable: see above.
+    """
+    if _first_line_quoted(path):
+        raise FastPathUnavailable("quoted file")
+    try:
+        import polars as pl
+    except ImportError:  # optional speed-up: the streaming pyarrow reader does the same work
+        raise FastPathUnavailable("polars is not installed") from None
+    last = layout.columns[-1]
+    header = 1 if layout.has_header else 0
+    schema = {c: pl.String for c in layout.columns}
+    want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
+    if known is not None:
+        want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
+    scan = pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
+                       row_index_name="__row", raise_if_empty=False)
+
+    def group(frames: list[Any]) -> tuple[pa.RecordBatch, RowLines]:
+        df = pl.concat(frames)
+        lines = df.get_column("__row").to_numpy().astype(np.int64) + header + 1
+        table = df.select([pl.col(c).fill_null("") for c in columns]).to_arrow()
+        # Compact copies: polars' filtered string views would keep whole parsed blocks alive.
+        arrays = [table.column(c).combine_chunks().cast(pa.string()) for c in columns]
+        return pa.RecordBatch.from_arrays(arrays, names=list(columns)), RowLines(display, lines)
+
+    # Every record is one line here (no quoting; a blank line makes us step aside), so the
+    # row count is the line count: bytes.count on a thread while polars parses (polars' own
+    # count would memory-map the file, and those pages are RSS).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        lines_total = pool.submit(count_lines, path)
+        pending: list[Any] = []
+        # No projection: with one, polars stops each row at the last column it needs and would
+        # not see a row with extra fields (with every column it raises, and CsvStream takes over).
+        batches = scan.filter(want).collect_batches()
+        while True:
+            try:
+                df = next(batches, None)
+            except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
+                log.debug("%s: polars fast path not taken (%s)", display, exc)
+                raise FastPathUnavailable(str(exc)) from None
+            if df is not None and df.height:
+                if df.get_column(last).null_count():
+                    raise FastPathUnavailable("a short row or a blank line")
+                pending.append(df)
+            if pending and (df is None or len(pending) >= group_batches):
+                yield group(pending)
+                pending = []
+            if df is None:
+                break
+        return lines_total.result() - header
+
+
+def select_rows_fast(
+    path: Path,
+    layout: Layout,
+    columns: Sequence[str],
+    display: str,
+    keep: Sequence[str],
+    known: Optional[Sequence[str]],
+) -> Optional[tuple[pa.RecordBatch, RowLines, int]]:
+    """All of :func:`iter_rows_fast` at once: ``(rows, lines, total_rows)``, or None where it steps aside."""
+    it = iter_rows_fast(path, layout, columns, display, keep, known)
+    groups: list[tuple[pa.RecordBatch, RowLines]] = []
+    try:
+        while True:
+            groups.append(next(it))
+    except StopIteration as stop:
+        total = int(stop.value)
+    except FastPathUnavailable:
+        return None
+    if not groups:
+        empty = [pa.array([], pa.string()) for _ in columns]
+        return pa.RecordBatch.from_arrays(empty, names=list(columns)), RowLines(display, np.zeros(0, np.int64)), total
+    batch = pa.Table.from_batches([g[0] for g in groups]).combine_chunks().to_batches()[0]
+    lines = np.concatenate([g[1].lines for g in groups])
+    return batch, RowLines(display, lines), total
 
 
 # --------------------------------------------------------------------------- value parsing
