@@ -430,7 +430,10 @@ def test_acceptance_healthz_under_slow_clients_and_80k_spaces(export_dir, tmp_pa
               f"{statistics.median(lat) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms over {len(lat)} probes")
         assert len(lat) >= 5
         assert statistics.median(lat) < 1.0 and max(lat) < 3.0, lat
-        assert stats["spaces"] >= 4 and set(stats["spaces_status"]) == {"HTTP/1.1 400"}
+        # Each 80k-space request is refused with a 400, or, while the connection table is full, shed:
+        # closed unanswered ('') or a JSON 503 "busy". Never any other status, never a hang.
+        assert stats["spaces"] >= 4 and stats["spaces_status"].get("HTTP/1.1 400", 0) >= 1, stats
+        assert set(stats["spaces_status"]) <= {"HTTP/1.1 400", "HTTP/1.1 503", ""}, stats
     finally:
         proc.terminate()
         try:
