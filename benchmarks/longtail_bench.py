@@ -43,38 +43,81 @@ CLASSES = ["Ball", "Traffic sign", "Window"]
 
 def bench_config(workdir: Path, source: dict, args: argparse.Namespace) -> Config:
     steps = args.steps
-    return Config.model_validate({
-        "source": {**source, "images": {"order": ["original", "thumbnail"]}},
-        "selection": {"classes": CLASSES},
-        "output": {"url": f"file://{workdir / 'output'}"},
-        "ray": {"address": "local", "num_actors": 2, "num_cpus_per_actor": 0.5, "concurrency_per_actor": 16,
-                "local_num_cpus": 2},
-        "image": {"max_side": 320, "quality": 90},
-        "shards": {"images_per_shard": 64},
-        "train": {"backbone": "mobilenetv2", "input_size": args.input_size, "batch_size": args.batch,
-                  "steps": steps, "fpn_filters": 64, "head_num_filters": 64, "head_num_convs": 2, "seed": args.seed,
-                  "learning_rate": {"schedule": "cosine", "initial": args.lr, "warmup_steps": min(50, steps // 5)},
-                  "augmentation": {"hflip": True, "scale_min": 0.8, "scale_max": 1.25},
-                  "checkpoint_every": steps, "summary_every": max(1, steps // 10), "shuffle_buffer": 512,
-                  "cache_dir": str(workdir / "cache")},
-        "evaluate": {"split": "validation", "metrics": ["coco", "openimages"], "batch_size": 8,
-                     "num_images_to_log": 0, "analysis_worst_images": 0},
-    })
+    return Config.model_validate(
+        {
+            "source": {**source, "images": {"order": ["original", "thumbnail"]}},
+            "selection": {"classes": CLASSES},
+            "output": {"url": f"file://{workdir / 'output'}"},
+            "ray": {
+                "address": "local",
+                "num_actors": 2,
+                "num_cpus_per_actor": 0.5,
+                "concurrency_per_actor": 16,
+                "local_num_cpus": 2,
+            },
+            "image": {"max_side": 320, "quality": 90},
+            "shards": {"images_per_shard": 64},
+            "train": {
+                "backbone": "mobilenetv2",
+                "input_size": args.input_size,
+                "batch_size": args.batch,
+                "steps": steps,
+                "fpn_filters": 64,
+                "head_num_filters": 64,
+                "head_num_convs": 2,
+                "seed": args.seed,
+                "learning_rate": {
+                    "schedule": "cosine",
+                    "initial": args.lr,
+                    "warmup_steps": min(50, steps // 5),
+                },
+                "augmentation": {"hflip": True, "scale_min": 0.8, "scale_max": 1.25},
+                "checkpoint_every": steps,
+                "summary_every": max(1, steps // 10),
+                "shuffle_buffer": 512,
+                "cache_dir": str(workdir / "cache"),
+            },
+            "evaluate": {
+                "split": "validation",
+                "metrics": ["coco", "openimages"],
+                "batch_size": 8,
+                "num_images_to_log": 0,
+                "analysis_worst_images": 0,
+            },
+        }
+    )
 
 
-def build_dataset(workdir: Path, args: argparse.Namespace, server) -> Config:  # noqa: ANN001
+def build_dataset(workdir: Path, args: argparse.Namespace, server) -> Config:
     """Long-tailed train + balanced validation -> real plan + prepare -> shards."""
     from openimages_od.openimages.plan import run_plan
     from openimages_od.pipeline.distribute import run_prepare
     from openimages_od.synth import generate_dataset
 
     weights = {c: (1.0 if c in args.rare else float(args.ratio)) for c in CLASSES}
-    train = generate_dataset(workdir / "train-data", args.images, base_url=server.url(""), splits={"train": 1.0},
-                             min_side=160, max_side=320, rotation_rate=0.0, group_of_rate=0.1, seed=args.seed,
-                             class_weights=weights)
-    val = generate_dataset(workdir / "val-data", args.val_images, base_url=server.url(""),
-                           splits={"validation": 1.0}, min_side=160, max_side=320, rotation_rate=0.0,
-                           group_of_rate=0.1, seed=args.seed + 1000)
+    train = generate_dataset(
+        workdir / "train-data",
+        args.images,
+        base_url=server.url(""),
+        splits={"train": 1.0},
+        min_side=160,
+        max_side=320,
+        rotation_rate=0.0,
+        group_of_rate=0.1,
+        seed=args.seed,
+        class_weights=weights,
+    )
+    val = generate_dataset(
+        workdir / "val-data",
+        args.val_images,
+        base_url=server.url(""),
+        splits={"validation": 1.0},
+        min_side=160,
+        max_side=320,
+        rotation_rate=0.0,
+        group_of_rate=0.1,
+        seed=args.seed + 1000,
+    )
     for im in train.images + val.images:
         server.add(f"original/{im.split}/{im.image_id}.jpg", im.jpeg)
         server.add(f"thumb/{im.split}/{im.image_id}.jpg", im.jpeg)
@@ -97,8 +140,11 @@ def train_and_evaluate(cfg: Config, name: str, overrides: list[str]) -> tuple[di
     run_train(run_cfg)
     seconds = time.monotonic() - t
     run_evaluate(run_cfg)
-    m = json.loads(Path(run_cfg.output_path("eval", f"metrics-{cfg.train.steps}.json").removeprefix("file://"))
-                   .read_text())
+    m = json.loads(
+        Path(
+            run_cfg.output_path("eval", f"metrics-{cfg.train.steps}.json").removeprefix("file://")
+        ).read_text()
+    )
     return m, seconds
 
 
@@ -143,23 +189,35 @@ def main() -> int:
 
     tr = stats["splits"]["train"]
     print()
-    print(f"longtail_bench: {args.images} train images (rare {args.rare} drawn {args.ratio:g}x less), "
-          f"{args.val_images} balanced held-out, {args.steps} steps x batch {args.batch}, {args.input_size} px, "
-          f"mobilenetv2 from scratch, CPU; RFS threshold t={args.threshold}")
-    print("  training images per class: " + ", ".join(
-        f"{mid}={v['images']} ({v['images'] / tr['images']:.1%})" for mid, v in tr["classes"].items()))
+    print(
+        f"longtail_bench: {args.images} train images (rare {args.rare} drawn {args.ratio:g}x less), "
+        f"{args.val_images} balanced held-out, {args.steps} steps x batch {args.batch}, {args.input_size} px, "
+        f"mobilenetv2 from scratch, CPU; RFS threshold t={args.threshold}"
+    )
+    print(
+        "  training images per class: "
+        + ", ".join(
+            f"{mid}={v['images']} ({v['images'] / tr['images']:.1%})" for mid, v in tr["classes"].items()
+        )
+    )
     base, rfs = runs["baseline"][0], runs["rfs"][0]
 
     def rare_ap(m: dict) -> float:
-        aps = [v["ap"] for v in m["openimages"]["per_class"].values() if v["name"] in args.rare and v["ap"] is not None]
+        aps = [
+            v["ap"]
+            for v in m["openimages"]["per_class"].values()
+            if v["name"] in args.rare and v["ap"] is not None
+        ]
         return sum(aps) / len(aps) if aps else float("nan")
 
     def ratio(a: float, b: float) -> str:
         return f"{b / a:.2f}x" if a else "n/a"
 
-    rows = [("Open Images mAP@0.5", base["openimages"]["mAP"], rfs["openimages"]["mAP"]),
-            ("rare-class AP@0.5", rare_ap(base), rare_ap(rfs)),
-            ("COCO AP50", base["coco"]["AP50"], rfs["coco"]["AP50"])]
+    rows = [
+        ("Open Images mAP@0.5", base["openimages"]["mAP"], rfs["openimages"]["mAP"]),
+        ("rare-class AP@0.5", rare_ap(base), rare_ap(rfs)),
+        ("COCO AP50", base["coco"]["AP50"], rfs["coco"]["AP50"]),
+    ]
     for v in base["openimages"]["per_class"].values():
         name = v["name"]
         other = next(x for x in rfs["openimages"]["per_class"].values() if x["name"] == name)
@@ -167,8 +225,10 @@ def main() -> int:
     print(f"  {'':24} {'baseline':>10} {'RFS':>10} {'RFS/baseline':>13}")
     for label, a, b in rows:
         print(f"  {label:24} {a:10.4f} {b:10.4f} {ratio(a, b):>13}")
-    print(f"  {'train seconds':24} {runs['baseline'][1]:10.1f} {runs['rfs'][1]:10.1f} "
-          f"{ratio(runs['baseline'][1], runs['rfs'][1]):>13}")
+    print(
+        f"  {'train seconds':24} {runs['baseline'][1]:10.1f} {runs['rfs'][1]:10.1f} "
+        f"{ratio(runs['baseline'][1], runs['rfs'][1]):>13}"
+    )
     return 0
 
 

@@ -77,8 +77,10 @@ def generate(rows: int, workdir: Path, seed: int = 0) -> tuple[Path, Path]:
     # Box values never contain commas: write them unquoted, as the real file is.
     opts = pacsv.WriteOptions(include_header=False, quoting_style="none")
     with open(boxes, "wb") as fh:
-        fh.write(b"ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,"
-                 b"IsDepiction,IsInside,XClick1X,XClick2X,XClick3X,XClick4X,XClick1Y,XClick2Y,XClick3Y,XClick4Y\n")
+        fh.write(
+            b"ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,"
+            b"IsDepiction,IsInside,XClick1X,XClick2X,XClick3X,XClick4X,XClick1Y,XClick2Y,XClick3Y,XClick4Y\n"
+        )
         chunk = 1_000_000
         for s in range(0, rows, chunk):
             n = min(chunk, rows - s)
@@ -86,41 +88,56 @@ def generate(rows: int, workdir: Path, seed: int = 0) -> tuple[Path, Path]:
             y = np.round(np.sort(rng.random((n, 2)), axis=1), 6)
             clicks = np.round(rng.random((n, 8)), 6)
             cols = {
-                "ImageID": ids.take(pa.array(img_of_row[s:s + n])),
+                "ImageID": ids.take(pa.array(img_of_row[s : s + n])),
                 "Source": pa.array(np.full(n, "xclick")),
                 "LabelName": mids_arr.take(pa.array(rng.choice(len(mids), n, p=w / w.sum()))),
                 "Confidence": pa.array(np.ones(n, np.int8)),
-                "XMin": x[:, 0], "XMax": x[:, 1], "YMin": y[:, 0], "YMax": y[:, 1],
+                "XMin": x[:, 0],
+                "XMax": x[:, 1],
+                "YMin": y[:, 0],
+                "YMax": y[:, 1],
             }
             for a in ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"):
                 cols[a] = pa.array(rng.integers(0, 2, n, dtype=np.int8))
-            for k, a in enumerate([f"XClick{i}X" for i in range(1, 5)] + [f"XClick{i}Y" for i in range(1, 5)]):
+            for k, a in enumerate(
+                [f"XClick{i}X" for i in range(1, 5)] + [f"XClick{i}Y" for i in range(1, 5)]
+            ):
                 cols[a] = clicks[:, k]
             pacsv.write_csv(pa.table(cols), fh, write_options=opts)
     with open(images, "wb") as fh:
-        fh.write(b"ImageID,Subset,OriginalURL,OriginalLandingURL,License,AuthorProfileURL,Author,Title,"
-                 b"OriginalSize,OriginalMD5,Thumbnail300KURL,Rotation\n")
+        fh.write(
+            b"ImageID,Subset,OriginalURL,OriginalLandingURL,License,AuthorProfileURL,Author,Title,"
+            b"OriginalSize,OriginalMD5,Thumbnail300KURL,Rotation\n"
+        )
         chunk = 500_000
         for s in range(0, n_img, chunk):
             n = min(chunk, n_img - s)
             sub = ids.slice(s, n)
             py = sub.to_pylist()
             rot = rng.choice(np.array([0.0, 90.0, 180.0, 270.0, np.nan]), n, p=[0.9, 0.03, 0.02, 0.03, 0.02])
-            t = pa.table({
-                "ImageID": sub,
-                "Subset": pa.array(np.full(n, "train")),
-                "OriginalURL": pa.array([f"https://farm3.staticflickr.com/{i[:4]}/{i}_{i[4:14]}_o.jpg" for i in py]),
-                "OriginalLandingURL": pa.array([f"https://www.flickr.com/photos/u/{i}" for i in py]),
-                "License": pa.array(np.full(n, "https://creativecommons.org/licenses/by/2.0/")),
-                "AuthorProfileURL": pa.array(np.full(n, "https://www.flickr.com/people/someone/")),
-                "Author": pa.array(np.full(n, "Some One")),
-                "Title": pa.array([f"Photo, number {i[:6]}" for i in py]),
-                "OriginalSize": pa.array(rng.integers(50_000, 5_000_000, n)),
-                "OriginalMD5": pa.array([f"{i}{i[:6]}==" for i in py]),
-                "Thumbnail300KURL": pa.array([f"https://c1.staticflickr.com/1/{i[:3]}/{i}_z.jpg" for i in py]),
-                "Rotation": pa.array(rot),
-            })
-            pacsv.write_csv(t, fh, write_options=pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+            t = pa.table(
+                {
+                    "ImageID": sub,
+                    "Subset": pa.array(np.full(n, "train")),
+                    "OriginalURL": pa.array(
+                        [f"https://farm3.staticflickr.com/{i[:4]}/{i}_{i[4:14]}_o.jpg" for i in py]
+                    ),
+                    "OriginalLandingURL": pa.array([f"https://www.flickr.com/photos/u/{i}" for i in py]),
+                    "License": pa.array(np.full(n, "https://creativecommons.org/licenses/by/2.0/")),
+                    "AuthorProfileURL": pa.array(np.full(n, "https://www.flickr.com/people/someone/")),
+                    "Author": pa.array(np.full(n, "Some One")),
+                    "Title": pa.array([f"Photo, number {i[:6]}" for i in py]),
+                    "OriginalSize": pa.array(rng.integers(50_000, 5_000_000, n)),
+                    "OriginalMD5": pa.array([f"{i}{i[:6]}==" for i in py]),
+                    "Thumbnail300KURL": pa.array(
+                        [f"https://c1.staticflickr.com/1/{i[:3]}/{i}_z.jpg" for i in py]
+                    ),
+                    "Rotation": pa.array(rot),
+                }
+            )
+            pacsv.write_csv(
+                t, fh, write_options=pacsv.WriteOptions(include_header=False, quoting_style="needed")
+            )
     marker.write_text(json.dumps({"rows": rows, "images": n_img, "seconds": time.monotonic() - t0}))
     return boxes, images
 
@@ -133,20 +150,37 @@ def run_project(boxes: Path, images: Path, out: Path) -> dict:
     from openimages_od.openimages.plan import build_plan
 
     mids = _mids()
-    cfg = Config.model_validate({
-        "source": {"class_descriptions": str(CLASSES), "hierarchy": str(HIERARCHY),
-                   "splits": {"train": {"boxes": str(boxes), "images": str(images)}}},
-        "selection": {"classes": selected_classes(mids)},
-        "output": {"url": str(out)},
-        "shards": {"images_per_shard": 1000},
-    })
+    cfg = Config.model_validate(
+        {
+            "source": {
+                "class_descriptions": str(CLASSES),
+                "hierarchy": str(HIERARCHY),
+                "splits": {"train": {"boxes": str(boxes), "images": str(images)}},
+            },
+            "selection": {"classes": selected_classes(mids)},
+            "output": {"url": str(out)},
+            "shards": {"images_per_shard": 1000},
+        }
+    )
     res = build_plan(cfg)
     sm = res.manifest.splits["train"]
     return {"images": sm.num_images, "boxes": sm.num_boxes}
 
 
-BOX_COLS = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-            "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+BOX_COLS = [
+    "ImageID",
+    "LabelName",
+    "Confidence",
+    "XMin",
+    "XMax",
+    "YMin",
+    "YMax",
+    "IsOccluded",
+    "IsTruncated",
+    "IsGroupOf",
+    "IsDepiction",
+    "IsInside",
+]
 INDEX_COLS = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5", "Rotation"]
 
 
@@ -155,11 +189,15 @@ def run_polars(boxes: Path, images: Path, out: Path) -> dict:
     import polars as pl
 
     sel = selected_classes(_mids())
-    b = (pl.scan_csv(boxes, schema_overrides={"ImageID": pl.String, "LabelName": pl.String})
-         .select(BOX_COLS)
-         .filter(pl.col("LabelName").is_in(sel)))
+    b = (
+        pl.scan_csv(boxes, schema_overrides={"ImageID": pl.String, "LabelName": pl.String})
+        .select(BOX_COLS)
+        .filter(pl.col("LabelName").is_in(sel))
+    )
     grouped = b.group_by("ImageID").agg(pl.all())
-    idx = pl.scan_csv(images, schema_overrides={"ImageID": pl.String, "OriginalMD5": pl.String}).select(INDEX_COLS)
+    idx = pl.scan_csv(images, schema_overrides={"ImageID": pl.String, "OriginalMD5": pl.String}).select(
+        INDEX_COLS
+    )
     plan = grouped.join(idx, on="ImageID", how="left").collect(engine="streaming")
     plan.write_parquet(out / "polars-plan.parquet")
     n_boxes = int(plan.select(pl.col("LabelName").list.len().sum()).item())
@@ -177,8 +215,9 @@ def run_pandas(boxes: Path, images: Path, out: Path) -> dict:
     dtypes = {c: "float32" for c in BOX_COLS[2:]}
     parts = []
     # Chunked, so only one chunk of the 14.6M rows is in memory; the C engine (the default).
-    for chunk in pd.read_csv(boxes, usecols=BOX_COLS, dtype={"ImageID": str, "LabelName": str, **dtypes},
-                             chunksize=2_000_000):
+    for chunk in pd.read_csv(
+        boxes, usecols=BOX_COLS, dtype={"ImageID": str, "LabelName": str, **dtypes}, chunksize=2_000_000
+    ):
         parts.append(chunk[chunk["LabelName"].isin(sel)])
     df = pd.concat(parts, ignore_index=True)
     # Group on indices: one stable sort by image, offsets at the boundaries (no per-group Python lists).
@@ -191,9 +230,11 @@ def run_pandas(boxes: Path, images: Path, out: Path) -> dict:
     images_df = images_df.merge(idx[idx["ImageID"].isin(images_df["ImageID"])], on="ImageID", how="left")
     table = pa.Table.from_pandas(images_df, preserve_index=False)
     for c in BOX_COLS[1:]:
-        table = table.append_column(c, pa.ListArray.from_arrays(pa.array(offsets), pa.array(df[c].to_numpy())))
+        table = table.append_column(
+            c, pa.ListArray.from_arrays(pa.array(offsets), pa.array(df[c].to_numpy()))
+        )
     pq.write_table(table, out / "pandas-plan.parquet")
-    return {"images": int(len(images_df)), "boxes": int(len(df))}
+    return {"images": len(images_df), "boxes": len(df)}
 
 
 RUNNERS = {"project": run_project, "polars": run_polars, "pandas": run_pandas}
@@ -219,21 +260,30 @@ def _child(kind: str, boxes: str, images: str, out: str) -> None:
 def _measure(kind: str, boxes: Path, images: Path, out: Path) -> dict:
     """One run in a fresh interpreter (imports included in the time), so peak RSS is per run."""
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(boxes), str(images), str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(boxes), str(images), str(out)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{kind} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     res["process_s"] = time.monotonic() - t0
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=14_600_000, help="Box rows (default: the real V6 train size).")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "oiod-metadata-bench",
-                    help="Where generated files live (reused if present).")
+    ap.add_argument(
+        "--rows", type=int, default=14_600_000, help="Box rows (default: the real V6 train size)."
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "oiod-metadata-bench",
+        help="Where generated files live (reused if present).",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; the best of each is reported.")
     ap.add_argument("--quick", action="store_true", help="1 round of 1.46M rows (a tenth of the real size).")
     ap.add_argument("--only", default="project,polars,pandas", help="Comma-separated contenders.")
@@ -249,20 +299,26 @@ def main() -> None:
     data = args.workdir / f"rows-{args.rows}"
     t0 = time.monotonic()
     boxes, images = generate(args.rows, data)
-    print(f"data: {boxes} ({boxes.stat().st_size / 1e9:.2f} GB, {args.rows:,} rows), "
-          f"{images} ({images.stat().st_size / 1e9:.2f} GB); ready in {time.monotonic() - t0:.1f} s; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"data: {boxes} ({boxes.stat().st_size / 1e9:.2f} GB, {args.rows:,} rows), "
+        f"{images} ({images.stat().st_size / 1e9:.2f} GB); ready in {time.monotonic() - t0:.1f} s; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     try:
         with tempfile.TemporaryDirectory(prefix="oiod-bench-out-", dir=args.workdir) as tmp:
             for r in range(args.rounds):
                 # Interleaved (and rotated) so a noisy neighbour hits every contender alike.
-                for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                     res = _measure(kind, boxes, images, Path(tmp) / f"{kind}-{r}")
                     runs[kind].append(res)
-                    print(f"  round {r + 1} {kind:8s} {res['seconds']:6.1f} s (CPU {res['cpu_s']:6.1f} s), "
-                          f"peak RSS {res['peak_rss_mb']:6,.0f} MB, {res['images']:,} images / "
-                          f"{res['boxes']:,} boxes; load {os.getloadavg()[0]:.1f}", flush=True)
+                    print(
+                        f"  round {r + 1} {kind:8s} {res['seconds']:6.1f} s (CPU {res['cpu_s']:6.1f} s), "
+                        f"peak RSS {res['peak_rss_mb']:6,.0f} MB, {res['images']:,} images / "
+                        f"{res['boxes']:,} boxes; load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
                     shutil.rmtree(Path(tmp) / f"{kind}-{r}", ignore_errors=True)
     finally:
         if args.cleanup:
@@ -273,11 +329,15 @@ def main() -> None:
     for k in kinds:
         b = best[k]
         rss = max(x["peak_rss_mb"] for x in runs[k])
-        line = (f"{LABELS[k]}: {b['seconds']:.1f} s, {args.rows / b['seconds']:,.0f} rows/s, "
-                f"peak RSS {rss:,.0f} MB (max over rounds), {b['images']:,} images / {b['boxes']:,} boxes")
+        line = (
+            f"{LABELS[k]}: {b['seconds']:.1f} s, {args.rows / b['seconds']:,.0f} rows/s, "
+            f"peak RSS {rss:,.0f} MB (max over rounds), {b['images']:,} images / {b['boxes']:,} boxes"
+        )
         if ref is not None and k != "project":
-            line += (f"; project is {b['seconds'] / ref['seconds']:.2f}x its speed, "
-                     f"{max(x['peak_rss_mb'] for x in runs['project']) / rss:.2f}x its peak RSS")
+            line += (
+                f"; project is {b['seconds'] / ref['seconds']:.2f}x its speed, "
+                f"{max(x['peak_rss_mb'] for x in runs['project']) / rss:.2f}x its peak RSS"
+            )
         print(line)
 
 

@@ -117,22 +117,39 @@ def run_oiod(port: int, n: int, max_side: int, workdir: Path, actors: int, threa
     from openimages_od.config import load_config
     from openimages_od.pipeline.distribute import _connect, run_prepare
 
-    cfg = load_config(None, [
-        f"output.url={workdir}", "source.images.order=[original]", f"image.max_side={max_side}", "image.quality=90",
-        f"ray.num_actors={actors}", "ray.num_cpus_per_actor=1", f"ray.decode_threads_per_actor={threads}",
-        "ray.concurrency_per_actor=16", "ray.max_shards_in_flight_per_actor=2", "ray.progress=false",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output.url={workdir}",
+            "source.images.order=[original]",
+            f"image.max_side={max_side}",
+            "image.quality=90",
+            f"ray.num_actors={actors}",
+            "ray.num_cpus_per_actor=1",
+            f"ray.decode_threads_per_actor={threads}",
+            "ray.concurrency_per_actor=16",
+            "ray.max_shards_in_flight_per_actor=2",
+            "ray.progress=false",
+        ],
+    )
     # Ray is started the way `oiod prepare` starts it (so its start-up options count),
     # but here, before run_prepare, to also time the run after ray.init.
-    _connect(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"local_num_cpus": 2,
-                                                                       "object_store_memory_mb": 200})}))
+    _connect(
+        cfg.model_copy(
+            update={"ray": cfg.ray.model_copy(update={"local_num_cpus": 2, "object_store_memory_mb": 200})}
+        )
+    )
     t_ray = time.monotonic()
     run_prepare(cfg)
     t_end = time.monotonic()
     report = json.loads((workdir / "prepare_report.json").read_text())
     ray.shutdown()
-    return {"ok": report["totals"]["ok"], "failed": report["totals"]["failed"],
-            "wall_s": t_end - t_start, "wall_after_init_s": t_end - t_ray}
+    return {
+        "ok": report["totals"]["ok"],
+        "failed": report["totals"]["failed"],
+        "wall_s": t_end - t_start,
+        "wall_after_init_s": t_end - t_ray,
+    }
 
 
 def run_img2dataset(port: int, n: int, max_side: int, workdir: Path) -> dict:
@@ -142,10 +159,23 @@ def run_img2dataset(port: int, n: int, max_side: int, workdir: Path) -> dict:
     csv = workdir / "urls.csv"
     out = workdir / "out"
     shutil.rmtree(out, ignore_errors=True)  # incremental mode would skip everything
-    download(url_list=str(csv), input_format="csv", url_col="url", output_format="tfrecord",
-             output_folder=str(out), processes_count=2, thread_count=32, image_size=max_side,
-             resize_mode="keep_ratio_largest", resize_only_if_bigger=True, encode_quality=90,
-             number_sample_per_shard=max(1, n // 10), timeout=10, retries=0, enable_wandb=False)
+    download(
+        url_list=str(csv),
+        input_format="csv",
+        url_col="url",
+        output_format="tfrecord",
+        output_folder=str(out),
+        processes_count=2,
+        thread_count=32,
+        image_size=max_side,
+        resize_mode="keep_ratio_largest",
+        resize_only_if_bigger=True,
+        encode_quality=90,
+        number_sample_per_shard=max(1, n // 10),
+        timeout=10,
+        retries=0,
+        enable_wandb=False,
+    )
     t_end = time.monotonic()
     ok = failed = 0
     for p in out.glob("*_stats.json"):
@@ -173,7 +203,7 @@ def _seed_worker(args: tuple) -> int:
                 img.thumbnail((max_side, max_side))
                 buf = io.BytesIO()
                 img.save(buf, "JPEG", quality=90)
-            except Exception:  # noqa: BLE001 - the seed counted and moved on
+            except Exception:
                 continue
             feat = {
                 "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
@@ -192,11 +222,15 @@ def run_seed(port: int, n: int, max_side: int, workdir: Path) -> dict:
 
     t_start = time.monotonic()
     items = urls(port, n)
-    chunks = [items[i:i + 100] for i in range(0, n, 100)]
+    chunks = [items[i : i + 100] for i in range(0, n, 100)]
     workdir.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        ok = sum(pool.map(_seed_worker, [(c, max_side, str(workdir / f"seed-{i:05d}.tfrecord"))
-                                         for i, c in enumerate(chunks)]))
+        ok = sum(
+            pool.map(
+                _seed_worker,
+                [(c, max_side, str(workdir / f"seed-{i:05d}.tfrecord")) for i, c in enumerate(chunks)],
+            )
+        )
     return {"ok": ok, "failed": n - ok, "wall_s": time.monotonic() - t_start}
 
 
@@ -208,9 +242,10 @@ def write_inputs(kind: str, port: int, n: int, workdir: Path) -> None:
     ``oiod plan``, which ``oiod prepare`` reads) or img2dataset's URL list."""
     if kind == "oiod":
         sys.path.insert(0, str(ROOT / "tests"))
+        from pipeline_helpers import image_row, write_plan
+
         from openimages_od.config import load_config
         from openimages_od.storage import Storage
-        from pipeline_helpers import image_row, write_plan
 
         cfg = load_config(None, [f"output.url={workdir}"])
         rows = [image_row(iid, original_url=u, boxes=[]) for iid, u in urls(port, n)]
@@ -221,13 +256,28 @@ def write_inputs(kind: str, port: int, n: int, workdir: Path) -> None:
 
 def _describe(r: dict, n: int) -> str:
     more = f", {n / r['wall_after_init_s']:.1f} img/s after ray.init" if "wall_after_init_s" in r else ""
-    return (f"{r['images_per_s']:7.1f} img/s ({r['ok']} ok, {r['failed']} failed, {r['wall_s']:.1f} s{more}), "
-            f"{r['cpu_ms_per_image']:.1f} CPU-ms/image")
+    return (
+        f"{r['images_per_s']:7.1f} img/s ({r['ok']} ok, {r['failed']} failed, {r['wall_s']:.1f} s{more}), "
+        f"{r['cpu_ms_per_image']:.1f} CPU-ms/image"
+    )
 
 
 def _child(kind: str, port: int, n: int, max_side: int, workdir: Path, extra: list[str], env: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_run", kind, "--_port", str(port), "--images", str(n),
-           "--max-side", str(max_side), "--_workdir", str(workdir), *extra]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_run",
+        kind,
+        "--_port",
+        str(port),
+        "--images",
+        str(n),
+        "--max-side",
+        str(max_side),
+        "--_workdir",
+        str(workdir),
+        *extra,
+    ]
     busy0 = _cpu_busy_s()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     busy = _cpu_busy_s() - busy0
@@ -243,11 +293,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--max-side", type=int, default=512)
-    ap.add_argument("--scale", type=int, default=3,
-                    help="Also run scale x images, for the marginal rate at scale (1: whole run only).")
-    ap.add_argument("--repeat", type=int, default=2, help="Interleaved rounds; each contender keeps its best.")
-    ap.add_argument("--skip", action="append", default=[], choices=["img2dataset", "seed", "oiod1"],
-                    help="Leave out a contender (oiod1: the 1-actor scaling run).")
+    ap.add_argument(
+        "--scale",
+        type=int,
+        default=3,
+        help="Also run scale x images, for the marginal rate at scale (1: whole run only).",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=2, help="Interleaved rounds; each contender keeps its best."
+    )
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["img2dataset", "seed", "oiod1"],
+        help="Leave out a contender (oiod1: the 1-actor scaling run).",
+    )
     ap.add_argument("--_run", help=argparse.SUPPRESS)
     ap.add_argument("--_port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_workdir", help=argparse.SUPPRESS)
@@ -272,11 +333,15 @@ def main() -> None:
 
     photos = OUT / "photos"
     sizes = make_photos(photos)
-    print(f"{a.images} images over {UNIQUE} distinct 1024 px photos, {min(sizes) // 1024}-{max(sizes) // 1024} KB "
-          f"(mean {sum(sizes) // len(sizes) // 1024} KB); target long side {a.max_side}; {os.cpu_count()} CPUs")
+    print(
+        f"{a.images} images over {UNIQUE} distinct 1024 px photos, {min(sizes) // 1024}-{max(sizes) // 1024} KB "
+        f"(mean {sum(sizes) // len(sizes) // 1024} KB); target long side {a.max_side}; {os.cpu_count()} CPUs"
+    )
     port = _free_port()
-    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_serve", str(photos),
-                               "--_port", str(port)], start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--_serve", str(photos), "--_port", str(port)],
+        start_new_session=True,
+    )
     try:
         for _ in range(100):
             try:
@@ -287,8 +352,13 @@ def main() -> None:
         stub = Path(tempfile.mkdtemp(prefix="oiod-bench-stub-"))
         (stub / "tensorflow_io").mkdir()
         (stub / "tensorflow_io" / "__init__.py").write_text("# stub: img2dataset only imports it\n")
-        base_env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
-                    "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+        base_env = {
+            **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONPATH": str(ROOT),
+        }
         counts = [a.images] + ([a.images * a.scale] if a.scale > 1 else [])
         runs: dict[tuple[str, int], dict] = {}
         main_label = "oiod 2 actors x 1 thread"
@@ -296,8 +366,14 @@ def main() -> None:
         if "oiod1" not in a.skip:
             plan.append(("oiod 1 actor x 1 thread", "oiod", ["--_actors", "1", "--_threads", "1"], base_env))
         if "img2dataset" not in a.skip:
-            plan.append(("img2dataset 2 proc x 32 thr", "img2dataset", [],
-                         {**base_env, "PYTHONPATH": f"{stub}:{ROOT}"}))
+            plan.append(
+                (
+                    "img2dataset 2 proc x 32 thr",
+                    "img2dataset",
+                    [],
+                    {**base_env, "PYTHONPATH": f"{stub}:{ROOT}"},
+                )
+            )
         if "seed" not in a.skip:
             plan.append(("seed requests+Pillow+TF", "seed", [], base_env))
         # Rounds interleave the contenders; each keeps its best round per size, so load
@@ -340,10 +416,19 @@ def main() -> None:
         for label in labels[1:]:
             print(f"  {main_label} / {label}: {at_scale[main_label] / at_scale[label]:.2f}x")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({
-        "images": a.images, "scale": a.scale, "max_side": a.max_side, "repeat": a.repeat,
-        "runs": [{"label": label, "images": n, **r} for (label, n), r in runs.items()],
-        "images_per_s_at_scale": at_scale}, indent=2))
+    (OUT / "results.json").write_text(
+        json.dumps(
+            {
+                "images": a.images,
+                "scale": a.scale,
+                "max_side": a.max_side,
+                "repeat": a.repeat,
+                "runs": [{"label": label, "images": n, **r} for (label, n), r in runs.items()],
+                "images_per_s_at_scale": at_scale,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

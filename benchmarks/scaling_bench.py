@@ -68,15 +68,17 @@ class ImageService:
         from openimages_od.devservices import free_port
 
         self.port = free_port()
-        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import scaling_bench as b; "
-                f"b.serve({str(folder)!r}, {self.port}, {latency_ms})")
+        code = (
+            f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import scaling_bench as b; "
+            f"b.serve({str(folder)!r}, {self.port}, {latency_ms})"
+        )
         self.proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
         import urllib.request
 
         for _ in range(100):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/img/x/y.jpg", timeout=1)
-            except Exception as exc:  # noqa: BLE001 - 404 (up) or refused (not yet)
+            except Exception as exc:
                 if "404" in str(exc):
                     return
             time.sleep(0.1)
@@ -102,11 +104,16 @@ def make_photos(folder: Path, size: tuple[int, int], unique: int) -> None:
 
 
 def write_inputs(out: Path, svc: ImageService, n: int, unique: int, per_shard: int) -> None:
-    from openimages_od.storage import Storage
     from pipeline_helpers import box, image_row, write_plan
 
-    rows = [image_row(f"{i:016x}", original_url=svc.url(i % unique, f"{i:016x}"),
-                      boxes=[box(1, 0.1, 0.5, 0.2, 0.6)]) for i in range(n)]
+    from openimages_od.storage import Storage
+
+    rows = [
+        image_row(
+            f"{i:016x}", original_url=svc.url(i % unique, f"{i:016x}"), boxes=[box(1, 0.1, 0.5, 0.2, 0.6)]
+        )
+        for i in range(n)
+    ]
     write_plan(Storage(), f"file://{out}", rows, images_per_shard=per_shard)
 
 
@@ -139,7 +146,7 @@ class CpuSampler:
             self._sample()
             time.sleep(0.2)
 
-    def __enter__(self) -> "CpuSampler":
+    def __enter__(self) -> CpuSampler:
         self._sample()
         self.base = dict(self.seen)
         self._thread.start()
@@ -157,17 +164,31 @@ def run_prepare(cluster, out: Path, args: argparse.Namespace, extra: list[str]) 
     """One ``oiod prepare`` (its own driver process, as a RayJob entrypoint); returns timings."""
     from openimages_od.config import dump_config, load_config
 
-    cfg = load_config(None, [
-        f"output.url={out}", f"ray.address={cluster.address}", "ray.progress=false", "ray.actors_per_node=1",
-        f"ray.num_cpus_per_actor={args.cpus_per_node}", f"ray.concurrency_per_actor={args.concurrency}",
-        "ray.max_shards_in_flight_per_actor=2", "source.images.order=[original]", "image.quality=90",
-        *extra])
+    cfg = load_config(
+        None,
+        [
+            f"output.url={out}",
+            f"ray.address={cluster.address}",
+            "ray.progress=false",
+            "ray.actors_per_node=1",
+            f"ray.num_cpus_per_actor={args.cpus_per_node}",
+            f"ray.concurrency_per_actor={args.concurrency}",
+            "ray.max_shards_in_flight_per_actor=2",
+            "source.images.order=[original]",
+            "image.quality=90",
+            *extra,
+        ],
+    )
     cfg_file = out / "config.yaml"
     cfg_file.write_text(dump_config(cfg))
     env = {**cluster.env(), "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "openimages_od.cli", "prepare", "-c", str(cfg_file)], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "openimages_od.cli", "prepare", "-c", str(cfg_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.monotonic() - t0
     if r.returncode != 0:
         raise RuntimeError(f"prepare failed:\n{r.stderr[-3000:]}")
@@ -179,8 +200,14 @@ def run_prepare(cluster, out: Path, args: argparse.Namespace, extra: list[str]) 
     first = min(actors * 2, len(commits) - 1)  # 2 shards in flight per actor
     span = commits[-1] - commits[first - 1] if first >= 1 else commits[-1] - commits[0]
     steady = (len(commits) - first) * per_shard / span if span > 0 else float("nan")
-    return {"wall_s": wall, "ok": report["totals"]["ok"], "failed": report["totals"]["failed"],
-            "steady_images_per_s": steady, "actors": actors, "shards_per_node": report["ray"]["shards_per_node"]}
+    return {
+        "wall_s": wall,
+        "ok": report["totals"]["ok"],
+        "failed": report["totals"]["failed"],
+        "steady_images_per_s": steady,
+        "actors": actors,
+        "shards_per_node": report["ray"]["shards_per_node"],
+    }
 
 
 def main() -> int:
@@ -189,7 +216,9 @@ def main() -> int:
     ap.add_argument("--images-per-node", type=int, default=320)
     ap.add_argument("--per-shard", type=int, default=16)
     ap.add_argument("--latency-ms", type=float, default=250.0)
-    ap.add_argument("--concurrency", type=int, default=4, help="fetches in flight per actor (one actor per node)")
+    ap.add_argument(
+        "--concurrency", type=int, default=4, help="fetches in flight per actor (one actor per node)"
+    )
     ap.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs each worker raylet offers")
     ap.add_argument("--cpu-images", type=int, default=160, help="images of the per-image CPU run (0 = skip)")
     ap.add_argument("--max-side", type=int, default=640)
@@ -214,9 +243,12 @@ def main() -> int:
                 results[n] = run_prepare(cluster, out, args, ["image.max_side=256"])
             r = results[n]
             r["cores_used"] = sampler.used_s() / r["wall_s"]
-            print(f"nodes={n} actors={r['actors']} images={r['ok']} (failed {r['failed']}) wall={r['wall_s']:.1f}s "
-                  f"steady={r['steady_images_per_s']:.1f} images/s, worker nodes used {r['cores_used']:.2f} cores "
-                  f"on average; shards per node={r['shards_per_node']}", flush=True)
+            print(
+                f"nodes={n} actors={r['actors']} images={r['ok']} (failed {r['failed']}) wall={r['wall_s']:.1f}s "
+                f"steady={r['steady_images_per_s']:.1f} images/s, worker nodes used {r['cores_used']:.2f} cores "
+                f"on average; shards per node={r['shards_per_node']}",
+                flush=True,
+            )
         svc.stop()
 
         cpu_ms, avg_kb = float("nan"), float("nan")
@@ -239,29 +271,39 @@ def main() -> int:
 
     base = results[min(results)]["steady_images_per_s"] / min(results)
     print()
-    print(f"latency {args.latency_ms:g} ms per request, {args.concurrency} fetches in flight per node, "
-          f"{args.cpus_per_node:g} logical CPU per node")
+    print(
+        f"latency {args.latency_ms:g} ms per request, {args.concurrency} fetches in flight per node, "
+        f"{args.cpus_per_node:g} logical CPU per node"
+    )
     print("| worker nodes | images/s (steady) | x 1 node | scaling efficiency | worker CPU (cores) |")
     print("|---|---|---|---|---|")
     for n, r in sorted(results.items()):
         rate = r["steady_images_per_s"]
         print(f"| {n} | {rate:.1f} | {rate / base:.2f} | {rate / (n * base):.2f} | {r['cores_used']:.2f} |")
     print()
-    print(f"per-image CPU cost (1024 px photo -> {args.max_side} px, worker node processes): {cpu_ms:.1f} CPU-ms; "
-          f"photos average {avg_kb:.0f} KB")
+    print(
+        f"per-image CPU cost (1024 px photo -> {args.max_side} px, worker node processes): {cpu_ms:.1f} CPU-ms; "
+        f"photos average {avg_kb:.0f} KB"
+    )
     if cpu_ms == cpu_ms:
         per_core = 1000 / cpu_ms
-        print(f"sizing: one core sustains {per_core:.0f} images/s once latency is hidden by concurrency "
-              f"(fetches in flight per node >= images/s per node x latency); at 80 % of each node's cores "
-              f"(the rest: raylet, agents, S3 writes), for the {TRAIN_IMAGES:,}-image train split:")
-        print("| nodes | cores/node | images/s | download MB/s | fetches in flight per node at 100 ms | "
-              "train split |")
+        print(
+            f"sizing: one core sustains {per_core:.0f} images/s once latency is hidden by concurrency "
+            f"(fetches in flight per node >= images/s per node x latency); at 80 % of each node's cores "
+            f"(the rest: raylet, agents, S3 writes), for the {TRAIN_IMAGES:,}-image train split:"
+        )
+        print(
+            "| nodes | cores/node | images/s | download MB/s | fetches in flight per node at 100 ms | "
+            "train split |"
+        )
         print("|---|---|---|---|---|---|")
         for nodes, cores in ((1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (8, 8), (16, 8)):
             rate = 0.8 * nodes * cores * per_core
             hours = TRAIN_IMAGES / rate / 3600
-            print(f"| {nodes} | {cores} | {rate:,.0f} | {rate * avg_kb / 1000:,.0f} | "
-                  f"{rate / nodes * 0.1:.0f} | {int(hours)} h {round(60 * (hours % 1)):02d} min |")
+            print(
+                f"| {nodes} | {cores} | {rate:,.0f} | {rate * avg_kb / 1000:,.0f} | "
+                f"{rate / nodes * 0.1:.0f} | {int(hours)} h {round(60 * (hours % 1)):02d} min |"
+            )
     return 0
 
 

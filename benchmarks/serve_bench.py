@@ -70,10 +70,16 @@ async def drive(url: str, body: bytes, concurrency: int, max_requests: int, time
     def pct(p: float) -> float:
         if not latencies:
             return float("nan")
-        return latencies[min(len(latencies) - 1, int(round(p * (len(latencies) - 1))))] * 1000
+        return latencies[min(len(latencies) - 1, round(p * (len(latencies) - 1)))] * 1000
 
-    return {"requests": len(latencies), "errors": errors, "wall_s": wall,
-            "images_per_s": len(latencies) / wall if wall else 0.0, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "images_per_s": len(latencies) / wall if wall else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+    }
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -117,8 +123,11 @@ def bench_image() -> bytes:
     from serving_helpers import BLUE, GREEN, RED, blob_image
 
     # A 640x480 JPEG (~ the size of a resized Open Images photo) with three objects.
-    return blob_image((640, 480), {RED: (40, 30, 200, 160), GREEN: (300, 60, 420, 300), BLUE: (420, 300, 620, 460)},
-                      fmt="JPEG")
+    return blob_image(
+        (640, 480),
+        {RED: (40, 30, 200, 160), GREEN: (300, 60, 420, 300), BLUE: (420, 300, 620, 460)},
+        fmt="JPEG",
+    )
 
 
 async def first_request(url: str, body: bytes) -> float:
@@ -155,9 +164,12 @@ def main() -> int:
 
         model_dir = str(make_export(work / "export"))
     body = bench_image()
-    print(f"model {model_dir}; image 640x480 JPEG {len(body)} bytes; levels {levels}; "
-          f"<= {args.requests} requests or {args.time_limit:g}s per level; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"model {model_dir}; image 640x480 JPEG {len(body)} bytes; levels {levels}; "
+        f"<= {args.requests} requests or {args.time_limit:g}s per level; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     results: dict[str, dict] = {}
     for kind in ("batching", "no-batching"):
         port = free_port()
@@ -170,26 +182,35 @@ def main() -> int:
             first_ms = asyncio.run(first_request(url, body))
             asyncio.run(drive(url, body, 4, args.warmup, 30))  # warm-up: connections, batch shapes
             results[kind] = {"ready_s": ready_s, "first_request_ms": first_ms, "levels": {}}
-            print(f"  {kind:12s} ready in {ready_s:.1f} s (model load + warm-up run); "
-                  f"first request {first_ms:.1f} ms", flush=True)
+            print(
+                f"  {kind:12s} ready in {ready_s:.1f} s (model load + warm-up run); "
+                f"first request {first_ms:.1f} ms",
+                flush=True,
+            )
             for c in levels:
                 r = asyncio.run(drive(url, body, c, max(args.requests, c), args.time_limit))
                 results[kind]["levels"][c] = r
-                print(f"  {kind:12s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
-                      f"p99 {r['p99_ms']:8.1f} ms  ({r['requests']} ok, {r['errors']} errors, {r['wall_s']:.1f}s)",
-                      flush=True)
+                print(
+                    f"  {kind:12s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
+                    f"p99 {r['p99_ms']:8.1f} ms  ({r['requests']} ok, {r['errors']} errors, {r['wall_s']:.1f}s)",
+                    flush=True,
+                )
         finally:
             stop(proc)
 
     b, nb = results["batching"], results["no-batching"]
-    print(f"\nfirst request after load: batching {b['first_request_ms']:.1f} ms, "
-          f"no-batching {nb['first_request_ms']:.1f} ms")
+    print(
+        f"\nfirst request after load: batching {b['first_request_ms']:.1f} ms, "
+        f"no-batching {nb['first_request_ms']:.1f} ms"
+    )
     print("concurrency | batching img/s p50 p99 | no-batching img/s p50 p99 | throughput ratio | p99 ratio")
     for c in levels:
         s, n = b["levels"][c], nb["levels"][c]
-        print(f"{c:>11d} | {s['images_per_s']:7.1f} {s['p50_ms']:6.1f} {s['p99_ms']:6.1f} | "
-              f"{n['images_per_s']:7.1f} {n['p50_ms']:6.1f} {n['p99_ms']:6.1f} | "
-              f"{s['images_per_s'] / n['images_per_s']:6.2f}x | {s['p99_ms'] / n['p99_ms']:6.2f}x")
+        print(
+            f"{c:>11d} | {s['images_per_s']:7.1f} {s['p50_ms']:6.1f} {s['p99_ms']:6.1f} | "
+            f"{n['images_per_s']:7.1f} {n['p50_ms']:6.1f} {n['p99_ms']:6.1f} | "
+            f"{s['images_per_s'] / n['images_per_s']:6.2f}x | {s['p99_ms'] / n['p99_ms']:6.2f}x"
+        )
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nraw results: {work / 'results.json'}")
     return 0

@@ -39,26 +39,50 @@ from openimages_od.config import Config, apply_overrides  # noqa: E402
 
 def bench_config(workdir: Path, source: dict, args: argparse.Namespace) -> Config:
     steps = args.steps
-    return Config.model_validate({
-        "source": {**source, "images": {"order": ["original", "thumbnail"]}},
-        "selection": {"classes": ["Ball", "Traffic sign", "Window"]},
-        "output": {"url": f"file://{workdir / 'output'}"},
-        "ray": {"address": "local", "num_actors": 2, "num_cpus_per_actor": 0.5, "concurrency_per_actor": 16,
-                "local_num_cpus": 2},
-        "image": {"max_side": 320, "quality": 90},
-        "shards": {"images_per_shard": 64},
-        "train": {"backbone": "mobilenetv2", "input_size": args.input_size, "batch_size": args.batch,
-                  "steps": steps, "fpn_filters": 64, "head_num_filters": 64, "head_num_convs": 2,
-                  "learning_rate": {"schedule": "cosine", "initial": args.lr, "warmup_steps": min(50, steps // 5)},
-                  "augmentation": {"hflip": True, "scale_min": 0.8, "scale_max": 1.25},
-                  "checkpoint_every": steps, "summary_every": max(1, steps // 10), "shuffle_buffer": 512,
-                  "cache_dir": str(workdir / "cache")},
-        "evaluate": {"split": "validation", "metrics": ["coco", "openimages"], "batch_size": 8,
-                     "num_images_to_log": 2},
-    })
+    return Config.model_validate(
+        {
+            "source": {**source, "images": {"order": ["original", "thumbnail"]}},
+            "selection": {"classes": ["Ball", "Traffic sign", "Window"]},
+            "output": {"url": f"file://{workdir / 'output'}"},
+            "ray": {
+                "address": "local",
+                "num_actors": 2,
+                "num_cpus_per_actor": 0.5,
+                "concurrency_per_actor": 16,
+                "local_num_cpus": 2,
+            },
+            "image": {"max_side": 320, "quality": 90},
+            "shards": {"images_per_shard": 64},
+            "train": {
+                "backbone": "mobilenetv2",
+                "input_size": args.input_size,
+                "batch_size": args.batch,
+                "steps": steps,
+                "fpn_filters": 64,
+                "head_num_filters": 64,
+                "head_num_convs": 2,
+                "learning_rate": {
+                    "schedule": "cosine",
+                    "initial": args.lr,
+                    "warmup_steps": min(50, steps // 5),
+                },
+                "augmentation": {"hflip": True, "scale_min": 0.8, "scale_max": 1.25},
+                "checkpoint_every": steps,
+                "summary_every": max(1, steps // 10),
+                "shuffle_buffer": 512,
+                "cache_dir": str(workdir / "cache"),
+            },
+            "evaluate": {
+                "split": "validation",
+                "metrics": ["coco", "openimages"],
+                "batch_size": 8,
+                "num_images_to_log": 2,
+            },
+        }
+    )
 
 
-def build_dataset(workdir: Path, args: argparse.Namespace, server) -> Config:  # noqa: ANN001
+def build_dataset(workdir: Path, args: argparse.Namespace, server) -> Config:
     """Synthetic photos -> real plan + prepare -> shards under workdir/output."""
     from openimages_od.openimages.plan import run_plan
     from openimages_od.pipeline.distribute import run_prepare
@@ -66,9 +90,17 @@ def build_dataset(workdir: Path, args: argparse.Namespace, server) -> Config:  #
 
     n = args.images
     val = args.val_images
-    ds = generate_dataset(workdir / "data", n + val, base_url=server.url(""),
-                          splits={"train": n / (n + val), "validation": val / (n + val)},
-                          min_side=160, max_side=320, rotation_rate=0.1, group_of_rate=0.1, seed=args.seed)
+    ds = generate_dataset(
+        workdir / "data",
+        n + val,
+        base_url=server.url(""),
+        splits={"train": n / (n + val), "validation": val / (n + val)},
+        min_side=160,
+        max_side=320,
+        rotation_rate=0.1,
+        group_of_rate=0.1,
+        seed=args.seed,
+    )
     for im in ds.images:
         server.add(f"original/{im.split}/{im.image_id}.jpg", im.jpeg)
         server.add(f"thumb/{im.split}/{im.image_id}.jpg", im.jpeg)
@@ -86,7 +118,12 @@ def input_examples_per_s(cfg: Config, batches: int = 40) -> float:
 
     from openimages_od.storage import Storage
     from openimages_od.training.experiment import build_experiment
-    from openimages_od.training.inputs import committed_shards, default_cache_dir, load_label_map, stage_shards
+    from openimages_od.training.inputs import (
+        committed_shards,
+        default_cache_dir,
+        load_label_map,
+        stage_shards,
+    )
 
     st = Storage.from_config(cfg)
     files = stage_shards(committed_shards(cfg, cfg.train.split, st), st, default_cache_dir(cfg) / "shards")
@@ -111,8 +148,9 @@ def model_steps_per_s(model_dir: Path) -> float:
         for e in tf.compat.v1.train.summary_iterator(str(f)):
             for v in e.summary.value:
                 if v.tag == "steps_per_second":
-                    vals.append((e.step, float(tf.make_ndarray(v.tensor)) if v.HasField("tensor")
-                                 else v.simple_value))
+                    vals.append(
+                        (e.step, float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value)
+                    )
     vals.sort()
     body = [v for _, v in vals[1:]] or [v for _, v in vals]
     return sum(body) / len(body) if body else float("nan")
@@ -172,20 +210,28 @@ def main() -> int:
     oi = metrics["openimages"]
     model_eps = sps * cfg.train.batch_size
     print()
-    print(f"train_quality: {args.images} train / {args.val_images} held-out images, {cfg.train.steps} steps, "
-          f"batch {cfg.train.batch_size}, {cfg.train.input_size} px, {cfg.train.backbone} (from scratch), CPU")
+    print(
+        f"train_quality: {args.images} train / {args.val_images} held-out images, {cfg.train.steps} steps, "
+        f"batch {cfg.train.batch_size}, {cfg.train.input_size} px, {cfg.train.backbone} (from scratch), CPU"
+    )
     print(f"  data (generate + plan + prepare)   {t_data:7.1f} s")
     print(f"  train                              {t_train:7.1f} s")
     print(f"  evaluate                           {t_eval:7.1f} s")
     print(f"  total                              {time.monotonic() - t_all:7.1f} s")
     print(f"  Open Images mAP@0.5 (held-out)     {oi['mAP']:.4f}   (target >= 0.5)")
     for v in oi["per_class"].values():
-        print(f"      {v['name']:<14} AP@0.5 {v['ap'] if v['ap'] is None else round(v['ap'], 4)}  "
-              f"(gt {v['num_gt']})")
+        print(
+            f"      {v['name']:<14} AP@0.5 {v['ap'] if v['ap'] is None else round(v['ap'], 4)}  "
+            f"(gt {v['num_gt']})"
+        )
     print(f"  COCO AP50 / AP                     {metrics['coco']['AP50']:.4f} / {metrics['coco']['AP']:.4f}")
     print(f"  input pipeline                     {in_eps:7.1f} examples/s")
-    print(f"  model                              {sps:7.2f} steps/s x {cfg.train.batch_size} = {model_eps:.1f} examples/s")
-    print(f"  input / model ratio                {in_eps / model_eps:7.2f}x  (> 1: input is not the bottleneck)")
+    print(
+        f"  model                              {sps:7.2f} steps/s x {cfg.train.batch_size} = {model_eps:.1f} examples/s"
+    )
+    print(
+        f"  input / model ratio                {in_eps / model_eps:7.2f}x  (> 1: input is not the bottleneck)"
+    )
     return 0 if (oi["mAP"] or 0) >= 0.5 else 1
 
 

@@ -27,21 +27,29 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from openimages_od.errors import ConfigError
 
 __all__ = [
     "Config",
-    "load_config",
+    "S3Options",
     "apply_overrides",
     "dump_config",
+    "load_config",
     "save_resolved",
-    "S3Options",
 ]
 
 
@@ -55,8 +63,10 @@ _SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def _check_split_name(v: str) -> str:
     if not _SPLIT_NAME_RE.match(v):
-        raise ValueError(f"split name {v[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit (it becomes a path component)")
+        raise ValueError(
+            f"split name {v[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (it becomes a path component)"
+        )
     return v
 
 
@@ -69,14 +79,18 @@ SplitName = Annotated[str, AfterValidator(_check_split_name)]
 class S3Options(_Section):
     """How to reach an S3-compatible store (AWS, SeaweedFS, MinIO, GCS interop)."""
 
-    endpoint_url: Optional[str] = Field(None, description="Endpoint URL; null = AWS (or AWS_ENDPOINT_URL).")
-    region: Optional[str] = Field(None, description="Region name; null = the credential chain's default.")
-    unsigned: bool = Field(False, description="Anonymous requests (public buckets such as open-images-dataset).")
-    profile: Optional[str] = Field(None, description="Named profile from ~/.aws/config.")
+    endpoint_url: str | None = Field(None, description="Endpoint URL; null = AWS (or AWS_ENDPOINT_URL).")
+    region: str | None = Field(None, description="Region name; null = the credential chain's default.")
+    unsigned: bool = Field(
+        False, description="Anonymous requests (public buckets such as open-images-dataset)."
+    )
+    profile: str | None = Field(None, description="Named profile from ~/.aws/config.")
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(60.0, gt=0)
-    max_attempts: int = Field(5, ge=1, le=20, description="Attempts for transient errors (capped exponential backoff).")
+    max_attempts: int = Field(
+        5, ge=1, le=20, description="Attempts for transient errors (capped exponential backoff)."
+    )
     multipart_threshold_mb: int = Field(64, ge=5)
     max_pool_connections: int = Field(32, ge=1)
 
@@ -88,8 +102,8 @@ class SplitSource(_Section):
     """Metadata files of one split (train, validation, test)."""
 
     boxes: str = Field(..., description="Box annotations CSV (any release layout).")
-    images: Optional[str] = Field(None, description="Image index CSV (URLs, MD5, size, Rotation).")
-    image_labels: Optional[str] = Field(
+    images: str | None = Field(None, description="Image index CSV (URLs, MD5, size, Rotation).")
+    image_labels: str | None = Field(
         None, description="Human-verified image-level labels CSV (for Open Images mAP)."
     )
 
@@ -120,8 +134,11 @@ class ImageSources(_Section):
     key_template: str = Field("{split}/{image_id}.jpg", description="Object key; fields: split, image_id.")
     # An explicit AWS endpoint: botocore would otherwise apply AWS_ENDPOINT_URL (set
     # on clusters for the output store) to the public image bucket too.
-    s3: S3Options = Field(default_factory=lambda: S3Options(
-        unsigned=True, region="us-east-1", endpoint_url="https://s3.us-east-1.amazonaws.com"))
+    s3: S3Options = Field(
+        default_factory=lambda: S3Options(
+            unsigned=True, region="us-east-1", endpoint_url="https://s3.us-east-1.amazonaws.com"
+        )
+    )
     http: HttpOptions = Field(default_factory=HttpOptions)
 
     @field_validator("order")
@@ -149,8 +166,10 @@ class ImageSources(_Section):
             if name not in ("split", "image_id"):
                 raise ValueError(f"may only use the fields {{split}} and {{image_id}} (got {{{name[:40]}}})")
             if spec or conversion:
-                raise ValueError(f"{{{name}}} may not have a conversion or format spec "
-                                 f"(got {{{name}{'!' + conversion if conversion else ''}{':' + spec[:20] if spec else ''}}})")
+                raise ValueError(
+                    f"{{{name}}} may not have a conversion or format spec "
+                    f"(got {{{name}{'!' + conversion if conversion else ''}{':' + spec[:20] if spec else ''}}})"
+                )
         return v
 
 
@@ -160,9 +179,9 @@ class SourceConfig(_Section):
     version: Literal["auto", "v2", "v3", "v4", "v5", "v6", "v7"] = Field(
         "auto", description="Release; layouts are detected from headers, this only documents intent."
     )
-    class_descriptions: Optional[str] = Field(None, description="MID,DisplayName CSV (with or without header).")
-    hierarchy: Optional[str] = Field(None, description="Box hierarchy JSON (V4+).")
-    trainable_classes: Optional[str] = Field(
+    class_descriptions: str | None = Field(None, description="MID,DisplayName CSV (with or without header).")
+    hierarchy: str | None = Field(None, description="Box hierarchy JSON (V4+).")
+    trainable_classes: str | None = Field(
         None, description="V2 trainable class list (one MID a line) or a label map .pbtxt."
     )
     splits: dict[SplitName, SplitSource] = Field(default_factory=dict)
@@ -176,32 +195,43 @@ class SourceConfig(_Section):
 class AttributeFilters(_Section):
     """Keep boxes by attribute: null keeps all, true keeps only 1, false keeps only 0 (-1 = unknown is kept unless ``drop_unknown``)."""
 
-    is_group_of: Optional[bool] = None
-    is_depiction: Optional[bool] = None
-    is_occluded: Optional[bool] = None
-    is_truncated: Optional[bool] = None
-    is_inside: Optional[bool] = None
+    is_group_of: bool | None = None
+    is_depiction: bool | None = None
+    is_occluded: bool | None = None
+    is_truncated: bool | None = None
+    is_inside: bool | None = None
     drop_unknown: bool = False
 
 
 class SelectionConfig(_Section):
     """Which classes, boxes and images to keep."""
 
-    classes: list[str] = Field(default_factory=list, description="Display names or MIDs; empty = all boxable.")
-    include_subclasses: bool = Field(False, description="Add hierarchy descendants (Subcategory) of each class.")
-    trainable_only: bool = Field(False, description="Restrict to the V2 trainable set (source.trainable_classes).")
+    classes: list[str] = Field(
+        default_factory=list, description="Display names or MIDs; empty = all boxable."
+    )
+    include_subclasses: bool = Field(
+        False, description="Add hierarchy descendants (Subcategory) of each class."
+    )
+    trainable_only: bool = Field(
+        False, description="Restrict to the V2 trainable set (source.trainable_classes)."
+    )
     filters: AttributeFilters = Field(default_factory=AttributeFilters)
-    splits: list[SplitName] = Field(default_factory=list, description="Splits to plan; empty = all in source.splits.")
-    max_images: Optional[int] = Field(None, ge=1, description="Cap per split.")
-    max_images_per_class: Optional[int] = Field(None, ge=1)
+    splits: list[SplitName] = Field(
+        default_factory=list, description="Splits to plan; empty = all in source.splits."
+    )
+    max_images: int | None = Field(None, ge=1, description="Cap per split.")
+    max_images_per_class: int | None = Field(None, ge=1)
     min_boxes_per_image: int = Field(1, ge=0)
     seed: int = 0
-    expand_hierarchy: bool = Field(False, description="Add ancestor labels to each box (as the OID evaluation does).")
+    expand_hierarchy: bool = Field(
+        False, description="Add ancestor labels to each box (as the OID evaluation does)."
+    )
     strict: bool = Field(False, description="Stop at the first malformed row instead of counting it.")
     min_confidence: float = Field(0.0, ge=0.0, le=1.0)
-    label_map: Optional[str] = Field(
-        None, description="A label map .pbtxt whose ids to use (e.g. the shipped OID label map); null = ids stay "
-                          "stable across re-plans of the output: existing classes keep theirs, new ones are appended.",
+    label_map: str | None = Field(
+        None,
+        description="A label map .pbtxt whose ids to use (e.g. the shipped OID label map); null = ids stay "
+        "stable across re-plans of the output: existing classes keep theirs, new ones are appended.",
     )
 
 
@@ -214,14 +244,18 @@ class OutputConfig(_Section):
     url: str = Field("file://./oiod-output", description="file://, a path, or s3://bucket/prefix.")
     s3: S3Options = Field(default_factory=S3Options)
     image_cache: bool = Field(
-        True, description="Keep verified, upright, resized image bytes so a re-plan or re-shard never fetches an "
-                          "image twice.",
+        True,
+        description="Keep verified, upright, resized image bytes so a re-plan or re-shard never fetches an "
+        "image twice.",
     )
-    cache_url: Optional[str] = Field(
-        None, description="Image cache root (path, file:// or s3://, same S3 options); null = {output.url}/cache.",
+    cache_url: str | None = Field(
+        None,
+        description="Image cache root (path, file:// or s3://, same S3 options); null = {output.url}/cache.",
     )
     lock_ttl_s: float = Field(
-        120.0, ge=5, description="Lease of the output lock held by plan/prepare on s3:// (renewed every third).",
+        120.0,
+        ge=5,
+        description="Lease of the output lock held by plan/prepare on s3:// (renewed every third).",
     )
 
     @field_validator("url")
@@ -246,48 +280,64 @@ class RayConfig(_Section):
     and ``num_actors`` is an explicit override of the total.
     """
 
-    address: str = Field("local", description="'local' (embedded), 'auto' (join), or ray://host:port / host:port.")
-    num_actors: Optional[int] = Field(
-        None, ge=1, description="Total download actors (override); null = derived from the nodes' CPUs, elastic.")
-    actors_per_node: Optional[int] = Field(
-        None, ge=1, description="Download actors per node; null = the node's CPUs / num_cpus_per_actor.")
+    address: str = Field(
+        "local", description="'local' (embedded), 'auto' (join), or ray://host:port / host:port."
+    )
+    num_actors: int | None = Field(
+        None,
+        ge=1,
+        description="Total download actors (override); null = derived from the nodes' CPUs, elastic.",
+    )
+    actors_per_node: int | None = Field(
+        None, ge=1, description="Download actors per node; null = the node's CPUs / num_cpus_per_actor."
+    )
     num_cpus_per_actor: float = Field(0.5, gt=0)
     concurrency_per_actor: int = Field(32, ge=1, description="Concurrent image fetches inside one actor.")
-    decode_threads_per_actor: int = Field(1, ge=1, description="Threads for decode/resize/encode in one actor.")
+    decode_threads_per_actor: int = Field(
+        1, ge=1, description="Threads for decode/resize/encode in one actor."
+    )
     max_shards_in_flight_per_actor: int = Field(2, ge=1)
     max_shard_retries: int = Field(3, ge=0)
-    local_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for the embedded instance (null = all).")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded instance (null = all).")
     object_store_memory_mb: int = Field(512, ge=78)
     local_worker_niceness: int = Field(
-        0, ge=0, le=19,
+        0,
+        ge=0,
+        le=19,
         description="Unix niceness of the workers of an embedded instance (Ray's own default, 15, makes the "
-                    "download workers lose every CPU contest on a shared machine).",
+        "download workers lose every CPU contest on a shared machine).",
     )
     namespace: str = "openimages-od"
     progress: bool = True
     actor_start_timeout_s: float = Field(
-        120.0, gt=0, description="Warn about a download actor not started after this long (the run goes on waiting; "
-                                "see join_timeout_s)."
+        120.0,
+        gt=0,
+        description="Warn about a download actor not started after this long (the run goes on waiting; "
+        "see join_timeout_s).",
     )
     join_timeout_s: float = Field(
-        900.0, gt=0,
+        900.0,
+        gt=0,
         description="Fail when no download actor could run for this long (no worker node joined, or all were lost); "
-                    "until then the run waits for nodes.",
+        "until then the run waits for nodes.",
     )
     node_loss_timeout_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="An actor that answers no heartbeat for this long is treated as lost with its node: its shards "
-                    "are rescheduled on the other nodes.",
+        "are rescheduled on the other nodes.",
     )
-    shard_timeout_s: Optional[float] = Field(
+    shard_timeout_s: float | None = Field(
         None, gt=0, description="Cancel and retry a shard running longer than this (null = no limit)."
     )
     request_resources: bool = Field(
-        True, description="On a cluster, ask the Ray autoscaler (if any) for CPUs for the pending shards' actors.")
+        True,
+        description="On a cluster, ask the Ray autoscaler (if any) for CPUs for the pending shards' actors.",
+    )
     forward_env: list[str] = Field(
         default_factory=list,
         description="Driver environment variables copied into the actors' runtime_env (non-secret settings only: "
-                    "the Ray dashboard shows runtime_env). Credentials reach workers through their own environment.",
+        "the Ray dashboard shows runtime_env). Credentials reach workers through their own environment.",
     )
 
     @field_validator("forward_env")
@@ -304,7 +354,9 @@ class RayConfig(_Section):
 
 
 # Names of environment variables that hold credentials (never copied into a runtime_env).
-SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|(^|_)KEY($|_)|ACCESS_KEY", re.I)
+SECRET_ENV_NAME = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|(^|_)KEY($|_)|ACCESS_KEY", re.I
+)
 
 
 # --------------------------------------------------------------------------- image
@@ -315,7 +367,9 @@ class ImageConfig(_Section):
 
     max_side: int = Field(1024, ge=16, description="Longest side after resize; never upscales.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality when re-encoding.")
-    keep_original_if_fits: bool = Field(True, description="Keep source bytes when already small enough, JPEG and upright.")
+    keep_original_if_fits: bool = Field(
+        True, description="Keep source bytes when already small enough, JPEG and upright."
+    )
     max_pixels: int = Field(100_000_000, ge=1, description="Decompression-bomb limit (width*height).")
     min_side: int = Field(8, ge=1)
     verify_md5: bool = Field(True, description="Check OriginalMD5 when the original was fetched.")
@@ -361,7 +415,7 @@ class AugmentationConfig(_Section):
 class TrainConfig(_Section):
     """TF Model Garden RetinaNet training."""
 
-    model_dir: Optional[str] = Field(None, description="Checkpoints + TensorBoard; null = {output.url}/model.")
+    model_dir: str | None = Field(None, description="Checkpoints + TensorBoard; null = {output.url}/model.")
     backbone: Literal["mobilenetv2", "resnet50", "resnet101", "spinenet49"] = "mobilenetv2"
     input_size: int = Field(384, ge=128, description="Square model input; a multiple of 128 (2**max_level).")
     batch_size: int = Field(8, ge=1, description="Global batch size.")
@@ -371,11 +425,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(4e-5, ge=0)
     learning_rate: LearningRateConfig = Field(default_factory=LearningRateConfig)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
-    init_checkpoint: Optional[str] = Field(None, description="Fine-tune from this checkpoint (backbone or all).")
+    init_checkpoint: str | None = Field(None, description="Fine-tune from this checkpoint (backbone or all).")
     init_checkpoint_modules: Literal["all", "backbone"] = "backbone"
     fine_tune: bool = Field(
-        False, description="model_dir holds a model trained on another label map: start from its latest checkpoint "
-                           "(moved to model_dir/previous/) instead of refusing to train.",
+        False,
+        description="model_dir holds a model trained on another label map: start from its latest checkpoint "
+        "(moved to model_dir/previous/) instead of refusing to train.",
     )
     mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     distribution: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
@@ -387,20 +442,25 @@ class TrainConfig(_Section):
     max_checkpoints: int = Field(5, ge=1)
     split: SplitName = "train"
     shuffle_buffer: int = Field(256, ge=1)
-    cache_dir: Optional[str] = Field(None, description="Local staging for s3:// shards; null = a temp dir.")
-    seed: Optional[int] = 0
-    repeat_factor_threshold: Optional[float] = Field(
-        None, gt=0, le=1,
+    cache_dir: str | None = Field(None, description="Local staging for s3:// shards; null = a temp dir.")
+    seed: int | None = 0
+    repeat_factor_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
         description="Repeat-factor sampling (LVIS): oversample images of classes in fewer than this fraction "
-                    "of training images (r = max(1, sqrt(t / f))); null = off. 0.001 is LVIS's value.")
+        "of training images (r = max(1, sqrt(t / f))); null = off. 0.001 is LVIS's value.",
+    )
 
     @field_validator("input_size")
     @classmethod
     def _multiple_of_stride(cls, v: int) -> int:
         # RetinaNet's coarsest level (P7) has stride 128; Model Garden pads inputs to it.
         if v % 128:
-            raise ValueError(f"must be a multiple of 128 (RetinaNet's P7 stride), e.g. {max(128, v // 128 * 128)} "
-                             f"or {(v // 128 + 1) * 128}")
+            raise ValueError(
+                f"must be a multiple of 128 (RetinaNet's P7 stride), e.g. {max(128, v // 128 * 128)} "
+                f"or {(v // 128 + 1) * 128}"
+            )
         return v
 
 
@@ -411,22 +471,30 @@ class EvaluateConfig(_Section):
     metrics: list[Literal["coco", "openimages"]] = Field(default_factory=lambda: ["coco", "openimages"])
     iou_threshold: float = Field(0.5, gt=0, le=1)
     batch_size: int = Field(4, ge=1)
-    max_images: Optional[int] = Field(None, ge=1)
+    max_images: int | None = Field(None, ge=1)
     num_images_to_log: int = Field(4, ge=0)
     poll_interval_s: float = Field(30.0, gt=0)
-    timeout_s: Optional[float] = Field(None, gt=0, description="--continuous: stop after this long with no new checkpoint.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="--continuous: stop after this long with no new checkpoint."
+    )
     min_score: float = Field(0.0, ge=0, le=1)
     group_of_weight: float = Field(
-        1.0, ge=0, description="Open Images metric: weight of a group-of box (1 = challenge; 0 = ignore them).")
+        1.0,
+        ge=0,
+        description="Open Images metric: weight of a group-of box (1 = challenge; 0 = ignore them).",
+    )
     analysis_min_score: float = Field(
-        0.3, ge=0, le=1, description="Error analysis: predictions at or above this score get a TP/FP reason.")
-    analysis_worst_images: int = Field(3, ge=0, description="Error analysis: worst images kept (drawn) per class.")
+        0.3, ge=0, le=1, description="Error analysis: predictions at or above this score get a TP/FP reason."
+    )
+    analysis_worst_images: int = Field(
+        3, ge=0, description="Error analysis: worst images kept (drawn) per class."
+    )
 
 
 class ExportConfig(_Section):
     """SavedModel export."""
 
-    dir: Optional[str] = Field(None, description="Destination; null = {output.url}/export.")
+    dir: str | None = Field(None, description="Destination; null = {output.url}/export.")
     max_detections: int = Field(100, ge=1)
     score_threshold: float = Field(0.05, ge=0, le=1)
     nms_iou_threshold: float = Field(0.5, gt=0, le=1)
@@ -435,7 +503,7 @@ class ExportConfig(_Section):
 class ServeConfig(_Section):
     """HTTP detection service."""
 
-    model: Optional[str] = Field(None, description="Exported model dir (path or s3://); null = export.dir.")
+    model: str | None = Field(None, description="Exported model dir (path or s3://); null = export.dir.")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_batch: int = Field(8, ge=1)
@@ -450,23 +518,40 @@ class ServeConfig(_Section):
     allow_networks: list[str] = Field(
         default_factory=list, description="CIDRs/hosts exempt from the SSRF guard (in-cluster use)."
     )
-    auth_token_env: Optional[str] = Field(None, description="Env var holding a bearer token; null = no auth.")
-    output_dir: Optional[str] = Field(None, description="Where `output` in a request may store annotated images.")
-    shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: how long in-flight requests may take to drain.")
+    auth_token_env: str | None = Field(None, description="Env var holding a bearer token; null = no auth.")
+    output_dir: str | None = Field(
+        None, description="Where `output` in a request may store annotated images."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="SIGTERM: how long in-flight requests may take to drain."
+    )
     access_log: bool = Field(True, description="Structured JSON access log lines on stderr.")
     max_instances: int = Field(64, ge=1, description="Most images in one TF Serving-style :predict request.")
     allowed_image_prefixes: list[str] = Field(
         default_factory=list,
         description="s3://bucket/prefix/ locations a request's image may name; empty = s3:// images refused.",
     )
-    header_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send a request's headers "
-                                                             "(also the keep-alive idle timeout).")
-    body_timeout_s: float = Field(30.0, gt=0, description="Time a client has to send a request's body (408 after).")
-    max_connections: int = Field(512, ge=8, description="Open client connections; idle ones are closed first "
-                                                         "when full (capped below the process's file limit).")
-    work_timeout_s: float = Field(30.0, gt=0, description="Limit for one image check, drawing or output write.")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a request's headers (also the keep-alive idle timeout).",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time a client has to send a request's body (408 after)."
+    )
+    max_connections: int = Field(
+        512,
+        ge=8,
+        description="Open client connections; idle ones are closed first "
+        "when full (capped below the process's file limit).",
+    )
+    work_timeout_s: float = Field(
+        30.0, gt=0, description="Limit for one image check, drawing or output write."
+    )
     fetch_workers: int = Field(8, ge=1, description="Threads for storage work of image fetches (s3 signing).")
-    cpu_workers: int = Field(2, ge=1, description="Threads for image checks/conversion and for drawing (each).")
+    cpu_workers: int = Field(
+        2, ge=1, description="Threads for image checks/conversion and for drawing (each)."
+    )
     output_workers: int = Field(4, ge=1, description="Threads (and S3 connections) for `output` writes.")
 
     @field_validator("allowed_image_prefixes")
@@ -476,17 +561,23 @@ class ServeConfig(_Section):
         for p in v:
             bucket, _, key = p.removeprefix("s3://").partition("/")
             if not p.startswith("s3://") or not bucket or any(s in (".", "..") for s in key.split("/")[:-1]):
-                raise ValueError(f"{p!r} is not an s3://bucket[/prefix/] location (only s3:// image sources exist)")
-            out.append(p if p.endswith("/") else p + "/")  # a folder: s3://b/img never admits s3://b/img-private/
+                raise ValueError(
+                    f"{p!r} is not an s3://bucket[/prefix/] location (only s3:// image sources exist)"
+                )
+            out.append(
+                p if p.endswith("/") else p + "/"
+            )  # a folder: s3://b/img never admits s3://b/img-private/
         return out
 
     @model_validator(mode="after")
-    def _token_env_is_a_name(self) -> "ServeConfig":
+    def _token_env_is_a_name(self) -> ServeConfig:
         # A model-level check so the error never quotes the value: people paste the token itself here.
         v = self.auth_token_env
         if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v):
-            raise ValueError("auth_token_env must be the NAME of an environment variable that holds the token "
-                             "(letters, digits and '_'), not the token itself; the value given is not shown")
+            raise ValueError(
+                "auth_token_env must be the NAME of an environment variable that holds the token "
+                "(letters, digits and '_'), not the token itself; the value given is not shown"
+            )
         return self
 
 
@@ -510,7 +601,7 @@ class Config(_Section):
     _env_refs: dict[tuple, tuple[str, Any]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "Config":
+    def _cross_field(self) -> Config:
         lr = self.train.learning_rate
         if lr.schedule == "stepwise" and len(lr.values) != len(lr.boundaries) + 1:
             raise ValueError(
@@ -555,7 +646,7 @@ def normalize_root(url: str) -> str:
     """
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
         return url.rstrip("/")
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url[len("file://") :] if url.startswith("file://") else url
     return "file://" + str(Path(os.path.expanduser(path)).absolute()).rstrip("/")
 
 
@@ -573,11 +664,15 @@ def join_url(root: str, *parts: str) -> str:
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any, where: str, refs: Optional[dict[tuple, tuple[str, Any]]] = None,
-                path: tuple = ()) -> Any:
+def _expand_env(
+    value: Any, where: str, refs: dict[tuple, tuple[str, Any]] | None = None, path: tuple = ()
+) -> Any:
     """Expand ``${VAR}`` references; ``refs`` records each expanded path with its reference."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{where}.{k}" if where else str(k), refs, path + (k,)) for k, v in value.items()}
+        return {
+            k: _expand_env(v, f"{where}.{k}" if where else str(k), refs, path + (k,))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_expand_env(v, f"{where}[{i}]", refs, path + (i,)) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
@@ -637,8 +732,10 @@ def _check_yaml_node(root: Any, where: str) -> None:
             size[nid] = total
             if total > MAX_YAML_NODES:
                 line = node.start_mark.line + 1
-                raise ConfigError(f"{where}:{line}: the document expands to more than {MAX_YAML_NODES} "
-                                  "nodes (YAML aliases used as a bomb?)")
+                raise ConfigError(
+                    f"{where}:{line}: the document expands to more than {MAX_YAML_NODES} "
+                    "nodes (YAML aliases used as a bomb?)"
+                )
             continue
         if nid in size:
             continue
@@ -646,9 +743,13 @@ def _check_yaml_node(root: Any, where: str) -> None:
             size[nid] = 1
             continue
         if nid in active:
-            raise ConfigError(f"{where}:{node.start_mark.line + 1}: a YAML alias refers to itself (recursive)")
+            raise ConfigError(
+                f"{where}:{node.start_mark.line + 1}: a YAML alias refers to itself (recursive)"
+            )
         if depth > MAX_YAML_DEPTH:
-            raise ConfigError(f"{where}:{node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+            raise ConfigError(
+                f"{where}:{node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels"
+            )
         active.add(nid)
         stack.append((node, depth, True))
         kids = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else node.value
@@ -755,16 +856,27 @@ def _describe_type(err: dict) -> str:
         return "required key is missing"
     if t.endswith("_type") or t.endswith("_parsing"):
         expected = t.replace("_parsing", "").replace("_type", "")
-        expected = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false)",
-                    "string": "a string", "list": "a list", "dict": "a mapping", "model": "a mapping"}.get(expected, expected)
+        expected = {
+            "int": "an integer",
+            "float": "a number",
+            "bool": "a boolean (true/false)",
+            "string": "a string",
+            "list": "a list",
+            "dict": "a mapping",
+            "model": "a mapping",
+        }.get(expected, expected)
         return f"expected {expected}"
     if t == "literal_error":
         return f"expected one of {ctx.get('expected', '')}"
     return msg[0].lower() + msg[1:] if msg else t
 
 
-def _format_errors(exc: ValidationError, origin: dict[str, str], allowed: dict[str, list[str]],
-                   refs: Optional[dict[tuple, tuple[str, Any]]] = None) -> str:
+def _format_errors(
+    exc: ValidationError,
+    origin: dict[str, str],
+    allowed: dict[str, list[str]],
+    refs: dict[tuple, tuple[str, Any]] | None = None,
+) -> str:
     lines = []
     for err in exc.errors():
         ref = (refs or {}).get(tuple(err["loc"]))
@@ -790,7 +902,11 @@ def _format_errors(exc: ValidationError, origin: dict[str, str], allowed: dict[s
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             desc = f"unknown key{hint}"
         got = err.get("input")
-        got_s = "" if err.get("type") in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        got_s = (
+            ""
+            if err.get("type") in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
         if ref is not None:  # the value came from the environment: show where, never what
             got_s = f" (from {ref[0]})"
         lines.append(f"{where}: {dotted}: {desc.removeprefix('value error, ')}{got_s}")
@@ -825,7 +941,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         p = Path(path)
         try:
             if p.is_file() and p.stat().st_size > MAX_CONFIG_BYTES:
-                raise ConfigError(f"{p}: {p.stat().st_size} bytes; a config file may be at most {MAX_CONFIG_BYTES}")
+                raise ConfigError(
+                    f"{p}: {p.stat().st_size} bytes; a config file may be at most {MAX_CONFIG_BYTES}"
+                )
             text = p.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
@@ -835,7 +953,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(data).__name__}")
+            raise ConfigError(
+                f"{p}: expected a mapping of sections at the top level, got {type(data).__name__}"
+            )
         lines = _line_index(text)
         file_origin: dict[str, str] = {}
         merged = _deep_merge(merged, data, file_origin, str(p))
@@ -868,7 +988,7 @@ def _merge_overrides(data: dict, overrides: list[str], origin: dict[str, str]) -
     return data
 
 
-def _validate(data: dict, origin: dict[str, str], refs: Optional[dict[tuple, tuple[str, Any]]] = None) -> Config:
+def _validate(data: dict, origin: dict[str, str], refs: dict[tuple, tuple[str, Any]] | None = None) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -22,29 +22,36 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from openimages_od.config import Config
 from openimages_od.errors import ConfigError, DataError
-from openimages_od.layout import Layout, ShardSpec, combine, image_digest, image_settings, is_current, text_digest
+from openimages_od.layout import (
+    Layout,
+    ShardSpec,
+    combine,
+    image_digest,
+    image_settings,
+    is_current,
+    text_digest,
+)
 from openimages_od.openimages.planio import PlanManifest, read_manifest
 from openimages_od.storage import ObjectNotFound, Storage
 
 __all__ = [
     "ShardState",
-    "scan",
-    "orphans",
-    "remove_orphans",
-    "check_image_settings",
     "build_dataset",
-    "write_dataset",
-    "read_dataset",
+    "check_image_settings",
     "dataset_shards",
-    "verify_files",
     "dataset_summary",
-    "status",
+    "orphans",
+    "read_dataset",
+    "remove_orphans",
     "run_status",
+    "scan",
+    "status",
+    "verify_files",
+    "write_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,10 +63,10 @@ DATASET_FORMAT = 1
 class ShardState:
     spec: ShardSpec
     state: str  # committed | stale | missing
-    stats: Optional[dict[str, Any]] = None
+    stats: dict[str, Any] | None = None
 
 
-def load_manifest(layout: Layout, storage: Storage) -> Optional[PlanManifest]:
+def load_manifest(layout: Layout, storage: Storage) -> PlanManifest | None:
     try:
         return read_manifest(storage, layout.plan_dir)
     except ObjectNotFound:
@@ -71,15 +78,22 @@ def check_image_settings(cfg: Config, manifest: PlanManifest) -> None:
     if not manifest.image_settings:
         return
     now = image_settings(cfg.image)
-    diff = {k: (manifest.image_settings.get(k), now.get(k)) for k in sorted(set(now) | set(manifest.image_settings))
-            if manifest.image_settings.get(k) != now.get(k)}
+    diff = {
+        k: (manifest.image_settings.get(k), now.get(k))
+        for k in sorted(set(now) | set(manifest.image_settings))
+        if manifest.image_settings.get(k) != now.get(k)
+    }
     if diff:
         shown = ", ".join(f"image.{k}: {a!r} in the plan, {b!r} now" for k, (a, b) in diff.items())
-        raise ConfigError(f"the image settings changed since `oiod plan` ({shown}); run `oiod plan` again "
-                          f"(cheap: the plan records them because they change every shard's bytes)")
+        raise ConfigError(
+            f"the image settings changed since `oiod plan` ({shown}); run `oiod plan` again "
+            f"(cheap: the plan records them because they change every shard's bytes)"
+        )
 
 
-def scan(cfg: Config, storage: Storage, manifest: PlanManifest, splits: Optional[set[str]] = None) -> list[ShardState]:
+def scan(
+    cfg: Config, storage: Storage, manifest: PlanManifest, splits: set[str] | None = None
+) -> list[ShardState]:
     """Every shard of the plan (optionally only ``splits``) with its state. One listing per split."""
     layout = Layout.from_config(cfg)
     specs = layout.shard_specs(manifest, image_digest(cfg.image), splits)
@@ -146,9 +160,16 @@ def build_dataset(cfg: Config, manifest: PlanManifest, states: list[ShardState])
         shards = []
         for s in sorted(ss, key=lambda s: s.spec.index):
             st = s.stats or {}
-            shards.append({"name": s.spec.name, "tfrecord": layout.relative(s.spec.tfrecord),
-                           "records": int(st.get("records", st.get("ok", 0))), "bytes": int(st["tfrecord_bytes"]),
-                           "sha256": st["tfrecord_sha256"], "shard_key": s.spec.key})
+            shards.append(
+                {
+                    "name": s.spec.name,
+                    "tfrecord": layout.relative(s.spec.tfrecord),
+                    "records": int(st.get("records", st.get("ok", 0))),
+                    "bytes": int(st["tfrecord_bytes"]),
+                    "sha256": st["tfrecord_sha256"],
+                    "shard_key": s.spec.key,
+                }
+            )
         splits[split] = {
             "num_shards": len(shards),
             "images": sum(int((s.stats or {}).get("images", 0)) for s in ss),
@@ -168,8 +189,13 @@ def build_dataset(cfg: Config, manifest: PlanManifest, states: list[ShardState])
         "image_settings": settings,
         "splits": splits,
     }
-    body["digest"] = combine("dataset", manifest.digest, manifest.label_map_digest, settings,
-                             [[k, [sh["name"], sh["sha256"]]] for k, v in splits.items() for sh in v["shards"]])
+    body["digest"] = combine(
+        "dataset",
+        manifest.digest,
+        manifest.label_map_digest,
+        settings,
+        [[k, [sh["name"], sh["sha256"]]] for k, v in splits.items() for sh in v["shards"]],
+    )
     return body
 
 
@@ -188,9 +214,11 @@ def read_dataset(layout: Layout, storage: Storage, what: str = "") -> dict[str, 
     try:
         doc = storage.read_json(layout.dataset)
     except ObjectNotFound:
-        raise DataError(f"no committed shards{what}: no {layout.dataset}, so the output has no complete dataset "
-                        f"(run `oiod prepare`; it writes dataset.json once every shard of the plan is "
-                        f"committed)") from None
+        raise DataError(
+            f"no committed shards{what}: no {layout.dataset}, so the output has no complete dataset "
+            f"(run `oiod prepare`; it writes dataset.json once every shard of the plan is "
+            f"committed)"
+        ) from None
     except ValueError as exc:
         raise DataError(f"{layout.dataset}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or "digest" not in doc or "splits" not in doc:
@@ -200,10 +228,15 @@ def read_dataset(layout: Layout, storage: Storage, what: str = "") -> dict[str, 
 
 def dataset_summary(doc: dict[str, Any]) -> dict[str, Any]:
     """What a model, a metrics file or a report names: the dataset digest and what it is made of."""
-    return {"digest": doc.get("digest"), "plan_digest": doc.get("plan_digest"),
-            "label_map_digest": doc.get("label_map_digest"),
-            "splits": {k: {"records": v.get("records"), "num_shards": v.get("num_shards")}
-                       for k, v in doc.get("splits", {}).items()}}
+    return {
+        "digest": doc.get("digest"),
+        "plan_digest": doc.get("plan_digest"),
+        "label_map_digest": doc.get("label_map_digest"),
+        "splits": {
+            k: {"records": v.get("records"), "num_shards": v.get("num_shards")}
+            for k, v in doc.get("splits", {}).items()
+        },
+    }
 
 
 def dataset_shards(cfg: Config, storage: Storage, split: str) -> tuple[list[str], dict[str, Any]]:
@@ -223,20 +256,26 @@ def dataset_shards(cfg: Config, storage: Storage, split: str) -> tuple[list[str]
         raise DataError(
             f"{layout.dataset} is of plan {str(doc.get('plan_digest'))[:12]}, but {layout.plan_manifest} is plan "
             f"{manifest.digest[:12]}: the output was re-planned since the last prepare, and its shards may carry "
-            f"labels of the old plan; run `oiod prepare`")
+            f"labels of the old plan; run `oiod prepare`"
+        )
     try:
         lm_digest = text_digest(storage.read_bytes(layout.label_map_pbtxt))
     except ObjectNotFound:
-        raise DataError(f"label map not found: {layout.label_map_pbtxt} (run `oiod plan` / `oiod prepare`)") from None
+        raise DataError(
+            f"label map not found: {layout.label_map_pbtxt} (run `oiod plan` / `oiod prepare`)"
+        ) from None
     if lm_digest != doc.get("label_map_digest"):
         raise DataError(
             f"{layout.label_map_pbtxt} is not the label map the shards in {layout.dataset} were written with "
             f"(digest {lm_digest[:12]} vs {str(doc.get('label_map_digest'))[:12]}): their class ids would be "
-            f"read with the wrong names; run `oiod prepare` (after `oiod plan`)")
+            f"read with the wrong names; run `oiod prepare` (after `oiod plan`)"
+        )
     sd = doc["splits"].get(split)
     if not sd or not sd.get("shards"):
-        raise DataError(f"no committed shards for split {split!r} in {layout.dataset} (prepared: "
-                        f"{sorted(doc['splits']) or 'none'}); plan and prepare it first")
+        raise DataError(
+            f"no committed shards for split {split!r} in {layout.dataset} (prepared: "
+            f"{sorted(doc['splits']) or 'none'}); plan and prepare it first"
+        )
     sizes = layout.shard_files(storage, split)
     urls = []
     for sh in sd["shards"]:
@@ -244,8 +283,10 @@ def dataset_shards(cfg: Config, storage: Storage, split: str) -> tuple[list[str]
         if url not in sizes:
             raise DataError(f"{url} is listed in {layout.dataset} but missing; run `oiod prepare`")
         if sizes[url] != int(sh["bytes"]):
-            raise DataError(f"{url} has {sizes[url]} bytes, {layout.dataset} says {sh['bytes']}: it was "
-                            f"rewritten since (a prepare in progress?); run `oiod prepare`")
+            raise DataError(
+                f"{url} has {sizes[url]} bytes, {layout.dataset} says {sh['bytes']}: it was "
+                f"rewritten since (a prepare in progress?); run `oiod prepare`"
+            )
         urls.append(url)
     return urls, doc
 
@@ -269,14 +310,16 @@ def verify_files(files: list[str], doc: dict[str, Any], split: str, threads: int
         got = list(pool.map(sha, files))
     for path, sh, digest in zip(files, shards, got):
         if digest != sh["sha256"]:
-            raise DataError(f"{path}: sha256 {digest[:12]} is not {sh['sha256'][:12]} as dataset.json lists "
-                            f"for {sh['name']}: the shard changed since prepare; run `oiod prepare`")
+            raise DataError(
+                f"{path}: sha256 {digest[:12]} is not {sh['sha256'][:12]} as dataset.json lists "
+                f"for {sh['name']}: the shard changed since prepare; run `oiod prepare`"
+            )
 
 
 # --------------------------------------------------------------------------- oiod status
 
 
-def status(cfg: Config, storage: Optional[Storage] = None) -> dict[str, Any]:
+def status(cfg: Config, storage: Storage | None = None) -> dict[str, Any]:
     """Plan vs output: shards by state, the image cache, what the next prepare would fetch.
 
     ``up_to_date`` is true when a plan exists, every shard of it is committed and
@@ -291,13 +334,19 @@ def status(cfg: Config, storage: Optional[Storage] = None) -> dict[str, Any]:
         return out
     from openimages_od.openimages.plan import config_digest
 
-    out["plan"] = {"digest": manifest.digest, "label_map_digest": manifest.label_map_digest,
-                   "num_classes": manifest.num_classes, "removed_classes": manifest.removed_classes,
-                   "matches_config": manifest.config_digest == config_digest(cfg),
-                   "splits": {k: {"images": v.num_images, "shards": v.num_shards} for k, v in manifest.splits.items()}}
+    out["plan"] = {
+        "digest": manifest.digest,
+        "label_map_digest": manifest.label_map_digest,
+        "num_classes": manifest.num_classes,
+        "removed_classes": manifest.removed_classes,
+        "matches_config": manifest.config_digest == config_digest(cfg),
+        "splits": {k: {"images": v.num_images, "shards": v.num_shards} for k, v in manifest.splits.items()},
+    }
     states = scan(cfg, storage, manifest)
     counts = {k: sum(1 for s in states if s.state == k) for k in ("committed", "stale", "missing")}
-    counts["with_failed_images"] = sum(1 for s in states if s.state == "committed" and (s.stats or {}).get("failed"))
+    counts["with_failed_images"] = sum(
+        1 for s in states if s.state == "committed" and (s.stats or {}).get("failed")
+    )
     report = _json_or_none(storage, layout.prepare_report) or {}
     counts["failed_last_run"] = len(report.get("failed_shards", {}))
     out["shards"] = counts
@@ -326,11 +375,22 @@ def status(cfg: Config, storage: Optional[Storage] = None) -> dict[str, Any]:
     cache_info["hits_in_committed_shards"] = sum(int(st.get("cache_hits", 0)) for st in done)
     cache_info["source_fetches_in_committed_shards"] = sum(int(st.get("source_fetches", 0)) for st in done)
     out["cache"] = cache_info
-    out["next_prepare"] = {"shards": len(todo), "images": to_build, "fetch_from_source": to_fetch,
-                           "from_cache": to_build - to_fetch}
+    out["next_prepare"] = {
+        "shards": len(todo),
+        "images": to_build,
+        "fetch_from_source": to_fetch,
+        "from_cache": to_build - to_fetch,
+    }
     ds = _json_or_none(storage, layout.dataset)
-    out["dataset"] = ({"digest": ds.get("digest"), "current": ds.get("plan_digest") == manifest.digest
-                       and ds.get("label_map_digest") == manifest.label_map_digest} if ds else None)
+    out["dataset"] = (
+        {
+            "digest": ds.get("digest"),
+            "current": ds.get("plan_digest") == manifest.digest
+            and ds.get("label_map_digest") == manifest.label_map_digest,
+        }
+        if ds
+        else None
+    )
     out["up_to_date"] = bool(not todo and ds and out["dataset"]["current"] and out["orphans"] == 0)
     if not out["plan"]["matches_config"]:
         out["next"] = "oiod plan (the config's source/selection/shards changed since the plan was made)"
@@ -339,7 +399,7 @@ def status(cfg: Config, storage: Optional[Storage] = None) -> dict[str, Any]:
     return out
 
 
-def _json_or_none(storage: Storage, url: str) -> Optional[dict]:
+def _json_or_none(storage: Storage, url: str) -> dict | None:
     try:
         return storage.read_json(url)
     except (ObjectNotFound, ValueError):
@@ -368,30 +428,43 @@ def run_status(cfg: Config, json_out: bool = False) -> int:
         p(f"next     {s['next']}")
         return 1
     pl = s["plan"]
-    p(f"plan     {pl['digest'][:12]}  {pl['num_classes']} classes (label map {pl['label_map_digest'][:12]})  "
-      + ", ".join(f"{k}: {v['images']} images / {v['shards']} shards" for k, v in sorted(pl["splits"].items()))
-      + ("" if pl["matches_config"] else "  [config changed since]"))
+    p(
+        f"plan     {pl['digest'][:12]}  {pl['num_classes']} classes (label map {pl['label_map_digest'][:12]})  "
+        + ", ".join(
+            f"{k}: {v['images']} images / {v['shards']} shards" for k, v in sorted(pl["splits"].items())
+        )
+        + ("" if pl["matches_config"] else "  [config changed since]")
+    )
     if pl["removed_classes"]:
         rc = pl["removed_classes"]
-        p(f"removed  {len(rc)} class{'es' if len(rc) != 1 else ''}, ids retired: " + ", ".join(f"{r['id']}={r['name']}" for r in rc[:8])
-          + (f", ... ({len(rc) - 8} more)" if len(rc) > 8 else ""))
+        p(
+            f"removed  {len(rc)} class{'es' if len(rc) != 1 else ''}, ids retired: "
+            + ", ".join(f"{r['id']}={r['name']}" for r in rc[:8])
+            + (f", ... ({len(rc) - 8} more)" if len(rc) > 8 else "")
+        )
     sh = s["shards"]
-    p(f"shards   {sh['committed']} committed, {sh['stale']} stale (another plan), {sh['missing']} missing, "
-      f"{sh['failed_last_run']} failed in the last run, {sh['with_failed_images']} with failed images; "
-      f"{s['orphans']} orphan files")
+    p(
+        f"shards   {sh['committed']} committed, {sh['stale']} stale (another plan), {sh['missing']} missing, "
+        f"{sh['failed_last_run']} failed in the last run, {sh['with_failed_images']} with failed images; "
+        f"{s['orphans']} orphan files"
+    )
     c = s["cache"]
     if c["enabled"]:
-        p(f"cache    {c['images']} images at {c['url']}; committed shards: {c['hits_in_committed_shards']} from "
-          f"cache, {c['source_fetches_in_committed_shards']} fetched")
+        p(
+            f"cache    {c['images']} images at {c['url']}; committed shards: {c['hits_in_committed_shards']} from "
+            f"cache, {c['source_fetches_in_committed_shards']} fetched"
+        )
     else:
         p("cache    off (output.image_cache: false)")
     n = s["next_prepare"]
-    p(f"prepare  would build {n['shards']} shards / {n['images']} images: {n['fetch_from_source']} fetched from "
-      f"the source, {n['from_cache']} from the cache")
+    p(
+        f"prepare  would build {n['shards']} shards / {n['images']} images: {n['fetch_from_source']} fetched from "
+        f"the source, {n['from_cache']} from the cache"
+    )
     ds = s["dataset"]
-    p(f"dataset  {'none' if not ds else ds['digest'][:12] + (' (current)' if ds['current'] else ' (of another plan)')}")
+    p(
+        f"dataset  {'none' if not ds else ds['digest'][:12] + (' (current)' if ds['current'] else ' (of another plan)')}"
+    )
     p("status   up to date" if s["up_to_date"] else f"next     {s['next']}")
     sys.stdout.flush()
     return 0 if s["up_to_date"] else 1
-
-

@@ -19,8 +19,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from openimages_od.config import Config, apply_overrides, dump_config
 from openimages_od.errors import OiodError
@@ -30,27 +31,48 @@ log = logging.getLogger(__name__)
 DEMO_BUCKET = "oiod-demo-images"
 
 
-def demo_config(workdir: Path, source: dict, bucket_endpoint: Optional[str], steps: int) -> dict:
+def demo_config(workdir: Path, source: dict, bucket_endpoint: str | None, steps: int) -> dict:
     """The embedded-default config (mirrors configs/local-demo.yaml) for a demo workdir."""
     order = ["bucket", "original", "thumbnail"] if bucket_endpoint else ["original", "thumbnail"]
     images: dict[str, Any] = {"order": order}
     if bucket_endpoint:
-        images.update({"bucket": DEMO_BUCKET, "key_template": "{split}/{image_id}.jpg",
-                       "s3": {"endpoint_url": bucket_endpoint, "region": "us-east-1", "unsigned": False,
-                              "addressing_style": "path", "max_attempts": 2}})
+        images.update(
+            {
+                "bucket": DEMO_BUCKET,
+                "key_template": "{split}/{image_id}.jpg",
+                "s3": {
+                    "endpoint_url": bucket_endpoint,
+                    "region": "us-east-1",
+                    "unsigned": False,
+                    "addressing_style": "path",
+                    "max_attempts": 2,
+                },
+            }
+        )
     return {
         "source": {**source, "images": images},
         "selection": {"classes": ["Ball", "Traffic sign", "Window"]},
         "output": {"url": f"file://{workdir / 'output'}"},
-        "ray": {"address": "local", "num_actors": 2, "num_cpus_per_actor": 0.5, "concurrency_per_actor": 16,
-                "local_num_cpus": 2},
+        "ray": {
+            "address": "local",
+            "num_actors": 2,
+            "num_cpus_per_actor": 0.5,
+            "concurrency_per_actor": 16,
+            "local_num_cpus": 2,
+        },
         "image": {"max_side": 512, "quality": 90},
         "shards": {"images_per_shard": 48},
         # The settings benchmarks/train_quality.py measured (mAP@0.5 ~0.98 at 600 steps on 480 images).
-        "train": {"backbone": "mobilenetv2", "input_size": 128, "batch_size": 8, "steps": steps,
-                  "learning_rate": {"schedule": "cosine", "initial": 0.08, "warmup_steps": min(50, steps // 5)},
-                  "shuffle_buffer": 512, "checkpoint_every": max(1, steps // 3),
-                  "summary_every": max(1, min(50, steps // 5))},
+        "train": {
+            "backbone": "mobilenetv2",
+            "input_size": 128,
+            "batch_size": 8,
+            "steps": steps,
+            "learning_rate": {"schedule": "cosine", "initial": 0.08, "warmup_steps": min(50, steps // 5)},
+            "shuffle_buffer": 512,
+            "checkpoint_every": max(1, steps // 3),
+            "summary_every": max(1, min(50, steps // 5)),
+        },
         "evaluate": {"split": "validation", "metrics": ["coco", "openimages"], "timeout_s": 1},
         "export": {"score_threshold": 0.05},
         "serve": {"min_score": 0.3},
@@ -58,14 +80,14 @@ def demo_config(workdir: Path, source: dict, bucket_endpoint: Optional[str], ste
 
 
 @contextlib.contextmanager
-def _local_bucket(dataset: Any, skip_every: int = 10) -> Iterator[Optional[str]]:
+def _local_bucket(dataset: Any, skip_every: int = 10) -> Iterator[str | None]:
     """Start SeaweedFS and upload the photos (all but every ``skip_every``-th); yield its endpoint or None."""
     try:
         from openimages_od.devservices import SeaweedFS
 
         sw = SeaweedFS(workdir=str(dataset.root.parent / "seaweedfs"))
         sw.start()
-    except Exception as exc:  # noqa: BLE001 - optional: the demo falls back to HTTP only
+    except Exception as exc:
         log.warning("local S3 bucket not available (%s); serving photos over HTTP only", exc)
         yield None
         return
@@ -91,8 +113,13 @@ def _step(name: str) -> float:
     return time.monotonic()
 
 
-def run_demo(cfg: Config, workdir: Optional[str] = None, images: Optional[int] = None,
-             steps: Optional[int] = None, overrides: Optional[list[str]] = None) -> int:
+def run_demo(
+    cfg: Config,
+    workdir: str | None = None,
+    images: int | None = None,
+    steps: int | None = None,
+    overrides: list[str] | None = None,
+) -> int:
     """Run the whole path on a generated dataset and print a summary.
 
     Args:
@@ -110,19 +137,25 @@ def run_demo(cfg: Config, workdir: Optional[str] = None, images: Optional[int] =
     n_images = images or 240
     n_steps = steps or 600
     if n_images < 8:
-        raise OiodError("--images must be at least 8 (the demo needs train and validation images)", exit_code=2)
+        raise OiodError(
+            "--images must be at least 8 (the demo needs train and validation images)", exit_code=2
+        )
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
 
     with ImageServer() as server:
         t = _step(f"1/8 generate {n_images} photos in the Open Images V7 layout")
-        ds = generate_dataset(root / "data", n_images, base_url=server.url(""), splits={"train": 0.75, "validation": 0.25})
+        ds = generate_dataset(
+            root / "data", n_images, base_url=server.url(""), splits={"train": 0.75, "validation": 0.25}
+        )
         for im in ds.images:
             server.add(f"original/{im.split}/{im.image_id}.jpg", im.jpeg)
             server.add(f"thumb/{im.split}/{im.image_id}.jpg", im.jpeg)
-        print(f"   {len(ds.images)} photos, {sum(im.rotation != 0 for im in ds.images)} stored rotated; "
-              f"served at {server.url('')} ({time.monotonic() - t:.1f}s)")
+        print(
+            f"   {len(ds.images)} photos, {sum(im.rotation != 0 for im in ds.images)} stored rotated; "
+            f"served at {server.url('')} ({time.monotonic() - t:.1f}s)"
+        )
 
         with _local_bucket(ds) as endpoint:
             if endpoint:
@@ -169,8 +202,10 @@ def _run_stages(conf: Config, root: Path, ds: Any) -> dict[str, Any]:
     (det_dir / "detections.jsonl").parent.mkdir(parents=True, exist_ok=True)
     (det_dir / "detections.jsonl").write_text(buf.getvalue())
     results["detect"] = lines
-    print(f"   {len(lines)} images, {sum(len(x.get('detections', [])) for x in lines)} boxes "
-          f"-> {det_dir} ({time.monotonic() - t:.1f}s)")
+    print(
+        f"   {len(lines)} images, {sum(len(x.get('detections', [])) for x in lines)} boxes "
+        f"-> {det_dir} ({time.monotonic() - t:.1f}s)"
+    )
 
     t = _step("8/8 report: report.html")
     from openimages_od.report import run_report
@@ -180,18 +215,24 @@ def _run_stages(conf: Config, root: Path, ds: Any) -> dict[str, Any]:
     return results
 
 
-def _latest_metrics(conf: Config) -> Optional[dict]:
+def _latest_metrics(conf: Config) -> dict | None:
     from openimages_od.storage import Storage
 
     st = Storage.from_config(conf)
-    found = [o.url for o in st.list(conf.output_path("eval") + "/") if o.url.rsplit("/", 1)[-1].startswith("metrics-")]
+    found = [
+        o.url
+        for o in st.list(conf.output_path("eval") + "/")
+        if o.url.rsplit("/", 1)[-1].startswith("metrics-")
+    ]
     if not found:
         return None
+
     def step_of(u: str) -> int:
         try:
             return int(u.rsplit("metrics-", 1)[1].split(".")[0])
         except ValueError:
             return -1
+
     return st.read_json(max(found, key=step_of))
 
 

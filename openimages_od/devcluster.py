@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from openimages_od.devservices import free_port
 
@@ -49,7 +49,7 @@ class RayNode:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def raylet_pid(self) -> Optional[int]:
+    def raylet_pid(self) -> int | None:
         """PID of this node's raylet (a child of ``ray start``), if it runs."""
         import psutil
 
@@ -127,9 +127,15 @@ class LoopbackRayCluster:
         system_config: ``_system_config`` for the head (e.g. faster node-death detection).
     """
 
-    def __init__(self, head_ip: str = "127.0.0.2", head_cpus: int = 0, dashboard: bool = True,
-                 env: Optional[dict[str, str]] = None, object_store_mb: int = 80,
-                 system_config: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        head_ip: str = "127.0.0.2",
+        head_cpus: int = 0,
+        dashboard: bool = True,
+        env: dict[str, str] | None = None,
+        object_store_mb: int = 80,
+        system_config: dict[str, Any] | None = None,
+    ) -> None:
         self.head_ip = head_ip
         self.head_cpus = head_cpus
         self.dashboard = dashboard
@@ -139,7 +145,7 @@ class LoopbackRayCluster:
         self.root = Path(tempfile.mkdtemp(prefix="oiodcl", dir="/tmp"))
         # Token auth as the chart sets it (authOptions): deterministic whatever ~/.ray holds.
         self.token = secrets.token_hex(32)
-        self.head: Optional[RayNode] = None
+        self.head: RayNode | None = None
         self.workers: list[RayNode] = []
 
     # ------------------------------------------------------------------ addresses
@@ -157,8 +163,14 @@ class LoopbackRayCluster:
 
     def env(self) -> dict[str, str]:
         """Environment for a driver that joins this cluster."""
-        e = {**os.environ, **self.env_extra, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-             "PATH": f"{_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        e = {
+            **os.environ,
+            **self.env_extra,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            "PATH": f"{_BIN}:{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+        }
         e.pop("RAY_ADDRESS", None)
         return e
 
@@ -168,25 +180,41 @@ class LoopbackRayCluster:
         temp_dir = str(self.root / name)
         os.makedirs(temp_dir, exist_ok=True)
         log = self.root / f"{name}.log"
-        cmd = [str(_BIN / "ray"), "start", "--block", f"--node-ip-address={ip}",
-               f"--object-manager-port={ports['om']}", f"--node-manager-port={ports['nm']}",
-               f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-               f"--runtime-env-agent-port={ports['rte']}", f"--metrics-export-port={ports['metrics']}",
-               f"--object-store-memory={self.object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
-               "--disable-usage-stats", *args]
+        cmd = [
+            str(_BIN / "ray"),
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            f"--object-manager-port={ports['om']}",
+            f"--node-manager-port={ports['nm']}",
+            f"--dashboard-agent-listen-port={ports['agent']}",
+            f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+            f"--runtime-env-agent-port={ports['rte']}",
+            f"--metrics-export-port={ports['metrics']}",
+            f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            *args,
+        ]
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, env=self.env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=self.env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return RayNode(ip=ip, proc=proc, log=log, temp_dir=temp_dir, ports=ports)
 
     @staticmethod
     def _ports(*extra: str) -> dict[str, int]:
         return {k: free_port() for k in ("om", "nm", "agent", "agent_grpc", "rte", "metrics", *extra)}
 
-    def start_head(self, timeout_s: float = 90.0) -> "LoopbackRayCluster":
+    def start_head(self, timeout_s: float = 90.0) -> LoopbackRayCluster:
         ports = self._ports("gcs", "dash", "client")
-        args = ["--head", f"--port={ports['gcs']}", f"--num-cpus={int(self.head_cpus)}",
-                f"--ray-client-server-port={ports['client']}",
-                f"--include-dashboard={'true' if self.dashboard else 'false'}"]
+        args = [
+            "--head",
+            f"--port={ports['gcs']}",
+            f"--num-cpus={int(self.head_cpus)}",
+            f"--ray-client-server-port={ports['client']}",
+            f"--include-dashboard={'true' if self.dashboard else 'false'}",
+        ]
         if self.dashboard:
             args += [f"--dashboard-host={self.head_ip}", f"--dashboard-port={ports['dash']}"]
         if self.system_config:
@@ -197,8 +225,14 @@ class LoopbackRayCluster:
             self._wait(self._dashboard_up, timeout_s, self.head, "dashboard")
         return self
 
-    def add_worker(self, num_cpus: int = 1, resources: Optional[dict[str, float]] = None,
-                   wait: bool = True, timeout_s: float = 60.0, attempts: int = 2) -> RayNode:
+    def add_worker(
+        self,
+        num_cpus: int = 1,
+        resources: dict[str, float] | None = None,
+        wait: bool = True,
+        timeout_s: float = 60.0,
+        attempts: int = 2,
+    ) -> RayNode:
         """Start a worker raylet on the next free loopback address (127.0.0.3, .4, ...).
 
         On a loaded machine ``ray start`` can give up on its own start-up timeout: it is
@@ -219,7 +253,9 @@ class LoopbackRayCluster:
             if not wait:
                 return node
             try:
-                self._wait(lambda: self._nodes_alive() > before, timeout_s, node, f"worker {ip}")
+                self._wait(
+                    lambda before=before: self._nodes_alive() > before, timeout_s, node, f"worker {ip}"
+                )
                 return node
             except RuntimeError:
                 node.stop()
@@ -237,19 +273,24 @@ class LoopbackRayCluster:
     def _nodes_alive(self) -> int:
         """Alive nodes according to the GCS, asked from a subprocess with the cluster's environment
         (token auth settings are read per process, so the caller's own Ray is left alone)."""
-        code = ("from ray._raylet import GcsClient\n"
-                f"c = GcsClient(address={self.address!r})\n"
-                "print(sum(1 for n in c.get_all_node_info(timeout=5).values() if n.state == 0))")
+        code = (
+            "from ray._raylet import GcsClient\n"
+            f"c = GcsClient(address={self.address!r})\n"
+            "print(sum(1 for n in c.get_all_node_info(timeout=5).values() if n.state == 0))"
+        )
         try:
-            r = subprocess.run([sys.executable, "-c", code], env=self.env(), capture_output=True, text=True,
-                               timeout=30)
+            r = subprocess.run(
+                [sys.executable, "-c", code], env=self.env(), capture_output=True, text=True, timeout=30
+            )
             return int(r.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError, subprocess.TimeoutExpired):
             return 0
 
     def request(self, path: str) -> urllib.request.Request:
         """An authenticated dashboard request for ``path``."""
-        return urllib.request.Request(f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        return urllib.request.Request(
+            f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.token}"}
+        )
 
     def _dashboard_up(self) -> bool:
         try:
@@ -264,7 +305,9 @@ class LoopbackRayCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not node.alive():
-                raise RuntimeError(f"{what}: ray start exited {node.proc.returncode}: {node.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{what}: ray start exited {node.proc.returncode}: {node.log.read_text()[-3000:]}"
+                )
             if cond():
                 return
             time.sleep(0.5)
@@ -278,7 +321,7 @@ class LoopbackRayCluster:
             self.head.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "LoopbackRayCluster":
+    def __enter__(self) -> LoopbackRayCluster:
         return self.start_head()
 
     def __exit__(self, *exc: object) -> None:

@@ -27,9 +27,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-__all__ = ["free_port", "SeaweedFS", "ImageServer", "Reply"]
+__all__ = ["ImageServer", "Reply", "SeaweedFS", "free_port"]
 
 
 def free_port(avoid_above: int = 55535) -> int:
@@ -40,7 +39,7 @@ def free_port(avoid_above: int = 55535) -> int:
             port = s.getsockname()[1]
         if port <= avoid_above:
             return port
-    raise RuntimeError("no free port below %d" % avoid_above)
+    raise RuntimeError(f"no free port below {avoid_above}")
 
 
 def _weed_binary() -> str:
@@ -61,15 +60,20 @@ class SeaweedFS:
     failure paths), ``start()`` brings it back on the same ports and data.
     """
 
-    def __init__(self, workdir: Optional[str] = None, access_key: str = "oiod-test", secret_key: str = "oiod-test-secret",
-                 ip: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        workdir: str | None = None,
+        access_key: str = "oiod-test",
+        secret_key: str = "oiod-test-secret",
+        ip: str = "127.0.0.1",
+    ) -> None:
         self._own_dir = workdir is None
         self.ip = ip
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="oiod-weed-"))
         self.access_key = access_key
         self.secret_key = secret_key
         self.ports = {k: free_port() for k in ("s3", "master", "volume", "filer", "admin")}
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
@@ -77,42 +81,69 @@ class SeaweedFS:
 
     def env(self) -> dict[str, str]:
         """Environment for a client process (standard AWS variables)."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": "us-east-1", "OIOD_S3_ENDPOINT": self.endpoint}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "OIOD_S3_ENDPOINT": self.endpoint,
+        }
 
-    def start(self, timeout_s: float = 30.0) -> "SeaweedFS":
+    def start(self, timeout_s: float = 30.0) -> SeaweedFS:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         p = self.ports
         cmd = [
-            _weed_binary(), f"-logdir={self.workdir / 'logs'}", "mini", f"-dir={self.workdir}",
-            f"-ip={self.ip}", f"-ip.bind={self.ip}", "-master.telemetry=false", "-admin.ui=false",
-            "-webdav=false", f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+            _weed_binary(),
+            f"-logdir={self.workdir / 'logs'}",
+            "mini",
+            f"-dir={self.workdir}",
+            f"-ip={self.ip}",
+            f"-ip.bind={self.ip}",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-s3.port={p['s3']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-master.port={p['master']}",
+            f"-volume.port={p['volume']}",
+            f"-filer.port={p['filer']}",
             f"-admin.port={p['admin']}",
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.workdir / "weed.out", "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=open(self.workdir / "weed.out", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         client = self.client()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.workdir / 'weed.out'}")
+                raise RuntimeError(
+                    f"weed exited with {self.proc.returncode}; see {self.workdir / 'weed.out'}"
+                )
             try:
                 client.list_buckets()
                 return self
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"SeaweedFS did not become ready in {timeout_s}s; see {self.workdir / 'weed.out'}")
 
-    def client(self):  # noqa: ANN201 - boto3 client
+    def client(self):
         import boto3
         from botocore.config import Config as BotoConfig
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name="us-east-1",
-                            config=BotoConfig(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 1}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=BotoConfig(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 1}),
+        )
 
     def create_bucket(self, name: str) -> str:
         with contextlib.suppress(Exception):
@@ -126,7 +157,7 @@ class SeaweedFS:
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def __enter__(self) -> "SeaweedFS":
+    def __enter__(self) -> SeaweedFS:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -157,11 +188,11 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
-    truncate_at: Optional[int] = None
+    truncate_at: int | None = None
     content_type: str = "image/jpeg"
     drip_s: float = 0.0
     drip_bytes: int = 1
-    content_encoding: Optional[str] = None
+    content_encoding: str | None = None
 
 
 class ImageServer:
@@ -178,8 +209,8 @@ class ImageServer:
         self.routes: dict[str, list[Reply]] = {}
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._runner = None
         self._ready = threading.Event()
 
@@ -194,7 +225,7 @@ class ImageServer:
             self.routes["/" + path.lstrip("/")] = list(replies)
         return self.url(path)
 
-    async def _handle(self, request):  # noqa: ANN001, ANN202
+    async def _handle(self, request):
         from aiohttp import web
 
         path = request.path
@@ -218,7 +249,7 @@ class ImageServer:
             step = max(1, reply.drip_bytes)
             try:
                 for i in range(0, len(reply.body), step):
-                    await resp.write(reply.body[i:i + step])
+                    await resp.write(reply.body[i : i + step])
                     await asyncio.sleep(reply.drip_s)
                 await resp.write_eof()
             except ConnectionError:  # the client gave up (its deadline): expected
@@ -232,9 +263,11 @@ class ImageServer:
             await resp.write(reply.body[: reply.truncate_at])
             request.transport.close()
             return resp
-        return web.Response(status=reply.status, body=reply.body, headers=headers, content_type=reply.content_type)
+        return web.Response(
+            status=reply.status, body=reply.body, headers=headers, content_type=reply.content_type
+        )
 
-    def start(self) -> "ImageServer":
+    def start(self) -> ImageServer:
         from aiohttp import web
 
         def run() -> None:
@@ -265,7 +298,7 @@ class ImageServer:
         self._loop = None
         self._thread = None
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

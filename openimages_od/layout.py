@@ -34,28 +34,37 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from openimages_od.config import Config, ImageConfig
 
 __all__ = [
+    "SHARD_KEY_FIELD",
     "Layout",
     "ShardSpec",
-    "shard_key",
-    "is_current",
-    "image_settings",
-    "image_digest",
-    "text_digest",
     "combine",
-    "SHARD_KEY_FIELD",
+    "image_digest",
+    "image_settings",
+    "is_current",
+    "shard_key",
+    "text_digest",
 ]
 
 SHARD_KEY_FIELD = "shard_key"
 
 # Image settings that change the bytes of a record (or whether an image is accepted).
-_BYTE_SETTINGS = ("max_side", "quality", "keep_original_if_fits", "max_pixels", "min_side", "verify_md5",
-                  "reject_placeholder", "exif", "resample")
+_BYTE_SETTINGS = (
+    "max_side",
+    "quality",
+    "keep_original_if_fits",
+    "max_pixels",
+    "min_side",
+    "verify_md5",
+    "reject_placeholder",
+    "exif",
+    "resample",
+)
 
 
 def _join(root: str, *parts: str) -> str:
@@ -77,13 +86,13 @@ def combine(*parts: Any) -> str:
     return text_digest(json.dumps(list(parts), sort_keys=True, separators=(",", ":")))
 
 
-def image_settings(ic: "ImageConfig") -> dict[str, Any]:
+def image_settings(ic: ImageConfig) -> dict[str, Any]:
     """The ``image`` settings that change what a shard holds."""
     d = ic.model_dump(mode="json")
     return {k: d[k] for k in _BYTE_SETTINGS if k in d}
 
 
-def image_digest(ic: "ImageConfig") -> str:
+def image_digest(ic: ImageConfig) -> str:
     """Digest of :func:`image_settings` (16 hex digits: it names a cache folder)."""
     return combine(image_settings(ic))[:16]
 
@@ -93,7 +102,7 @@ def shard_key(plan_shard_sha256: str, label_map_digest: str, image_settings_dige
     return combine("shard", plan_shard_sha256, label_map_digest, image_settings_digest)
 
 
-def is_current(stats: Optional[dict[str, Any]], key: str) -> bool:
+def is_current(stats: dict[str, Any] | None, key: str) -> bool:
     """The commit rule: a stats document that exists and names ``key``."""
     return bool(stats) and stats.get(SHARD_KEY_FIELD) == key and bool(stats.get("tfrecord_sha256"))
 
@@ -124,20 +133,30 @@ class Layout:
         cache_root: the image cache root (default ``{root}/cache``).
     """
 
-    def __init__(self, root: str, *, model_dir: Optional[str] = None, export_dir: Optional[str] = None,
-                 cache_root: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        model_dir: str | None = None,
+        export_dir: str | None = None,
+        cache_root: str | None = None,
+    ) -> None:
         self.root = root.rstrip("/")
         self.model_dir = (model_dir or self.path("model")).rstrip("/")
         self.export_dir = (export_dir or self.path("export")).rstrip("/")
         self.cache_root = (cache_root or self.path("cache")).rstrip("/")
 
     @classmethod
-    def from_config(cls, cfg: "Config") -> "Layout":
+    def from_config(cls, cfg: Config) -> Layout:
         from openimages_od.config import normalize_root
 
         cache = getattr(cfg.output, "cache_url", None)
-        return cls(cfg.output_root, model_dir=cfg.model_dir, export_dir=cfg.export_dir,
-                   cache_root=normalize_root(cache) if cache else None)
+        return cls(
+            cfg.output_root,
+            model_dir=cfg.model_dir,
+            export_dir=cfg.export_dir,
+            cache_root=normalize_root(cache) if cache else None,
+        )
 
     def path(self, *parts: str) -> str:
         return _join(self.root, *parts)
@@ -145,7 +164,7 @@ class Layout:
     def relative(self, url: str) -> str:
         """``url`` relative to the root (as recorded in ``dataset.json``), or ``url`` itself if outside it."""
         prefix = self.root + "/"
-        return url[len(prefix):] if url.startswith(prefix) else url
+        return url[len(prefix) :] if url.startswith(prefix) else url
 
     # -- plan
     @property
@@ -177,10 +196,10 @@ class Layout:
         return self.path("plan", rel)
 
     # -- shards
-    def tfrecords_dir(self, split: Optional[str] = None) -> str:
+    def tfrecords_dir(self, split: str | None = None) -> str:
         return self.path("tfrecords", split) if split else self.path("tfrecords")
 
-    def ledger_dir(self, split: Optional[str] = None) -> str:
+    def ledger_dir(self, split: str | None = None) -> str:
         return self.path("ledger", split) if split else self.path("ledger")
 
     def tfrecord(self, split: str, name: str) -> str:
@@ -193,8 +212,11 @@ class Layout:
         return self.path("ledger", split, f"{name}.jsonl")
 
     def shard_urls(self, split: str, name: str) -> dict[str, str]:
-        return {"tfrecord": self.tfrecord(split, name), "stats": self.shard_stats(split, name),
-                "ledger": self.ledger(split, name)}
+        return {
+            "tfrecord": self.tfrecord(split, name),
+            "stats": self.shard_stats(split, name),
+            "ledger": self.ledger(split, name),
+        }
 
     @property
     def prepare_report(self) -> str:
@@ -235,8 +257,9 @@ class Layout:
         return self.path("report.html")
 
     # -- the current plan's shards
-    def shard_specs(self, manifest: Any, image_settings_digest: str,
-                    splits: Optional[set[str]] = None) -> list[ShardSpec]:
+    def shard_specs(
+        self, manifest: Any, image_settings_digest: str, splits: set[str] | None = None
+    ) -> list[ShardSpec]:
         """Every shard the plan ``manifest`` calls for (optionally only ``splits``), in order."""
         from openimages_od.openimages.planio import shard_name
 
@@ -249,9 +272,20 @@ class Layout:
                 name = shard_name(split, i, sm.num_shards)
                 sha = sm.shard_sha256[i] if i < len(sm.shard_sha256) else ""
                 urls = self.shard_urls(split, name)
-                out.append(ShardSpec(split, i, sm.num_shards, name, self.plan_shard(rel), sha,
-                                     shard_key(sha, manifest.label_map_digest, image_settings_digest),
-                                     urls["tfrecord"], urls["stats"], urls["ledger"]))
+                out.append(
+                    ShardSpec(
+                        split,
+                        i,
+                        sm.num_shards,
+                        name,
+                        self.plan_shard(rel),
+                        sha,
+                        shard_key(sha, manifest.label_map_digest, image_settings_digest),
+                        urls["tfrecord"],
+                        urls["stats"],
+                        urls["ledger"],
+                    )
+                )
         return out
 
     def shard_files(self, storage: Any, split: str) -> dict[str, int]:

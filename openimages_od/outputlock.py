@@ -26,16 +26,17 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 from openimages_od.errors import OiodError
 from openimages_od.storage import ObjectNotFound, Storage, local_path
 
-__all__ = ["OutputLock", "LockHeld", "output_lock"]
+__all__ = ["LockHeld", "OutputLock", "output_lock"]
 
 log = logging.getLogger(__name__)
 
-_HELD: dict[str, "OutputLock"] = {}
+_HELD: dict[str, OutputLock] = {}
 _HELD_GUARD = threading.Lock()
 
 
@@ -73,19 +74,29 @@ class OutputLock:
         self.token = uuid.uuid4().hex
         self.lost = False
         self._fh: Any = None
-        self._etag: Optional[str] = None
+        self._etag: str | None = None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def _doc(self) -> bytes:
         now = time.time()
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
-                           "renewed_at": now, "expires_at": now + self.ttl_s}).encode()
+        return json.dumps(
+            {
+                "token": self.token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "what": self.what,
+                "renewed_at": now,
+                "expires_at": now + self.ttl_s,
+            }
+        ).encode()
 
     @staticmethod
     def _describe(doc: dict) -> str:
         since = time.strftime("%H:%M:%S", time.localtime(doc.get("renewed_at", 0)))
-        return f"{doc.get('what', '?')} on {doc.get('host', '?')} (pid {doc.get('pid', '?')}, renewed {since})"
+        return (
+            f"{doc.get('what', '?')} on {doc.get('host', '?')} (pid {doc.get('pid', '?')}, renewed {since})"
+        )
 
     # -- local
     def _acquire_local(self) -> None:
@@ -104,8 +115,10 @@ class OutputLock:
             except ValueError:
                 holder = "another process"
             fh.close()
-            raise LockHeld(f"{self.url} is held by {holder}: another plan/prepare is writing this output; "
-                           f"wait for it to finish") from None
+            raise LockHeld(
+                f"{self.url} is held by {holder}: another plan/prepare is writing this output; "
+                f"wait for it to finish"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(self._doc().decode())
@@ -131,13 +144,18 @@ class OutputLock:
             else:
                 dead = doc.get("host") == socket.gethostname() and not _pid_alive(int(doc.get("pid", 0) or 0))
                 if not dead and time.time() < float(doc.get("expires_at", 0)):
-                    raise LockHeld(f"{self.url} is held by {self._describe(doc)} until "
-                                   f"{time.strftime('%H:%M:%S', time.localtime(doc['expires_at']))}: another "
-                                   f"plan/prepare is writing this output; wait for it (a crashed holder's lease "
-                                   f"expires after output.lock_ttl_s={self.ttl_s:g}s)")
+                    raise LockHeld(
+                        f"{self.url} is held by {self._describe(doc)} until "
+                        f"{time.strftime('%H:%M:%S', time.localtime(doc['expires_at']))}: another "
+                        f"plan/prepare is writing this output; wait for it (a crashed holder's lease "
+                        f"expires after output.lock_ttl_s={self.ttl_s:g}s)"
+                    )
                 if float(doc.get("expires_at", 0)) > 0:  # 0 = released, not abandoned
-                    log.warning("taking over the output lock from %s (%s)", self._describe(doc),
-                                "holder is dead" if dead else "lease expired")
+                    log.warning(
+                        "taking over the output lock from %s (%s)",
+                        self._describe(doc),
+                        "holder is dead" if dead else "lease expired",
+                    )
                 etag = st.put_conditional(self.url, self._doc(), if_match=cur)
             if etag is None:
                 raise LockHeld(f"{self.url}: another run took the output lock at the same moment; retry")
@@ -159,7 +177,7 @@ class OutputLock:
             self._etag = etag
 
     # -- public
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         if local_path(self.url) is not None:
             self._acquire_local()
         else:
@@ -194,7 +212,9 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def output_lock(storage: Storage, url: str, ttl_s: float = 120.0, what: str = "prepare") -> Iterator[OutputLock]:
+def output_lock(
+    storage: Storage, url: str, ttl_s: float = 120.0, what: str = "prepare"
+) -> Iterator[OutputLock]:
     """Hold the output lock for the block (re-entrant within the process)."""
     with _HELD_GUARD:
         held = _HELD.get(url)

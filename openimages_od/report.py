@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 from openimages_od.config import Config, join_url
 from openimages_od.layout import Layout
@@ -33,8 +33,21 @@ log = logging.getLogger(__name__)
 
 MAX_SAMPLE_EXAMPLES = 2000  # image-size statistics read at most this many examples
 GRID_IMAGES = 12
-PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
-           "#469990", "#9a6324", "#800000", "#808000", "#000075"]
+PALETTE = [
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#bfef45",
+    "#469990",
+    "#9a6324",
+    "#800000",
+    "#808000",
+    "#000075",
+]
 
 
 def _png(fig: Any) -> str:
@@ -63,22 +76,24 @@ class _Data:
         self.st = st
         self.names: dict[str, str] = {}
         self.id_to_mid: dict[int, str] = {}
-        self.class_counts: dict[str, dict[str, Counter]] = {}  # split -> {"boxes": Counter, "images": Counter}
+        self.class_counts: dict[
+            str, dict[str, Counter]
+        ] = {}  # split -> {"boxes": Counter, "images": Counter}
         self.boxes_per_image: dict[str, list[int]] = {}
         self.image_sizes: list[tuple[int, int]] = []
         self.failures: Counter = Counter()
         self.sources: Counter = Counter()
         self.ledger_ok = 0
         self.samples: list[dict] = []
-        self.prepare_report: Optional[dict] = None
-        self.plan_stats: Optional[dict] = None
-        self.dataset: Optional[dict] = None
-        self.metrics: Optional[dict] = None
-        self.metrics_url: Optional[str] = None
-        self.analysis: Optional[dict] = None
-        self.analysis_url: Optional[str] = None
+        self.prepare_report: dict | None = None
+        self.plan_stats: dict | None = None
+        self.dataset: dict | None = None
+        self.metrics: dict | None = None
+        self.metrics_url: str | None = None
+        self.analysis: dict | None = None
+        self.analysis_url: str | None = None
 
-    def load(self) -> "_Data":
+    def load(self) -> _Data:
         self._label_map()
         self._plan()
         self._ledger()
@@ -89,7 +104,7 @@ class _Data:
         self._metrics()
         return self
 
-    def _json(self, url: str) -> Optional[dict]:
+    def _json(self, url: str) -> dict | None:
         try:
             return self.st.read_json(url)
         except ObjectNotFound:
@@ -160,16 +175,29 @@ class _Data:
         layout = Layout.from_config(self.cfg)
         lock = self._json(layout.dataset)
         if lock:  # exactly the shards of the dataset (never a stale shard of another plan)
-            shard_urls = [layout.path(sh["tfrecord"]) for sd in lock.get("splits", {}).values() for sh in sd["shards"]]
+            shard_urls = [
+                layout.path(sh["tfrecord"]) for sd in lock.get("splits", {}).values() for sh in sd["shards"]
+            ]
         else:
-            shard_urls = [o.url for o in self.st.list(self.cfg.output_path("tfrecords") + "/")
-                          if o.url.endswith(".tfrecord")
-                          and self.st.exists(o.url[: -len(".tfrecord")] + ".stats.json")]
+            shard_urls = [
+                o.url
+                for o in self.st.list(self.cfg.output_path("tfrecords") + "/")
+                if o.url.endswith(".tfrecord") and self.st.exists(o.url[: -len(".tfrecord")] + ".stats.json")
+            ]
         # Spread samples over splits: validation/test first (they matter for evaluation), then train.
         shard_urls.sort(key=lambda u: ("/train/" in u, u))
-        keys = ["image/encoded", "image/width", "image/height", "image/filename", "image/object/bbox/xmin",
-                "image/object/bbox/xmax", "image/object/bbox/ymin", "image/object/bbox/ymax",
-                "image/object/class/text", "image/object/group_of"]
+        keys = [
+            "image/encoded",
+            "image/width",
+            "image/height",
+            "image/filename",
+            "image/object/bbox/xmin",
+            "image/object/bbox/xmax",
+            "image/object/bbox/ymin",
+            "image/object/bbox/ymax",
+            "image/object/class/text",
+            "image/object/group_of",
+        ]
         for url in shard_urls:
             if seen >= MAX_SAMPLE_EXAMPLES:
                 break
@@ -178,16 +206,27 @@ class _Data:
                 w = int(ex["image/width"][0])
                 h = int(ex["image/height"][0])
                 self.image_sizes.append((w, h))
-                if len(self.samples) < GRID_IMAGES and (len(self.samples) < GRID_IMAGES // 2 or "/train/" in url):
-                    self.samples.append({
-                        "jpeg": bytes(ex["image/encoded"][0]), "id": _s(ex["image/filename"][0]),
-                        "split": url.rsplit("/", 2)[-2],
-                        "boxes": list(zip(ex.get("image/object/bbox/xmin", ()), ex.get("image/object/bbox/ymin", ()),
-                                          ex.get("image/object/bbox/xmax", ()), ex.get("image/object/bbox/ymax", ()),
-                                          [_s(t) for t in ex.get("image/object/class/text", ())],
-                                          # == 1 only: the shards write -1 for "unknown"
-                                          [g == 1 for g in ex.get("image/object/group_of", ())] or [False] * 999)),
-                    })
+                if len(self.samples) < GRID_IMAGES and (
+                    len(self.samples) < GRID_IMAGES // 2 or "/train/" in url
+                ):
+                    self.samples.append(
+                        {
+                            "jpeg": bytes(ex["image/encoded"][0]),
+                            "id": _s(ex["image/filename"][0]),
+                            "split": url.rsplit("/", 2)[-2],
+                            "boxes": list(
+                                zip(
+                                    ex.get("image/object/bbox/xmin", ()),
+                                    ex.get("image/object/bbox/ymin", ()),
+                                    ex.get("image/object/bbox/xmax", ()),
+                                    ex.get("image/object/bbox/ymax", ()),
+                                    [_s(t) for t in ex.get("image/object/class/text", ())],
+                                    # == 1 only: the shards write -1 for "unknown"
+                                    [g == 1 for g in ex.get("image/object/group_of", ())] or [False] * 999,
+                                )
+                            ),
+                        }
+                    )
                 seen += 1
                 if seen >= MAX_SAMPLE_EXAMPLES:
                     break
@@ -198,7 +237,7 @@ class _Data:
             name = o.url.rsplit("/", 1)[-1]
             if name.startswith("metrics-") and name.endswith(".json"):
                 try:
-                    found.append((int(name[len("metrics-"):-len(".json")]), o.url))
+                    found.append((int(name[len("metrics-") : -len(".json")]), o.url))
                 except ValueError:
                     continue
         if found:
@@ -223,8 +262,12 @@ def _class_histogram(d: _Data, split: str) -> str:
     labels = [d.names.get(m, m) for m in mids]
     fig, ax = plt.subplots(figsize=(8, max(2.2, 0.32 * len(mids) + 1)))
     y = range(len(mids))
-    ax.barh([i + 0.2 for i in y], [counts["boxes"][m] for m in mids], height=0.4, label="boxes", color="#4363d8")
-    ax.barh([i - 0.2 for i in y], [counts["images"][m] for m in mids], height=0.4, label="images", color="#f58231")
+    ax.barh(
+        [i + 0.2 for i in y], [counts["boxes"][m] for m in mids], height=0.4, label="boxes", color="#4363d8"
+    )
+    ax.barh(
+        [i - 0.2 for i in y], [counts["images"][m] for m in mids], height=0.4, label="images", color="#f58231"
+    )
     ax.set_yticks(list(y))
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
@@ -291,7 +334,7 @@ def _draw_sample(sample: dict, names: dict[str, str]) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _per_class_ap(metrics: dict, names: dict[str, str]) -> Optional[tuple[str, dict[str, float]]]:
+def _per_class_ap(metrics: dict, names: dict[str, str]) -> tuple[str, dict[str, float]] | None:
     """Find per-class AP in the metrics JSON (Open Images metric first, then COCO)."""
     for section in ("openimages", "coco"):
         sec = metrics.get(section)
@@ -322,7 +365,7 @@ def _ap_bars(section: str, per: dict[str, float]) -> str:
     return _png(fig)
 
 
-def _pr_curves(metrics: dict, names: dict[str, str]) -> Optional[str]:
+def _pr_curves(metrics: dict, names: dict[str, str]) -> str | None:
     curves = None
     for section in ("openimages", "coco"):
         sec = metrics.get(section)
@@ -333,10 +376,17 @@ def _pr_curves(metrics: dict, names: dict[str, str]) -> Optional[str]:
         curves = metrics["pr_curves"]
     if curves is None:  # per-class entries carrying their own curve (the Open Images metric does)
         for section in ("openimages", "coco"):
-            per = (metrics.get(section) or {}).get("per_class") if isinstance(metrics.get(section), dict) else None
+            per = (
+                (metrics.get(section) or {}).get("per_class")
+                if isinstance(metrics.get(section), dict)
+                else None
+            )
             if isinstance(per, dict):
-                found = {(v.get("name") or k): v["pr_curve"] for k, v in per.items()
-                         if isinstance(v, dict) and isinstance(v.get("pr_curve"), dict)}
+                found = {
+                    (v.get("name") or k): v["pr_curve"]
+                    for k, v in per.items()
+                    if isinstance(v, dict) and isinstance(v.get("pr_curve"), dict)
+                }
                 if found:
                     curves = found
                     break
@@ -357,11 +407,16 @@ def _pr_curves(metrics: dict, names: dict[str, str]) -> Optional[str]:
     return _png(fig)
 
 
-def _ap_vs_frequency(metrics: dict, train_boxes: dict[str, int]) -> Optional[tuple[str, list[tuple[str, int, float]]]]:
+def _ap_vs_frequency(
+    metrics: dict, train_boxes: dict[str, int]
+) -> tuple[str, list[tuple[str, int, float]]] | None:
     """Scatter of per-class AP against training boxes (log x): does AP follow frequency?"""
     per = ((metrics.get("openimages") or {}).get("per_class") or {}) if isinstance(metrics, dict) else {}
-    points = [(v["name"], train_boxes[v["name"]], float(v["ap"])) for v in per.values()
-              if isinstance(v, dict) and v.get("ap") is not None and v.get("name") in train_boxes]
+    points = [
+        (v["name"], train_boxes[v["name"]], float(v["ap"]))
+        for v in per.values()
+        if isinstance(v, dict) and v.get("ap") is not None and v.get("name") in train_boxes
+    ]
     if not points:
         return None
     plt = _plt()
@@ -377,55 +432,110 @@ def _ap_vs_frequency(metrics: dict, train_boxes: dict[str, int]) -> Optional[tup
     return _png(fig), sorted(points, key=lambda p: p[1])
 
 
-def _error_analysis_html(a: dict, url: Optional[str]) -> list[str]:
-    parts = [f"<h2 id='errors'>Error analysis</h2><p class='muted'>Predictions with score &ge; "
-             f"{a.get('min_score')} at IoU {a.get('iou_threshold')}: each is a true positive or a false positive "
-             f"for one reason (<b>localisation</b>: right class, IoU in [{a.get('loc_iou')}, "
-             f"{a.get('iou_threshold')}); <b>wrong class</b>: on an object of another class (IoU &ge; the threshold, "
-             f"or &ge; {a.get('loc_iou')} when nothing of its class is near); <b>duplicate</b>: "
-             f"the object was already found; <b>background</b>: nothing there). Every prediction and miss is in "
-             f"<code>{html.escape((url or '').replace('analysis-', 'outcomes-').replace('.json', '.csv'))}</code>."
-             f"</p>"]
+def _error_analysis_html(a: dict, url: str | None) -> list[str]:
+    parts = [
+        f"<h2 id='errors'>Error analysis</h2><p class='muted'>Predictions with score &ge; "
+        f"{a.get('min_score')} at IoU {a.get('iou_threshold')}: each is a true positive or a false positive "
+        f"for one reason (<b>localisation</b>: right class, IoU in [{a.get('loc_iou')}, "
+        f"{a.get('iou_threshold')}); <b>wrong class</b>: on an object of another class (IoU &ge; the threshold, "
+        f"or &ge; {a.get('loc_iou')} when nothing of its class is near); <b>duplicate</b>: "
+        f"the object was already found; <b>background</b>: nothing there). Every prediction and miss is in "
+        f"<code>{html.escape((url or '').replace('analysis-', 'outcomes-').replace('.json', '.csv'))}</code>."
+        f"</p>"
+    ]
     rows = []
     for v in (a.get("per_class") or {}).values():
-        rows.append((v["name"], v["gt"], v["tp"], v["fp"], v["localisation"], v["wrong_class"], v["duplicate"],
-                     v["background"], v["missed"], "-" if v["precision"] is None else f"{v['precision']:.3f}",
-                     "-" if v["recall"] is None else f"{v['recall']:.3f}"))
+        rows.append(
+            (
+                v["name"],
+                v["gt"],
+                v["tp"],
+                v["fp"],
+                v["localisation"],
+                v["wrong_class"],
+                v["duplicate"],
+                v["background"],
+                v["missed"],
+                "-" if v["precision"] is None else f"{v['precision']:.3f}",
+                "-" if v["recall"] is None else f"{v['recall']:.3f}",
+            )
+        )
     t = a.get("totals") or {}
     if t:
         fp = sum(t.get(k, 0) for k in ("localisation", "wrong_class", "duplicate", "background"))
-        rows.append(("all", t.get("gt", 0), t.get("tp", 0), fp, t.get("localisation", 0), t.get("wrong_class", 0),
-                     t.get("duplicate", 0), t.get("background", 0), t.get("missed", 0), "", ""))
-    parts.append("<div id='error-table'>" + _table(rows, ("class", "ground truth", "TP", "FP", "FP localisation",
-                                                          "FP wrong class", "FP duplicate", "FP background",
-                                                          "missed", "precision", "recall")) + "</div>")
+        rows.append(
+            (
+                "all",
+                t.get("gt", 0),
+                t.get("tp", 0),
+                fp,
+                t.get("localisation", 0),
+                t.get("wrong_class", 0),
+                t.get("duplicate", 0),
+                t.get("background", 0),
+                t.get("missed", 0),
+                "",
+                "",
+            )
+        )
+    parts.append(
+        "<div id='error-table'>"
+        + _table(
+            rows,
+            (
+                "class",
+                "ground truth",
+                "TP",
+                "FP",
+                "FP localisation",
+                "FP wrong class",
+                "FP duplicate",
+                "FP background",
+                "missed",
+                "precision",
+                "recall",
+            ),
+        )
+        + "</div>"
+    )
     conf = a.get("confusion") or {}
     if conf.get("matrix"):
         m = conf["matrix"]
         peak = max([max(r) for r in m] + [1])
-        head = "<th>ground truth \\ predicted</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in conf["cols"])
+        head = "<th>ground truth \\ predicted</th>" + "".join(
+            f"<th>{html.escape(c)}</th>" for c in conf["cols"]
+        )
         body = []
         for name, row in zip(conf["rows"], m):
             cells = "".join(
-                f"<td class='cm' style='background:rgba(67,99,216,{0.08 + 0.8 * v / peak:.2f})'>{v}</td>" for v in row)
+                f"<td class='cm' style='background:rgba(67,99,216,{0.08 + 0.8 * v / peak:.2f})'>{v}</td>"
+                for v in row
+            )
             body.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
-        parts.append("<h3 id='confusion'>Confusion matrix</h3><p class='muted'>" + html.escape(conf.get("note", ""))
-                     + f"</p><table id='confusion-matrix'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}"
-                     "</tbody></table>")
+        parts.append(
+            "<h3 id='confusion'>Confusion matrix</h3><p class='muted'>"
+            + html.escape(conf.get("note", ""))
+            + f"</p><table id='confusion-matrix'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}"
+            "</tbody></table>"
+        )
     worst = a.get("worst_images") or {}
     if any(worst.values()):
-        parts.append("<h3 id='worst'>Worst images per class</h3><p class='muted'>Most false positives plus misses "
-                     "of the class. Green: ground truth (orange: missed); blue: true positive; red: false positive "
-                     "with its reason.</p><div class='sample-grid' id='worst-images'>")
+        parts.append(
+            "<h3 id='worst'>Worst images per class</h3><p class='muted'>Most false positives plus misses "
+            "of the class. Green: ground truth (orange: missed); blue: true positive; red: false positive "
+            "with its reason.</p><div class='sample-grid' id='worst-images'>"
+        )
         for items in worst.values():
             for w in items:
                 if not w.get("image"):
                     continue
                 fps = sum(1 for d in w.get("detections", []) if d.get("outcome") != "tp")
-                parts.append(f"<figure><img src='{w['image']}' alt='worst {html.escape(w['class'])} "
-                             f"{html.escape(w['image_id'])}'><figcaption>{html.escape(w['class'])} &middot; "
-                             f"{html.escape(w['image_id'])} &middot; {fps} FP, {len(w.get('missed', []))} missed"
-                             "</figcaption></figure>")
+                parts.append(
+                    f"<figure><img src='{w['image']}' alt='worst {html.escape(w['class'])} "
+                    f"{html.escape(w['image_id'])}'><figcaption>{html.escape(w['class'])} &middot; "
+                    f"{html.escape(w['image_id'])} &middot; {fps} FP, {len(w.get('missed', []))} missed"
+                    "</figcaption></figure>"
+                )
         parts.append("</div>")
     return parts
 
@@ -454,15 +564,17 @@ def _img(src: str, alt: str) -> str:
     return f'<img class="chart" src="{src}" alt="{html.escape(alt)}">'
 
 
-def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
+def build_report(cfg: Config, storage: Storage | None = None) -> str:
     """Render the report HTML for the output folder of ``cfg``."""
     st = storage or Storage.from_config(cfg)
     d = _Data(cfg, st).load()
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>openimages-od report</title>"
-             f"<style>{_CSS}</style></head><body>",
-             "<h1>openimages-od report</h1>",
-             f"<p class='muted'>{html.escape(cfg.output_root)} &middot; generated "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>openimages-od report</title>"
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>openimages-od report</h1>",
+        f"<p class='muted'>{html.escape(cfg.output_root)} &middot; generated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>",
+    ]
 
     # Totals
     parts.append("<h2 id='totals'>Totals</h2>")
@@ -475,11 +587,22 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
         parts.append("<p>No plan found (run <code>oiod plan</code>).</p>")
     if d.ledger_ok or d.failures:
         total = d.ledger_ok + sum(d.failures.values())
-        parts.append(_table([("images written", d.ledger_ok), ("images failed", sum(d.failures.values())),
-                             ("success rate", f"{d.ledger_ok / max(1, total):.1%}")], ("prepare", "")))
+        parts.append(
+            _table(
+                [
+                    ("images written", d.ledger_ok),
+                    ("images failed", sum(d.failures.values())),
+                    ("success rate", f"{d.ledger_ok / max(1, total):.1%}"),
+                ],
+                ("prepare", ""),
+            )
+        )
     if d.dataset:
-        rows = [("dataset digest", d.dataset.get("digest", "?")), ("plan digest", d.dataset.get("plan_digest", "?")),
-                ("label map digest", d.dataset.get("label_map_digest", "?"))]
+        rows = [
+            ("dataset digest", d.dataset.get("digest", "?")),
+            ("plan digest", d.dataset.get("plan_digest", "?")),
+            ("label map digest", d.dataset.get("label_map_digest", "?")),
+        ]
         scored = (d.metrics or {}).get("dataset") or {}
         if scored.get("digest") and scored["digest"] != d.dataset.get("digest"):
             rows.append(("evaluation scored dataset", f"{scored['digest']} (not the current one)"))
@@ -487,7 +610,9 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
     if d.prepare_report:
         tot = d.prepare_report.get("totals", {})
         run = d.prepare_report.get("this_run", {})
-        rows = [(k, tot[k]) for k in ("shards", "images", "ok", "failed", "boxes", "kept_original") if k in tot]
+        rows = [
+            (k, tot[k]) for k in ("shards", "images", "ok", "failed", "boxes", "kept_original") if k in tot
+        ]
         if "bytes_fetched" in tot:
             rows.append(("MB fetched", f"{tot['bytes_fetched'] / 1e6:.1f}"))
         if "tfrecord_bytes" in tot:
@@ -499,18 +624,25 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
 
     # Class balance
     if d.class_counts:
-        parts.append("<h2 id='classes'>Class balance per split</h2><p class='muted'>Class imbalance is the first "
-                     "thing to check: rare classes get few boxes to learn from.</p><div class='charts'>")
+        parts.append(
+            "<h2 id='classes'>Class balance per split</h2><p class='muted'>Class imbalance is the first "
+            "thing to check: rare classes get few boxes to learn from.</p><div class='charts'>"
+        )
         parts.extend(_img(_class_histogram(d, s), f"class histogram {s}") for s in d.class_counts)
         parts.append("</div>")
         parts.append("<h2 id='boxes'>Boxes per image</h2><div class='charts'>")
-        parts.extend(_img(_hist(v, f"{s}: boxes per image", "boxes", bins=_int_bins(v)), f"boxes per image {s}")
-                     for s, v in d.boxes_per_image.items() if v)
+        parts.extend(
+            _img(_hist(v, f"{s}: boxes per image", "boxes", bins=_int_bins(v)), f"boxes per image {s}")
+            for s, v in d.boxes_per_image.items()
+            if v
+        )
         parts.append("</div>")
     if d.image_sizes:
         parts.append("<h2 id='sizes'>Image sizes</h2><div class='charts'>")
         parts.append(_img(_sizes_scatter(d.image_sizes), "image sizes"))
-        parts.append(_img(_hist([max(w, h) for w, h in d.image_sizes], "longest side", "pixels"), "longest side"))
+        parts.append(
+            _img(_hist([max(w, h) for w, h in d.image_sizes], "longest side", "pixels"), "longest side")
+        )
         parts.append("</div>")
 
     parts.append("<h2 id='failures'>Failures and sources</h2>")
@@ -526,14 +658,18 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
     else:
         parts.append("<p>No ledger found (run <code>oiod prepare</code>).</p>")
 
-    parts.append("<h2 id='samples'>Sample images with ground-truth boxes</h2><p class='muted'>Decoded from the "
-                 "TFRecord shards, i.e. after rotation and resizing: boxes must sit on their objects.</p>")
+    parts.append(
+        "<h2 id='samples'>Sample images with ground-truth boxes</h2><p class='muted'>Decoded from the "
+        "TFRecord shards, i.e. after rotation and resizing: boxes must sit on their objects.</p>"
+    )
     if d.samples:
         parts.append("<div class='sample-grid'>")
         for s in d.samples:
-            parts.append(f"<figure><img src='{_draw_sample(s, d.names)}' alt='sample {html.escape(s['id'])}'>"
-                         f"<figcaption>{html.escape(s['split'])} &middot; {html.escape(s['id'])} &middot; "
-                         f"{len(s['boxes'])} boxes</figcaption></figure>")
+            parts.append(
+                f"<figure><img src='{_draw_sample(s, d.names)}' alt='sample {html.escape(s['id'])}'>"
+                f"<figcaption>{html.escape(s['split'])} &middot; {html.escape(s['id'])} &middot; "
+                f"{len(s['boxes'])} boxes</figcaption></figure>"
+            )
         parts.append("</div>")
     else:
         parts.append("<p>No committed shards found.</p>")
@@ -545,7 +681,9 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
         for section in ("coco", "openimages"):
             sec = d.metrics.get(section)
             if isinstance(sec, dict):
-                headline.extend((section, k, f"{v:.4f}") for k, v in sec.items() if isinstance(v, (int, float)))
+                headline.extend(
+                    (section, k, f"{v:.4f}") for k, v in sec.items() if isinstance(v, (int, float))
+                )
         if headline:
             parts.append(_table(headline, ("metric set", "metric", "value")))
         parts.append("<div class='charts'>")
@@ -555,15 +693,22 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
         pr = _pr_curves(d.metrics, d.names)
         if pr:
             parts.append(_img(pr, "precision-recall curves"))
-        train_boxes = {d.names.get(m, m): n for m, n in (d.class_counts.get(d.cfg.train.split) or {})
-                       .get("boxes", {}).items()}
+        train_boxes = {
+            d.names.get(m, m): n
+            for m, n in (d.class_counts.get(d.cfg.train.split) or {}).get("boxes", {}).items()
+        }
         freq = _ap_vs_frequency(d.metrics, train_boxes)
         parts.append("</div>")
         if freq:
             png, points = freq
-            parts.append("<h3 id='ap-vs-frequency'>Per-class AP vs training boxes</h3><div class='charts'>"
-                         + _img(png, "AP vs training boxes") + "</div>")
-            parts.append(_table([(n, b, f"{a:.4f}") for n, b, a in points], ("class", "training boxes", "AP@0.5")))
+            parts.append(
+                "<h3 id='ap-vs-frequency'>Per-class AP vs training boxes</h3><div class='charts'>"
+                + _img(png, "AP vs training boxes")
+                + "</div>"
+            )
+            parts.append(
+                _table([(n, b, f"{a:.4f}") for n, b, a in points], ("class", "training boxes", "AP@0.5"))
+            )
         if d.analysis:
             parts.extend(_error_analysis_html(d.analysis, d.analysis_url))
     else:
@@ -572,7 +717,7 @@ def build_report(cfg: Config, storage: Optional[Storage] = None) -> str:
     return "".join(parts)
 
 
-def run_report(cfg: Config, out: Optional[str] = None, storage: Optional[Storage] = None) -> str:
+def run_report(cfg: Config, out: str | None = None, storage: Storage | None = None) -> str:
     """Write ``report.html`` (default ``{output}/report.html``) and return its URL."""
     st = storage or Storage.from_config(cfg)
     url = out or cfg.output_path("report.html")

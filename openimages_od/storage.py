@@ -27,9 +27,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 from openimages_od.config import Config, S3Options
@@ -37,16 +38,16 @@ from openimages_od.config import Config, S3Options
 T = TypeVar("T")
 
 __all__ = [
+    "AccessDenied",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ReadOnlyLocation",
     "Storage",
     "StorageError",
-    "ObjectNotFound",
-    "AccessDenied",
     "TransientStorageError",
-    "ReadOnlyLocation",
-    "ObjectInfo",
+    "local_path",
     "retry_call",
     "split_s3_url",
-    "local_path",
 ]
 
 
@@ -135,10 +136,10 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return p.netloc, p.path.lstrip("/")
 
 
-def local_path(url: str) -> Optional[Path]:
+def local_path(url: str) -> Path | None:
     """The filesystem path for a local URL, or None for remote URLs."""
     if url.startswith("file://"):
-        return Path(url[len("file://"):])
+        return Path(url[len("file://") :])
     if "://" in url:
         return None
     return Path(url).absolute()
@@ -150,7 +151,9 @@ def _scheme(url: str) -> str:
     s = urlparse(url).scheme.lower()
     if s in ("s3", "http", "https"):
         return s
-    raise StorageError(f"unsupported URL scheme {s!r} (use a path, file://, s3:// or http(s)://)", url, err=errno.EINVAL)
+    raise StorageError(
+        f"unsupported URL scheme {s!r} (use a path, file://, s3:// or http(s)://)", url, err=errno.EINVAL
+    )
 
 
 # --------------------------------------------------------------------------- backends
@@ -254,7 +257,9 @@ class _LocalBackend:
                 if f.startswith(".") and f.endswith(".tmp"):
                     continue  # in-progress atomic writes
                 full = Path(dirpath) / f
-                out.append(ObjectInfo(f"{scheme_prefix}{full}" if scheme_prefix else str(full), full.stat().st_size))
+                out.append(
+                    ObjectInfo(f"{scheme_prefix}{full}" if scheme_prefix else str(full), full.stat().st_size)
+                )
         yield from sorted(out, key=lambda o: o.url)
 
     def delete(self, url: str) -> None:
@@ -289,15 +294,27 @@ def _s3_client(opts: S3Options) -> Any:
                 max_pool_connections=opts.max_pool_connections,
                 s3={"addressing_style": opts.addressing_style},
             )
-            session = boto3.session.Session(profile_name=opts.profile) if opts.profile else boto3.session.Session()
+            session = (
+                boto3.session.Session(profile_name=opts.profile) if opts.profile else boto3.session.Session()
+            )
             client = session.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=bc)
             _S3_CLIENTS[key] = client
     return client
 
 
 _TRANSIENT_CODES = {
-    "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "503", "500", "502", "504",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "503",
+    "500",
+    "502",
+    "504",
 }
 
 
@@ -311,16 +328,33 @@ def _translate_s3(exc: Exception, url: str) -> StorageError:
             return ObjectNotFound(url)
         if code == "NoSuchBucket":
             return ObjectNotFound(url, "no such bucket")
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
+        if code in (
+            "AccessDenied",
+            "403",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AllAccessDisabled",
+        ):
             return AccessDenied(url, f"access denied ({code})")
         if code in _TRANSIENT_CODES or (status and int(status) >= 500):
             return TransientStorageError(url, f"S3 error {code or status}")
         return StorageError(f"S3 error {code or status}: {exc}", url)
-    if isinstance(exc, (be.EndpointConnectionError, be.ConnectTimeoutError, be.ReadTimeoutError,
-                        be.ConnectionClosedError, be.ConnectionError)):
+    if isinstance(
+        exc,
+        (
+            be.EndpointConnectionError,
+            be.ConnectTimeoutError,
+            be.ReadTimeoutError,
+            be.ConnectionClosedError,
+            be.ConnectionError,
+        ),
+    ):
         return TransientStorageError(url, f"cannot reach the S3 endpoint ({type(exc).__name__})")
     if isinstance(exc, be.NoCredentialsError):
-        return AccessDenied(url, "no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or s3.unsigned)")
+        return AccessDenied(
+            url,
+            "no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or s3.unsigned)",
+        )
     if isinstance(exc, be.BotoCoreError):
         return StorageError(f"S3 client error ({exc})", url)
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -342,7 +376,7 @@ class _S3Backend:
                 return fn()
             except StorageError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - translated, cause kept
+            except Exception as exc:
                 raise _translate_s3(exc, url) from exc
 
         return retry_call(once, attempts=self.opts.max_attempts)
@@ -365,21 +399,29 @@ class _S3Backend:
         from boto3.s3.transfer import TransferConfig
 
         mb = 1024 * 1024
-        return TransferConfig(multipart_threshold=self.opts.multipart_threshold_mb * mb,
-                              multipart_chunksize=max(8, self.opts.multipart_threshold_mb // 4) * mb,
-                              use_threads=True)
+        return TransferConfig(
+            multipart_threshold=self.opts.multipart_threshold_mb * mb,
+            multipart_chunksize=max(8, self.opts.multipart_threshold_mb // 4) * mb,
+            use_threads=True,
+        )
 
     def upload_file(self, local: Path, url: str) -> None:
         bucket, key = split_s3_url(url)
-        self._call(url, lambda: self.client.upload_file(str(local), bucket, key, Config=self._transfer_config()))
+        self._call(
+            url, lambda: self.client.upload_file(str(local), bucket, key, Config=self._transfer_config())
+        )
 
     def write_bytes(self, url: str, data: bytes) -> None:
         bucket, key = split_s3_url(url)
         if len(data) >= self.opts.multipart_threshold_mb * 1024 * 1024:
             import io
 
-            self._call(url, lambda: self.client.upload_fileobj(io.BytesIO(data), bucket, key,
-                                                               Config=self._transfer_config()))
+            self._call(
+                url,
+                lambda: self.client.upload_fileobj(
+                    io.BytesIO(data), bucket, key, Config=self._transfer_config()
+                ),
+            )
         else:
             self._call(url, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data))
 
@@ -398,7 +440,9 @@ class _S3Backend:
         bucket, key = split_s3_url(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        self._call(url, lambda: self.client.download_file(bucket, key, str(tmp), Config=self._transfer_config()))
+        self._call(
+            url, lambda: self.client.download_file(bucket, key, str(tmp), Config=self._transfer_config())
+        )
         os.replace(tmp, dest)
 
     def exists(self, url: str) -> bool:
@@ -428,14 +472,14 @@ class _S3Backend:
         bucket, key = split_s3_url(url)
         self._call(url, lambda: self.client.delete_object(Bucket=bucket, Key=key))
 
-    def put_conditional(self, url: str, data: bytes, *, if_match: Optional[str]) -> Optional[str]:
+    def put_conditional(self, url: str, data: bytes, *, if_match: str | None) -> str | None:
         """PutObject with ``If-None-Match: *`` (``if_match`` None) or ``If-Match: etag``; None if it did not hold."""
         from botocore import exceptions as be
 
         bucket, key = split_s3_url(url)
         cond = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
 
-        def put() -> Optional[str]:
+        def put() -> str | None:
             try:
                 return str(self.client.put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"])
             except be.ClientError as exc:
@@ -464,7 +508,7 @@ class _HttpBackend:
     def _open(self, url: str, headers: dict[str, str]) -> Any:
         req = urllib.request.Request(url, headers={"User-Agent": "openimages-od/0.1", **headers})
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout_s)  # noqa: S310 - scheme checked by caller
+            return urllib.request.urlopen(req, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
                 raise ObjectNotFound(url, f"HTTP {exc.code}") from exc
@@ -540,14 +584,20 @@ class Storage:
         self._http = _HttpBackend(http_timeout_s)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Storage":
+    def from_config(cls, cfg: Config) -> Storage:
         """Options for every bucket the config names; the output bucket's options win."""
         buckets: dict[str, S3Options] = {}
         for url in _metadata_urls(cfg):
             if url.startswith("s3://"):
                 buckets[split_s3_url(url)[0]] = cfg.source.s3
         buckets[cfg.source.images.bucket] = cfg.source.images.s3
-        for url in (cfg.output.url, cfg.output.cache_url, cfg.train.model_dir, cfg.export.dir, cfg.serve.model):
+        for url in (
+            cfg.output.url,
+            cfg.output.cache_url,
+            cfg.train.model_dir,
+            cfg.export.dir,
+            cfg.serve.model,
+        ):
             if url and url.startswith("s3://"):
                 buckets[split_s3_url(url)[0]] = cfg.output.s3
         return cls(s3=cfg.output.s3, bucket_options=buckets)
@@ -647,7 +697,7 @@ class Storage:
         """Upload a local file (multipart above the threshold) atomically."""
         self._writable(url).upload_file(Path(local), url)
 
-    def put_conditional(self, url: str, data: bytes, *, if_match: Optional[str] = None) -> Optional[str]:
+    def put_conditional(self, url: str, data: bytes, *, if_match: str | None = None) -> str | None:
         """S3 compare-and-swap: create only if absent (``if_match`` None) or replace only the version ``if_match``.
 
         Returns:

@@ -25,12 +25,11 @@ import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SynthClass", "DEMO_CLASSES", "SynthDataset", "generate_dataset", "bundled_metadata", "FILES"]
+__all__ = ["DEMO_CLASSES", "FILES", "SynthClass", "SynthDataset", "bundled_metadata", "generate_dataset"]
 
 
 @dataclass(frozen=True)
@@ -51,27 +50,68 @@ DEMO_CLASSES: tuple[SynthClass, ...] = (
 FILES = {
     "classes": "oidv7-class-descriptions-boxable.csv",
     "hierarchy": "bbox_labels_600_hierarchy.json",
-    "boxes": {"train": "oidv6-train-annotations-bbox.csv", "validation": "validation-annotations-bbox.csv",
-              "test": "test-annotations-bbox.csv"},
-    "images": {"train": "train-images-boxable-with-rotation.csv",
-               "validation": "validation-images-with-rotation.csv",
-               "test": "test-images-with-rotation.csv"},
-    "image_labels": {"train": "oidv7-train-annotations-human-imagelabels-boxable.csv",
-                     "validation": "validation-annotations-human-imagelabels-boxable.csv",
-                     "test": "test-annotations-human-imagelabels-boxable.csv"},
+    "boxes": {
+        "train": "oidv6-train-annotations-bbox.csv",
+        "validation": "validation-annotations-bbox.csv",
+        "test": "test-annotations-bbox.csv",
+    },
+    "images": {
+        "train": "train-images-boxable-with-rotation.csv",
+        "validation": "validation-images-with-rotation.csv",
+        "test": "test-images-with-rotation.csv",
+    },
+    "image_labels": {
+        "train": "oidv7-train-annotations-human-imagelabels-boxable.csv",
+        "validation": "validation-annotations-human-imagelabels-boxable.csv",
+        "test": "test-annotations-human-imagelabels-boxable.csv",
+    },
 }
 
-BOX_HEADER_V6 = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
-                 "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside", "XClick1X", "XClick2X", "XClick3X",
-                 "XClick4X", "XClick1Y", "XClick2Y", "XClick3Y", "XClick4Y"]
-IMAGE_HEADER = ["ImageID", "Subset", "OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL", "Author",
-                "Title", "OriginalSize", "OriginalMD5", "Thumbnail300KURL", "Rotation"]
+BOX_HEADER_V6 = [
+    "ImageID",
+    "Source",
+    "LabelName",
+    "Confidence",
+    "XMin",
+    "XMax",
+    "YMin",
+    "YMax",
+    "IsOccluded",
+    "IsTruncated",
+    "IsGroupOf",
+    "IsDepiction",
+    "IsInside",
+    "XClick1X",
+    "XClick2X",
+    "XClick3X",
+    "XClick4X",
+    "XClick1Y",
+    "XClick2Y",
+    "XClick3Y",
+    "XClick4Y",
+]
+IMAGE_HEADER = [
+    "ImageID",
+    "Subset",
+    "OriginalURL",
+    "OriginalLandingURL",
+    "License",
+    "AuthorProfileURL",
+    "Author",
+    "Title",
+    "OriginalSize",
+    "OriginalMD5",
+    "Thumbnail300KURL",
+    "Rotation",
+]
 
 
 def bundled_metadata() -> tuple[Path, Path]:
     """Paths of the bundled real class descriptions (no header, 601 classes) and hierarchy JSON."""
     base = resources.files("openimages_od") / "data"
-    return Path(str(base / "class-descriptions-boxable.csv")), Path(str(base / "bbox_labels_600_hierarchy.json"))
+    return Path(str(base / "class-descriptions-boxable.csv")), Path(
+        str(base / "bbox_labels_600_hierarchy.json")
+    )
 
 
 @dataclass
@@ -101,7 +141,7 @@ class SynthDataset:
     def split_images(self, split: str) -> list[SynthImage]:
         return [im for im in self.images if im.split == split]
 
-    def source_config(self, splits: Optional[list[str]] = None) -> dict:
+    def source_config(self, splits: list[str] | None = None) -> dict:
         """A ``source`` config section pointing at the generated files."""
         splits = splits or sorted({im.split for im in self.images})
         return {
@@ -109,8 +149,11 @@ class SynthDataset:
             "class_descriptions": str(self.root / FILES["classes"]),
             "hierarchy": str(self.root / FILES["hierarchy"]),
             "splits": {
-                s: {"boxes": str(self.metadata(s, "boxes")), "images": str(self.metadata(s, "images")),
-                    "image_labels": str(self.metadata(s, "image_labels"))}
+                s: {
+                    "boxes": str(self.metadata(s, "boxes")),
+                    "images": str(self.metadata(s, "images")),
+                    "image_labels": str(self.metadata(s, "image_labels")),
+                }
                 for s in splits
             },
         }
@@ -122,14 +165,20 @@ def _texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     grad = (gx / max(w, 1) * rng.uniform(-60, 60) + gy / max(h, 1) * rng.uniform(-60, 60))[..., None]
     # Low-frequency blobs plus fine noise: compresses like a photo, not like a flat fill.
     small = rng.normal(0, 28, size=(max(2, h // 24), max(2, w // 24), 3))
-    blobs = np.asarray(Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
-                       dtype=np.float32) - 128
+    blobs = (
+        np.asarray(
+            Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
+            dtype=np.float32,
+        )
+        - 128
+    )
     noise = rng.normal(0, 10, size=(h, w, 3))
     return np.clip(base + grad + blobs + noise, 0, 255).astype(np.uint8)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, cls: SynthClass, box: tuple[float, float, float, float],
-                rng: random.Random) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, cls: SynthClass, box: tuple[float, float, float, float], rng: random.Random
+) -> None:
     x0, y0, x1, y1 = box
     jitter = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in cls.color)
     outline = tuple(max(0, c - 60) for c in jitter)
@@ -151,14 +200,23 @@ def _rotate_box_cw(box: dict, k: int) -> dict:
     return {**box, "XMin": x0, "XMax": x1, "YMin": y0, "YMax": y1}
 
 
-def _pick(rng: random.Random, classes: tuple[SynthClass, ...], weights: Optional[list[float]]) -> SynthClass:
+def _pick(rng: random.Random, classes: tuple[SynthClass, ...], weights: list[float] | None) -> SynthClass:
     # Without weights, exactly the draw the generator always made (datasets stay byte-identical per seed).
     return rng.choice(classes) if weights is None else rng.choices(classes, weights)[0]
 
 
-def _make_image(rng: random.Random, nrng: np.random.Generator, classes: tuple[SynthClass, ...], image_id: str,
-                split: str, min_side: int, max_side: int, rotation: int, group_of_rate: float,
-                weights: Optional[list[float]] = None) -> SynthImage:
+def _make_image(
+    rng: random.Random,
+    nrng: np.random.Generator,
+    classes: tuple[SynthClass, ...],
+    image_id: str,
+    split: str,
+    min_side: int,
+    max_side: int,
+    rotation: int,
+    group_of_rate: float,
+    weights: list[float] | None = None,
+) -> SynthImage:
     w = rng.randint(min_side, max_side)
     h = rng.randint(min_side, max_side)
     img = Image.fromarray(_texture(nrng, w, h))
@@ -193,8 +251,12 @@ def _make_image(rng: random.Random, nrng: np.random.Generator, classes: tuple[Sy
             s = min(gw, gh) / 3
             for i in range(3):
                 for j in range(2):
-                    _draw_shape(draw, cls, (gx0 + i * s, gy0 + j * s * 1.3, gx0 + i * s + s * 0.9,
-                                            gy0 + j * s * 1.3 + s * 0.9), rng)
+                    _draw_shape(
+                        draw,
+                        cls,
+                        (gx0 + i * s, gy0 + j * s * 1.3, gx0 + i * s + s * 0.9, gy0 + j * s * 1.3 + s * 0.9),
+                        rng,
+                    )
             boxes.append(_box(cls, (gx0, gy0, gx0 + 3 * s, gy0 + 1.3 * s + s * 0.9), w, h, group_of=1))
             present.add(cls.mid)
     # Store the image rotated clockwise by `rotation`; Rotation (CCW) undoes it.
@@ -209,16 +271,25 @@ def _make_image(rng: random.Random, nrng: np.random.Generator, classes: tuple[Sy
 
 def _box(cls: SynthClass, xyxy: tuple[float, float, float, float], w: int, h: int, group_of: int) -> dict:
     x0, y0, x1, y1 = xyxy
-    return {"LabelName": cls.mid, "XMin": max(0.0, x0 / w), "XMax": min(1.0, x1 / w),
-            "YMin": max(0.0, y0 / h), "YMax": min(1.0, y1 / h), "IsGroupOf": group_of,
-            "IsOccluded": 0, "IsTruncated": 0, "IsDepiction": 0, "IsInside": 0}
+    return {
+        "LabelName": cls.mid,
+        "XMin": max(0.0, x0 / w),
+        "XMax": min(1.0, x1 / w),
+        "YMin": max(0.0, y0 / h),
+        "YMax": min(1.0, y1 / h),
+        "IsGroupOf": group_of,
+        "IsOccluded": 0,
+        "IsTruncated": 0,
+        "IsDepiction": 0,
+        "IsInside": 0,
+    }
 
 
 def generate_dataset(
     root: str | Path,
     num_images: int = 120,
     *,
-    splits: Optional[dict[str, float]] = None,
+    splits: dict[str, float] | None = None,
     classes: tuple[SynthClass, ...] = DEMO_CLASSES,
     base_url: str = "http://127.0.0.1:8000",
     min_side: int = 256,
@@ -227,7 +298,7 @@ def generate_dataset(
     group_of_rate: float = 0.1,
     seed: int = 0,
     clean: bool = True,
-    class_weights: Optional[dict[str, float]] = None,
+    class_weights: dict[str, float] | None = None,
 ) -> SynthDataset:
     """Write a dataset in the Open Images V7 layout under ``root``.
 
@@ -286,13 +357,16 @@ def generate_dataset(
     for split, n in counts.items():
         for _ in range(n):
             while True:
-                image_id = "%016x" % rng.getrandbits(64)
+                image_id = f"{rng.getrandbits(64):016x}"
                 if image_id not in seen:
                     seen.add(image_id)
                     break
             rotation = rng.choice([90, 180, 270]) if rng.random() < rotation_rate else 0
-            images.append(_make_image(rng, nrng, classes, image_id, split, min_side, max_side, rotation,
-                                      group_of_rate, weights))
+            images.append(
+                _make_image(
+                    rng, nrng, classes, image_id, split, min_side, max_side, rotation, group_of_rate, weights
+                )
+            )
 
     bucket = root / "bucket"
     for split in counts:
@@ -303,9 +377,21 @@ def generate_dataset(
             w.writerow(BOX_HEADER_V6 if split == "train" else BOX_HEADER_V6[:13])
             for im in part:
                 for b in im.boxes:
-                    row = [im.image_id, "xclick", b["LabelName"], 1, f"{b['XMin']:.6f}", f"{b['XMax']:.6f}",
-                           f"{b['YMin']:.6f}", f"{b['YMax']:.6f}", b["IsOccluded"], b["IsTruncated"],
-                           b["IsGroupOf"], b["IsDepiction"], b["IsInside"]]
+                    row = [
+                        im.image_id,
+                        "xclick",
+                        b["LabelName"],
+                        1,
+                        f"{b['XMin']:.6f}",
+                        f"{b['XMax']:.6f}",
+                        f"{b['YMin']:.6f}",
+                        f"{b['YMax']:.6f}",
+                        b["IsOccluded"],
+                        b["IsTruncated"],
+                        b["IsGroupOf"],
+                        b["IsDepiction"],
+                        b["IsInside"],
+                    ]
                     if split == "train":
                         row += [-1] * 8
                     w.writerow(row)
@@ -314,11 +400,22 @@ def generate_dataset(
             w.writerow(IMAGE_HEADER)
             for im in part:
                 md5 = base64.b64encode(hashlib.md5(im.jpeg).digest()).decode()
-                w.writerow([im.image_id, split, f"{base_url}/original/{split}/{im.image_id}.jpg",
-                            f"https://www.flickr.com/photos/demo/{int(im.image_id[:8], 16)}",
-                            "https://creativecommons.org/licenses/by/2.0/", "", "oiod demo",
-                            f"synthetic {im.image_id}", len(im.jpeg), md5,
-                            f"{base_url}/thumb/{split}/{im.image_id}.jpg", im.rotation])
+                w.writerow(
+                    [
+                        im.image_id,
+                        split,
+                        f"{base_url}/original/{split}/{im.image_id}.jpg",
+                        f"https://www.flickr.com/photos/demo/{int(im.image_id[:8], 16)}",
+                        "https://creativecommons.org/licenses/by/2.0/",
+                        "",
+                        "oiod demo",
+                        f"synthetic {im.image_id}",
+                        len(im.jpeg),
+                        md5,
+                        f"{base_url}/thumb/{split}/{im.image_id}.jpg",
+                        im.rotation,
+                    ]
+                )
         with open(root / FILES["image_labels"][split], "w", newline="") as fh:
             w = csv.writer(fh, lineterminator="\n")
             w.writerow(["ImageID", "Source", "LabelName", "Confidence"])
@@ -327,7 +424,12 @@ def generate_dataset(
                     w.writerow([im.image_id, "verification", mid, conf])
         for im in part:
             (bucket / split / f"{im.image_id}.jpg").write_bytes(im.jpeg)
-    manifest = {"classes": [c.__dict__ for c in classes], "counts": counts, "base_url": base_url, "seed": seed}
+    manifest = {
+        "classes": [c.__dict__ for c in classes],
+        "counts": counts,
+        "base_url": base_url,
+        "seed": seed,
+    }
     (root / "synth.json").write_text(json.dumps(manifest, indent=2, default=list))
     return SynthDataset(root, classes, images, bucket)
 

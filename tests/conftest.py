@@ -23,8 +23,8 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from openimages_od.config import S3Options  # noqa: E402
-from openimages_od.devservices import ImageServer, SeaweedFS  # noqa: E402
+from openimages_od.config import S3Options
+from openimages_od.devservices import ImageServer, SeaweedFS
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -55,8 +55,14 @@ def s3_bucket(seaweedfs) -> str:
 
 @pytest.fixture
 def s3_options(seaweedfs) -> S3Options:
-    return S3Options(endpoint_url=seaweedfs.endpoint, region="us-east-1", addressing_style="path",
-                     max_attempts=3, connect_timeout_s=2, read_timeout_s=10)
+    return S3Options(
+        endpoint_url=seaweedfs.endpoint,
+        region="us-east-1",
+        addressing_style="path",
+        max_attempts=3,
+        connect_timeout_s=2,
+        read_timeout_s=10,
+    )
 
 
 @pytest.fixture
@@ -71,8 +77,15 @@ def ray_local(seaweedfs):
     # workers inherit them (prepare forwards no credential through runtime_env).
     ray = pytest.importorskip("ray")
     tmp = tempfile.mkdtemp(prefix="oiodray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-             _temp_dir=tmp, namespace="oiod-tests", log_to_driver=False, ignore_reinit_error=True)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 1024 * 1024,
+        _temp_dir=tmp,
+        namespace="oiod-tests",
+        log_to_driver=False,
+        ignore_reinit_error=True,
+    )
     try:
         yield ray
     finally:
@@ -87,7 +100,7 @@ def storage_root(request, tmp_path):
 
     if request.param == "local":
         return f"file://{tmp_path}/root", Storage()
-    sw = request.getfixturevalue("seaweedfs")
+    request.getfixturevalue("seaweedfs")
     bucket = request.getfixturevalue("s3_bucket")
     opts = request.getfixturevalue("s3_options")
     return f"s3://{bucket}/root", Storage(s3=opts)

@@ -12,17 +12,20 @@ import gzip
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Optional
-
-from openimages_od.devservices import ImageServer, Reply
 
 from pipeline_helpers import photo
 
+from openimages_od.devservices import ImageServer, Reply
+
 HOSTILE_HTTP = [
-    "source.images.http.connect_timeout_s=2", "source.images.http.read_timeout_s=1",
-    "source.images.http.total_timeout_s=1.5", "source.images.http.backoff_base_s=0.05",
-    "source.images.http.backoff_max_s=0.1", "source.images.http.max_retries=1",
-    "source.images.http.max_retry_after_s=0.2", "source.images.http.max_redirects=3",
+    "source.images.http.connect_timeout_s=2",
+    "source.images.http.read_timeout_s=1",
+    "source.images.http.total_timeout_s=1.5",
+    "source.images.http.backoff_base_s=0.05",
+    "source.images.http.backoff_max_s=0.1",
+    "source.images.http.max_retries=1",
+    "source.images.http.max_retry_after_s=0.2",
+    "source.images.http.max_redirects=3",
     "source.images.http.max_body_mb=1",
 ]
 MAX_BODY = 1 << 20
@@ -41,7 +44,7 @@ class Hostile:
 
     name: str
     url: str
-    reason: Optional[str]
+    reason: str | None
     stage: str = "fetch"
 
 
@@ -51,8 +54,8 @@ def tall_jpeg(body: bytes, factor: int = 4) -> bytes:
     i = d.find(b"\xff\xc0")
     if i < 0:
         raise ValueError("not a baseline JPEG")
-    h = struct.unpack(">H", d[i + 5:i + 7])[0]
-    d[i + 5:i + 7] = struct.pack(">H", min(65535, h * factor))
+    h = struct.unpack(">H", d[i + 5 : i + 7])[0]
+    d[i + 5 : i + 7] = struct.pack(">H", min(65535, h * factor))
     return bytes(d)
 
 
@@ -69,7 +72,7 @@ def install(srv: ImageServer, prefix: str = "h") -> list[Hostile]:
     p = prefix.strip("/")
     out: list[Hostile] = []
 
-    def add(name: str, replies: list[Reply], reason: Optional[str], stage: str = "fetch") -> None:
+    def add(name: str, replies: list[Reply], reason: str | None, stage: str = "fetch") -> None:
         out.append(Hostile(name, srv.script(f"{p}/{name}", replies), reason, stage))
 
     def redirect(to: str) -> list[Reply]:
@@ -103,11 +106,18 @@ def install(srv: ImageServer, prefix: str = "h") -> list[Hostile]:
     add("gzip-bomb", [Reply(200, bomb(kind="gzip"), content_encoding="gzip")], "too_large")
     add("deflate-bomb", [Reply(200, bomb(kind="deflate"), content_encoding="deflate")], "too_large")
     add("brotli-unasked", [Reply(200, b"\x1b\x00\x00junk", content_encoding="br")], "bad_encoding")
-    add("gzip-garbage", [Reply(200, b"\x1f\x8b\x08\x00garbage-not-deflate", content_encoding="gzip")],
-        "bad_encoding")
+    add(
+        "gzip-garbage",
+        [Reply(200, b"\x1f\x8b\x08\x00garbage-not-deflate", content_encoding="gzip")],
+        "bad_encoding",
+    )
     # The bytes arrive but are not a usable image.
-    add("html-as-200", [Reply(200, b"<html><body>gone</body></html>", content_type="text/html")],
-        "not_image", "verify")
+    add(
+        "html-as-200",
+        [Reply(200, b"<html><body>gone</body></html>", content_type="text/html")],
+        "not_image",
+        "verify",
+    )
     add("jpeg-taller-than-data", [Reply(200, tall_jpeg(good))], "truncated", "verify")
     add("jpeg-cut-with-eoi", [Reply(200, good[: len(good) // 2] + b"\xff\xd9")], "truncated", "verify")
     # Good images among them, one of them gzip-encoded (allowed, and inflated).

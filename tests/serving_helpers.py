@@ -37,7 +37,7 @@ BLOB_CLASSES = [
 RED, GREEN, BLUE = (230, 20, 20), (20, 200, 20), (20, 20, 230)
 
 
-def _build_module(work_filters: int = 16, work_size: int = 160):  # noqa: ANN202 - tf.Module
+def _build_module(work_filters: int = 16, work_size: int = 160):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
@@ -63,8 +63,14 @@ def _build_module(work_filters: int = 16, work_size: int = 160):  # noqa: ANN202
             x0 = tf.argmax(tf.cast(cols, tf.int32), output_type=tf.int32)
             x1 = w - tf.argmax(tf.cast(tf.reverse(cols, [0]), tf.int32), output_type=tf.int32)
             hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-            box = tf.stack([tf.cast(y0, tf.float32) / hf, tf.cast(x0, tf.float32) / wf,
-                            tf.cast(y1, tf.float32) / hf, tf.cast(x1, tf.float32) / wf])
+            box = tf.stack(
+                [
+                    tf.cast(y0, tf.float32) / hf,
+                    tf.cast(x0, tf.float32) / wf,
+                    tf.cast(y1, tf.float32) / hf,
+                    tf.cast(x1, tf.float32) / wf,
+                ]
+            )
             boxes.append(tf.where(any_, box, tf.zeros(4)))
             present.append(any_)
         boxes = tf.stack(boxes)
@@ -81,8 +87,12 @@ def _build_module(work_filters: int = 16, work_size: int = 160):  # noqa: ANN202
         x = tf.nn.relu(tf.nn.conv2d(x, k2, 2, "SAME"))
         return tf.reduce_mean(x, axis=[1, 2, 3])  # [B]
 
-    sig = (tf.TensorSpec([3, 4], tf.float32), tf.TensorSpec([3], tf.int32), tf.TensorSpec([3], tf.float32),
-           tf.TensorSpec([], tf.int32))
+    sig = (
+        tf.TensorSpec([3, 4], tf.float32),
+        tf.TensorSpec([3], tf.int32),
+        tf.TensorSpec([3], tf.float32),
+        tf.TensorSpec([], tf.int32),
+    )
 
     class BlobDetector(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
@@ -121,8 +131,16 @@ def make_export(dest: str | Path, kind: str = "blobs") -> Path:
         from openimages_od.config import load_config
         from openimages_od.training.export import export_saved_model
 
-        cfg = load_config(None, ["train.input_size=128", "train.backbone=mobilenetv2", "train.fpn_filters=16",
-                                 "train.head_num_filters=16", "train.head_num_convs=1"])
+        cfg = load_config(
+            None,
+            [
+                "train.input_size=128",
+                "train.backbone=mobilenetv2",
+                "train.fpn_filters=16",
+                "train.head_num_filters=16",
+                "train.head_num_convs=1",
+            ],
+        )
         lm = LabelMap.from_mids([c[1] for c in BLOB_CLASSES], {c[1]: c[2] for c in BLOB_CLASSES})
         return export_saved_model(cfg, lm, dest, checkpoint=None, step=0)
     if kind != "blobs":
@@ -130,19 +148,36 @@ def make_export(dest: str | Path, kind: str = "blobs") -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     module = _build_module()
-    tf.saved_model.save(module, str(dest / "saved_model"), signatures={
-        "serving_default": module.serving_bytes, "serving_images": module.serving_images})
+    tf.saved_model.save(
+        module,
+        str(dest / "saved_model"),
+        signatures={"serving_default": module.serving_bytes, "serving_images": module.serving_images},
+    )
     lm = LabelMap.from_mids([c[1] for c in BLOB_CLASSES], {c[1]: c[2] for c in BLOB_CLASSES})
     (dest / "label_map.pbtxt").write_text(lm.to_pbtxt())
-    (dest / "model.json").write_text(json.dumps({
-        "name": "oiod", "classes": lm.to_json(), "input_size": 160, "backbone": "blob-detector",
-        "config_digest": "test", "step": 0, "signatures": ["serving_default", "serving_images"],
-    }, indent=2))
+    (dest / "model.json").write_text(
+        json.dumps(
+            {
+                "name": "oiod",
+                "classes": lm.to_json(),
+                "input_size": 160,
+                "backbone": "blob-detector",
+                "config_digest": "test",
+                "step": 0,
+                "signatures": ["serving_default", "serving_images"],
+            },
+            indent=2,
+        )
+    )
     return dest
 
 
-def blob_image(size: tuple[int, int] = (320, 240), blobs: dict | None = None, fmt: str = "PNG",
-               background: tuple[int, int, int] = (128, 128, 128)) -> bytes:
+def blob_image(
+    size: tuple[int, int] = (320, 240),
+    blobs: dict | None = None,
+    fmt: str = "PNG",
+    background: tuple[int, int, int] = (128, 128, 128),
+) -> bytes:
     """An image with solid coloured rectangles; ``blobs`` maps colour -> (x0, y0, x1, y1) exclusive.
 
     The default has a red blob at (40, 30)-(120, 100) and a blue one at (200, 120)-(300, 220).
@@ -159,8 +194,11 @@ def blob_image(size: tuple[int, int] = (320, 240), blobs: dict | None = None, fm
 
 def huge_png(width: int = 10000, height: int = 10000) -> bytes:
     """A valid solid-colour RGB PNG of ``width`` x ``height`` that compresses to a few hundred KB."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     row = b"\x00" + b"\x10\x80\xf0" * width
     comp = zlib.compressobj(9)
@@ -178,7 +216,7 @@ class ServiceThread:
     a context manager; ``url(path)`` gives full URLs, ``app`` the application.
     """
 
-    def __init__(self, cfg, model=None, resolver=None, storage=None, max_connections=None) -> None:  # noqa: ANN001
+    def __init__(self, cfg, model=None, resolver=None, storage=None, max_connections=None) -> None:
         from openimages_od.devservices import free_port
 
         self.cfg = cfg
@@ -196,7 +234,7 @@ class ServiceThread:
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
-    def __enter__(self) -> "ServiceThread":
+    def __enter__(self) -> ServiceThread:
         import asyncio
         import threading
 
@@ -213,7 +251,7 @@ class ServiceThread:
                 await runner.setup()
                 guard = ConnectionGuard(self.max_connections, connection_events(self.app[STATE_KEY()]))
                 await GuardedSite(runner, "127.0.0.1", self.port, guard).start()
-            except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            except BaseException as exc:
                 self._error = exc
                 ready.set()
                 return
@@ -244,7 +282,7 @@ class ServiceThread:
             self._thread.join(timeout=30)
 
 
-def STATE_KEY():  # noqa: N802 - the app's state key, imported late (TensorFlow-free helpers module)
+def STATE_KEY():
     from openimages_od.serving.state import STATE
 
     return STATE
@@ -279,7 +317,7 @@ class FakeS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def _handle(self, request):  # noqa: ANN001, ANN202
+    async def _handle(self, request):
         import asyncio
         import time
 
@@ -295,7 +333,9 @@ class FakeS3:
                 self.put_stall_ended.append(time.monotonic() - t0)
             return web.Response(status=200)
         if key.startswith("stall/"):
-            resp = web.StreamResponse(status=200, headers={"Content-Type": "image/png", "Content-Length": "100000"})
+            resp = web.StreamResponse(
+                status=200, headers={"Content-Type": "image/png", "Content-Length": "100000"}
+            )
             await resp.prepare(request)
             t0 = time.monotonic()
             try:
@@ -308,15 +348,17 @@ class FakeS3:
                 self.stall_ended.append(time.monotonic() - t0)
             return resp
         if (bucket, key) in self.denied:
-            return web.Response(status=403, body=b"<Error><Code>AccessDenied</Code></Error>",
-                                content_type="application/xml")
+            return web.Response(
+                status=403, body=b"<Error><Code>AccessDenied</Code></Error>", content_type="application/xml"
+            )
         body = self.objects.get((bucket, key))
         if body is None:
-            return web.Response(status=404, body=b"<Error><Code>NoSuchKey</Code></Error>",
-                                content_type="application/xml")
+            return web.Response(
+                status=404, body=b"<Error><Code>NoSuchKey</Code></Error>", content_type="application/xml"
+            )
         return web.Response(body=body, content_type="image/png")
 
-    def __enter__(self) -> "FakeS3":
+    def __enter__(self) -> FakeS3:
         import asyncio
         import threading
 

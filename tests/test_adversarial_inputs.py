@@ -19,13 +19,12 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_plan import CAR, CLASSES, INDEX_COLS, make_cfg, read_plan
 
 from openimages_od.errors import DataError
 from openimages_od.openimages.classes import read_hierarchy
 from openimages_od.openimages.formats import BOX_LAYOUTS, CsvStream, MalformedLog, detect_layout
 from openimages_od.openimages.plan import build_plan
-
-from test_plan import CAR, CLASSES, INDEX_COLS, make_cfg, read_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 BOX_COLS = BOX_LAYOUTS["v4"]
@@ -46,15 +45,19 @@ def _dataset(d: Path, n_images: int = 45, seed: int = 3, quote_all: bool = False
             boxes.append(f"{iid},xclick,{CAR},1,{x0},{x1},0.1,0.9,0,0,0,0,0")
     index = [",".join(INDEX_COLS + ("Rotation",))]
     for iid in ids:
-        index.append(f'{iid},train,https://farm.example/{iid}.jpg,https://flickr.example/{iid},cc,'
-                     f'https://flickr.example/u,"Author, A","A photo, {iid[:4]}",12345,md5==,'
-                     f'https://thumb.example/{iid}.jpg,0')
+        index.append(
+            f"{iid},train,https://farm.example/{iid}.jpg,https://flickr.example/{iid},cc,"
+            f'https://flickr.example/u,"Author, A","A photo, {iid[:4]}",12345,md5==,'
+            f"https://thumb.example/{iid}.jpg,0"
+        )
     if quote_all:
         boxes = [",".join(f'"{f}"' for f in line.split(",")) for line in boxes]
     (d / "boxes.csv").write_text("\n".join(boxes) + "\n")
     (d / "images.csv").write_text("\n".join(index) + "\n")
-    src = {"class_descriptions": str(CLASSES),
-           "splits": {"train": {"boxes": str(d / "boxes.csv"), "images": str(d / "images.csv")}}}
+    src = {
+        "class_descriptions": str(CLASSES),
+        "splits": {"train": {"boxes": str(d / "boxes.csv"), "images": str(d / "images.csv")}},
+    }
     return {"src": src, "boxes": boxes, "index": index, "ids": ids}
 
 
@@ -145,7 +148,7 @@ def test_record_swallowed_into_a_title_of_a_valid_row_stops_the_plan(tmp_path):
     # Line 3's Title opens a quote that closes only after the whole of line 4: still 12 fields.
     head, tail = lines[2].split(',"A photo, ')
     swallowed = lines[3].replace('"', "").replace(", ", " ")  # a record without quotes of its own
-    lines[2] = head + ',"A photo\n' + swallowed + '\nend' + tail[tail.index('"'):]
+    lines[2] = head + ',"A photo\n' + swallowed + "\nend" + tail[tail.index('"') :]
     del lines[3]
     p.write_text("\n".join(lines))
     with pytest.raises(DataError, match=r"images\.csv:3: a quote opens a field that runs over 3 lines"):
@@ -166,11 +169,20 @@ def test_cli_exits_non_zero_on_a_stray_quote_that_swallows_rows(tmp_path):
     ds = _dataset(tmp_path / "m", quote_all=True)
     _double_last_quote(Path(ds["src"]["splits"]["train"]["boxes"]), 10)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"source": ds["src"], "selection": {"classes": ["Car"]},
-                                   "output": {"url": str(tmp_path / "out")}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"source": ds["src"], "selection": {"classes": ["Car"]}, "output": {"url": str(tmp_path / "out")}}
+        )
+    )
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    r = subprocess.run([sys.executable, "-m", "openimages_od", "plan", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "openimages_od", "plan", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert r.returncode == 1, r.stderr
     assert "boxes.csv:10: a quote opens a field" in r.stderr
     assert "Traceback" not in r.stderr
@@ -208,19 +220,35 @@ def test_header_only_csv_plans_nothing_with_or_without_newline(tmp_path, ending)
     p.write_text(",".join(BOX_COLS) + ending)
     st_ = CsvStream(p, detect_layout(p, "boxes", "b.csv"), ["ImageID"], "b.csv", MalformedLog())
     assert list(st_) == [] and st_.rows_read == 0
-    assert build_plan(make_cfg({"class_descriptions": str(CLASSES), "splits": {"train": {"boxes": str(p)}}},
-                               str(tmp_path / "out"), classes=["Car"])).manifest.splits["train"].num_images == 0
+    assert (
+        build_plan(
+            make_cfg(
+                {"class_descriptions": str(CLASSES), "splits": {"train": {"boxes": str(p)}}},
+                str(tmp_path / "out"),
+                classes=["Car"],
+            )
+        )
+        .manifest.splits["train"]
+        .num_images
+        == 0
+    )
 
 
-@pytest.mark.parametrize("text,match", [
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ('{"LabelName": "/m/0bl9f", "Subcategory": 5}', "Subcategory of '/m/0bl9f' is a int, expected a list"),
-    ('{"LabelName": "/m/0bl9f", "Subcategory": [{"LabelName": "/m/x", "Part": "no"}]}', "Part of '/m/x'"),
-    ('{"LabelName": "/m/0bl9f", "Subcategory": [{"LabelName": ' + "9" * 5000 + "}]}", "not usable JSON"),
-    ('{"LabelName": ' + "9" * 5000 + "}", "not usable JSON"),
-    ('[1, 2]', "unknown hierarchy format"),
-    ('{"LabelName": "/m/0bl9f", "Subcategory": [{"LabelName": 7}]}', "no LabelName"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (
+            '{"LabelName": "/m/0bl9f", "Subcategory": 5}',
+            "Subcategory of '/m/0bl9f' is a int, expected a list",
+        ),
+        ('{"LabelName": "/m/0bl9f", "Subcategory": [{"LabelName": "/m/x", "Part": "no"}]}', "Part of '/m/x'"),
+        ('{"LabelName": "/m/0bl9f", "Subcategory": [{"LabelName": ' + "9" * 5000 + "}]}", "not usable JSON"),
+        ('{"LabelName": ' + "9" * 5000 + "}", "not usable JSON"),
+        ("[1, 2]", "unknown hierarchy format"),
+        ('{"LabelName": "/m/0bl9f", "Subcategory": [{"LabelName": 7}]}', "no LabelName"),
+    ],
+)
 def test_hostile_hierarchy_json_names_the_file(text, match):
     with pytest.raises(DataError, match=match) as exc:
         read_hierarchy(text, "h.json")
@@ -231,8 +259,30 @@ def test_hostile_hierarchy_json_names_the_file(text, match):
 
 
 _GOOD = [f"{i:016x},xclick,{CAR},1,0.1,0.5,0.2,0.6,0,0,0,0,0" for i in range(1, 30)]
-_NOISE = st.sampled_from(['"', ",", "\n", "\r\n", "\r", "\x00", "é", "\ufeff", " ", "abc", "0.5", "inf", "nan",
-                          "-1", "1e999", '""', "\\", "\t", "/m/0k4j", "0" * 16])
+_NOISE = st.sampled_from(
+    [
+        '"',
+        ",",
+        "\n",
+        "\r\n",
+        "\r",
+        "\x00",
+        "é",
+        "\ufeff",
+        " ",
+        "abc",
+        "0.5",
+        "inf",
+        "nan",
+        "-1",
+        "1e999",
+        '""',
+        "\\",
+        "\t",
+        "/m/0k4j",
+        "0" * 16,
+    ]
+)
 
 
 @st.composite
@@ -255,7 +305,9 @@ def test_fuzzed_box_csv_reads_or_fails_with_file_line(tmp_path, text):
     p.write_bytes(text.encode("utf-8"))
     log = MalformedLog()
     try:
-        stream = CsvStream(p, detect_layout(p, "boxes", "fuzz.csv"), list(BOX_COLS), "fuzz.csv", log, block_size=256)
+        stream = CsvStream(
+            p, detect_layout(p, "boxes", "fuzz.csv"), list(BOX_COLS), "fuzz.csv", log, block_size=256
+        )
         batches = list(stream)
     except DataError as exc:
         assert str(exc).startswith("fuzz.csv"), exc
@@ -268,11 +320,16 @@ def test_fuzzed_box_csv_reads_or_fails_with_file_line(tmp_path, text):
 
 
 @settings(max_examples=60, deadline=None)
-@given(doc=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.just("/m/0bl9f"),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
-        st.sampled_from(["LabelName", "Subcategory", "Part", "x"]), kids, max_size=4),
-    max_leaves=20))
+@given(
+    doc=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.just("/m/0bl9f"),
+        lambda kids: (
+            st.lists(kids, max_size=4)
+            | st.dictionaries(st.sampled_from(["LabelName", "Subcategory", "Part", "x"]), kids, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
 def test_fuzzed_hierarchy_json_parses_or_fails_naming_the_file(doc):
     try:
         h = read_hierarchy(json.dumps(doc), "h.json")
@@ -285,8 +342,10 @@ def test_fuzzed_hierarchy_json_parses_or_fails_naming_the_file(doc):
 
 
 _INDEX = [",".join(INDEX_COLS + ("Rotation",))] + [
-    f'{i:016x},train,https://farm.example/{i}.jpg,https://flickr.example/{i},cc,https://flickr.example/u,'
-    f'"Author, A","A photo, {i}",12345,md5==,https://thumb.example/{i}.jpg,0' for i in range(1, 20)]
+    f"{i:016x},train,https://farm.example/{i}.jpg,https://flickr.example/{i},cc,https://flickr.example/u,"
+    f'"Author, A","A photo, {i}",12345,md5==,https://thumb.example/{i}.jpg,0'
+    for i in range(1, 20)
+]
 
 
 @st.composite
@@ -305,8 +364,15 @@ def test_fuzzed_image_index_reads_or_fails_with_the_file_name(tmp_path, text):
     p = tmp_path / "index.csv"
     p.write_bytes(text.encode("utf-8"))
     try:
-        stream = CsvStream(p, detect_layout(p, "images", "index.csv"), ["ImageID", "OriginalURL", "OriginalSize"],
-                           "index.csv", MalformedLog(), block_size=512, newlines_in_values=True)
+        stream = CsvStream(
+            p,
+            detect_layout(p, "images", "index.csv"),
+            ["ImageID", "OriginalURL", "OriginalSize"],
+            "index.csv",
+            MalformedLog(),
+            block_size=512,
+            newlines_in_values=True,
+        )
         for batch, _ in stream:
             # Whatever was accepted holds no swallowed record in a field that was read.
             for col in batch.columns:
@@ -316,9 +382,28 @@ def test_fuzzed_image_index_reads_or_fails_with_the_file_name(tmp_path, text):
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.lists(st.sampled_from(['/m/0k4j,Car', '"/m/01g317","Person, adult"', "LabelName,DisplayName", '"',
-                                      ",", "\n", "\r", "/m/x", "\ufeff", "a,b,c", "", " ", "\x00"]),
-                     max_size=12).map("".join))
+@given(
+    text=st.lists(
+        st.sampled_from(
+            [
+                "/m/0k4j,Car",
+                '"/m/01g317","Person, adult"',
+                "LabelName,DisplayName",
+                '"',
+                ",",
+                "\n",
+                "\r",
+                "/m/x",
+                "\ufeff",
+                "a,b,c",
+                "",
+                " ",
+                "\x00",
+            ]
+        ),
+        max_size=12,
+    ).map("".join)
+)
 def test_fuzzed_class_descriptions_parse_or_fail_naming_the_file(text):
     from openimages_od.openimages.classes import read_class_descriptions
 

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "openimages_od", *args], capture_output=True, text=True,
-                          timeout=120, cwd=kw.get("cwd", ROOT), env=kw.get("env"))
+    return subprocess.run(
+        [sys.executable, "-m", "openimages_od", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=kw.get("cwd", ROOT),
+        env=kw.get("env"),
+    )
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -35,8 +41,8 @@ def test_layers_defaults_file_then_set(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("ray:\n  num_actors: 7\n  address: auto\nimage:\n  quality: 80\n")
     cfg = load_config(f, ["ray.num_actors=3", "train.steps=12"])
-    assert cfg.ray.num_actors == 3          # --set beats the file
-    assert cfg.ray.address == "auto"        # file beats defaults
+    assert cfg.ray.num_actors == 3  # --set beats the file
+    assert cfg.ray.address == "auto"  # file beats defaults
     assert cfg.image.quality == 80
     assert cfg.train.steps == 12
     assert cfg.image.max_side == Config().image.max_side  # default kept
@@ -83,7 +89,9 @@ def test_cross_field_rule():
 
 def test_env_interpolation(tmp_path, monkeypatch):
     f = tmp_path / "e.yaml"
-    f.write_text("output:\n  url: ${OIOD_T_OUT}\n  s3:\n    endpoint_url: ${OIOD_T_EP:-}\n    region: ${OIOD_T_R:-eu-west-1}\n")
+    f.write_text(
+        "output:\n  url: ${OIOD_T_OUT}\n  s3:\n    endpoint_url: ${OIOD_T_EP:-}\n    region: ${OIOD_T_R:-eu-west-1}\n"
+    )
     monkeypatch.setenv("OIOD_T_OUT", "s3://bkt/prefix")
     cfg = load_config(f)
     assert cfg.output.url == "s3://bkt/prefix"

@@ -41,7 +41,7 @@ def _flow_bomb() -> str:
     # One flow document cannot define anchors it reuses later in a plain scalar, so nest them.
     inner = '&a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]'
     for i in range(1, 8):
-        inner = f'[&a{i} [{inner}, ' + ", ".join([f"*a{i - 1}"] * 9) + "]]"
+        inner = f"[&a{i} [{inner}, " + ", ".join([f"*a{i - 1}"] * 9) + "]]"
     return inner
 
 
@@ -52,8 +52,9 @@ def test_alias_bomb_in_a_set_override_is_refused():
 
 def test_small_aliases_still_work(tmp_path):
     p = tmp_path / "ok.yaml"
-    p.write_text("x-common: &common {connect_timeout_s: 3, read_timeout_s: 7}\n"
-                 "source:\n  images:\n    http: *common\n")
+    p.write_text(
+        "x-common: &common {connect_timeout_s: 3, read_timeout_s: 7}\nsource:\n  images:\n    http: *common\n"
+    )
     with pytest.raises(ConfigError, match="x-common: unknown key"):
         load_config(p)  # unknown top-level key: still an error, but a normal one
     p.write_text("source:\n  s3: &s3 {region: eu-west-1}\noutput:\n  s3: *s3\n")
@@ -61,11 +62,14 @@ def test_small_aliases_still_work(tmp_path):
     assert cfg.output.s3.region == "eu-west-1"
 
 
-@pytest.mark.parametrize("text,match", [
-    ("a: &a [*a]\n", "refers to itself|not valid YAML"),
-    ("x: " + "[" * 1000 + "]" * 1000 + "\n", "nested deeper|nested too deeply"),
-    ("x: " + "{a: " * 100 + "1" + "}" * 100 + "\n", "nested deeper"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("a: &a [*a]\n", "refers to itself|not valid YAML"),
+        ("x: " + "[" * 1000 + "]" * 1000 + "\n", "nested deeper|nested too deeply"),
+        ("x: " + "{a: " * 100 + "1" + "}" * 100 + "\n", "nested deeper"),
+    ],
+)
 def test_recursive_and_deep_yaml_is_refused(tmp_path, text, match):
     p = tmp_path / "c.yaml"
     p.write_text(text)
@@ -73,29 +77,45 @@ def test_recursive_and_deep_yaml_is_refused(tmp_path, text, match):
         load_config(p)
 
 
-@pytest.mark.parametrize("override", [
-    "source.splits={'../../x': {boxes: b.csv}}",
-    "source.splits={'a/b': {boxes: b.csv}}",
-    "source.splits={'..': {boxes: b.csv}}",
-    "source.splits={'': {boxes: b.csv}}",
-    "selection.splits=['../x']",
-    "train.split=../../etc",
-    "evaluate.split=a\\b",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "source.splits={'../../x': {boxes: b.csv}}",
+        "source.splits={'a/b': {boxes: b.csv}}",
+        "source.splits={'..': {boxes: b.csv}}",
+        "source.splits={'': {boxes: b.csv}}",
+        "selection.splits=['../x']",
+        "train.split=../../etc",
+        "evaluate.split=a\\b",
+    ],
+)
 def test_split_names_must_be_safe_path_components(override):
     with pytest.raises(ConfigError, match="becomes a path component"):
         load_config(None, [override])
 
 
 def test_ordinary_split_names_are_fine():
-    cfg = load_config(None, ["source.splits={train: {boxes: a.csv}, validation-2: {boxes: b.csv}, v_3.x: {boxes: c}}"])
+    cfg = load_config(
+        None, ["source.splits={train: {boxes: a.csv}, validation-2: {boxes: b.csv}, v_3.x: {boxes: c}}"]
+    )
     assert set(cfg.source.splits) == {"train", "validation-2", "v_3.x"}
 
 
-@pytest.mark.parametrize("template", [
-    "{image_id:>999999999}", "{split:{image_id}}", "{image_id!r}", "{split.__class__}", "{image_id[0]}",
-    "{0}", "{}", "{other}", "{image_id", "x" * 600,
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{image_id:>999999999}",
+        "{split:{image_id}}",
+        "{image_id!r}",
+        "{split.__class__}",
+        "{image_id[0]}",
+        "{0}",
+        "{}",
+        "{other}",
+        "{image_id",
+        "x" * 600,
+    ],
+)
 def test_key_template_fields_only_without_format_specs(template):
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="key_template"):
@@ -113,9 +133,11 @@ def test_env_secrets_stay_references_in_the_resolved_config(tmp_path, monkeypatc
     monkeypatch.setenv("OIOD_TEST_SECRET", SECRET)
     monkeypatch.setenv("OIOD_TEST_ENDPOINT", f"http://user:{SECRET}@127.0.0.1:9")
     p = tmp_path / "c.yaml"
-    p.write_text("source:\n  images:\n    http:\n      user_agent: 'bot ${OIOD_TEST_SECRET}'\n"
-                 "output:\n  url: " + str(tmp_path / "out") + "\n  s3:\n    endpoint_url: ${OIOD_TEST_ENDPOINT}\n"
-                 "ray:\n  forward_env: [A, '${OIOD_TEST_SECRET}']\n")
+    p.write_text(
+        "source:\n  images:\n    http:\n      user_agent: 'bot ${OIOD_TEST_SECRET}'\n"
+        "output:\n  url: " + str(tmp_path / "out") + "\n  s3:\n    endpoint_url: ${OIOD_TEST_ENDPOINT}\n"
+        "ray:\n  forward_env: [A, '${OIOD_TEST_SECRET}']\n"
+    )
     cfg = load_config(p)
     assert cfg.source.images.http.user_agent == f"bot {SECRET}"  # expanded for use
     assert cfg.ray.forward_env == ["A", SECRET]
@@ -148,12 +170,48 @@ def test_validation_errors_show_the_reference_not_the_secret(tmp_path, monkeypat
 # --------------------------------------------------------------------------- property-based fuzzing
 
 
-_FRAGMENTS = st.sampled_from([
-    "source:", "  splits:", "    train: {boxes: b.csv}", "selection:", "  classes: [Car]", "ray:", "  num_actors: 2",
-    "&a", "*a", "[", "]", "{", "}", ":", "- ", "  ", "\n", "'", '"', "!!python/object:os.system", "!!binary AAAA",
-    "${X}", "${OIOD_UNSET_VAR_XYZ}", "<<: *a", "? ", "|", ">", "#", "---", "...", "%YAML 1.1", "\t", "\x00",
-    "key_template: '{image_id:>9}'", "  images: {key_template: '{split}/{image_id}'}", "9" * 50, "1e999", ".nan",
-])
+_FRAGMENTS = st.sampled_from(
+    [
+        "source:",
+        "  splits:",
+        "    train: {boxes: b.csv}",
+        "selection:",
+        "  classes: [Car]",
+        "ray:",
+        "  num_actors: 2",
+        "&a",
+        "*a",
+        "[",
+        "]",
+        "{",
+        "}",
+        ":",
+        "- ",
+        "  ",
+        "\n",
+        "'",
+        '"',
+        "!!python/object:os.system",
+        "!!binary AAAA",
+        "${X}",
+        "${OIOD_UNSET_VAR_XYZ}",
+        "<<: *a",
+        "? ",
+        "|",
+        ">",
+        "#",
+        "---",
+        "...",
+        "%YAML 1.1",
+        "\t",
+        "\x00",
+        "key_template: '{image_id:>9}'",
+        "  images: {key_template: '{split}/{image_id}'}",
+        "9" * 50,
+        "1e999",
+        ".nan",
+    ]
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -168,10 +226,22 @@ def test_fuzzed_config_files_load_or_fail_with_config_error(tmp_path, parts):
 
 
 @settings(max_examples=200, deadline=None)
-@given(key=st.sampled_from(["ray.num_actors", "selection.classes", "source.images.key_template", "x.y", "train.split",
-                            "source.splits", "output.url"]),
-       value=st.lists(st.sampled_from(list("[]{}&*!:,'\"-|>#%@`{}\\ a1./_\n\x00") + ["${X}", "&a", "*a"]),
-                      max_size=30).map("".join))
+@given(
+    key=st.sampled_from(
+        [
+            "ray.num_actors",
+            "selection.classes",
+            "source.images.key_template",
+            "x.y",
+            "train.split",
+            "source.splits",
+            "output.url",
+        ]
+    ),
+    value=st.lists(
+        st.sampled_from(list("[]{}&*!:,'\"-|>#%@`{}\\ a1./_\n\x00") + ["${X}", "&a", "*a"]), max_size=30
+    ).map("".join),
+)
 def test_fuzzed_set_overrides_load_or_fail_with_config_error(key, value):
     try:
         load_config(None, [f"{key}={value}"])

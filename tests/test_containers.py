@@ -35,8 +35,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 import yaml
@@ -52,7 +53,13 @@ REPO = Path(__file__).resolve().parents[1]
 PODMAN = shutil.which("podman")
 TAG = os.environ.get("OIOD_IMAGE_TAG", "dev")
 IMAGE = {name: f"localhost/openimages-od-{name}:{TAG}" for name in ("worker", "serve", "train")}
-HEAD_IP, WORKER_IPS, IMAGES_IP, S3_IP, SERVE_IP = "127.0.1.2", ("127.0.1.3", "127.0.1.4"), "127.0.1.6", "127.0.1.7", "127.0.1.8"
+HEAD_IP, WORKER_IPS, IMAGES_IP, S3_IP, SERVE_IP = (
+    "127.0.1.2",
+    ("127.0.1.3", "127.0.1.4"),
+    "127.0.1.6",
+    "127.0.1.7",
+    "127.0.1.8",
+)
 
 if not PODMAN or os.geteuid() != 0:
     pytest.skip("the container lane needs root and podman (make test installs it)", allow_module_level=True)
@@ -70,8 +77,14 @@ def images() -> dict[str, str]:
     """The worker and serve images, built by docker/build-images.sh when missing."""
     missing = [n for n in ("worker", "serve") if not image_exists(IMAGE[n])]
     if missing:
-        proc = subprocess.run([str(REPO / "docker" / "build-images.sh"), *missing], env={**os.environ, "TAG": TAG},
-                              capture_output=True, text=True, timeout=3600, check=False)
+        proc = subprocess.run(
+            [str(REPO / "docker" / "build-images.sh"), *missing],
+            env={**os.environ, "TAG": TAG},
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return IMAGE
 
@@ -93,7 +106,9 @@ class Pods:
         self.workdir = workdir
         self.objs = objs
         self.names: list[str] = []
-        self.secrets = {s["metadata"]["name"]: s.get("stringData", {}) for s in helm_chart.find(objs, "Secret")}
+        self.secrets = {
+            s["metadata"]["name"]: s.get("stringData", {}) for s in helm_chart.find(objs, "Secret")
+        }
         self.config_maps = {c["metadata"]["name"]: c["data"] for c in helm_chart.find(objs, "ConfigMap")}
 
     def _env(self, container: dict, extra: dict[str, str]) -> dict[str, str]:
@@ -132,12 +147,29 @@ class Pods:
                 raise AssertionError(f"volume kind not handled by the lane: {vol}")
         return args
 
-    def podman_args(self, pod: dict, container: dict, name: str, extra_env: Optional[dict[str, str]] = None) -> list[str]:
+    def podman_args(
+        self, pod: dict, container: dict, name: str, extra_env: dict[str, str] | None = None
+    ) -> list[str]:
         """`podman run` arguments that reproduce one container of a pod spec."""
         sc = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
-        args = [PODMAN, "run", "--name", name, "--pull=never", "--runtime", "runc", "--network", "host",
-                # the host's hard limit here; KubeRay's `ulimit -n 65536` then fails harmlessly, as on small nodes
-                "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096", "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}"]
+        args = [
+            PODMAN,
+            "run",
+            "--name",
+            name,
+            "--pull=never",
+            "--runtime",
+            "runc",
+            "--network",
+            "host",
+            # the host's hard limit here; KubeRay's `ulimit -n 65536` then fails harmlessly, as on small nodes
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=4096:4096",
+            "--user",
+            f"{sc['runAsUser']}:{sc['runAsGroup']}",
+        ]
         if "fsGroup" in pod.get("securityContext", {}):
             args += ["--group-add", str(pod["securityContext"]["fsGroup"])]
         if sc.get("readOnlyRootFilesystem"):
@@ -156,12 +188,21 @@ class Pods:
         args += self._mounts(pod, container, name)
         return args
 
-    def start(self, pod: dict, container: dict, name: str, argv: list[str], extra_env: Optional[dict[str, str]] = None,
-              detach: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    def start(
+        self,
+        pod: dict,
+        container: dict,
+        name: str,
+        argv: list[str],
+        extra_env: dict[str, str] | None = None,
+        detach: bool = True,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess:
         self.names.append(name)
         cmd = self.podman_args(pod, container, name, extra_env) + (["-d"] if detach else [])
-        proc = subprocess.run(cmd + [container["image"], *argv], capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        proc = subprocess.run(
+            cmd + [container["image"], *argv], capture_output=True, text=True, timeout=timeout, check=False
+        )
         if detach:
             assert proc.returncode == 0, f"podman run {name}: {proc.stderr[-2000:]}"
         return proc
@@ -171,8 +212,9 @@ class Pods:
         return (proc.stdout + proc.stderr)[-4000:]
 
     def running(self, name: str) -> bool:
-        proc = subprocess.run([PODMAN, "inspect", "-f", "{{.State.Running}}", name], capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run(
+            [PODMAN, "inspect", "-f", "{{.State.Running}}", name], capture_output=True, text=True, check=False
+        )
         return proc.stdout.strip() == "true"
 
     def cleanup(self) -> None:
@@ -195,7 +237,7 @@ def pods(tmp_path: Path) -> Iterator[Any]:
             p.cleanup()
 
 
-def http_status(url: str, headers: Optional[dict[str, str]] = None, timeout: float = 5) -> int:
+def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 5) -> int:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return r.status
@@ -228,8 +270,9 @@ def probe_url(container: dict, kind: str, ip: str, port_map: dict[int, int]) -> 
 # --------------------------------------------------------------------------- what KubeRay adds to the pods
 
 
-def kuberay_ray_start(group: dict, container: dict, *, head: bool, ip: str, ports: dict[str, int],
-                      gcs: Optional[str] = None) -> list[str]:
+def kuberay_ray_start(
+    group: dict, container: dict, *, head: bool, ip: str, ports: dict[str, int], gcs: str | None = None
+) -> list[str]:
     """The container command KubeRay generates for a Ray node (common/pod.go), with moved fixed ports."""
     params = {k: str(v) for k, v in group["rayStartParams"].items()}
     limits = container["resources"]["limits"]
@@ -239,8 +282,13 @@ def kuberay_ray_start(group: dict, container: dict, *, head: bool, ip: str, port
     params["metrics-export-port"] = str(ports["metrics"])  # default 8080, moved
     params["node-ip-address"] = ip
     if head:
-        params.update({"port": str(ports["gcs"]), "dashboard-port": str(ports["dashboard"]),
-                       "ray-client-server-port": str(ports["client"])})
+        params.update(
+            {
+                "port": str(ports["gcs"]),
+                "dashboard-port": str(ports["dashboard"]),
+                "ray-client-server-port": str(ports["client"]),
+            }
+        )
     else:
         params["address"] = gcs or ""
     flags = " ".join(f"--{k}={v}" for k, v in sorted(params.items()))
@@ -249,18 +297,25 @@ def kuberay_ray_start(group: dict, container: dict, *, head: bool, ip: str, port
 
 def kuberay_ray_env(cluster: str, token: str) -> dict[str, str]:
     """Env KubeRay injects into Ray containers; with authOptions token, the token from its Secret."""
-    return {"RAY_CLUSTER_NAME": cluster, "RAY_USAGE_STATS_KUBERAY_IN_USE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-            # Not KubeRay: Ray refuses to join nodes on one host's loopback without it (see ENVIRONMENT.md).
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    return {
+        "RAY_CLUSTER_NAME": cluster,
+        "RAY_USAGE_STATS_KUBERAY_IN_USE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        # Not KubeRay: Ray refuses to join nodes on one host's loopback without it (see ENVIRONMENT.md).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+    }
 
 
 def kuberay_submitter_command(dashboard: str, submission_id: str, entrypoint: str) -> list[str]:
     """The K8sJobMode submitter: submit once (idempotent on retries), then follow the logs."""
     addr = f"http://{dashboard}"
-    script = (f"if ! ray job status --address {addr} {submission_id} >/dev/null 2>&1; then "
-              f"ray job submit --address {addr} --no-wait --submission-id {submission_id} -- {entrypoint}; fi; "
-              f"ray job logs --address {addr} --follow {submission_id}")
+    script = (
+        f"if ! ray job status --address {addr} {submission_id} >/dev/null 2>&1; then "
+        f"ray job submit --address {addr} --no-wait --submission-id {submission_id} -- {entrypoint}; fi; "
+        f"ray job logs --address {addr} --follow {submission_id}"
+    )
     return ["/bin/bash", "-lc", script]
 
 
@@ -278,7 +333,7 @@ def _objects(sw: SeaweedFS, bucket: str, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            out[item["Key"][len(prefix):]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            out[item["Key"][len(prefix) :]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
     return out
 
 
@@ -294,8 +349,11 @@ def _dicts(node: Any) -> Iterator[dict]:
 
 
 def _object_store_values(sw: SeaweedFS) -> dict:
-    return {"endpoint": sw.endpoint, "region": "us-east-1",
-            "createSecret": {"enabled": True, "accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key}}
+    return {
+        "endpoint": sw.endpoint,
+        "region": "us-east-1",
+        "createSecret": {"enabled": True, "accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key},
+    }
 
 
 # --------------------------------------------------------------------------- prepare: Ray head + 2 workers + submitter
@@ -310,16 +368,31 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
         source = ds.source_config()
         # Metadata over HTTP too: the pods see nothing of this host's disk.
         for key in ("class_descriptions", "hierarchy"):
-            source[key] = server.add(f"meta/{Path(source[key]).name}", Path(source[key]).read_bytes(), "text/plain")
+            source[key] = server.add(
+                f"meta/{Path(source[key]).name}", Path(source[key]).read_bytes(), "text/plain"
+            )
         for split, files in source["splits"].items():
             for key, path in files.items():
-                files[key] = server.add(f"meta/{split}/{Path(path).name}", Path(path).read_bytes(), "text/plain")
+                files[key] = server.add(
+                    f"meta/{split}/{Path(path).name}", Path(path).read_bytes(), "text/plain"
+                )
         config = {
             "source": {**source, "images": {"order": ["original"]}},
             "selection": {"classes": ["Ball", "Window", "Traffic sign"]},
-            "output": {"url": f"s3://{bucket}/k8s", "s3": {"endpoint_url": "${OIOD_S3_ENDPOINT}",
-                                                           "region": "us-east-1", "addressing_style": "path"}},
-            "ray": {"address": "auto", "num_cpus_per_actor": 1.0, "concurrency_per_actor": 8, "forward_env": []},
+            "output": {
+                "url": f"s3://{bucket}/k8s",
+                "s3": {
+                    "endpoint_url": "${OIOD_S3_ENDPOINT}",
+                    "region": "us-east-1",
+                    "addressing_style": "path",
+                },
+            },
+            "ray": {
+                "address": "auto",
+                "num_cpus_per_actor": 1.0,
+                "concurrency_per_actor": 8,
+                "forward_env": [],
+            },
             "shards": {"images_per_shard": 6},
         }
         small = {"requests": {"cpu": "1", "memory": "1536Mi"}, "limits": {"cpu": "1", "memory": "1536Mi"}}
@@ -327,9 +400,14 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
             "images": {"worker": {"repository": IMAGE["worker"].rsplit(":", 1)[0], "tag": TAG}},
             "objectStore": _object_store_values(s3),
             "config": config,
-            "ray": {"head": {"resources": small, "rayStartParams": {"object-store-memory": "80000000"}},
-                    "download": {"replicas": 2, "resources": small,
-                                 "rayStartParams": {"object-store-memory": "80000000"}}},
+            "ray": {
+                "head": {"resources": small, "rayStartParams": {"object-store-memory": "80000000"}},
+                "download": {
+                    "replicas": 2,
+                    "resources": small,
+                    "rayStartParams": {"object-store-memory": "80000000"},
+                },
+            },
         }
         objs = helm_chart.render_chart(values)
         (job,) = helm_chart.find(objs, "RayJob")
@@ -347,8 +425,13 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
         hp = {k: free_port() for k in ("gcs", "dashboard", "client", "agent", "metrics")}
         gcs = f"{HEAD_IP}:{hp['gcs']}"
         head = f"oiod-c-head-{run}"
-        p.start(head_pod, head_c, head, kuberay_ray_start(head_group, head_c, head=True, ip=HEAD_IP, ports=hp),
-                {**ray_env, "RAY_ADDRESS": gcs})
+        p.start(
+            head_pod,
+            head_c,
+            head,
+            kuberay_ray_start(head_group, head_c, head=True, ip=HEAD_IP, ports=hp),
+            {**ray_env, "RAY_ADDRESS": gcs},
+        )
         port_map = {8265: hp["dashboard"], 52365: hp["agent"]}
         wait_for(probe_url(head_c, "readinessProbe", HEAD_IP, port_map), "head readiness probe", p, head)
         assert http_status(probe_url(head_c, "livenessProbe", HEAD_IP, port_map)) == 200
@@ -360,8 +443,13 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
         for i, ip in enumerate(WORKER_IPS[: group["replicas"]]):
             wp = {k: free_port() for k in ("agent", "metrics")}
             name = f"oiod-c-worker{i}-{run}"
-            p.start(worker_pod, worker_c, name, kuberay_ray_start(group, worker_c, head=False, ip=ip, ports=wp, gcs=gcs),
-                    ray_env)
+            p.start(
+                worker_pod,
+                worker_c,
+                name,
+                kuberay_ray_start(group, worker_c, head=False, ip=ip, ports=wp, gcs=gcs),
+                ray_env,
+            )
             workers.append((name, probe_url(worker_c, "readinessProbe", ip, {52365: wp["agent"]})))
         for name, url in workers:
             wait_for(url, "worker readiness probe", p, name)
@@ -376,15 +464,26 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
         (sub_c,) = sub_pod["containers"]
         submission = f"oiod-prepare-{run}"
         start = time.monotonic()
-        proc = p.start(sub_pod, sub_c, f"oiod-c-submitter-{run}",
-                       kuberay_submitter_command(dashboard, submission, spec["entrypoint"]),
-                       {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, detach=False, timeout=900)
+        proc = p.start(
+            sub_pod,
+            sub_c,
+            f"oiod-c-submitter-{run}",
+            kuberay_submitter_command(dashboard, submission, spec["entrypoint"]),
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+            detach=False,
+            timeout=900,
+        )
         lane_s = time.monotonic() - start
-        with urllib.request.urlopen(urllib.request.Request(f"http://{dashboard}/api/jobs/{submission}", headers=auth),
-                                    timeout=10) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"http://{dashboard}/api/jobs/{submission}", headers=auth), timeout=10
+        ) as r:
             status = json.load(r)["status"]
-        assert proc.returncode == 0 and status == "SUCCEEDED", (status, proc.stdout[-3000:], proc.stderr[-2000:],
-                                                                 p.logs(head))
+        assert proc.returncode == 0 and status == "SUCCEEDED", (
+            status,
+            proc.stdout[-3000:],
+            proc.stderr[-2000:],
+            p.logs(head),
+        )
         print(f"\n[containers] prepare in the chart's pods: {lane_s:.1f} s")
 
         # The download actors ran on both worker pods (the head advertises no CPU), and nothing the dashboard
@@ -394,8 +493,9 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
         assert http_status(actors_url) in (401, 403)
         with urllib.request.urlopen(urllib.request.Request(actors_url, headers=auth), timeout=30) as r:
             actors_body = r.read().decode()
-        with urllib.request.urlopen(urllib.request.Request(f"http://{dashboard}/api/jobs/", headers=auth),
-                                    timeout=30) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"http://{dashboard}/api/jobs/", headers=auth), timeout=30
+        ) as r:
             jobs_body = r.read().decode()
         assert s3.secret_key not in actors_body and s3.secret_key not in jobs_body
         records = [rec for rec in _dicts(json.loads(actors_body)) if rec.get("class_name") == "ShardWorker"]
@@ -407,10 +507,33 @@ def test_prepare_runs_in_the_chart_pods(images: dict, s3: SeaweedFS, pods: Any, 
         cfg_path = tmp_path / "host-config.yaml"
         (cm,) = helm_chart.find(objs, "ConfigMap", "-config")
         cfg_path.write_text(cm["data"]["config.yaml"])
-        host_env = {**os.environ, **s3.env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "AWS_REGION": "us-east-1"}
-        host = subprocess.run([sys.executable, "-m", "openimages_od.cli", "prepare", "-c", str(cfg_path), "--set", "ray.address=local",
-                               "--set", f"output.url=s3://{bucket}/host", "--set", "ray.progress=false"],
-                              env=host_env, capture_output=True, text=True, timeout=900, check=False)
+        host_env = {
+            **os.environ,
+            **s3.env(),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "AWS_REGION": "us-east-1",
+        }
+        host = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "openimages_od.cli",
+                "prepare",
+                "-c",
+                str(cfg_path),
+                "--set",
+                "ray.address=local",
+                "--set",
+                f"output.url=s3://{bucket}/host",
+                "--set",
+                "ray.progress=false",
+            ],
+            env=host_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert host.returncode == 0, host.stdout[-2000:] + host.stderr[-3000:]
     in_pods = {k: v for k, v in _objects(s3, bucket, "k8s/").items() if k.startswith("tfrecords/")}
     on_host = {k: v for k, v in _objects(s3, bucket, "host/").items() if k.startswith("tfrecords/")}
@@ -425,7 +548,9 @@ def test_dashboard_api_refuses_requests_without_the_token_and_shows_no_credentia
     objs = helm_chart.render_chart()
     (job,) = helm_chart.find(objs, "RayJob")
     head_c = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert not any(e["name"].startswith("RAY_AUTH") for e in head_c["env"])  # KubeRay's token, not the chart's
+    assert not any(
+        e["name"].startswith("RAY_AUTH") for e in head_c["env"]
+    )  # KubeRay's token, not the chart's
     assert "runtimeEnvYAML" not in job["spec"]
 
 
@@ -447,9 +572,13 @@ def test_serve_pod_answers_readyz_and_detect(images: dict, s3: SeaweedFS, pods: 
         "prepare": {"enabled": False},
         "images": {"serve": {"repository": IMAGE["serve"].rsplit(":", 1)[0], "tag": TAG}},
         "objectStore": _object_store_values(s3),
-        "config": {"output": {"url": f"s3://{bucket}/out", "s3": {"endpoint_url": "${OIOD_S3_ENDPOINT}",
-                                                                   "addressing_style": "path"}},
-                   "serve": {"model": f"s3://{bucket}/export"}},
+        "config": {
+            "output": {
+                "url": f"s3://{bucket}/out",
+                "s3": {"endpoint_url": "${OIOD_S3_ENDPOINT}", "addressing_style": "path"},
+            },
+            "serve": {"model": f"s3://{bucket}/export"},
+        },
         "serve": {"enabled": True, "port": port, "autoscaling": {"enabled": False}, "replicas": 1},
     }
     objs = helm_chart.render_chart(values)
@@ -465,23 +594,33 @@ def test_serve_pod_answers_readyz_and_detect(images: dict, s3: SeaweedFS, pods: 
     print(f"\n[containers] serve ready in {time.monotonic() - start:.1f} s")
     image = serving_helpers.blob_image()
     body = json.dumps({"image": "data:image/png;base64," + base64.b64encode(image).decode()}).encode()
-    req = urllib.request.Request(f"http://{SERVE_IP}:{port}/v1/detect", data=body,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://{SERVE_IP}:{port}/v1/detect", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         answer = json.load(r)
     assert r.status == 200 and {d["label"] for d in answer["detections"]} >= {"Car"}, answer
     # The helm test hook's own script, run against the same container, passes too.
     (test_pod,) = [o for o in objs if o["kind"] == "Pod"]
     (tc,) = test_pod["spec"]["containers"]
-    proc = p.start(test_pod["spec"], tc, f"{name}-helm-test", tc["command"],
-                   {"OIOD_TEST_URL": f"http://{SERVE_IP}:{port}"}, detach=False, timeout=300)
+    proc = p.start(
+        test_pod["spec"],
+        tc,
+        f"{name}-helm-test",
+        tc["command"],
+        {"OIOD_TEST_URL": f"http://{SERVE_IP}:{port}"},
+        detach=False,
+        timeout=300,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("ok:"), proc.stdout + proc.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- train image (outside CI when not built)
 
 
-def test_train_evaluate_export_and_tensorboard_in_the_train_image(s3: SeaweedFS, pods: Any, tmp_path: Path) -> None:
+def test_train_evaluate_export_and_tensorboard_in_the_train_image(
+    s3: SeaweedFS, pods: Any, tmp_path: Path
+) -> None:
     if not image_exists(IMAGE["train"]):
         pytest.skip(f"{IMAGE['train']} not built (make containers-train builds and runs it; ~8 GB, ~7 min)")
     import training_helpers
@@ -500,8 +639,10 @@ def test_train_evaluate_export_and_tensorboard_in_the_train_image(s3: SeaweedFS,
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(val)
-    config["output"] = {"url": f"s3://{bucket}/run", "s3": {"endpoint_url": "${OIOD_S3_ENDPOINT}",
-                                                           "addressing_style": "path"}}
+    config["output"] = {
+        "url": f"s3://{bucket}/run",
+        "s3": {"endpoint_url": "${OIOD_S3_ENDPOINT}", "addressing_style": "path"},
+    }
     config["train"]["model_dir"] = "/models/run/model"
     config["export"] = {"dir": f"s3://{bucket}/run/export"}
     config.setdefault("evaluate", {})["timeout_s"] = 60
@@ -509,7 +650,8 @@ def test_train_evaluate_export_and_tensorboard_in_the_train_image(s3: SeaweedFS,
     values = {
         "prepare": {"enabled": False},
         "images": {"train": {"repository": IMAGE["train"].rsplit(":", 1)[0], "tag": TAG}},
-        "objectStore": _object_store_values(s3), "config": config,
+        "objectStore": _object_store_values(s3),
+        "config": config,
         "modelStorage": {"enabled": True},
         "train": {"enabled": True, "gpusPerWorker": 0, "resources": small},
         "evaluate": {"enabled": True, "resources": small},
@@ -524,7 +666,9 @@ def test_train_evaluate_export_and_tensorboard_in_the_train_image(s3: SeaweedFS,
         pod = job["spec"]["template"]["spec"]
         (c,) = pod["containers"]
         start = time.monotonic()
-        proc = p.start(pod, c, f"oiod-c{suffix}-{uuid.uuid4().hex[:6]}", c["command"], detach=False, timeout=1800)
+        proc = p.start(
+            pod, c, f"oiod-c{suffix}-{uuid.uuid4().hex[:6]}", c["command"], detach=False, timeout=1800
+        )
         timings[suffix.strip("-1").strip("-")] = time.monotonic() - start
         assert proc.returncode == 0, (suffix, proc.stdout[-3000:], proc.stderr[-3000:])
     keys = _objects(s3, bucket, "run/")

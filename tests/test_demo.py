@@ -6,10 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from browser_helpers import chromium_driver, console_errors
 
 pytestmark = [pytest.mark.integration, pytest.mark.tf, pytest.mark.slow]
@@ -20,9 +18,26 @@ def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo") / "oiod-demo"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "openimages_od", "demo", "--workdir", str(work), "--images", "40", "--steps", "8",
-         "--set", "train.batch_size=4", "--set", "train.input_size=128"],
-        capture_output=True, text=True, timeout=900, env=env,
+        [
+            sys.executable,
+            "-m",
+            "openimages_od",
+            "demo",
+            "--workdir",
+            str(work),
+            "--images",
+            "40",
+            "--steps",
+            "8",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.input_size=128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     return work, proc
 

@@ -15,10 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 pytestmark = pytest.mark.k8s
 
@@ -101,8 +101,12 @@ def test_hadolint_reports_nothing_at_warning_or_above() -> None:
 def test_hadolint_is_not_a_rubber_stamp(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install requests\nUSER root\n")
-    proc = subprocess.run([hadolint_binary(), "--failure-threshold", "warning", str(bad)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint_binary(), "--failure-threshold", "warning", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "DL3007" in proc.stdout
 
 
@@ -127,15 +131,21 @@ def test_base_image_is_a_build_argument(name: str) -> None:
     froms = [a for w, a in instructions(DOCKERFILES[name]) if w == "FROM"]
     assert froms and all(a.split()[0] == "${BASE_IMAGE}" for a in froms), froms
     script = (DOCKER / "build-images.sh").read_text()
-    assert "Dockerfile.$name" in script and "--build-arg \"BASE_IMAGE=$base\"" in script
+    assert "Dockerfile.$name" in script and '--build-arg "BASE_IMAGE=$base"' in script
     assert base_arg(DOCKERFILES[name]) == base_arg(DOCKERFILES["worker"])  # one base for the three
 
 
 def test_build_script_makes_a_local_base_without_registry() -> None:
     script = (DOCKER / "build-images.sh").read_text()
     assert "debootstrap --variant=minbase" in script and "podman import" in script
-    assert "--pull=never" in script and "--ignorefile" in script and "-v /etc/ssl/certs:/etc/ssl/certs:ro" in script
-    proc = subprocess.run(["bash", "-n", str(DOCKER / "build-images.sh")], capture_output=True, text=True, timeout=30)
+    assert (
+        "--pull=never" in script
+        and "--ignorefile" in script
+        and "-v /etc/ssl/certs:/etc/ssl/certs:ro" in script
+    )
+    proc = subprocess.run(
+        ["bash", "-n", str(DOCKER / "build-images.sh")], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -179,8 +189,17 @@ def test_train_installs_gpu_tensorflow_and_model_garden_without_deps() -> None:
     text = run_args(DOCKERFILES["train"])
     assert '"tensorflow[and-cuda]==2.21.0"' in text
     assert '"numpy<2.4"' in text
-    for pkg in ("gin-config", "pyyaml", "pycocotools", "immutabledict", "tensorflow-datasets", "scipy",
-                "opencv-python-headless", "matplotlib", "tensorboard"):
+    for pkg in (
+        "gin-config",
+        "pyyaml",
+        "pycocotools",
+        "immutabledict",
+        "tensorflow-datasets",
+        "scipy",
+        "opencv-python-headless",
+        "matplotlib",
+        "tensorboard",
+    ):
         assert re.search(rf"\s{re.escape(pkg)}(\s|$)", text), pkg
     assert re.search(r"pip install [^\n]*--no-deps tf-models-official==2\.20\.0 tf-keras==2\.21\.0", text)
     assert "tensorflow-cpu" not in text and ".[train]" not in text

@@ -16,17 +16,16 @@ import tracemalloc
 import aiohttp
 import pytest
 import yarl
+from hostile_upstream import HOSTILE_HTTP, MAX_BODY, bomb, install, tall_jpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pipeline_helpers import photo
 
 from openimages_od.config import load_config
 from openimages_od.devservices import Reply
-from openimages_od.pipeline.fetch import FetchFailed, Fetcher
+from openimages_od.pipeline.fetch import Fetcher, FetchFailed
 from openimages_od.pipeline.geometry import render
 from openimages_od.pipeline.verify import Rejected, open_image
-
-from hostile_upstream import HOSTILE_HTTP, MAX_BODY, bomb, install, tall_jpeg
-from pipeline_helpers import photo
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +94,22 @@ async def test_gzip_bomb_never_inflates_past_the_limit(image_server):
 
 def _error_types() -> list[type[BaseException]]:
     """Every exception class aiohttp and yarl export, plus the URL/Unicode errors of the stdlib."""
-    found: set[type[BaseException]] = {ValueError, UnicodeError, UnicodeDecodeError, OSError, ConnectionResetError,
-                                       TimeoutError, asyncio.TimeoutError, RuntimeError, AssertionError,
-                                       AttributeError, KeyError, TypeError, MemoryError, RecursionError}
+    found: set[type[BaseException]] = {
+        ValueError,
+        UnicodeError,
+        UnicodeDecodeError,
+        OSError,
+        ConnectionResetError,
+        TimeoutError,
+        asyncio.TimeoutError,
+        RuntimeError,
+        AssertionError,
+        AttributeError,
+        KeyError,
+        TypeError,
+        MemoryError,
+        RecursionError,
+    }
     for mod in (aiohttp, aiohttp.client_exceptions, aiohttp.http_exceptions, yarl):
         for _, obj in inspect.getmembers(mod, inspect.isclass):
             if issubclass(obj, Exception):
@@ -110,7 +122,7 @@ def _instance(cls: type[BaseException]) -> BaseException:
     for args in ((), ("boom",), (None, ()), ("boom", "boom")):
         try:
             return cls(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:
             continue
     return cls.__new__(cls)
 
@@ -131,8 +143,9 @@ class _RaisingSession:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("cls", _error_types(), ids=lambda c: f"{c.__module__}.{c.__qualname__}")
 async def test_every_client_error_type_is_one_images_failure(cls):
-    f = Fetcher(load_config(None, HOSTILE_HTTP + ["source.images.http.backoff_base_s=0"]).source.images,
-                concurrency=1)
+    f = Fetcher(
+        load_config(None, HOSTILE_HTTP + ["source.images.http.backoff_base_s=0"]).source.images, concurrency=1
+    )
     f._session = _RaisingSession(_instance(cls))
     try:
         with pytest.raises(FetchFailed) as exc:
@@ -160,14 +173,16 @@ def test_jpeg_claiming_more_pixels_than_its_data_is_rejected():
 
 def test_prepare_over_every_hostile_upstream_finishes_every_shard(ray_local, image_server, tmp_path):
     """Every shard commits; each hostile image is failed with its reason; every good image lands."""
+    from pipeline_helpers import box, image_row, write_plan
+
     from openimages_od.pipeline.distribute import run_prepare
     from openimages_od.pipeline.ledger import decode_ledger
     from openimages_od.storage import Storage
 
-    from pipeline_helpers import box, image_row, write_plan
-
     cases = install(image_server)
-    good_extra = [image_server.script(f"g/{i}.jpg", [Reply(200, photo(150, 100, seed=100 + i))]) for i in range(6)]
+    good_extra = [
+        image_server.script(f"g/{i}.jpg", [Reply(200, photo(150, 100, seed=100 + i))]) for i in range(6)
+    ]
     rows, expect = [], {}
     for i, c in enumerate(cases):
         iid = f"{i:016x}"
@@ -177,17 +192,31 @@ def test_prepare_over_every_hostile_upstream_finishes_every_shard(ray_local, ima
         iid = f"f{i:015x}"
         rows.append(image_row(iid, original_url=url))
         expect[iid] = None
-    cfg = load_config(None, [f"output.url=file://{tmp_path}/out", "ray.num_actors=1", "ray.num_cpus_per_actor=0.5",
-                             "ray.progress=false", "image.max_side=128", "ray.max_shard_retries=0",
-                             "ray.actor_start_timeout_s=60", "ray.concurrency_per_actor=16",
-                             "source.images.order=[original]", *HOSTILE_HTTP])
+    cfg = load_config(
+        None,
+        [
+            f"output.url=file://{tmp_path}/out",
+            "ray.num_actors=1",
+            "ray.num_cpus_per_actor=0.5",
+            "ray.progress=false",
+            "image.max_side=128",
+            "ray.max_shard_retries=0",
+            "ray.actor_start_timeout_s=60",
+            "ray.concurrency_per_actor=16",
+            "source.images.order=[original]",
+            *HOSTILE_HTTP,
+        ],
+    )
     st = Storage.from_config(cfg)
     manifest = write_plan(st, cfg.output_root, rows, images_per_shard=5)
     assert run_prepare(cfg) == 0  # no shard retries allowed: a shard failing once would fail the run
 
     n = manifest.splits["train"].num_shards
-    stats = [st.read_json(o.url) for o in st.list(cfg.output_path("tfrecords", "train") + "/")
-             if o.url.endswith(".stats.json")]
+    stats = [
+        st.read_json(o.url)
+        for o in st.list(cfg.output_path("tfrecords", "train") + "/")
+        if o.url.endswith(".stats.json")
+    ]
     assert len(stats) == n
     ledger = {}
     for o in st.list(cfg.output_path("ledger", "train") + "/"):
@@ -198,7 +227,11 @@ def test_prepare_over_every_hostile_upstream_finishes_every_shard(ray_local, ima
         if reason is None:
             assert e.status == "ok", (iid, e)
         else:
-            assert (e.status, e.error) == ("failed", reason), (iid, e, [c.name for c in cases if c.reason == reason])
+            assert (e.status, e.error) == ("failed", reason), (
+                iid,
+                e,
+                [c.name for c in cases if c.reason == reason],
+            )
     assert sum(s["ok"] for s in stats) == sum(1 for r in expect.values() if r is None)
 
 
@@ -216,16 +249,22 @@ _SEEDS = _seeds()
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, len(_SEEDS) - 1),
-       edits=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=0, max_size=4), st.integers(0, 4)), max_size=4))
+@given(
+    seed=st.integers(0, len(_SEEDS) - 1),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.binary(min_size=0, max_size=4), st.integers(0, 4)), max_size=4
+    ),
+)
 def test_fuzzed_image_bytes_are_rendered_or_rejected(seed, edits):
     """Whatever the bytes, the image stage answers a result or a :class:`Rejected`, never another error."""
     data = bytearray(_SEEDS[seed])
     for pos, ins, cut in edits:
         i = int(pos * len(data))
-        data[i:i + cut] = ins
+        data[i : i + cut] = ins
     try:
-        out = render(open_image(bytes(data), max_pixels=4_000_000), bytes(data), rotation=90, max_side=32, quality=80)
+        out = render(
+            open_image(bytes(data), max_pixels=4_000_000), bytes(data), rotation=90, max_side=32, quality=80
+        )
     except Rejected:
         return
     assert out.width <= 32 and out.height <= 32
@@ -240,11 +279,15 @@ async def test_bucket_objects_are_read_with_a_bounded_range(seaweedfs, s3_bucket
     good = photo(60, 40, seed=1)
     s3.put_object(Bucket=s3_bucket, Key="train/good.jpg", Body=good)
     src = load_config(None, HOSTILE_HTTP + [f"source.images.bucket={s3_bucket}"]).source.images.model_copy(
-        update={"s3": s3_options})
+        update={"s3": s3_options}
+    )
     f = Fetcher(src, concurrency=2)
     try:
+
         async def bucket(name):
-            return await f.fetch("bucket", {"image_id": name, "split": "train", "bucket_key": f"train/{name}.jpg"})
+            return await f.fetch(
+                "bucket", {"image_id": name, "split": "train", "bucket_key": f"train/{name}.jpg"}
+            )
 
         with pytest.raises(FetchFailed) as exc:
             await bucket("big")

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 import yaml
@@ -41,7 +41,7 @@ NAMESPACE = "ml"
 CONFIG_PATH = "/etc/oiod/config.yaml"
 
 # Scenario name -> values file (None = chart defaults).
-SCENARIOS: dict[str, Optional[Path]] = {"chart-defaults": None}
+SCENARIOS: dict[str, Path | None] = {"chart-defaults": None}
 SCENARIOS.update({f"ci/{p.name}": p for p in sorted((CHART_DIR / "ci").glob("*-values.yaml"))})
 SCENARIOS.update({f"k8s/{p.name}": p for p in sorted(K8S_DIR.glob("values-*.yaml"))})
 
@@ -59,7 +59,7 @@ def _docs(text: str) -> list[dict]:
 
 
 def render_chart(
-    values_overrides: Optional[dict] = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+    values_overrides: dict | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
 ) -> list[dict]:
     """Render the chart like ``helm install --dry-run`` and return its objects.
 
@@ -84,7 +84,7 @@ def render_chart(
     return objs
 
 
-def render_notes(values_overrides: Optional[dict] = None) -> str:
+def render_notes(values_overrides: dict | None = None) -> str:
     """The rendered NOTES.txt."""
     out = _chart().render(values_overrides or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
@@ -95,7 +95,7 @@ def find(objs: list[dict], kind: str, name_suffix: str = "") -> list[dict]:
     return [o for o in objs if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
 
 
-def prepare_entrypoint(values_overrides: Optional[dict] = None) -> str:
+def prepare_entrypoint(values_overrides: dict | None = None) -> str:
     """The exact shell command the chart's prepare RayJob runs on the Ray head."""
     (job,) = find(render_chart(values_overrides), "RayJob")
     return job["spec"]["entrypoint"]
@@ -131,7 +131,7 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crd_validator(kind: str) -> Any:
     for path in CRD_DIR.glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())
@@ -150,8 +150,8 @@ def validate_object(obj: dict) -> None:
     if obj["apiVersion"].startswith("ray.io/"):
         assert obj["apiVersion"] == "ray.io/v1", where
         errors = sorted(_crd_validator(obj["kind"]).iter_errors(obj), key=lambda e: list(e.path))
-        assert not errors, where + ":\n" + "\n".join(
-            f"  {'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10]
+        assert not errors, (
+            where + ":\n" + "\n".join(f"  {'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
         )
         return
     for version in KUBE_VERSIONS:
@@ -206,7 +206,9 @@ def test_scenarios_cover_the_required_cases() -> None:
 def test_lint_strict_is_clean(scenario: tuple[str, dict, list[dict]]) -> None:
     name, values, _ = scenario
     for version in KUBE_VERSIONS:
-        report = helm.lint(str(CHART_DIR), values, strict=True, kube_version=f"v{version}", namespace=NAMESPACE)
+        report = helm.lint(
+            str(CHART_DIR), values, strict=True, kube_version=f"v{version}", namespace=NAMESPACE
+        )
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert not report["errors"] and not problems, (name, version, report)
 
@@ -251,7 +253,9 @@ def test_object_names_fit_kubernetes_limits() -> None:
     objs = render_chart(values, release=long_release)
     for obj in objs:
         assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"]), obj["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"]), obj["metadata"][
+            "name"
+        ]
         for key, val in obj["metadata"].get("labels", {}).items():
             assert len(val) <= 63, (key, val)
     (rayjob,) = find(objs, "RayJob")
@@ -271,15 +275,28 @@ def test_configmap_is_the_project_config() -> None:
     merged = copy.deepcopy(_chart().values["config"])
     merged["train"].update(values["config"]["train"])
     assert cfg == merged
-    assert set(cfg) <= {"source", "selection", "output", "ray", "image", "shards", "train", "evaluate",
-                        "export", "serve"}
+    assert set(cfg) <= {
+        "source",
+        "selection",
+        "output",
+        "ray",
+        "image",
+        "shards",
+        "train",
+        "evaluate",
+        "export",
+        "serve",
+    }
     assert cfg["ray"]["address"] == "auto"
 
 
 def test_default_config_is_small() -> None:
     allowed = {
-        "output": {"url", "s3"}, "ray": {"address", "num_cpus_per_actor", "concurrency_per_actor", "forward_env"},
-        "train": {"model_dir", "batch_size", "steps", "backbone"}, "export": {"dir"}, "serve": {"model"},
+        "output": {"url", "s3"},
+        "ray": {"address", "num_cpus_per_actor", "concurrency_per_actor", "forward_env"},
+        "train": {"model_dir", "batch_size", "steps", "backbone"},
+        "export": {"dir"},
+        "serve": {"model"},
     }
     cfg = _chart().values["config"]
     for section, keys in cfg.items():
@@ -336,13 +353,27 @@ def test_rendered_commands_parse_with_the_cli(scenario: tuple[str, dict, list[di
 @pytest.mark.parametrize(
     "values, needles",
     [
-        pytest.param({"ray": {"download": {"replicas": -1}}}, ["/ray/download/replicas", "minimum"], id="negative-replicas"),
-        pytest.param({"serve": {"replicas": -2}}, ["/serve/replicas", "minimum"], id="negative-serve-replicas"),
+        pytest.param(
+            {"ray": {"download": {"replicas": -1}}},
+            ["/ray/download/replicas", "minimum"],
+            id="negative-replicas",
+        ),
+        pytest.param(
+            {"serve": {"replicas": -2}}, ["/serve/replicas", "minimum"], id="negative-serve-replicas"
+        ),
         pytest.param({"bogus": 1}, ["additional properties 'bogus' not allowed"], id="unknown-top-level-key"),
-        pytest.param({"ray": {"download": {"replica": 3}}}, ["/ray/download", "'replica'"], id="unknown-nested-key"),
+        pytest.param(
+            {"ray": {"download": {"replica": 3}}}, ["/ray/download", "'replica'"], id="unknown-nested-key"
+        ),
         pytest.param({"config": {"trian": {}}}, ["/config", "'trian'"], id="unknown-config-section"),
-        pytest.param({"prepare": {"extraArgs": ["--set", "x=1; rm -rf /"]}}, ["/prepare/extraArgs/1"], id="shell-in-args"),
-        pytest.param({"images": {"worker": {"pullPolicy": "Sometimes"}}}, ["/images/worker/pullPolicy"], id="enum"),
+        pytest.param(
+            {"prepare": {"extraArgs": ["--set", "x=1; rm -rf /"]}},
+            ["/prepare/extraArgs/1"],
+            id="shell-in-args",
+        ),
+        pytest.param(
+            {"images": {"worker": {"pullPolicy": "Sometimes"}}}, ["/images/worker/pullPolicy"], id="enum"
+        ),
         pytest.param({"prepare": {"runId": "Run_1"}}, ["/prepare/runId"], id="bad-run-id"),
     ],
 )
@@ -364,7 +395,8 @@ def test_schema_rejects(values: dict, needles: list[str]) -> None:
             id="gpus-without-train-image",
         ),
         pytest.param(
-            {"export": {"enabled": True}}, ["export.enabled", "images.train.repository is empty"],
+            {"export": {"enabled": True}},
+            ["export.enabled", "images.train.repository is empty"],
             id="export-without-train-image",
         ),
         pytest.param(
@@ -383,12 +415,16 @@ def test_schema_rejects(values: dict, needles: list[str]) -> None:
             id="replicas-outside-bounds",
         ),
         pytest.param(
-            {"images": {"train": {"repository": "t"}}, "train": {"enabled": True, "workers": 3, "indexedJob": False}},
+            {
+                "images": {"train": {"repository": "t"}},
+                "train": {"enabled": True, "workers": 3, "indexedJob": False},
+            },
             ["train.workers=3", "train.indexedJob=true"],
             id="multiworker-without-indexed-job",
         ),
         pytest.param(
-            {"prepare": {"useExistingCluster": True}}, ["prepare.useExistingCluster=true", "rayCluster.enabled=false"],
+            {"prepare": {"useExistingCluster": True}},
+            ["prepare.useExistingCluster=true", "rayCluster.enabled=false"],
             id="attach-without-raycluster",
         ),
         pytest.param(
@@ -402,14 +438,21 @@ def test_schema_rejects(values: dict, needles: list[str]) -> None:
             id="created-secret-without-keys",
         ),
         pytest.param(
-            {"objectStore": {"existingSecret": "x", "createSecret": {"enabled": True, "accessKeyId": "a",
-                                                                      "secretAccessKey": "b"}}},
+            {
+                "objectStore": {
+                    "existingSecret": "x",
+                    "createSecret": {"enabled": True, "accessKeyId": "a", "secretAccessKey": "b"},
+                }
+            },
             ["objectStore.existingSecret (x)"],
             id="two-secrets",
         ),
         pytest.param(
-            {"images": {"train": {"repository": "t"}}, "tensorboard": {"enabled": True},
-             "config": {"train": {"model_dir": "s3://b/model"}}},
+            {
+                "images": {"train": {"repository": "t"}},
+                "tensorboard": {"enabled": True},
+                "config": {"train": {"model_dir": "s3://b/model"}},
+            },
             ["s3://b/model", "tensorboard"],
             id="tensorboard-on-s3",
         ),
@@ -426,8 +469,12 @@ def test_cross_field_rules_fail_the_render(values: dict, needles: list[str]) -> 
 
 def test_several_rule_violations_are_reported_together() -> None:
     with pytest.raises(helm.HelmRenderError) as info:
-        render_chart({"kuberay": {"rayJobSupport": False},
-                      "ray": {"download": {"minReplicas": 3, "maxReplicas": 1, "replicas": 1}}})
+        render_chart(
+            {
+                "kuberay": {"rayJobSupport": False},
+                "ray": {"download": {"minReplicas": 3, "maxReplicas": 1, "replicas": 1}},
+            }
+        )
     assert "kuberay.rayJobSupport=false" in str(info.value)
     assert "ray.download.minReplicas (3)" in str(info.value)
 
@@ -442,11 +489,22 @@ def _download_group(spec: dict) -> dict:
 
 @pytest.mark.parametrize("replicas, lo, hi", [(1, 1, 1), (3, 2, 7), (10, 0, 50)])
 def test_download_group_follows_values(replicas: int, lo: int, hi: int) -> None:
-    objs = render_chart({
-        "rayCluster": {"enabled": True},
-        "ray": {"download": {"replicas": replicas, "minReplicas": lo, "maxReplicas": hi,
-                             "resources": {"limits": {"cpu": "3", "memory": "6Gi"}, "requests": {"cpu": "3", "memory": "6Gi"}}}},
-    })
+    objs = render_chart(
+        {
+            "rayCluster": {"enabled": True},
+            "ray": {
+                "download": {
+                    "replicas": replicas,
+                    "minReplicas": lo,
+                    "maxReplicas": hi,
+                    "resources": {
+                        "limits": {"cpu": "3", "memory": "6Gi"},
+                        "requests": {"cpu": "3", "memory": "6Gi"},
+                    },
+                }
+            },
+        }
+    )
     (cluster,) = find(objs, "RayCluster")
     (job,) = find(objs, "RayJob")
     for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
@@ -482,7 +540,14 @@ def test_prepare_entrypoint_is_a_cli_command() -> None:
     assert prepare_entrypoint() == f"oiod prepare -c {CONFIG_PATH}"
     extra = {"prepare": {"extraArgs": ["--set", "ray.num_actors=8", "--retry-failed"]}}
     assert shlex.split(prepare_entrypoint(extra)) == [
-        "oiod", "prepare", "-c", CONFIG_PATH, "--set", "ray.num_actors=8", "--retry-failed"]
+        "oiod",
+        "prepare",
+        "-c",
+        CONFIG_PATH,
+        "--set",
+        "ray.num_actors=8",
+        "--retry-failed",
+    ]
     assert f"oiod prepare -c {CONFIG_PATH}" in render_notes()
 
 
@@ -542,7 +607,9 @@ def test_multiworker_training_is_an_indexed_job_with_headless_service() -> None:
     assert env["OIOD_JOB_NAME"] == job["metadata"]["name"]
     assert env["OIOD_WORKER_SERVICE"] == f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
     assert c["command"] == ["oiod", "train", "-c", CONFIG_PATH]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2 and c["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert (
+        c["resources"]["limits"]["nvidia.com/gpu"] == 2 and c["resources"]["requests"]["nvidia.com/gpu"] == 2
+    )
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]
@@ -566,7 +633,9 @@ def test_training_env_yields_tf_config() -> None:
 
 
 def test_single_worker_training_is_a_plain_job() -> None:
-    objs = render_chart({"images": {"train": {"repository": "r/train", "tag": "1"}}, "train": {"enabled": True}})
+    objs = render_chart(
+        {"images": {"train": {"repository": "r/train", "tag": "1"}}, "train": {"enabled": True}}
+    )
     (job,) = find(objs, "Job", "-train-1")
     assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
     assert "subdomain" not in job["spec"]["template"]["spec"]
@@ -594,7 +663,15 @@ def test_evaluate_export_tensorboard_commands() -> None:
     assert c["command"] == ["oiod", "export", "-c", CONFIG_PATH]
     (tb,) = find(objs, "Deployment", "-tensorboard")
     (c,) = tb["spec"]["template"]["spec"]["containers"]
-    assert c["command"] == ["tensorboard", "--logdir", "/models/gpu/model", "--host", "0.0.0.0", "--port", "6006"]
+    assert c["command"] == [
+        "tensorboard",
+        "--logdir",
+        "/models/gpu/model",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "6006",
+    ]
     (tbs,) = find(objs, "Service", "-tensorboard")
     assert tbs["spec"]["ports"][0]["port"] == 6006
 
@@ -631,7 +708,9 @@ def test_serving_without_hpa_has_fixed_replicas() -> None:
 def test_components_toggle_independently() -> None:
     base = {"images": {"train": {"repository": "r/train"}}, "prepare": {"enabled": False}}
     kinds_of = {
-        "train": ("Job", "-train-1"), "evaluate": ("Job", "-evaluate-1"), "export": ("Job", "-export-1"),
+        "train": ("Job", "-train-1"),
+        "evaluate": ("Job", "-evaluate-1"),
+        "export": ("Job", "-export-1"),
         "serve": ("Deployment", "-serve"),
     }
     for component, (kind, suffix) in kinds_of.items():
@@ -654,14 +733,23 @@ def test_existing_secret_and_external_endpoint() -> None:
             for c in pod["containers"]:
                 env = container_env(c)
                 assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "oiod-s3", "key": "access-key"}}
-                assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "oiod-s3", "key": "secret-key"}}
+                assert env["AWS_SECRET_ACCESS_KEY"] == {
+                    "secretKeyRef": {"name": "oiod-s3", "key": "secret-key"}
+                }
                 assert env["OIOD_S3_ENDPOINT"] == env["AWS_ENDPOINT_URL"] == "https://s3.storage.example.com"
                 assert env["AWS_REGION"] == "eu-central-1"
 
 
 def test_chart_created_secret() -> None:
-    objs = render_chart({"objectStore": {"endpoint": "http://seaweedfs:8333", "setAwsEndpointUrl": False,
-                                         "createSecret": {"enabled": True, "accessKeyId": "k", "secretAccessKey": "s"}}})
+    objs = render_chart(
+        {
+            "objectStore": {
+                "endpoint": "http://seaweedfs:8333",
+                "setAwsEndpointUrl": False,
+                "createSecret": {"enabled": True, "accessKeyId": "k", "secretAccessKey": "s"},
+            }
+        }
+    )
     (secret,) = find(objs, "Secret")
     assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
     (job,) = find(objs, "RayJob")
@@ -743,13 +831,28 @@ def test_every_value_is_documented() -> None:
 def test_values_yaml_matches_schema_and_defaults_render() -> None:
     _chart().validate_schema(_chart().values)
     kinds = sorted(o["kind"] for o in render_chart())
-    assert kinds == ["ConfigMap", "NetworkPolicy", "RayJob", "ServiceAccount", "ServiceAccount", "ServiceAccount"]
+    assert kinds == [
+        "ConfigMap",
+        "NetworkPolicy",
+        "RayJob",
+        "ServiceAccount",
+        "ServiceAccount",
+        "ServiceAccount",
+    ]
 
 
 def test_readme_documents_operator_and_steps() -> None:
     readme = (CHART_DIR / "README.md").read_text()
-    for needle in ("helm repo add kuberay", "kuberay-operator", "prepare.runId", "train.runId", "export.runId",
-                   "kubectl delete job", "serve.enabled", "kuberay.rayJobSupport"):
+    for needle in (
+        "helm repo add kuberay",
+        "kuberay-operator",
+        "prepare.runId",
+        "train.runId",
+        "export.runId",
+        "kubectl delete job",
+        "serve.enabled",
+        "kuberay.rayJobSupport",
+    ):
         assert needle in readme, needle
 
 
@@ -778,7 +881,9 @@ def test_crd_validation_catches_mistakes() -> None:
 # --------------------------------------------------------------------------- k8s/ manifests
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in K8S_DIR.glob("*.yaml") if not p.name.startswith("values-")))
+@pytest.mark.parametrize(
+    "path", sorted(p.name for p in K8S_DIR.glob("*.yaml") if not p.name.startswith("values-"))
+)
 def test_k8s_manifests_validate(path: str) -> None:
     objs = _docs((K8S_DIR / path).read_text())
     assert objs
@@ -827,12 +932,16 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def _cluster_spec_errors(spec: dict) -> list[str]:
     errors = []
-    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    groups = [("head", spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in spec.get("workerGroupSpecs", [])
+    ]
     for name, group in groups:
         if not group["template"]["spec"].get("containers"):
             errors.append(f"{name}: no container")
         params = group.get("rayStartParams", {})
-        if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+        if group.get("resources") and any(
+            params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")
+        ):
             errors.append(f"{name}: resources in both rayStartParams and resources")
         if "labels" in params:
             errors.append(f"{name}: rayStartParams.labels")
@@ -876,7 +985,9 @@ def kuberay_operator_errors(obj: dict) -> list[str]:
             errors.append("clusterSelector in SidecarMode")
         if spec.get("suspend"):
             errors.append("suspend with clusterSelector")
-        if spec.get("backoffLimit", 0) > 0:  # KubeRay >= 1.6 (PR 4527): a retry would delete the shared cluster
+        if (
+            spec.get("backoffLimit", 0) > 0
+        ):  # KubeRay >= 1.6 (PR 4527): a retry would delete the shared cluster
             errors.append("backoffLimit with clusterSelector")
     if spec.get("submissionMode") == "InteractiveMode" and spec.get("backoffLimit", 0) > 0:
         errors.append("backoffLimit in InteractiveMode")
@@ -893,7 +1004,11 @@ def test_kuberay_would_accept_every_scenario(scenario: tuple[str, dict, list[dic
     name, _, objs = scenario
     for obj in objs:
         if obj["kind"] in ("RayJob", "RayCluster"):
-            assert not kuberay_operator_errors(obj), (name, obj["metadata"]["name"], kuberay_operator_errors(obj))
+            assert not kuberay_operator_errors(obj), (
+                name,
+                obj["metadata"]["name"],
+                kuberay_operator_errors(obj),
+            )
 
 
 def test_operator_rules_are_not_a_rubber_stamp() -> None:
@@ -914,14 +1029,36 @@ def test_operator_rules_are_not_a_rubber_stamp() -> None:
 @pytest.mark.parametrize(
     "values, needles",
     [
-        pytest.param({"ray": {"head": {"rayStartParams": {"labels": "zone=a"}}}}, ["rayStartParams.labels"], id="labels"),
-        pytest.param({"ray": {"download": {"rayStartParams": {"redis-username": "u"}}}}, ["redis-username"], id="redis-user"),
-        pytest.param({"ray": {"rayVersion": "2.50.0"}}, ["ray.auth.mode=token needs Ray >= 2.52.0", "2.50.0"], id="auth-old-ray"),
-        pytest.param({"ray": {"auth": {"mode": "disabled"}}, "networkPolicy": {"enabled": False}},
-                     ["ray.auth.mode=disabled with networkPolicy.enabled=false"], id="ray-wide-open"),
-        pytest.param({"config": {"ray": {"forward_env": ["AWS_SECRET_ACCESS_KEY"]}}},
-                     ["config.ray.forward_env lists AWS_SECRET_ACCESS_KEY"], id="secret-in-runtime-env"),
-        pytest.param({"prepare": {"clusterName": "other"}}, ["prepare.clusterName=other only applies"], id="stray-cluster-name"),
+        pytest.param(
+            {"ray": {"head": {"rayStartParams": {"labels": "zone=a"}}}},
+            ["rayStartParams.labels"],
+            id="labels",
+        ),
+        pytest.param(
+            {"ray": {"download": {"rayStartParams": {"redis-username": "u"}}}},
+            ["redis-username"],
+            id="redis-user",
+        ),
+        pytest.param(
+            {"ray": {"rayVersion": "2.50.0"}},
+            ["ray.auth.mode=token needs Ray >= 2.52.0", "2.50.0"],
+            id="auth-old-ray",
+        ),
+        pytest.param(
+            {"ray": {"auth": {"mode": "disabled"}}, "networkPolicy": {"enabled": False}},
+            ["ray.auth.mode=disabled with networkPolicy.enabled=false"],
+            id="ray-wide-open",
+        ),
+        pytest.param(
+            {"config": {"ray": {"forward_env": ["AWS_SECRET_ACCESS_KEY"]}}},
+            ["config.ray.forward_env lists AWS_SECRET_ACCESS_KEY"],
+            id="secret-in-runtime-env",
+        ),
+        pytest.param(
+            {"prepare": {"clusterName": "other"}},
+            ["prepare.clusterName=other only applies"],
+            id="stray-cluster-name",
+        ),
     ],
 )
 def test_render_refuses_what_the_operator_or_a_leak_would(values: dict, needles: list[str]) -> None:
@@ -952,8 +1089,11 @@ def test_existing_cluster_by_name_has_no_retries() -> None:
 
 def _ray_cluster_specs(objs: list[dict]) -> list[tuple[str, dict]]:
     out = [(o["metadata"]["name"], o["spec"]) for o in find(objs, "RayCluster")]
-    out += [(o["metadata"]["name"], o["spec"]["rayClusterSpec"]) for o in find(objs, "RayJob")
-            if "rayClusterSpec" in o["spec"]]
+    out += [
+        (o["metadata"]["name"], o["spec"]["rayClusterSpec"])
+        for o in find(objs, "RayJob")
+        if "rayClusterSpec" in o["spec"]
+    ]
     return out
 
 
@@ -973,7 +1113,10 @@ def test_every_ray_cluster_has_token_auth_or_a_network_policy(scenario: tuple[st
     for cluster, spec in _ray_cluster_specs(objs):
         token = (spec.get("authOptions") or {}).get("mode") == "token"
         pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-        fenced = all(any(_selects(p["spec"]["podSelector"], pod["metadata"]["labels"]) for p in policies) for pod in pods)
+        fenced = all(
+            any(_selects(p["spec"]["podSelector"], pod["metadata"]["labels"]) for p in policies)
+            for pod in pods
+        )
         assert token or fenced, (name, cluster)
         assert token and fenced, f"{name}: the defaults give both ({cluster})"
 
@@ -985,8 +1128,11 @@ def test_network_policy_admits_only_the_release_and_the_operator() -> None:
     assert spec["policyTypes"] == ["Ingress"]
     (cluster,) = find(objs, "RayCluster")
     (job,) = find(objs, "RayJob")
-    own_pods = [cluster["spec"]["headGroupSpec"]["template"], cluster["spec"]["workerGroupSpecs"][0]["template"],
-                job["spec"]["submitterPodTemplate"]]
+    own_pods = [
+        cluster["spec"]["headGroupSpec"]["template"],
+        cluster["spec"]["workerGroupSpecs"][0]["template"],
+        job["spec"]["submitterPodTemplate"],
+    ]
     for pod in own_pods[:2]:
         assert _selects(spec["podSelector"], pod["metadata"]["labels"])
     release_rule, operator_rule = spec["ingress"]
@@ -1022,8 +1168,9 @@ def test_no_secret_travels_through_runtime_env(
 
 
 def test_tensorboard_gets_no_object_store_keys() -> None:
-    objs = render_chart(scenario_values("ci/gpu-multiworker-values.yaml")
-                        | {"objectStore": {"existingSecret": "s3-keys"}})
+    objs = render_chart(
+        scenario_values("ci/gpu-multiworker-values.yaml") | {"objectStore": {"existingSecret": "s3-keys"}}
+    )
     (tb,) = find(objs, "Deployment", "-tensorboard")
     (c,) = tb["spec"]["template"]["spec"]["containers"]
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(container_env(c))
@@ -1082,7 +1229,9 @@ def test_job_templates_survive_a_chart_version_bump(tmp_path: Path) -> None:
     assert old_jobs.keys() == new_jobs.keys() and len(old_jobs) == 3
     for job_name, job in old_jobs.items():
         assert job["spec"]["template"] == new_jobs[job_name]["spec"]["template"], job_name
-        assert job["metadata"]["labels"] != new_jobs[job_name]["metadata"]["labels"]  # the Job's own labels may move
+        assert (
+            job["metadata"]["labels"] != new_jobs[job_name]["metadata"]["labels"]
+        )  # the Job's own labels may move
 
 
 def test_evaluator_does_not_restart_after_its_final_step(scenario: tuple[str, dict, list[dict]]) -> None:
@@ -1104,7 +1253,9 @@ def test_each_component_has_its_own_service_account() -> None:
     used: dict[str, set[str]] = {}
     for obj in objs:
         for label, pod in pod_specs(obj):
-            used.setdefault(pod["serviceAccountName"], set()).add(label.split("/")[0] + "/" + label.split("/")[-1])
+            used.setdefault(pod["serviceAccountName"], set()).add(
+                label.split("/")[0] + "/" + label.split("/")[-1]
+            )
             if not (label.endswith("/head") and pod["automountServiceAccountToken"]):
                 assert pod["automountServiceAccountToken"] is False, label
     assert set(used) <= set(accounts), set(used) - set(accounts)
@@ -1118,20 +1269,36 @@ def test_each_component_has_its_own_service_account() -> None:
 
 _SCHEDULING = {
     "podAnnotations": {"example.com/team": "vision"},
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}
+                ]
+            }
+        }
+    },
     "tolerations": [{"key": "pool", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}],
-    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
-                                   "whenUnsatisfiable": "ScheduleAnyway",
-                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}}],
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}},
+        }
+    ],
     "priorityClassName": "batch-low",
     "nodeSelector": {"pool": "batch"},
 }
 
 
 def test_scheduling_is_settable_per_component() -> None:
-    values: dict = {"images": {"train": {"repository": "r/train"}}, "modelStorage": {"enabled": True},
-                    "config": {"train": {"model_dir": "/models/m"}}, "rayCluster": {"enabled": True}}
+    values: dict = {
+        "images": {"train": {"repository": "r/train"}},
+        "modelStorage": {"enabled": True},
+        "config": {"train": {"model_dir": "/models/m"}},
+        "rayCluster": {"enabled": True},
+    }
     for c in ("prepare", "train", "evaluate", "export", "tensorboard", "serve"):
         values[c] = {"enabled": True, **_SCHEDULING}
     values["ray"] = {"head": _SCHEDULING, "download": _SCHEDULING}
@@ -1142,7 +1309,13 @@ def test_scheduling_is_settable_per_component() -> None:
         for _, template in _pod_templates(obj):
             pods += 1
             spec = template["spec"]
-            for key in ("affinity", "tolerations", "topologySpreadConstraints", "priorityClassName", "nodeSelector"):
+            for key in (
+                "affinity",
+                "tolerations",
+                "topologySpreadConstraints",
+                "priorityClassName",
+                "nodeSelector",
+            ):
                 assert spec[key] == _SCHEDULING[key], (obj["metadata"]["name"], key)
             assert template["metadata"]["annotations"]["example.com/team"] == "vision"
     assert pods == 10  # RayCluster head+worker, RayJob head+worker+submitter, 3 Jobs, 2 Deployments
@@ -1155,8 +1328,10 @@ def test_ray_probes_are_as_tolerant_as_kuberay() -> None:
     # liveness 120 x 5 s with the same timeouts.
     (job,) = find(render_chart(), "RayJob")
     spec = job["spec"]["rayClusterSpec"]
-    for role, template, timeout in (("head", spec["headGroupSpec"]["template"], 5),
-                                    ("worker", spec["workerGroupSpecs"][0]["template"], 2)):
+    for role, template, timeout in (
+        ("head", spec["headGroupSpec"]["template"], 5),
+        ("worker", spec["workerGroupSpecs"][0]["template"], 2),
+    ):
         (c,) = template["spec"]["containers"]
         ready, live = c["readinessProbe"], c["livenessProbe"]
         assert ready["timeoutSeconds"] >= timeout and live["timeoutSeconds"] >= timeout, role
@@ -1173,8 +1348,13 @@ def test_multiworker_training_restarts_as_a_group_with_a_deadline() -> None:
     assert spec["backoffLimit"] == 2 * 4  # restarts x workers: one group restart fails every worker once
     assert spec["activeDeadlineSeconds"] > 0
     rules = spec["podFailurePolicy"]["rules"]
-    assert {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}} in rules
-    assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules)
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]},
+    } in rules
+    assert any(
+        r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules
+    )
 
 
 def test_helm_test_hook_checks_the_serving_endpoint() -> None:
@@ -1189,14 +1369,21 @@ def test_helm_test_hook_checks_the_serving_endpoint() -> None:
     assert "/readyz" in script and "/v1/detect" in script
     assert c["image"] == "openimages-od-serve:0.1.0" and pod["spec"]["restartPolicy"] == "Never"
     compile(script, "helm-test", "exec")
-    assert not [o for o in render_chart({"serve": {"enabled": True}, "helmTest": {"enabled": False}}) if o["kind"] == "Pod"]
+    assert not [
+        o
+        for o in render_chart({"serve": {"enabled": True}, "helmTest": {"enabled": False}})
+        if o["kind"] == "Pod"
+    ]
 
 
 # --------------------------------------------------------------------------- one knob scales prepare (issue 14)
 
 
 def _worker_cpus(group: dict) -> float:
-    cpu = str(group["rayStartParams"].get("num-cpus") or group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    cpu = str(
+        group["rayStartParams"].get("num-cpus")
+        or group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+    )
     return float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
 
 
@@ -1226,9 +1413,13 @@ def test_no_scenario_leaves_cpus_idle(scenario: tuple[str, dict, list[dict]]) ->
         if "num_actors" in ray_cfg:
             pinned.append(ray_cfg["num_actors"])
         clusters = _ray_cluster_specs(objs)
-        (_, spec), = [c for c in clusters if c[0] == job["spec"].get("clusterSelector", {}).get("ray.io/cluster")] or clusters
+        ((_, spec),) = [
+            c for c in clusters if c[0] == job["spec"].get("clusterSelector", {}).get("ray.io/cluster")
+        ] or clusters
         (group,) = spec["workerGroupSpecs"]
-        capacity = group["maxReplicas" if spec["enableInTreeAutoscaling"] else "replicas"] * _worker_cpus(group)
+        capacity = group["maxReplicas" if spec["enableInTreeAutoscaling"] else "replicas"] * _worker_cpus(
+            group
+        )
         for n in pinned:
             assert int(n) * float(ray_cfg.get("num_cpus_per_actor", 0.5)) >= capacity, (name, n, capacity)
 

@@ -38,27 +38,53 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "openimages"
 
 VEHICLE, APPLE, DOG, CAT = "/m/07yv9", "/m/014j1m", "/m/0bt9lr", "/m/01yrx"
-CLASSES = (SynthClass(VEHICLE, "Vehicle", "rect", (30, 90, 220)), SynthClass(APPLE, "Apple", "circle", (200, 30, 30)),
-           SynthClass(DOG, "Dog", "triangle", (140, 90, 40)), SynthClass(CAT, "Cat", "circle", (40, 200, 60)))
+CLASSES = (
+    SynthClass(VEHICLE, "Vehicle", "rect", (30, 90, 220)),
+    SynthClass(APPLE, "Apple", "circle", (200, 30, 30)),
+    SynthClass(DOG, "Dog", "triangle", (140, 90, 40)),
+    SynthClass(CAT, "Cat", "circle", (40, 200, 60)),
+)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _dataset(tmp_path, image_server, n=36, seed=5, delay_s=0.0):
-    ds = generate_dataset(tmp_path / "ds", n, classes=CLASSES, base_url=image_server.url("").rstrip("/"),
-                          rotation_rate=0.4, min_side=80, max_side=140, group_of_rate=0.1, seed=seed)
+    ds = generate_dataset(
+        tmp_path / "ds",
+        n,
+        classes=CLASSES,
+        base_url=image_server.url("").rstrip("/"),
+        rotation_rate=0.4,
+        min_side=80,
+        max_side=140,
+        group_of_rate=0.1,
+        seed=seed,
+    )
     for im in ds.images:
         image_server.script(f"original/{im.split}/{im.image_id}.jpg", [Reply(200, im.jpeg, delay_s=delay_s)])
     return ds
 
 
 def _cfg(ds, out_url, classes, images_per_shard, *sets, s3=None) -> Config:
-    base = load_config(None, [
-        f"output.url={out_url}", "ray.num_actors=2", "ray.num_cpus_per_actor=0.5", "ray.progress=false",
-        "ray.max_shard_retries=2", "ray.actor_start_timeout_s=60", "source.images.order=[original]",
-        "image.max_side=96", "source.images.http.max_retries=1", "source.images.http.backoff_base_s=0.05",
-        f"shards.images_per_shard={images_per_shard}", f"selection.classes={json.dumps(classes)}", *sets])
+    base = load_config(
+        None,
+        [
+            f"output.url={out_url}",
+            "ray.num_actors=2",
+            "ray.num_cpus_per_actor=0.5",
+            "ray.progress=false",
+            "ray.max_shard_retries=2",
+            "ray.actor_start_timeout_s=60",
+            "source.images.order=[original]",
+            "image.max_side=96",
+            "source.images.http.max_retries=1",
+            "source.images.http.backoff_base_s=0.05",
+            f"shards.images_per_shard={images_per_shard}",
+            f"selection.classes={json.dumps(classes)}",
+            *sets,
+        ],
+    )
     d = base.model_dump(mode="json")
     d["source"] = {**d["source"], **ds.source_config()}
     if s3 is not None:
@@ -85,14 +111,19 @@ def _read_what_train_reads(cfg, st, split):
 
 def _shard_bytes(st, cfg, split):
     prefix = Layout.from_config(cfg).tfrecords_dir(split) + "/"
-    return {o.url.rsplit("/", 1)[1]: st.read_bytes(o.url) for o in st.list(prefix) if o.url.endswith(".tfrecord")}
+    return {
+        o.url.rsplit("/", 1)[1]: st.read_bytes(o.url) for o in st.list(prefix) if o.url.endswith(".tfrecord")
+    }
 
 
 def _plan_ids(st, cfg, split) -> set[str]:
     layout = Layout.from_config(cfg)
     m = read_manifest(st, layout.plan_dir)
-    return {i for rel in m.splits[split].shards
-            for i in read_plan_table(st, layout.plan_shard(rel), ["image_id"]).column("image_id").to_pylist()}
+    return {
+        i
+        for rel in m.splits[split].shards
+        for i in read_plan_table(st, layout.plan_shard(rel), ["image_id"]).column("image_id").to_pylist()
+    }
 
 
 # --------------------------------------------------------------------------- acceptance 1 (+3, status)
@@ -139,14 +170,17 @@ def test_replan_reads_only_current_labels_and_fetches_only_new_images(ray_local,
     for split in ("train", "validation"):
         urls, doc, recs = _read_what_train_reads(cfg2, st, split)
         assert set(recs) == ids2[split]  # exactly the current plan's images, no record of the old plan
-        assert all("-of-" in u and st.read_json(u[:-len(".tfrecord")] + ".stats.json")["shard_key"]
-                   for u in urls)
+        assert all(
+            "-of-" in u and st.read_json(u[: -len(".tfrecord")] + ".stats.json")["shard_key"] for u in urls
+        )
         for iid, d in recs.items():
             labels = list(d["image/object/class/label"])
             mids = [m.decode() for m in d["image/object/class/text"]]
             assert [lm2.by_id[i].mid for i in labels] == mids, iid  # ids agree with the current label map
             assert set(mids) <= wanted
-            assert sorted(mids) == sorted(b["LabelName"] for b in by_id[iid].boxes if b["LabelName"] in wanted)
+            assert sorted(mids) == sorted(
+                b["LabelName"] for b in by_id[iid].boxes if b["LabelName"] in wanted
+            )
         # Only the current plan's shard files are left.
         names = {o.url.rsplit("/", 1)[1] for o in st.list(layout.tfrecords_dir(split) + "/")}
         n_of = f"-of-{doc['splits'][split]['num_shards']:05d}"
@@ -166,8 +200,9 @@ def test_replan_reads_only_current_labels_and_fetches_only_new_images(ray_local,
 
 
 @pytest.mark.integration
-def test_reshard_fetches_nothing_and_equals_a_clean_prepare(ray_local, image_server, tmp_path, seaweedfs, s3_bucket,
-                                                           s3_options):
+def test_reshard_fetches_nothing_and_equals_a_clean_prepare(
+    ray_local, image_server, tmp_path, seaweedfs, s3_bucket, s3_options
+):
     """On S3 (the file:// path does the same in the re-plan and kill tests, which also compare bytes)."""
     ds = _dataset(tmp_path, image_server, n=20, seed=7)
     s3 = s3_options
@@ -201,7 +236,9 @@ def test_label_ids_are_stable_appended_retired_and_pinnable():
     assert {c.mid: c.id for c in lm2} == {"/m/c": 3, "/m/d": 4, "/m/b": 2}
     assert retired2 == [{"id": 1, "mid": "/m/a", "name": "A"}] and lm2.num_classes == 5
     # A retired id is never reused; a class that comes back gets its old id.
-    lm3, retired3 = assign_ids(["/m/c", "/m/e", "/m/a"], {**names, "/m/e": "E"}, previous=lm2, retired=retired2)
+    lm3, retired3 = assign_ids(
+        ["/m/c", "/m/e", "/m/a"], {**names, "/m/e": "E"}, previous=lm2, retired=retired2
+    )
     assert {c.mid: c.id for c in lm3} == {"/m/c": 3, "/m/e": 5, "/m/a": 1}
     assert [r["mid"] for r in retired3] == ["/m/b", "/m/d"]
     pinned = LabelMap([LabelClass(14, "/m/a", "A"), LabelClass(446, "/m/b", "B")])
@@ -213,16 +250,28 @@ def test_label_ids_are_stable_appended_retired_and_pinnable():
 
 def test_selection_label_map_pins_ids_in_the_plan(tmp_path):
     ds = generate_dataset(tmp_path / "ds", 12, classes=CLASSES, min_side=64, max_side=96, seed=3)
-    cfg = _cfg(ds, f"file://{tmp_path}/out", ["Dog", "Apple"], 50,
-               f"selection.label_map={DATA / 'oid_v4_label_map.pbtxt'}")
+    cfg = _cfg(
+        ds,
+        f"file://{tmp_path}/out",
+        ["Dog", "Apple"],
+        50,
+        f"selection.label_map={DATA / 'oid_v4_label_map.pbtxt'}",
+    )
     res = build_plan(cfg)
     assert {c.mid: c.id for c in res.label_map} == {DOG: 446, APPLE: 14}
     assert res.label_map.num_classes == 447
     st = Storage.from_config(cfg)
-    rows = read_plan_table(st, Layout.from_config(cfg).plan_shard(res.manifest.splits["train"].shards[0])).to_pylist()
+    rows = read_plan_table(
+        st, Layout.from_config(cfg).plan_shard(res.manifest.splits["train"].shards[0])
+    ).to_pylist()
     assert {(b["mid"], b["label_id"]) for r in rows for b in r["boxes"]} <= {(DOG, 446), (APPLE, 14)}
-    bad = _cfg(ds, f"file://{tmp_path}/out2", ["Dog", "Screwdriver"], 50,  # Screwdriver is not a V2 class
-               f"selection.label_map={DATA / 'oid_bbox_trainable_label_map.pbtxt'}")
+    bad = _cfg(
+        ds,
+        f"file://{tmp_path}/out2",
+        ["Dog", "Screwdriver"],
+        50,  # Screwdriver is not a V2 class
+        f"selection.label_map={DATA / 'oid_bbox_trainable_label_map.pbtxt'}",
+    )
     with pytest.raises(DataError, match=r"oid_bbox_trainable_label_map.pbtxt: 1 selected class.*/m/01bms0"):
         build_plan(bad)
 
@@ -242,8 +291,15 @@ def test_killed_prepare_during_replan_gives_the_uninterrupted_result(ray_local, 
         if not hits1[im.image_id]:
             image_server.script(f"original/{im.split}/{im.image_id}.jpg", [Reply(200, im.jpeg, delay_s=0.4)])
     gcs = ray_local.get_runtime_context().gcs_address
-    cfg2 = _cfg(ds, out, ["Apple", "Dog", "Cat"], 4, "ray.concurrency_per_actor=1",
-                "ray.max_shards_in_flight_per_actor=1", f"ray.address={gcs}")
+    cfg2 = _cfg(
+        ds,
+        out,
+        ["Apple", "Dog", "Cat"],
+        4,
+        "ray.concurrency_per_actor=1",
+        "ray.max_shards_in_flight_per_actor=1",
+        f"ray.address={gcs}",
+    )
     build_plan(cfg2)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(dump_config(cfg2))
@@ -252,19 +308,30 @@ def test_killed_prepare_during_replan_gives_the_uninterrupted_result(ray_local, 
     stats_dir = Path(layout.tfrecords_dir("train").removeprefix("file://"))
     old_stats = {p: p.stat().st_mtime_ns for p in stats_dir.glob("*.stats.json")}
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "openimages_od", "prepare", "-c", str(cfg_file)], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openimages_od", "prepare", "-c", str(cfg_file)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(p not in old_stats or p.stat().st_mtime_ns != old_stats[p] for p in stats_dir.glob("*.stats.json")):
+            if any(
+                p not in old_stats or p.stat().st_mtime_ns != old_stats[p]
+                for p in stats_dir.glob("*.stats.json")
+            ):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    assert status(cfg2)["shards"]["missing"] + status(cfg2)["shards"]["stale"] > 0, "prepare finished before the kill"
+    assert status(cfg2)["shards"]["missing"] + status(cfg2)["shards"]["stale"] > 0, (
+        "prepare finished before the kill"
+    )
     with pytest.raises(DataError):  # the half-done output is never read
         dataset_shards(cfg2, st, "train")
 
@@ -290,10 +357,19 @@ def test_killed_prepare_during_replan_gives_the_uninterrupted_result(ray_local, 
 def test_second_prepare_on_a_locked_local_output_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from openimages_od.outputlock import OutputLock; from openimages_od.storage import Storage;"
-        f"lock = OutputLock(Storage(), 'file://{out}/.oiod.lock', what='prepare').acquire(); print('held', flush=True);"
-        "time.sleep(60)")], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from openimages_od.outputlock import OutputLock; from openimages_od.storage import Storage;"
+                f"lock = OutputLock(Storage(), 'file://{out}/.oiod.lock', what='prepare').acquire(); print('held', flush=True);"
+                "time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline().strip() == b"held"
         cfg = load_config(None, [f"output.url=file://{out}"])
@@ -343,8 +419,10 @@ def test_readers_refuse_a_label_map_that_disagrees_with_the_shards(tmp_path):
     urls, doc = dataset_shards(cfg, st, "train")
     assert urls and doc["label_map_digest"] == label_map().digest
     lm = label_map()
-    (out / "label_map.pbtxt").write_text(LabelMap([LabelClass(c.id + 1, c.mid, c.name) for c in lm]).to_pbtxt())
-    with pytest.raises(DataError, match="not the label map the shards .* were written with"):
+    (out / "label_map.pbtxt").write_text(
+        LabelMap([LabelClass(c.id + 1, c.mid, c.name) for c in lm]).to_pbtxt()
+    )
+    with pytest.raises(DataError, match=r"not the label map the shards .* were written with"):
         dataset_shards(cfg, st, "train")
     (out / "label_map.pbtxt").write_text(lm.to_pbtxt())
     shard = next((out / "tfrecords" / "train").glob("*.tfrecord"))
@@ -370,18 +448,33 @@ def test_prepare_refuses_image_settings_other_than_the_plans(tmp_path):
 def test_layout_owns_every_path_and_the_commit_rule(tmp_path):
     from openimages_od.layout import image_digest, is_current, shard_key
 
-    cfg = load_config(None, [f"output.url={tmp_path}/o", f"output.cache_url=s3://cache-bucket/oiod",
-                             "train.model_dir=s3://models/m1"])
+    cfg = load_config(
+        None,
+        [
+            f"output.url={tmp_path}/o",
+            "output.cache_url=s3://cache-bucket/oiod",
+            "train.model_dir=s3://models/m1",
+        ],
+    )
     lay = Layout.from_config(cfg)
     root = f"file://{tmp_path}/o"
-    assert lay.tfrecord("train", "train-00001-of-00004") == f"{root}/tfrecords/train/train-00001-of-00004.tfrecord"
+    assert (
+        lay.tfrecord("train", "train-00001-of-00004")
+        == f"{root}/tfrecords/train/train-00001-of-00004.tfrecord"
+    )
     assert lay.shard_stats("train", "x") == f"{root}/tfrecords/train/x.stats.json"
     assert lay.ledger("validation", "x") == f"{root}/ledger/validation/x.jsonl"
-    assert (lay.dataset, lay.plan_manifest, lay.lock) == (f"{root}/dataset.json", f"{root}/plan/manifest.json",
-                                                          f"{root}/.oiod.lock")
+    assert (lay.dataset, lay.plan_manifest, lay.lock) == (
+        f"{root}/dataset.json",
+        f"{root}/plan/manifest.json",
+        f"{root}/.oiod.lock",
+    )
     assert lay.model_dataset == "s3://models/m1/dataset.json" and lay.export_dir == f"{root}/export"
     d = image_digest(cfg.image)
-    assert lay.image_cache(d, "abcdef0123456789") == f"s3://cache-bucket/oiod/images-{d}/ab/abcdef0123456789.oiodimg"
+    assert (
+        lay.image_cache(d, "abcdef0123456789")
+        == f"s3://cache-bucket/oiod/images-{d}/ab/abcdef0123456789.oiodimg"
+    )
     assert lay.relative(lay.tfrecord("train", "n")) == "tfrecords/train/n.tfrecord"
     # A setting that changes bytes changes the digest; one that does not, does not.
     assert image_digest(load_config(None, ["image.max_side=512"]).image) != d
@@ -395,8 +488,20 @@ def test_layout_owns_every_path_and_the_commit_rule(tmp_path):
 def test_cache_entries_round_trip_and_match_only_the_same_image():
     from openimages_od.pipeline.cache import CacheEntry, decode_entry, encode_entry
 
-    e = CacheEntry("abc", "ok", rotation=90, original_md5="m==", source="original", url="http://x/a.jpg", bytes=10,
-                   width=3, height=4, ops=[2], attempts=["bucket:s3_not_found"], data=b"\xff\xd8jpeg\n\x00")
+    e = CacheEntry(
+        "abc",
+        "ok",
+        rotation=90,
+        original_md5="m==",
+        source="original",
+        url="http://x/a.jpg",
+        bytes=10,
+        width=3,
+        height=4,
+        ops=[2],
+        attempts=["bucket:s3_not_found"],
+        data=b"\xff\xd8jpeg\n\x00",
+    )
     back = decode_entry(encode_entry(e))
     assert back == e
     assert back.matches({"rotation": 90, "original_md5": "m=="})

@@ -121,7 +121,7 @@ def test_trainable_label_map_and_list(desc, hier):
     assert sel == [m for m in desc.mids if m in set(mids)]  # class-descriptions order
     with pytest.raises(ConfigError, match="trainable_classes"):
         resolve_classes([], desc, hier, None, trainable_only=True)
-    with pytest.raises(DataError, match="bad.txt:2"):
+    with pytest.raises(DataError, match=r"bad\.txt:2"):
         read_trainable("/m/0k4j\nnot a mid\n", "bad.txt")
 
 
@@ -153,7 +153,9 @@ def test_image_index_layouts(tmp_path):
 def test_unknown_layout_names_file_and_header(tmp_path):
     p = tmp_path / "odd.csv"
     p.write_text("ImageID,LabelName,Score\n")
-    with pytest.raises(DataError, match=r"odd\.csv: unknown boxes layout: header 'ImageID,LabelName,Score' \(3 columns\)"):
+    with pytest.raises(
+        DataError, match=r"odd\.csv: unknown boxes layout: header 'ImageID,LabelName,Score' \(3 columns\)"
+    ):
         detect_layout(p, "boxes", "odd.csv")
 
 

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pipeline_helpers import box, image_row, photo, write_plan
 
 from openimages_od.config import dump_config, load_config
 from openimages_od.devservices import ImageServer, Reply
 from openimages_od.storage import Storage
-
-from pipeline_helpers import box, image_row, photo, write_plan
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,8 +63,11 @@ def _rows(srv: ImageServer, delay_s: float, tag: str) -> list[dict]:
     for i in range(N_IMAGES):
         iid = f"e{i:015x}"
         url = srv.script(f"{tag}/{iid}.jpg", [Reply(200, photo(96, 72, seed=i), delay_s=delay_s)])
-        out.append(image_row(iid, original_url=url, rotation=[0, 90][i % 2],
-                             boxes=[box(1 + i % 3, 0.1, 0.4, 0.2, 0.7)]))
+        out.append(
+            image_row(
+                iid, original_url=url, rotation=[0, 90][i % 2], boxes=[box(1 + i % 3, 0.1, 0.4, 0.2, 0.7)]
+            )
+        )
     return out
 
 
@@ -78,11 +80,23 @@ _REFERENCE: dict[str, bytes] = {}
 
 
 def _config(cluster, out: str, *sets: str) -> Any:
-    return load_config(None, [
-        f"output.url={out}", f"ray.address={cluster.address}", "ray.progress=false", "ray.num_cpus_per_actor=0.5",
-        "ray.concurrency_per_actor=2", "ray.max_shards_in_flight_per_actor=1", "image.max_side=64",
-        "source.images.order=[original]", "ray.node_loss_timeout_s=5", "ray.actor_start_timeout_s=10",
-        "source.images.http.max_retries=1", *sets])
+    return load_config(
+        None,
+        [
+            f"output.url={out}",
+            f"ray.address={cluster.address}",
+            "ray.progress=false",
+            "ray.num_cpus_per_actor=0.5",
+            "ray.concurrency_per_actor=2",
+            "ray.max_shards_in_flight_per_actor=1",
+            "image.max_side=64",
+            "source.images.order=[original]",
+            "ray.node_loss_timeout_s=5",
+            "ray.actor_start_timeout_s=10",
+            "source.images.http.max_retries=1",
+            *sets,
+        ],
+    )
 
 
 def _start_prepare(cluster, cfg, tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path]:
@@ -91,8 +105,13 @@ def _start_prepare(cluster, cfg, tmp_path: Path, name: str) -> tuple[subprocess.
     log = tmp_path / f"{name}.log"
     env = {**cluster.env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "openimages_od.cli", "prepare", "-c", str(cfg_file)],
-                                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "openimages_od.cli", "prepare", "-c", str(cfg_file)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, log
 
 
@@ -115,11 +134,15 @@ def _plan(out: str, rows) -> tuple[Any, Storage]:
 
 def _shards(st: Storage, cfg) -> dict[str, bytes]:
     prefix = cfg.output_path("tfrecords", "train") + "/"
-    return {o.url.rsplit("/", 1)[1]: st.read_bytes(o.url) for o in st.list(prefix) if o.url.endswith(".tfrecord")}
+    return {
+        o.url.rsplit("/", 1)[1]: st.read_bytes(o.url) for o in st.list(prefix) if o.url.endswith(".tfrecord")
+    }
 
 
 def _committed(st: Storage, cfg) -> int:
-    return sum(1 for o in st.list(cfg.output_path("tfrecords", "train") + "/") if o.url.endswith(".stats.json"))
+    return sum(
+        1 for o in st.list(cfg.output_path("tfrecords", "train") + "/") if o.url.endswith(".stats.json")
+    )
 
 
 def _node_committed(st: Storage, cfg, node) -> bool:
@@ -205,8 +228,12 @@ def test_second_worker_joining_mid_run_receives_shards(cluster, rows, image_serv
     # Same images, slower answers, one actor per node fetching one image at a time: the run
     # (~32 s on one node) outlasts a node's start-up (5-15 s on a loaded 2-core machine).
     cfg, st = _plan(out, _rows(image_server_mod, 0.5, "slow"))
-    proc, log = _start_prepare(cluster, _config(cluster, out, "ray.actors_per_node=1", "ray.concurrency_per_actor=1"),
-                               tmp_path, "grow")
+    proc, log = _start_prepare(
+        cluster,
+        _config(cluster, out, "ray.actors_per_node=1", "ray.concurrency_per_actor=1"),
+        tmp_path,
+        "grow",
+    )
     deadline = time.monotonic() + 90
     while _committed(st, cfg) < 1 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -299,8 +326,11 @@ def test_dashboard_never_shows_the_credentials(cluster, rows, tmp_path, seaweedf
     _ensure_workers(cluster, 1)
     secrets = [seaweedfs.secret_key, seaweedfs.access_key]
     out = f"s3://{s3_bucket}/run"
-    sets = [f"output.s3.endpoint_url={seaweedfs.endpoint}", "output.s3.addressing_style=path",
-            "output.s3.region=us-east-1"]
+    sets = [
+        f"output.s3.endpoint_url={seaweedfs.endpoint}",
+        "output.s3.addressing_style=path",
+        "output.s3.region=us-east-1",
+    ]
     cfg = _config(cluster, out, *sets)
     st = Storage.from_config(cfg)
     write_plan(st, cfg.output_root, rows[:16], images_per_shard=PER_SHARD)
@@ -310,11 +340,24 @@ def test_dashboard_never_shows_the_credentials(cluster, rows, tmp_path, seaweedf
     assert rc == 0, text[-3000:]
     assert _report(st, cfg)["totals"]["ok"] == 16  # the workers found the credentials in their own env
 
-    paths = ["/api/v0/actors?detail=1&limit=10000", "/api/v0/tasks?detail=1&limit=10000",
-             "/api/v0/jobs?detail=1", "/api/jobs/", "/api/v0/nodes?detail=1", "/api/v0/workers?detail=1",
-             "/api/v0/runtime_envs?detail=1", "/api/v0/placement_groups?detail=1", "/api/v0/objects?detail=1",
-             "/api/v0/tasks/summarize", "/api/v0/actors/summarize", "/api/cluster_status", "/nodes?view=summary",
-             "/api/v0/cluster_events?detail=1", "/logical/actors", "/api/serve/applications/"]
+    paths = [
+        "/api/v0/actors?detail=1&limit=10000",
+        "/api/v0/tasks?detail=1&limit=10000",
+        "/api/v0/jobs?detail=1",
+        "/api/jobs/",
+        "/api/v0/nodes?detail=1",
+        "/api/v0/workers?detail=1",
+        "/api/v0/runtime_envs?detail=1",
+        "/api/v0/placement_groups?detail=1",
+        "/api/v0/objects?detail=1",
+        "/api/v0/tasks/summarize",
+        "/api/v0/actors/summarize",
+        "/api/cluster_status",
+        "/nodes?view=summary",
+        "/api/v0/cluster_events?detail=1",
+        "/logical/actors",
+        "/api/serve/applications/",
+    ]
     status, nodes = _get(cluster, "/api/v0/nodes?detail=1")
     assert status == 200, nodes[:500]
     node_ids = [n["node_id"] for n in json.loads(nodes)["data"]["result"]["result"]]
@@ -343,5 +386,8 @@ def test_dashboard_never_shows_the_credentials(cluster, rows, tmp_path, seaweedf
                     checked += 1
                     for s in secrets:
                         assert s not in content, f"log {f} on {nid} shows a credential"
-    assert seen["/api/v0/actors?detail=1&limit=10000"] == 200 and seen["/api/v0/tasks?detail=1&limit=10000"] == 200
+    assert (
+        seen["/api/v0/actors?detail=1&limit=10000"] == 200
+        and seen["/api/v0/tasks?detail=1&limit=10000"] == 200
+    )
     assert checked > 0

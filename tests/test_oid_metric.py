@@ -23,7 +23,11 @@ VEHICLE, CAR, BALL = 1, 2, 3
 TREE = {
     "LabelName": "/m/0bl9f",
     "Subcategory": [
-        {"LabelName": "/m/veh", "Subcategory": [{"LabelName": "/m/car"}], "Part": [{"LabelName": "/m/wheel"}]},
+        {
+            "LabelName": "/m/veh",
+            "Subcategory": [{"LabelName": "/m/car"}],
+            "Part": [{"LabelName": "/m/wheel"}],
+        },
         {"LabelName": "/m/ball"},
     ],
 }
@@ -50,8 +54,10 @@ def test_duplicate_detection_is_false_positive():
     # GT1, GT2; det 0.9 on GT1 (TP), 0.8 on GT1 again (FP: already claimed), 0.7 on GT2 (TP).
     # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> AP = 0.5*1 + 0.5*(2/3).
     m = OpenImagesMetric([BALL])
-    m.add_image(gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL]),
-                det([[0, 0, 10, 10], [0, 1, 10, 10], [20, 20, 30, 30]], [0.9, 0.8, 0.7], [BALL] * 3))
+    m.add_image(
+        gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL]),
+        det([[0, 0, 10, 10], [0, 1, 10, 10], [20, 20, 30, 30]], [0.9, 0.8, 0.7], [BALL] * 3),
+    )
     r = m.result()
     assert r["per_class"][BALL]["ap"] == pytest.approx(0.5 + 0.5 * 2 / 3)
     assert r["mAP"] == pytest.approx(0.5 + 0.5 * 2 / 3)
@@ -63,7 +69,9 @@ def test_group_of_counts_once_with_max_score_and_never_penalises():
     # (0.9, 0.6) count as ONE true positive scored 0.9; 0.8 hits the normal box; 0.7 is a miss.
     # Ranked: 0.9 TP, 0.8 TP, 0.7 FP; 2 ground-truth instances -> AP 1.0.
     g = gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False])
-    d = det([[0, 0, 5, 5], [5, 5, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.6, 0.8, 0.7], [BALL] * 4)
+    d = det(
+        [[0, 0, 5, 5], [5, 5, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.6, 0.8, 0.7], [BALL] * 4
+    )
     m = OpenImagesMetric([BALL])
     m.add_image(g, d)
     r = m.result()["per_class"][BALL]
@@ -78,8 +86,10 @@ def test_group_of_counts_once_with_max_score_and_never_penalises():
 def test_group_of_box_without_detection_is_a_miss():
     # The group-of box is one ground-truth instance: undetected, recall stops at 1/2.
     m = OpenImagesMetric([BALL])
-    m.add_image(gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False]),
-                det([[20, 20, 30, 30]], [0.9], [BALL]))
+    m.add_image(
+        gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False]),
+        det([[20, 20, 30, 30]], [0.9], [BALL]),
+    )
     assert m.result()["per_class"][BALL]["ap"] == pytest.approx(0.5)
 
 
@@ -148,16 +158,22 @@ def _random_case(rng: np.random.Generator, n_images: int = 12):
         w, h = int(rng.integers(80, 200)), int(rng.integers(80, 200))
         k = int(rng.integers(0, 5))
         y0, x0 = rng.uniform(0, h * 0.6, k), rng.uniform(0, w * 0.6, k)
-        gb = np.stack([y0, x0, y0 + rng.uniform(10, h * 0.4, k), x0 + rng.uniform(10, w * 0.4, k)], 1) \
-            if k else np.zeros((0, 4))
+        gb = (
+            np.stack([y0, x0, y0 + rng.uniform(10, h * 0.4, k), x0 + rng.uniform(10, w * 0.4, k)], 1)
+            if k
+            else np.zeros((0, 4))
+        )
         gl = rng.integers(1, 4, k)
         crowd = rng.random(k) < 0.15
         # detections: jittered ground truth plus random boxes
         jit = gb + rng.normal(0, 4, gb.shape) if k else np.zeros((0, 4))
         m = int(rng.integers(0, 4))
         ry, rx = rng.uniform(0, h * 0.7, m), rng.uniform(0, w * 0.7, m)
-        rb = np.stack([ry, rx, ry + rng.uniform(5, h * 0.3, m), rx + rng.uniform(5, w * 0.3, m)], 1) \
-            if m else np.zeros((0, 4))
+        rb = (
+            np.stack([ry, rx, ry + rng.uniform(5, h * 0.3, m), rx + rng.uniform(5, w * 0.3, m)], 1)
+            if m
+            else np.zeros((0, 4))
+        )
         db = np.concatenate([jit, rb])
         dl = np.concatenate([np.where(rng.random(k) < 0.8, gl, rng.integers(1, 4, k)), rng.integers(1, 4, m)])
         ds = rng.uniform(0.05, 1.0, len(db))
@@ -184,12 +200,25 @@ def test_coco_wrapper_matches_pycocotools(tmp_path):
         gt_json["images"].append({"id": i, "width": w, "height": h})
         for b, label, c in zip(gb, gl, crowd):
             bw, bh = b[3] - b[1], b[2] - b[0]
-            gt_json["annotations"].append({"id": len(gt_json["annotations"]) + 1, "image_id": i,
-                                           "category_id": int(label), "bbox": [b[1], b[0], bw, bh],
-                                           "area": bw * bh, "iscrowd": int(c)})
+            gt_json["annotations"].append(
+                {
+                    "id": len(gt_json["annotations"]) + 1,
+                    "image_id": i,
+                    "category_id": int(label),
+                    "bbox": [b[1], b[0], bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": int(c),
+                }
+            )
         for b, s, label in zip(db, ds, dl):
-            results.append({"image_id": i, "category_id": int(label), "score": float(s),
-                            "bbox": [b[1], b[0], b[3] - b[1], b[2] - b[0]]})
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": int(label),
+                    "score": float(s),
+                    "bbox": [b[1], b[0], b[3] - b[1], b[2] - b[0]],
+                }
+            )
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(gt_json))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -220,8 +249,12 @@ def test_pr_curve_follows_score_order_and_matches_ap_endpoints():
     c = pr_curve(scores, tp, num_gt=3)
     # ranked: 0.9 TP, 0.8 FP, 0.3 TP, 0.1 FP
     assert c["precision"] == [1.0, 0.5, pytest.approx(2 / 3, abs=1e-5), 0.5]
-    assert c["recall"] == [pytest.approx(1 / 3, abs=1e-5), pytest.approx(1 / 3, abs=1e-5),
-                           pytest.approx(2 / 3, abs=1e-5), pytest.approx(2 / 3, abs=1e-5)]
+    assert c["recall"] == [
+        pytest.approx(1 / 3, abs=1e-5),
+        pytest.approx(1 / 3, abs=1e-5),
+        pytest.approx(2 / 3, abs=1e-5),
+        pytest.approx(2 / 3, abs=1e-5),
+    ]
     assert average_precision(scores, tp, 3) == pytest.approx(1 / 3 + (1 / 3) * (2 / 3))
     assert pr_curve(scores, tp, num_gt=0) is None
     big = pr_curve(np.linspace(1, 0, 5000), np.ones(5000, dtype=bool), num_gt=5000, max_points=50)
@@ -239,9 +272,21 @@ def _shard_example(is_group_of: int, raw_group_of: bool = False) -> bytes:
     """
     from openimages_od.pipeline.example import IntF, detection_features, encode_example
 
-    row = {"image_id": "00000000000000aa", "source_id": 7,
-           "boxes": [{"label_id": BALL, "mid": "/m/ball", "is_group_of": is_group_of, "is_occluded": -1,
-                      "is_truncated": -1, "is_depiction": -1}], "image_labels": []}
+    row = {
+        "image_id": "00000000000000aa",
+        "source_id": 7,
+        "boxes": [
+            {
+                "label_id": BALL,
+                "mid": "/m/ball",
+                "is_group_of": is_group_of,
+                "is_occluded": -1,
+                "is_truncated": -1,
+                "is_depiction": -1,
+            }
+        ],
+        "image_labels": [],
+    }
     feats = detection_features(row, b"jpeg", 100, 100, [(0.0, 0.1, 0.0, 0.1)], "0" * 64)
     assert feats["image/object/group_of"] == (1 if is_group_of == 1 else 0,)
     if raw_group_of:
@@ -297,7 +342,9 @@ def test_image_without_image_labels_is_scored_on_its_box_classes_only():
     B: Car 0.7 on its Car box (TP). Car AP = 1 (if A were scored on every class: 0.8 FP, 0.7 TP -> 0.5).
     """
     m = OpenImagesMetric([CAR, BALL])
-    m.add_image(gt([[0, 0, 10, 10]], [BALL]), det([[0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.8], [BALL, CAR]))
+    m.add_image(
+        gt([[0, 0, 10, 10]], [BALL]), det([[0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.8], [BALL, CAR])
+    )
     m.add_image(gt([[0, 0, 10, 10]], [CAR], pos={CAR}, neg=set()), det([[0, 0, 10, 10]], [0.7], [CAR]))
     r = m.result()["per_class"]
     assert r[CAR]["ap"] == pytest.approx(1.0) and r[CAR]["num_detections"] == 1
@@ -330,14 +377,28 @@ CAT, DOG, ELEPHANT = 1, 2, 3
 def _challenge_case(group_of_weight: float) -> OpenImagesMetric:
     m = OpenImagesMetric([CAT, DOG, ELEPHANT], group_of_weight=group_of_weight)
     # img1: verified labels {cat, dog, elephant}; cat, elephant, cat(group) boxes; two dog detections.
-    m.add_image(gt([[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 3, 3]], [CAT, ELEPHANT, CAT], group=[False, False, True],
-                   pos={CAT, DOG, ELEPHANT}),
-                det([[10, 10, 11, 11], [100, 100, 120, 120]], [0.7, 0.8], [DOG, DOG]))
+    m.add_image(
+        gt(
+            [[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 3, 3]],
+            [CAT, ELEPHANT, CAT],
+            group=[False, False, True],
+            pos={CAT, DOG, ELEPHANT},
+        ),
+        det([[10, 10, 11, 11], [100, 100, 120, 120]], [0.7, 0.8], [DOG, DOG]),
+    )
     # img2: no image-level labels -> evaluable {cat, elephant}; the dog detection is ignored.
-    m.add_image(gt([[10, 10, 11, 11], [500, 500, 510, 510], [10, 10, 12, 12]], [CAT, CAT, ELEPHANT],
-                   group=[False, False, True]),
-                det([[10, 10, 11, 11], [100, 100, 120, 120], [100, 100, 220, 220], [10, 10, 11, 11]],
-                    [0.7, 0.8, 0.5, 0.9], [CAT, CAT, DOG, ELEPHANT]))
+    m.add_image(
+        gt(
+            [[10, 10, 11, 11], [500, 500, 510, 510], [10, 10, 12, 12]],
+            [CAT, CAT, ELEPHANT],
+            group=[False, False, True],
+        ),
+        det(
+            [[10, 10, 11, 11], [100, 100, 120, 120], [100, 100, 220, 220], [10, 10, 11, 11]],
+            [0.7, 0.8, 0.5, 0.9],
+            [CAT, CAT, DOG, ELEPHANT],
+        ),
+    )
     # img3: one dog box, found.
     m.add_image(gt([[0, 0, 1, 1]], [DOG]), det([[0, 0, 1, 1]], [0.5], [DOG]))
     return m
@@ -387,10 +448,18 @@ def test_parity_v2_protocol_group_of_weight_zero():
     """
     m = OpenImagesMetric([CAT, DOG, ELEPHANT], group_of_weight=0.0)
     m.add_image(gt([[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 3, 3]], [CAT, ELEPHANT, CAT]), det([], [], []))
-    m.add_image(gt([[10, 10, 11, 11], [500, 500, 510, 510], [10, 10, 12, 12]], [CAT, CAT, ELEPHANT],
-                   group=[False, True, False]),
-                det([[10, 10, 11, 11], [100, 100, 120, 120], [100, 100, 220, 220]], [0.7, 0.8, 0.9],
-                    [CAT, CAT, ELEPHANT]))
+    m.add_image(
+        gt(
+            [[10, 10, 11, 11], [500, 500, 510, 510], [10, 10, 12, 12]],
+            [CAT, CAT, ELEPHANT],
+            group=[False, True, False],
+        ),
+        det(
+            [[10, 10, 11, 11], [100, 100, 120, 120], [100, 100, 220, 220]],
+            [0.7, 0.8, 0.9],
+            [CAT, CAT, ELEPHANT],
+        ),
+    )
     m.add_image(gt([[0, 0, 1, 1]], [DOG]), det([], [], []))
     r = m.result()
     assert r["per_class"][CAT]["ap"] == pytest.approx(1 / 6)
@@ -401,7 +470,9 @@ def test_parity_v2_protocol_group_of_weight_zero():
 def test_group_of_weight_zero_ignores_detections_inside_group_boxes():
     # Weight 0: the detection inside the group-of box is neither TP nor FP; the group box is no ground truth.
     m = OpenImagesMetric([BALL], group_of_weight=0.0)
-    m.add_image(gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False]),
-                det([[0, 0, 5, 5], [20, 20, 30, 30]], [0.9, 0.8], [BALL, BALL]))
+    m.add_image(
+        gt([[0, 0, 10, 10], [20, 20, 30, 30]], [BALL, BALL], group=[True, False]),
+        det([[0, 0, 5, 5], [20, 20, 30, 30]], [0.9, 0.8], [BALL, BALL]),
+    )
     r = m.result()["per_class"][BALL]
     assert r["ap"] == pytest.approx(1.0) and r["num_gt"] == 1 and r["num_detections"] == 1

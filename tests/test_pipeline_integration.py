@@ -8,7 +8,6 @@ what landed in the shards and ledgers.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -18,10 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import b64md5, box, image_row, photo, write_plan
 
 from openimages_od.config import dump_config, load_config
-from openimages_od.openimages.ids import source_id
 from openimages_od.devservices import Reply
+from openimages_od.openimages.ids import source_id
 from openimages_od.pipeline.distribute import ShardWorker, run_prepare
 from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.ledger import decode_ledger
@@ -29,29 +29,45 @@ from openimages_od.pipeline.shard import CRASH_ENV, ShardTask
 from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.storage import Storage
 
-from pipeline_helpers import b64md5, box, image_row, photo, write_plan
-
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 
 FAST_HTTP = [
-    "source.images.http.connect_timeout_s=2", "source.images.http.read_timeout_s=1",
-    "source.images.http.total_timeout_s=2", "source.images.http.backoff_base_s=0.05",
-    "source.images.http.backoff_max_s=0.2", "source.images.http.max_retries=3",
-    "source.images.http.max_retry_after_s=2", "source.images.http.max_redirects=3",
+    "source.images.http.connect_timeout_s=2",
+    "source.images.http.read_timeout_s=1",
+    "source.images.http.total_timeout_s=2",
+    "source.images.http.backoff_base_s=0.05",
+    "source.images.http.backoff_max_s=0.2",
+    "source.images.http.max_retries=3",
+    "source.images.http.max_retry_after_s=2",
+    "source.images.http.max_redirects=3",
 ]
 
 
 def _cfg(out_url: str, *sets: str):
-    return load_config(None, [f"output.url={out_url}", "ray.num_actors=1", "ray.num_cpus_per_actor=0.5",
-                              "ray.progress=false", "image.max_side=128", "ray.max_shard_retries=2",
-                              "ray.actor_start_timeout_s=60", *FAST_HTTP, *sets])
+    return load_config(
+        None,
+        [
+            f"output.url={out_url}",
+            "ray.num_actors=1",
+            "ray.num_cpus_per_actor=0.5",
+            "ray.progress=false",
+            "image.max_side=128",
+            "ray.max_shard_retries=2",
+            "ray.actor_start_timeout_s=60",
+            *FAST_HTTP,
+            *sets,
+        ],
+    )
 
 
 def _shards(storage: Storage, cfg, split: str = "train") -> dict[str, bytes]:
     prefix = cfg.output_path("tfrecords", split) + "/"
-    return {o.url.rsplit("/", 1)[1]: storage.read_bytes(o.url) for o in storage.list(prefix)
-            if o.url.endswith(".tfrecord")}
+    return {
+        o.url.rsplit("/", 1)[1]: storage.read_bytes(o.url)
+        for o in storage.list(prefix)
+        if o.url.endswith(".tfrecord")
+    }
 
 
 def _records(shards: dict[str, bytes]) -> dict[str, dict]:
@@ -80,8 +96,14 @@ def _simple_rows(srv, n: int, prefix: str = "c", delay_s: float = 0.0, size=(160
         iid = f"{prefix}{i:015x}"
         body = photo(*size, seed=i)
         url = srv.script(f"o/{iid}.jpg", [Reply(200, body, delay_s=delay_s)])
-        rows.append(image_row(iid, original_url=url, rotation=[0, 90, 180, 270][i % 4],
-                              boxes=[box(1 + i % 3, 0.1, 0.4, 0.2, 0.7)]))
+        rows.append(
+            image_row(
+                iid,
+                original_url=url,
+                rotation=[0, 90, 180, 270][i % 4],
+                boxes=[box(1 + i % 3, 0.1, 0.4, 0.2, 0.7)],
+            )
+        )
     return rows
 
 
@@ -104,35 +126,80 @@ def test_faults_recover_and_every_image_is_accounted_for(ray_local, seaweedfs, i
         s3.put_object(Bucket=src_bucket, Key=f"mirror/train/{iid}.jpg", Body=photo(200, 150, seed=1))
         add(iid, ("ok", "bucket"), rotation=rot)
     good = photo(180, 120, seed=2)
-    add("b000000000000001", ("ok", "original"), original_url=srv.add("ok.jpg", good), original_md5=b64md5(good))
-    add("b000000000000002", ("ok", "original"), original_url=srv.script("e500.jpg", [Reply(500), Reply(200, good)]))
-    add("b000000000000003", ("ok", "original"),
-        original_url=srv.script("e429.jpg", [Reply(429, headers={"Retry-After": "1"}), Reply(200, good)]))
-    add("b000000000000004", ("ok", "original"),
-        original_url=srv.script("slow.jpg", [Reply(200, good, delay_s=4), Reply(200, good)]))
-    add("b000000000000005", ("ok", "original"),
-        original_url=srv.script("trunc.jpg", [Reply(200, good, truncate_at=100), Reply(200, good)]))
-    add("b000000000000006", ("ok", "thumbnail"),
+    add(
+        "b000000000000001",
+        ("ok", "original"),
+        original_url=srv.add("ok.jpg", good),
+        original_md5=b64md5(good),
+    )
+    add(
+        "b000000000000002",
+        ("ok", "original"),
+        original_url=srv.script("e500.jpg", [Reply(500), Reply(200, good)]),
+    )
+    add(
+        "b000000000000003",
+        ("ok", "original"),
+        original_url=srv.script("e429.jpg", [Reply(429, headers={"Retry-After": "1"}), Reply(200, good)]),
+    )
+    add(
+        "b000000000000004",
+        ("ok", "original"),
+        original_url=srv.script("slow.jpg", [Reply(200, good, delay_s=4), Reply(200, good)]),
+    )
+    add(
+        "b000000000000005",
+        ("ok", "original"),
+        original_url=srv.script("trunc.jpg", [Reply(200, good, truncate_at=100), Reply(200, good)]),
+    )
+    add(
+        "b000000000000006",
+        ("ok", "thumbnail"),
         original_url=srv.add("html.jpg", b"<html>gone</html>", content_type="text/html"),
-        thumbnail_url=srv.add("t6.jpg", good))
-    add("b000000000000007", ("failed", "http_404"), original_url=srv.url("missing.jpg"),
-        thumbnail_url=srv.url("missing-thumb.jpg"))
-    add("b000000000000008", ("failed", "redirect_loop"),
-        original_url=srv.script("loop-a", [Reply(302, headers={"Location": "/loop-b"})]))
+        thumbnail_url=srv.add("t6.jpg", good),
+    )
+    add(
+        "b000000000000007",
+        ("failed", "http_404"),
+        original_url=srv.url("missing.jpg"),
+        thumbnail_url=srv.url("missing-thumb.jpg"),
+    )
+    add(
+        "b000000000000008",
+        ("failed", "redirect_loop"),
+        original_url=srv.script("loop-a", [Reply(302, headers={"Location": "/loop-b"})]),
+    )
     srv.script("loop-b", [Reply(302, headers={"Location": "/loop-a"})])
-    add("b000000000000009", ("ok", "thumbnail"), original_url=srv.add("md5.jpg", good),
-        original_md5=b64md5(b"something else"), thumbnail_url=srv.add("t9.jpg", good))
-    add("b00000000000000a", ("failed", "placeholder_redirect"),
-        original_url=srv.script("gone.jpg", [Reply(302, headers={"Location": "/photo_unavailable.png"})]))
+    add(
+        "b000000000000009",
+        ("ok", "thumbnail"),
+        original_url=srv.add("md5.jpg", good),
+        original_md5=b64md5(b"something else"),
+        thumbnail_url=srv.add("t9.jpg", good),
+    )
+    add(
+        "b00000000000000a",
+        ("failed", "placeholder_redirect"),
+        original_url=srv.script("gone.jpg", [Reply(302, headers={"Location": "/photo_unavailable.png"})]),
+    )
     add("b00000000000000b", ("failed", "http_503"), original_url=srv.script("e503.jpg", [Reply(503)]))
     add("b00000000000000c", ("failed", "http_403"), original_url=srv.script("e403.jpg", [Reply(403)]))
 
     ep = seaweedfs.endpoint
-    cfg = _cfg(f"s3://{out_bucket}/run", "ray.num_actors=2", "ray.concurrency_per_actor=8",
-               f"output.s3.endpoint_url={ep}", "output.s3.addressing_style=path", "output.s3.region=us-east-1",
-               f"source.images.bucket={src_bucket}", "source.images.key_template=mirror/{split}/{image_id}.jpg",
-               f"source.images.s3.endpoint_url={ep}", "source.images.s3.unsigned=false",
-               "source.images.s3.addressing_style=path", "source.images.s3.region=us-east-1")
+    cfg = _cfg(
+        f"s3://{out_bucket}/run",
+        "ray.num_actors=2",
+        "ray.concurrency_per_actor=8",
+        f"output.s3.endpoint_url={ep}",
+        "output.s3.addressing_style=path",
+        "output.s3.region=us-east-1",
+        f"source.images.bucket={src_bucket}",
+        "source.images.key_template=mirror/{split}/{image_id}.jpg",
+        f"source.images.s3.endpoint_url={ep}",
+        "source.images.s3.unsigned=false",
+        "source.images.s3.addressing_style=path",
+        "source.images.s3.region=us-east-1",
+    )
     st = Storage.from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=4)
     assert run_prepare(cfg) == 0
@@ -153,7 +220,9 @@ def test_faults_recover_and_every_image_is_accounted_for(ray_local, seaweedfs, i
     assert srv.hits["/e503.jpg"] == 4  # 1 + max_retries
     assert srv.hits["/e403.jpg"] == 1 and srv.hits["/missing.jpg"] == 1
     assert ledger["b000000000000006"].attempts == ["bucket:s3_not_found", "original:not_image"]
-    assert recs["a000000000000001"]["image/width"] == (96,) and recs["a000000000000001"]["image/height"] == (128,)
+    assert recs["a000000000000001"]["image/width"] == (96,) and recs["a000000000000001"]["image/height"] == (
+        128,
+    )
     report = st.read_json(cfg.output_path("prepare_report.json"))
     assert report["totals"]["ok"] == 9 and report["totals"]["failed"] == 5
     assert report["totals"]["failed_by_reason"]["http_404"] == 1
@@ -189,10 +258,23 @@ def test_killed_actor_shard_is_retried_byte_identical(ray_local, image_server, t
     report = st.read_json(crash.output_path("prepare_report.json"))
     assert report["this_run"]["shard_retries"] >= 1
     # Only the victim's shard was fetched again.
-    victim_shard = next(e for e in report["shards"] if victim in {l.image_id for l in decode_ledger(
-        st.read_bytes(crash.output_path("ledger", "train", e["name"] + ".jsonl")))})
-    victim_ids = {l.image_id for l in decode_ledger(st.read_bytes(
-        crash.output_path("ledger", "train", victim_shard["name"] + ".jsonl")))}
+    victim_shard = next(
+        e
+        for e in report["shards"]
+        if victim
+        in {
+            rec.image_id
+            for rec in decode_ledger(
+                st.read_bytes(crash.output_path("ledger", "train", e["name"] + ".jsonl"))
+            )
+        }
+    )
+    victim_ids = {
+        rec.image_id
+        for rec in decode_ledger(
+            st.read_bytes(crash.output_path("ledger", "train", victim_shard["name"] + ".jsonl"))
+        )
+    }
     for r in rows:
         path = "/o/" + r["image_id"] + ".jpg"
         n = image_server.hits[path] - hits_clean[path]
@@ -221,8 +303,12 @@ def test_worker_heartbeat_counts_images_of_running_shards(ray_local, image_serve
     cfg = _cfg(f"{tmp_path}/out")
     st = Storage.from_config(cfg)
     manifest = write_plan(st, cfg.output_root, rows, images_per_shard=8)
-    task = ShardTask("train", 0, manifest.splits["train"].num_shards,
-                     f"{cfg.output_path('plan')}/{manifest.splits['train'].shards[0]}")
+    task = ShardTask(
+        "train",
+        0,
+        manifest.splits["train"].num_shards,
+        f"{cfg.output_path('plan')}/{manifest.splits['train'].shards[0]}",
+    )
     worker = ShardWorker(cfg.model_dump(mode="json"))
 
     async def go():
@@ -254,14 +340,24 @@ def test_killed_driver_rerun_skips_committed_shards(ray_local, image_server, tmp
     hits_clean = dict(image_server.hits)
 
     gcs = ray_local.get_runtime_context().gcs_address
-    run = _cfg(f"{tmp_path}/run", "ray.concurrency_per_actor=1", "ray.max_shards_in_flight_per_actor=1",
-               f"ray.address={gcs}")
+    run = _cfg(
+        f"{tmp_path}/run",
+        "ray.concurrency_per_actor=1",
+        "ray.max_shards_in_flight_per_actor=1",
+        f"ray.address={gcs}",
+    )
     write_plan(st, run.output_root, rows, images_per_shard=3)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(dump_config(run))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "openimages_od", "prepare", "-c", str(cfg_file)], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openimages_od", "prepare", "-c", str(cfg_file)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     stats_dir = Path(run.output_path("tfrecords", "train").removeprefix("file://"))
     deadline = time.monotonic() + 120
     try:
@@ -277,8 +373,13 @@ def test_killed_driver_rerun_skips_committed_shards(ray_local, image_server, tmp
         proc.wait(30)
     committed = {p.name.removesuffix(".stats.json") for p in stats_dir.glob("*.stats.json")}
     assert len(committed) < 4, "the driver finished before it was killed"
-    ledgers = {name: {e.image_id for e in decode_ledger(st.read_bytes(run.output_path("ledger", "train", name + ".jsonl")))}
-               for name in committed}
+    ledgers = {
+        name: {
+            e.image_id
+            for e in decode_ledger(st.read_bytes(run.output_path("ledger", "train", name + ".jsonl")))
+        }
+        for name in committed
+    }
     hits_mid = dict(image_server.hits)
 
     assert run_prepare(run) == 0
@@ -334,15 +435,24 @@ def test_shards_decode_with_model_garden(ray_local, image_server, tmp_path):
     for i, rot in enumerate([0, 90, 180, 270, None]):
         iid = f"f{i:015x}"
         url = image_server.add(f"mg/{iid}.jpg", photo(240, 160, seed=i))
-        rows.append(image_row(iid, original_url=url, rotation=rot,
-                              boxes=[box(1, 0.1, 0.3, 0.2, 0.9, group_of=1), box(3, 0.55, 0.95, 0.05, 0.45)],
-                              image_labels=[{"label_id": 2, "mid": "/m/01g317", "confidence": 1.0}]))
+        rows.append(
+            image_row(
+                iid,
+                original_url=url,
+                rotation=rot,
+                boxes=[box(1, 0.1, 0.3, 0.2, 0.9, group_of=1), box(3, 0.55, 0.95, 0.05, 0.45)],
+                image_labels=[{"label_id": 2, "mid": "/m/01g317", "confidence": 1.0}],
+            )
+        )
     cfg = _cfg(f"{tmp_path}/mg")
     st = Storage.from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=2)
     assert run_prepare(cfg) == 0
-    files = sorted(str(Path(u.removeprefix("file://"))) for u in
-                   (o.url for o in st.list(cfg.output_path("tfrecords", "train") + "/")) if u.endswith(".tfrecord"))
+    files = sorted(
+        str(Path(u.removeprefix("file://")))
+        for u in (o.url for o in st.list(cfg.output_path("tfrecords", "train") + "/"))
+        if u.endswith(".tfrecord")
+    )
     decoder = decoder_mod.TfExampleDecoder(include_mask=False, regenerate_source_id=False)
     by_id = {r["image_id"]: r for r in rows}
     seen = 0
@@ -375,14 +485,30 @@ def test_prepare_plans_first_and_matches_upright_boxes(ray_local, image_server, 
     from openimages_od.config import Config
     from openimages_od.synth import generate_dataset, upright_boxes
 
-    ds = generate_dataset(tmp_path / "ds", 12, base_url=image_server.url("").rstrip("/"), rotation_rate=0.5,
-                          min_side=96, max_side=160, seed=11)
+    ds = generate_dataset(
+        tmp_path / "ds",
+        12,
+        base_url=image_server.url("").rstrip("/"),
+        rotation_rate=0.5,
+        min_side=96,
+        max_side=160,
+        seed=11,
+    )
     for im in ds.images:
         image_server.add(f"original/{im.split}/{im.image_id}.jpg", im.jpeg)
-    base = _cfg(f"{tmp_path}/out", "source.images.order=[original]", "shards.images_per_shard=4",
-                "image.max_side=1024", "image.verify_md5=false")
-    cfg = Config.model_validate({**base.model_dump(mode="json"), "source": {
-        **base.model_dump(mode="json")["source"], **ds.source_config()}})
+    base = _cfg(
+        f"{tmp_path}/out",
+        "source.images.order=[original]",
+        "shards.images_per_shard=4",
+        "image.max_side=1024",
+        "image.verify_md5=false",
+    )
+    cfg = Config.model_validate(
+        {
+            **base.model_dump(mode="json"),
+            "source": {**base.model_dump(mode="json")["source"], **ds.source_config()},
+        }
+    )
     st = Storage.from_config(cfg)
     assert not st.exists(cfg.output_path("plan", "manifest.json"))
     assert run_prepare(cfg) == 0
@@ -392,12 +518,21 @@ def test_prepare_plans_first_and_matches_upright_boxes(ray_local, image_server, 
         recs = _records(_shards(st, cfg, split))
         for im in ds.split_images(split):
             d = recs[im.image_id]
-            want = sorted((round(b["XMin"], 5), round(b["XMax"], 5), round(b["YMin"], 5), round(b["YMax"], 5))
-                          for b in upright_boxes(im))
-            got = sorted(zip(*(tuple(round(v, 5) for v in d[f"image/object/bbox/{k}"])
-                               for k in ("xmin", "xmax", "ymin", "ymax"))))
-            assert len(got) == len(want) and all(abs(a - b) < 1e-4 for g, w in zip(got, want) for a, b in zip(g, w)), \
-                (im.image_id, im.rotation, got, want)
+            want = sorted(
+                (round(b["XMin"], 5), round(b["XMax"], 5), round(b["YMin"], 5), round(b["YMax"], 5))
+                for b in upright_boxes(im)
+            )
+            got = sorted(
+                zip(
+                    *(
+                        tuple(round(v, 5) for v in d[f"image/object/bbox/{k}"])
+                        for k in ("xmin", "xmax", "ymin", "ymax")
+                    )
+                )
+            )
+            assert len(got) == len(want) and all(
+                abs(a - b) < 1e-4 for g, w in zip(got, want) for a, b in zip(g, w)
+            ), (im.image_id, im.rotation, got, want)
             w, h = (im.height, im.width) if im.rotation in (90, 270) else (im.width, im.height)
             assert (d["image/width"][0], d["image/height"][0]) == (w, h)
             seen += 1
@@ -412,8 +547,13 @@ def test_stuck_shard_times_out_and_is_reported(ray_local, image_server, tmp_path
 
     rows = _simple_rows(image_server, 3, prefix="g")
     image_server.script(f"o/{rows[1]['image_id']}.jpg", [Reply(200, photo(64, 48), delay_s=6)])
-    cfg = _cfg(f"{tmp_path}/stuck", "ray.shard_timeout_s=1.5", "ray.max_shard_retries=1",
-               "source.images.http.read_timeout_s=60", "source.images.http.total_timeout_s=60")
+    cfg = _cfg(
+        f"{tmp_path}/stuck",
+        "ray.shard_timeout_s=1.5",
+        "ray.max_shard_retries=1",
+        "source.images.http.read_timeout_s=60",
+        "source.images.http.total_timeout_s=60",
+    )
     st = Storage.from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=3, num_shards={"train": 1})
     t0 = time.monotonic()

@@ -8,23 +8,30 @@ import struct
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from pipeline_helpers import b64md5, box, image_row, photo
 
+from openimages_od.config import ImageSources
+from openimages_od.errors import DataError
 from openimages_od.pipeline import geometry as G
-from openimages_od.pipeline.example import BytesF, FloatF, IntF, decode_example, detection_features, encode_example
+from openimages_od.pipeline.example import (
+    BytesF,
+    FloatF,
+    IntF,
+    decode_example,
+    detection_features,
+    encode_example,
+)
 from openimages_od.pipeline.fetch import backoff_s, parse_retry_after, source_url
 from openimages_od.pipeline.ledger import LedgerEntry, decode_ledger, encode_ledger
 from openimages_od.pipeline.tfrecord import encode_records, frame_record, iter_records, masked_crc32c
 from openimages_od.pipeline.verify import Rejected, check_md5, full_decode, open_image
-from openimages_od.config import ImageSources
-from openimages_od.errors import DataError
-
-from pipeline_helpers import b64md5, box, image_row, photo
-
 
 # --------------------------------------------------------------------------- geometry
 
 
-def _marked(width: int, height: int, rect: tuple[int, int, int, int], fmt: str = "PNG", exif: int | None = None) -> bytes:
+def _marked(
+    width: int, height: int, rect: tuple[int, int, int, int], fmt: str = "PNG", exif: int | None = None
+) -> bytes:
     """Grey image with a pure red rectangle (x0, y0, x1, y1) in pixels."""
     arr = np.full((height, width, 3), 128, np.uint8)
     x0, y0, x1, y1 = rect
@@ -78,8 +85,14 @@ def test_rotation_box_formulas():
 def test_exif_orientation_matches_pillow_and_moves_boxes(orientation):
     w, h, rect = 160, 96, (16, 8, 56, 40)
     data = _marked(w, h, rect, fmt="JPEG", exif=orientation)
-    out = G.render(open_image(data, max_pixels=10**8), data, rotation=None, max_side=1000, quality=95,
-                   keep_original_if_fits=False)
+    out = G.render(
+        open_image(data, max_pixels=10**8),
+        data,
+        rotation=None,
+        max_side=1000,
+        quality=95,
+        keep_original_if_fits=False,
+    )
     ref = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     assert (out.width, out.height) == ref.size
     src_box = (rect[0] / w, rect[2] / w, rect[1] / h, rect[3] / h)
@@ -152,20 +165,32 @@ def test_verify_truncated_and_corrupt():
     # Pillow must report it; a header-only check would accept it.
     bad = bytearray(data)
     sos = bytes(bad).index(b"\xff\xda")
-    bad[sos + 20: len(bad) - 2] = b"\xff\x00" * ((len(bad) - 2 - sos - 20) // 2) + b"\x00" * ((len(bad) - 2 - sos - 20) % 2)
+    bad[sos + 20 : len(bad) - 2] = b"\xff\x00" * ((len(bad) - 2 - sos - 20) // 2) + b"\x00" * (
+        (len(bad) - 2 - sos - 20) % 2
+    )
     bad = bytes(bad[: sos + 200])  # also cut: must be rejected one way or another
     assert _reason(lambda: full_decode(open_image(bad, max_pixels=10**8))) in ("truncated", "corrupt")
     # The keep-original fast path (1/8-scale decode) still sees truncation.
-    assert _reason(lambda: G.render(open_image(data[:-600], max_pixels=10**8), data[:-600], rotation=0,
-                                    max_side=1024, quality=90)) == "truncated"
+    assert (
+        _reason(
+            lambda: G.render(
+                open_image(data[:-600], max_pixels=10**8), data[:-600], rotation=0, max_side=1024, quality=90
+            )
+        )
+        == "truncated"
+    )
 
 
 # --------------------------------------------------------------------------- example + tfrecord
 
 
 def test_example_roundtrip_pure_python():
-    feats = {"a/bytes": BytesF([b"x\x00y", "é"]), "b/float": FloatF([0.25, -1.5]), "c/int": IntF([0, 1, -1, 2**40]),
-             "d/empty": FloatF([])}
+    feats = {
+        "a/bytes": BytesF([b"x\x00y", "é"]),
+        "b/float": FloatF([0.25, -1.5]),
+        "c/int": IntF([0, 1, -1, 2**40]),
+        "d/empty": FloatF([]),
+    }
     data = encode_example(feats)
     back = decode_example(data)
     assert back["a/bytes"] == (b"x\x00y", "é".encode())
@@ -177,8 +202,11 @@ def test_example_roundtrip_pure_python():
 
 
 def test_detection_features_keys():
-    row = image_row("000a1b2c3d4e5f60", boxes=[box(1, 0.1, 0.2, 0.3, 0.4, group_of=1), box(2, 0.5, 0.6, 0.7, 0.8)],
-                    image_labels=[{"label_id": 2, "mid": "/m/01g317", "confidence": 0.0}])
+    row = image_row(
+        "000a1b2c3d4e5f60",
+        boxes=[box(1, 0.1, 0.2, 0.3, 0.4, group_of=1), box(2, 0.5, 0.6, 0.7, 0.8)],
+        image_labels=[{"label_id": 2, "mid": "/m/01g317", "confidence": 0.0}],
+    )
     row["source_id"] = 7
     feats = detection_features(row, b"jpg", 10, 20, [(0.1, 0.2, 0.3, 0.4), (0.5, 0.6, 0.7, 0.8)], "ab")
     d = decode_example(encode_example(feats))
@@ -208,9 +236,13 @@ def test_tfrecord_framing_and_corruption():
 @pytest.mark.tf
 def test_example_and_tfrecord_readable_by_tensorflow(tmp_path):
     tf = pytest.importorskip("tensorflow")
-    feats = {"image/encoded": BytesF([b"\xff\xd8abc"]), "image/object/bbox/xmin": FloatF([0.125, 0.5]),
-             "image/object/class/label": IntF([3, -2, 2**40]), "image/filename": BytesF(["0123abcd"]),
-             "image/object/bbox/ymin": FloatF([])}
+    feats = {
+        "image/encoded": BytesF([b"\xff\xd8abc"]),
+        "image/object/bbox/xmin": FloatF([0.125, 0.5]),
+        "image/object/class/label": IntF([3, -2, 2**40]),
+        "image/filename": BytesF(["0123abcd"]),
+        "image/object/bbox/ymin": FloatF([]),
+    }
     data = encode_example(feats)
     ex = tf.train.Example.FromString(data)
     f = ex.features.feature
@@ -248,8 +280,10 @@ def test_source_urls():
 
 
 def test_ledger_roundtrip():
-    entries = [LedgerEntry("a", "ok", "bucket", "s3://b/a", 10, 4, 3), LedgerEntry("b", "failed", error="http_404",
-                                                                                 attempts=["original:http_404"])]
+    entries = [
+        LedgerEntry("a", "ok", "bucket", "s3://b/a", 10, 4, 3),
+        LedgerEntry("b", "failed", error="http_404", attempts=["original:http_404"]),
+    ]
     assert decode_ledger(encode_ledger(entries)) == entries
 
 
@@ -260,10 +294,17 @@ def test_ledger_roundtrip():
 @pytest.mark.asyncio
 async def test_fetcher_limits_and_final_statuses(image_server):
     from openimages_od.devservices import Reply
-    from openimages_od.pipeline.fetch import FetchFailed, Fetcher
+    from openimages_od.pipeline.fetch import Fetcher, FetchFailed
 
-    http = {"max_body_mb": 0.001, "max_redirects": 2, "max_retries": 2, "backoff_base_s": 0.01,
-            "backoff_max_s": 0.02, "read_timeout_s": 1, "total_timeout_s": 2}
+    http = {
+        "max_body_mb": 0.001,
+        "max_redirects": 2,
+        "max_retries": 2,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.02,
+        "read_timeout_s": 1,
+        "total_timeout_s": 2,
+    }
     src = ImageSources(http=http)
     f = Fetcher(src, concurrency=4)
     srv = image_server
@@ -283,8 +324,14 @@ async def test_fetcher_limits_and_final_statuses(image_server):
         assert await reason(srv.script("e502", [Reply(502)])) == "http_502"
         assert srv.hits["/e502"] == 3  # 1 + max_retries
         srv.add("ok", b"tiny")
-        ok = await f.fetch("original", {"image_id": "x", "split": "train",
-                                        "original_url": srv.script("redir", [Reply(301, headers={"Location": "/ok"})])})
+        ok = await f.fetch(
+            "original",
+            {
+                "image_id": "x",
+                "split": "train",
+                "original_url": srv.script("redir", [Reply(301, headers={"Location": "/ok"})]),
+            },
+        )
         assert ok.final_url.endswith("/ok") and ok.data == b"tiny"
         assert await reason(None) == "no_url"
     finally:
@@ -295,17 +342,22 @@ async def test_fetcher_limits_and_final_statuses(image_server):
 def test_resample_filters_keep_size_and_content(resample):
     # 1000 -> 640 cannot be reached by the JPEG draft alone, so the filter runs.
     src = photo(1000, 750, seed=3)
-    out = G.render(open_image(src, max_pixels=10**8), src, rotation=None, max_side=640, quality=95,
-                   resample=resample)
+    out = G.render(
+        open_image(src, max_pixels=10**8), src, rotation=None, max_side=640, quality=95, resample=resample
+    )
     assert (out.width, out.height) == (640, 480)
+
     # Same picture at low frequencies (the photos carry pixel noise, which filters treat differently).
     def coarse(data: bytes) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((80, 60), Image.Resampling.BOX),
-                          dtype=np.float32)
+        return np.asarray(
+            Image.open(io.BytesIO(data)).convert("RGB").resize((80, 60), Image.Resampling.BOX),
+            dtype=np.float32,
+        )
 
     assert np.abs(coarse(out.data) - coarse(src)).mean() < 3.0
-    again = G.render(open_image(src, max_pixels=10**8), src, rotation=None, max_side=640, quality=95,
-                     resample=resample)
+    again = G.render(
+        open_image(src, max_pixels=10**8), src, rotation=None, max_side=640, quality=95, resample=resample
+    )
     assert again.data == out.data  # deterministic
 
 

@@ -16,9 +16,9 @@ import pytest
 from openimages_od.config import Config
 from openimages_od.errors import DataError
 from openimages_od.openimages import planio
-from openimages_od.openimages.ids import source_id
 from openimages_od.openimages.classes import read_hierarchy
 from openimages_od.openimages.formats import ATTRIBUTE_COLUMNS, BOX_LAYOUTS, XCLICK_COLUMNS
+from openimages_od.openimages.ids import source_id
 from openimages_od.openimages.plan import build_plan
 from openimages_od.storage import Storage
 
@@ -27,10 +27,28 @@ DATA = Path(__file__).resolve().parent / "data" / "openimages"
 CLASSES = DATA / "class-descriptions-boxable.csv"
 HIERARCHY = DATA / "bbox_labels_600_hierarchy.json"
 SAMPLE = DATA / "sample_sysaster_test-annotations-bbox_first2000lines.csv"
-VEHICLE, CAR, BOAT, AIRPLANE, PERSON, LAND = "/m/07yv9", "/m/0k4j", "/m/019jd", "/m/0cmf2", "/m/01g317", "/m/01prls"
+VEHICLE, CAR, BOAT, AIRPLANE, PERSON, LAND = (
+    "/m/07yv9",
+    "/m/0k4j",
+    "/m/019jd",
+    "/m/0cmf2",
+    "/m/01g317",
+    "/m/01prls",
+)
 HAND, FOOT = "/m/0k65p", "/m/031n1"
-INDEX_COLS = ("ImageID", "Subset", "OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL",
-              "Author", "Title", "OriginalSize", "OriginalMD5", "Thumbnail300KURL")
+INDEX_COLS = (
+    "ImageID",
+    "Subset",
+    "OriginalURL",
+    "OriginalLandingURL",
+    "License",
+    "AuthorProfileURL",
+    "Author",
+    "Title",
+    "OriginalSize",
+    "OriginalMD5",
+    "Thumbnail300KURL",
+)
 
 
 # --------------------------------------------------------------------------- content and release writers
@@ -47,34 +65,59 @@ def make_content(seed: int = 7) -> dict:
         for _ in range(rng.randint(1, 4)):
             x0, x1 = sorted(round(rng.random(), 6) for _ in range(2))
             y0, y1 = sorted(round(rng.random(), 6) for _ in range(2))
-            vehicles.append({
-                "ImageID": iid, "Source": "xclick", "LabelName": rng.choice([CAR, BOAT, AIRPLANE, PERSON, LAND]),
-                "Confidence": "1", "XMin": str(x0), "XMax": str(x1), "YMin": str(y0), "YMax": str(y1),
-                **{a: rng.choice(["0", "1", "-1"]) for a in ATTRIBUTE_COLUMNS},
-            })
-    splits = {"train": real[:1000] + vehicles[: len(vehicles) // 2],
-              "validation": real[1000:] + vehicles[len(vehicles) // 2:]}
+            vehicles.append(
+                {
+                    "ImageID": iid,
+                    "Source": "xclick",
+                    "LabelName": rng.choice([CAR, BOAT, AIRPLANE, PERSON, LAND]),
+                    "Confidence": "1",
+                    "XMin": str(x0),
+                    "XMax": str(x1),
+                    "YMin": str(y0),
+                    "YMax": str(y1),
+                    **{a: rng.choice(["0", "1", "-1"]) for a in ATTRIBUTE_COLUMNS},
+                }
+            )
+    splits = {
+        "train": real[:1000] + vehicles[: len(vehicles) // 2],
+        "validation": real[1000:] + vehicles[len(vehicles) // 2 :],
+    }
     images, labels = {}, {}
     for split, rows in splits.items():
         ids = sorted({r["ImageID"] for r in rows})
         images[split] = [
-            {"ImageID": i, "Subset": split, "OriginalURL": f"https://farm.example/{i}_o.jpg",
-             "OriginalLandingURL": f"https://flickr.example/{i}", "License": "cc-by",
-             "AuthorProfileURL": "https://flickr.example/u", "Author": "A, B", "Title": f"photo, {i[:4]}",
-             "OriginalSize": str(rng.randint(1000, 10**6)), "OriginalMD5": f"md5{i}==",
-             "Thumbnail300KURL": f"https://thumb.example/{i}.jpg",
-             "Rotation": rng.choice(["0.0", "90.0", "180.0", "270.0", ""])}
-            for k, i in enumerate(ids) if k % 10 != 3  # some images have no index row
+            {
+                "ImageID": i,
+                "Subset": split,
+                "OriginalURL": f"https://farm.example/{i}_o.jpg",
+                "OriginalLandingURL": f"https://flickr.example/{i}",
+                "License": "cc-by",
+                "AuthorProfileURL": "https://flickr.example/u",
+                "Author": "A, B",
+                "Title": f"photo, {i[:4]}",
+                "OriginalSize": str(rng.randint(1000, 10**6)),
+                "OriginalMD5": f"md5{i}==",
+                "Thumbnail300KURL": f"https://thumb.example/{i}.jpg",
+                "Rotation": rng.choice(["0.0", "90.0", "180.0", "270.0", ""]),
+            }
+            for k, i in enumerate(ids)
+            if k % 10 != 3  # some images have no index row
         ]
         labels[split] = [
-            {"ImageID": i, "Source": "verification", "LabelName": rng.choice([CAR, HAND, PERSON, VEHICLE, "/m/0dzct"]),
-             "Confidence": rng.choice(["0", "1"])}
+            {
+                "ImageID": i,
+                "Source": "verification",
+                "LabelName": rng.choice([CAR, HAND, PERSON, VEHICLE, "/m/0dzct"]),
+                "Confidence": rng.choice(["0", "1"]),
+            }
             for i in ids[::3]
         ]
     return {"boxes": splits, "images": images, "labels": labels}
 
 
-def _write_csv(path: Path, cols: list[str], rows: list[dict], header: bool = True, rename: dict | None = None) -> None:
+def _write_csv(
+    path: Path, cols: list[str], rows: list[dict], header: bool = True, rename: dict | None = None
+) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if header:
@@ -111,7 +154,9 @@ def write_release(root: Path, content: dict, release: str) -> dict:
         images = root / f"{split}-images-boxable.csv"
         _write_csv(images, idx_cols, content["images"][split], rename=rename)
         labels = root / f"{split}-annotations-human-imagelabels-boxable.csv"
-        _write_csv(labels, ["ImageID", "Source", "LabelName", "Confidence"], content["labels"][split], rename=rename)
+        _write_csv(
+            labels, ["ImageID", "Source", "LabelName", "Confidence"], content["labels"][split], rename=rename
+        )
         splits[split] = {"boxes": str(boxes), "images": str(images), "image_labels": str(labels)}
     src = {"class_descriptions": str(cls), "splits": splits}
     if release != "v2":
@@ -123,8 +168,9 @@ def make_cfg(source: dict, out: str, **selection) -> Config:
     sel = {"classes": ["Vehicle", "human hand", FOOT], "include_subclasses": True, **selection}
     if "hierarchy" not in source and sel.get("include_subclasses"):
         source = {**source, "hierarchy": str(HIERARCHY)}
-    return Config.model_validate({"source": source, "selection": sel, "output": {"url": out},
-                                  "shards": {"images_per_shard": 150}})
+    return Config.model_validate(
+        {"source": source, "selection": sel, "output": {"url": out}, "shards": {"images_per_shard": 150}}
+    )
 
 
 def read_plan(out: str, storage: Storage | None = None) -> dict[str, pa.Table]:
@@ -184,15 +230,22 @@ def _label_map_message_class():
     """A StringIntLabelMap-compatible message built at runtime (object_detection protos are not installed)."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-    fdp = descriptor_pb2.FileDescriptorProto(name="oiod_test_label_map.proto", package="oiodtest", syntax="proto2")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="oiod_test_label_map.proto", package="oiodtest", syntax="proto2"
+    )
     item = fdp.message_type.add(name="StringIntLabelMapItem")
     F = descriptor_pb2.FieldDescriptorProto
     item.field.add(name="name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     item.field.add(name="id", number=2, type=F.TYPE_INT32, label=F.LABEL_OPTIONAL)
     item.field.add(name="display_name", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     lm = fdp.message_type.add(name="StringIntLabelMap")
-    lm.field.add(name="item", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
-                 type_name=".oiodtest.StringIntLabelMapItem")
+    lm.field.add(
+        name="item",
+        number=1,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_REPEATED,
+        type_name=".oiodtest.StringIntLabelMapItem",
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("oiodtest.StringIntLabelMap"))
@@ -300,8 +353,11 @@ def test_filters_caps_expansion(tmp_path):
     # Expansion: selecting only Vehicle, a Car box also counts as Vehicle (and Land vehicle's ancestors).
     exp = plan("exp", classes=["Vehicle"], include_subclasses=False, expand_hierarchy=True)
     noexp = plan("noexp", classes=["Vehicle"], include_subclasses=False)
-    n_vehicle_like = sum(r["LabelName"] in {VEHICLE, CAR, BOAT, AIRPLANE, LAND}
-                         for rows in content["boxes"].values() for r in rows)
+    n_vehicle_like = sum(
+        r["LabelName"] in {VEHICLE, CAR, BOAT, AIRPLANE, LAND}
+        for rows in content["boxes"].values()
+        for r in rows
+    )
     assert sum(len(r["boxes"]) for rows in exp.values() for r in rows) == n_vehicle_like
     assert sum(len(r["boxes"]) for rows in noexp.values() for r in rows) < n_vehicle_like
     assert {b["mid"] for rows in exp.values() for r in rows for b in r["boxes"]} == {VEHICLE}
@@ -337,27 +393,50 @@ def test_malformed_rows_are_counted_by_reason(tmp_path):
     for reason, line in where.items():
         assert mal[reason]["examples"][0].startswith(f"{d / 'boxes.csv'}:{line}: "), (reason, mal[reason])
     assert res.manifest.splits["train"].num_boxes == len(bad_rows) + 1
-    with pytest.raises(DataError, match=rf"boxes\.csv:{where['missing_fields']}: malformed row \(missing_fields\)"):
-        build_plan(make_cfg(src, str(tmp_path / "out2"), classes=["Car"], include_subclasses=False, strict=True))
+    with pytest.raises(
+        DataError, match=rf"boxes\.csv:{where['missing_fields']}: malformed row \(missing_fields\)"
+    ):
+        build_plan(
+            make_cfg(src, str(tmp_path / "out2"), classes=["Car"], include_subclasses=False, strict=True)
+        )
     # Strict mode stops at the first value error too (the earliest line, whatever the reason).
     src2 = dict(src, splits={"train": {"boxes": str(d / "b2.csv")}})
-    (d / "b2.csv").write_text("\n".join([lines[0], ",".join(good), ",".join(bad_rows["out_of_range"]),
-                                         ",".join(bad_rows["bad_image_id"])]) + "\n")
+    (d / "b2.csv").write_text(
+        "\n".join(
+            [lines[0], ",".join(good), ",".join(bad_rows["out_of_range"]), ",".join(bad_rows["bad_image_id"])]
+        )
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"b2\.csv:3: malformed row \(out_of_range\)"):
-        build_plan(make_cfg(src2, str(tmp_path / "out3"), classes=["Car"], include_subclasses=False, strict=True))
+        build_plan(
+            make_cfg(src2, str(tmp_path / "out3"), classes=["Car"], include_subclasses=False, strict=True)
+        )
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.run([sys.executable, "-m", "openimages_od", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "openimages_od", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _yaml_cfg(path: Path, src: dict, out: Path, classes: list[str]) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump({"source": src, "selection": {"classes": classes, "include_subclasses": True},
-                                    "output": {"url": str(out)}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "source": src,
+                "selection": {"classes": classes, "include_subclasses": True},
+                "output": {"url": str(out)},
+            }
+        )
+    )
     return path
 
 
@@ -387,10 +466,17 @@ def test_http_inputs_are_cached_and_give_the_same_plan(tmp_path, image_server):
     def serve(path: str) -> str:
         return image_server.add("meta/" + Path(path).name, Path(path).read_bytes(), content_type="text/csv")
 
-    remote = {"class_descriptions": serve(src["class_descriptions"]), "hierarchy": serve(src["hierarchy"]),
-              "splits": {s: {k: image_server.add(f"meta/{s}/{Path(v).name}", Path(v).read_bytes(),
-                                                 content_type="text/csv") for k, v in d.items()}
-                         for s, d in src["splits"].items()}}
+    remote = {
+        "class_descriptions": serve(src["class_descriptions"]),
+        "hierarchy": serve(src["hierarchy"]),
+        "splits": {
+            s: {
+                k: image_server.add(f"meta/{s}/{Path(v).name}", Path(v).read_bytes(), content_type="text/csv")
+                for k, v in d.items()
+            }
+            for s, d in src["splits"].items()
+        },
+    }
     out = tmp_path / "http"
     cfg = make_cfg(remote, str(out))
     build_plan(cfg)
@@ -414,9 +500,12 @@ def test_s3_inputs_and_output(tmp_path, seaweedfs, s3_bucket, s3_options):
         st.upload_file(path, url)
         return url
 
-    remote = {"class_descriptions": up(src["class_descriptions"]), "hierarchy": up(src["hierarchy"]),
-              "splits": {s: {k: up(v) for k, v in d.items()} for s, d in src["splits"].items()},
-              "s3": s3_options.model_dump()}
+    remote = {
+        "class_descriptions": up(src["class_descriptions"]),
+        "hierarchy": up(src["hierarchy"]),
+        "splits": {s: {k: up(v) for k, v in d.items()} for s, d in src["splits"].items()},
+        "s3": s3_options.model_dump(),
+    }
     # Local output: inputs cached under {output}/metadata/.
     out = tmp_path / "from-s3"
     cfg = make_cfg(remote, str(out))
@@ -438,8 +527,9 @@ def test_s3_inputs_and_output(tmp_path, seaweedfs, s3_bucket, s3_options):
 def test_v2_trainable_only_label_map(tmp_path):
     src = write_release(tmp_path / "v2", make_content(), "v2")
     src["trainable_classes"] = str(DATA / "oid_bbox_trainable_label_map.pbtxt")
-    cfg = Config.model_validate({"source": src, "selection": {"trainable_only": True},
-                                 "output": {"url": str(tmp_path / "out")}})
+    cfg = Config.model_validate(
+        {"source": src, "selection": {"trainable_only": True}, "output": {"url": str(tmp_path / "out")}}
+    )
     res = build_plan(cfg)
     assert res.manifest.num_classes == 545 == len(res.label_map)
     order = [ln.split(",")[0] for ln in CLASSES.read_text().splitlines()]

@@ -37,6 +37,7 @@ BOX_COLS = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"
 
 def _plan(tmp_path, src, name, monkeypatch, engine, **sel):
     if engine == "pyarrow":  # the reference: every CSV through CsvStream
+
         def unavailable(*a, **k):
             raise FastPathUnavailable("test")
             yield  # a generator, like iter_rows_fast
@@ -59,8 +60,13 @@ def test_fast_path_gives_the_same_plan_and_errors(tmp_path, monkeypatch, release
     lines = boxes.read_text().splitlines()
     car = next(i for i, ln in enumerate(lines) if f",{CAR}," in ln)
     bad = lines[car].split(",")
-    extra = [",".join(bad[:4] + ["abc"] + bad[5:]), ",".join(bad[:4] + ["1.5"] + bad[5:]),
-             ",".join(["xyz"] + bad[1:]), ",".join(bad[:2] + ["/m/notaclass"] + bad[3:]), lines[car]]
+    extra = [
+        ",".join(bad[:4] + ["abc"] + bad[5:]),
+        ",".join(bad[:4] + ["1.5"] + bad[5:]),
+        ",".join(["xyz"] + bad[1:]),
+        ",".join(bad[:2] + ["/m/notaclass"] + bad[3:]),
+        lines[car],
+    ]
     for k, row in enumerate(extra):
         lines.insert(len(lines) // (k + 2), row)
     boxes.write_text("\n".join(lines) + "\n")
@@ -74,11 +80,14 @@ def test_fast_path_gives_the_same_plan_and_errors(tmp_path, monkeypatch, release
     assert {"non_numeric", "out_of_range", "bad_image_id", "unknown_mid", "duplicate_box"} <= set(mal)
 
 
-@pytest.mark.parametrize("damage", [
-    "0123456789abcdef,xclick",  # too few fields
-    "",  # a blank line
-    "0123456789abcdef,xclick,/m/0k4j,1,0.1,0.5,0.2,0.6,0,0,0,0,0,7",  # too many fields
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "0123456789abcdef,xclick",  # too few fields
+        "",  # a blank line
+        "0123456789abcdef,xclick,/m/0k4j,1,0.1,0.5,0.2,0.6,0,0,0,0,0,7",  # too many fields
+    ],
+)
 def test_fast_path_steps_aside_on_structural_damage(tmp_path, damage):
     good = "0123456789abcdef,xclick,/m/0k4j,1,0.1,0.5,0.2,0.6,0,0,0,0,0"
     p = tmp_path / "b.csv"
@@ -92,7 +101,9 @@ def test_fast_path_steps_aside_on_structural_damage(tmp_path, damage):
 
 def test_fast_path_lines(tmp_path):
     cols = BOX_LAYOUTS["v4"]
-    rows = [f"{k:016x},xclick,{CAR if k % 7 == 0 else '/m/019jd'},1,0.1,0.5,0.2,0.6,0,0,0,0,0" for k in range(500)]
+    rows = [
+        f"{k:016x},xclick,{CAR if k % 7 == 0 else '/m/019jd'},1,0.1,0.5,0.2,0.6,0,0,0,0,0" for k in range(500)
+    ]
     p = tmp_path / "b.csv"
     p.write_text(",".join(cols) + "\n" + "\n".join(rows))  # no final newline
     got = select_rows_fast(p, detect_layout(p, "boxes", "b.csv"), BOX_COLS, "b.csv", [CAR], None)
@@ -112,9 +123,11 @@ def test_id_set_matches_is_in():
     rng = np.random.default_rng(3)
     ids = [f"{k:016x}" for k in rng.integers(0, 2**63, 3000).tolist()]
     batch = pa.array(ids[500:2500] + ["abcdef0123456789", "ABCDEF0123456789", "xyz", "", "zzzzzzzzzzzzzzzz"])
-    for wanted in (pa.array(ids[:1500] + ["ABCDEF0123456789"]),
-                   pa.array(ids[:1500] + ["abcdef0123456789", "ABCDEF0123456789"]),  # same key: exact fallback
-                   pa.array([], pa.string())):
+    for wanted in (
+        pa.array(ids[:1500] + ["ABCDEF0123456789"]),
+        pa.array(ids[:1500] + ["abcdef0123456789", "ABCDEF0123456789"]),  # same key: exact fallback
+        pa.array([], pa.string()),
+    ):
         want = pc.is_in(batch, value_set=wanted).to_numpy(zero_copy_only=False)
         assert (_IdSet(wanted).contains(batch) == want).all()
 
@@ -124,8 +137,10 @@ def test_one_hash_gives_shard_and_source_id():
     shard, src = _shards_and_source_ids(ids, 13)
     assert shard.tolist() == [planio.shard_of(i, 13) for i in ids]
     assert src.tolist() == source_ids(ids).tolist()
-    assert _bucket_keys("{split}/{image_id}.jpg", "train", pa.array(ids[:3]), ids[:3]).to_pylist() == \
-        [f"train/{i}.jpg" for i in ids[:3]]
-    assert _bucket_keys("{image_id}/{split}/{image_id}", "v", pa.array(ids[:1]), ids[:1]).to_pylist() == \
-        [f"{ids[0]}/v/{ids[0]}"]
+    assert _bucket_keys("{split}/{image_id}.jpg", "train", pa.array(ids[:3]), ids[:3]).to_pylist() == [
+        f"train/{i}.jpg" for i in ids[:3]
+    ]
+    assert _bucket_keys("{image_id}/{split}/{image_id}", "v", pa.array(ids[:1]), ids[:1]).to_pylist() == [
+        f"{ids[0]}/v/{ids[0]}"
+    ]
     assert formats.RowLines("x", np.array([5, 9])).line_of(1) == 9

@@ -24,10 +24,17 @@ def test_report_eval_section_has_ap_bars_and_pr_curves(tmp_path):
     lm = LabelMap.from_mids(["/m/018xm", "/m/0d4v4"], {"/m/018xm": "Ball", "/m/0d4v4": "Window"})
     (out / "label_map.pbtxt").write_text(lm.to_pbtxt())
     curve = {"recall": [0.2, 0.5, 0.9], "precision": [1.0, 0.9, 0.6]}
-    metrics = {"step": 40, "coco": {"AP": 0.41, "AP50": 0.77},
-               "openimages": {"mAP": 0.7, "per_class": {
-                   "1": {"ap": 0.8, "name": "Ball", "pr_curve": curve},
-                   "2": {"ap": 0.6, "name": "Window", "pr_curve": None}}}}
+    metrics = {
+        "step": 40,
+        "coco": {"AP": 0.41, "AP50": 0.77},
+        "openimages": {
+            "mAP": 0.7,
+            "per_class": {
+                "1": {"ap": 0.8, "name": "Ball", "pr_curve": curve},
+                "2": {"ap": 0.6, "name": "Window", "pr_curve": None},
+            },
+        },
+    }
     (out / "eval" / "metrics-40.json").write_text(json.dumps(metrics))
     (out / "eval" / "metrics-7.json").write_text(json.dumps({**metrics, "step": 7, "coco": {"AP": 0.0}}))
     cfg = load_config(None, [f"output.url={out}"])
@@ -51,15 +58,24 @@ def _report_with_analysis(tmp_path):
     (out / "eval").mkdir(parents=True)
     lm = LabelMap.from_mids(["/m/018xm", "/m/0k4j"], {"/m/018xm": "Ball", "/m/0k4j": "Car"})
     (out / "label_map.pbtxt").write_text(lm.to_pbtxt())
-    metrics = {"step": 12, "coco": {"AP": 0.3}, "openimages": {"mAP": 0.45, "per_class": {
-        "1": {"ap": 0.6, "name": "Ball", "pr_curve": None}, "2": {"ap": 0.3, "name": "Car", "pr_curve": None}}}}
+    metrics = {
+        "step": 12,
+        "coco": {"AP": 0.3},
+        "openimages": {
+            "mAP": 0.45,
+            "per_class": {
+                "1": {"ap": 0.6, "name": "Ball", "pr_curve": None},
+                "2": {"ap": 0.3, "name": "Car", "pr_curve": None},
+            },
+        },
+    }
     (out / "eval" / "metrics-12.json").write_text(json.dumps(metrics))
     (out / "eval" / "analysis-12.json").write_text(json.dumps(analysed().result()))
     return load_config(None, [f"output.url={out}"]), out
 
 
 def test_report_shows_error_analysis_and_confusion_matrix(tmp_path):
-    cfg, out = _report_with_analysis(tmp_path)
+    cfg, _out = _report_with_analysis(tmp_path)
     html = build_report(cfg)
     assert "id='errors'" in html and "id='confusion-matrix'" in html and "id='worst-images'" in html
     assert "outcomes-12.csv" in html
@@ -83,11 +99,21 @@ def test_report_error_analysis_in_headless_chromium(tmp_path):
         assert [c.text for c in cells[0].find_elements(By.TAG_NAME, "td")] == ["2", "0", "1"]
         rows = driver.find_elements(By.CSS_SELECTOR, "#error-table tbody tr")
         assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == ["Ball", "Car", "all"]
-        assert [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")][2:9] == ["2", "4", "1", "1", "1", "1", "1"]
+        assert [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")][2:9] == [
+            "2",
+            "4",
+            "1",
+            "1",
+            "1",
+            "1",
+            "1",
+        ]
         imgs = driver.find_elements(By.CSS_SELECTOR, "#worst-images img")
         assert len(imgs) == 2
-        assert all(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
-                   for i in imgs)
+        assert all(
+            driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+            for i in imgs
+        )
         assert console_errors(driver) == []
     finally:
         driver.quit()
@@ -108,8 +134,12 @@ def test_report_samples_mark_group_of_only_when_one(tmp_path):
     Image.new("RGB", (64, 48), (90, 90, 90)).save(buf, format="JPEG")
     recs = []
     for i, g in enumerate((-1, 0, 1)):
-        row = {"image_id": f"{i:016x}", "source_id": i + 1, "image_labels": [],
-               "boxes": [{"label_id": 1, "mid": "/m/018xm", "is_group_of": g}]}
+        row = {
+            "image_id": f"{i:016x}",
+            "source_id": i + 1,
+            "image_labels": [],
+            "boxes": [{"label_id": 1, "mid": "/m/018xm", "is_group_of": g}],
+        }
         feats = detection_features(row, buf.getvalue(), 64, 48, [(0.1, 0.5, 0.1, 0.5)], "0" * 64)
         if g == -1:  # as shards written before the writer mapped unknown to 0
             feats["image/object/group_of"] = IntF([-1])

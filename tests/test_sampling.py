@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from openimages_od.training.sampling import (class_repeat_factors, frequencies_from_stats, image_repeat_factor,
-                                             repeat_factor_table)
+from openimages_od.training.sampling import (
+    class_repeat_factors,
+    frequencies_from_stats,
+    image_repeat_factor,
+    repeat_factor_table,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -26,8 +30,14 @@ def test_lvis_repeat_factors_by_hand():
 
 
 def test_frequencies_from_plan_stats():
-    stats = {"splits": {"train": {"images": 200, "classes": {"/m/a": {"images": 100, "boxes": 900},
-                                                             "/m/b": {"images": 5, "boxes": 5}}}}}
+    stats = {
+        "splits": {
+            "train": {
+                "images": 200,
+                "classes": {"/m/a": {"images": 100, "boxes": 900}, "/m/b": {"images": 5, "boxes": 5}},
+            }
+        }
+    }
     f = frequencies_from_stats(stats, "train", {"/m/a": 1, "/m/b": 2})
     assert f == {1: 0.5, 2: 0.025}
     assert class_repeat_factors(f, 0.1)[2] == pytest.approx(math.sqrt(4))
@@ -64,10 +74,9 @@ def test_sample_fn_repeats_by_factor_deterministically():
 def test_training_with_repeat_factor_sampling(tmp_path, monkeypatch):
     import json
 
-    import openimages_od.training.sampling as sampling
-
     from training_helpers import build_output, tiny_overrides
 
+    import openimages_od.training.sampling as sampling
     from openimages_od.config import load_config
     from openimages_od.training.train import run_train
 

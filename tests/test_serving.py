@@ -14,19 +14,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from serving_helpers import GREEN, RED, blob_image, huge_png, make_export
 
 from openimages_od.config import load_config
 from openimages_od.devservices import Reply, free_port
 from openimages_od.serving.draw import color_for
 from openimages_od.serving.safe_fetch import AddressPolicy, BlockedAddress, StaticResolver
-from serving_helpers import BLUE, GREEN, RED, blob_image, huge_png, make_export
 
 pytestmark = [pytest.mark.tf, pytest.mark.integration]
 
@@ -91,18 +90,23 @@ async def test_detect_json_base64_fields(make_client):
     assert resp.headers["X-Request-ID"]
 
     # min_score filters (Dog is 0.75), max_detections caps; data: URIs work.
-    resp = await client.post("/v1/detect", json={"image": "data:image/png;base64," + _b64(blob_image()),
-                                                 "min_score": 0.8})
+    resp = await client.post(
+        "/v1/detect", json={"image": "data:image/png;base64," + _b64(blob_image()), "min_score": 0.8}
+    )
     assert [d["label"] for d in (await resp.json())["detections"]] == ["Car"]
-    resp = await client.post("/v1/detect", json={"image": _b64(blob_image()), "min_score": 0.0,
-                                                 "max_detections": 1})
+    resp = await client.post(
+        "/v1/detect", json={"image": _b64(blob_image()), "min_score": 0.0, "max_detections": 1}
+    )
     assert (await resp.json())["num_detections"] == 1
 
 
 async def test_detect_raw_body_draw_png_has_box_colours(make_client):
     client = await make_client()
-    resp = await client.post("/v1/detect?draw=true&format=png&min_score=0.5", data=blob_image(),
-                             headers={"Content-Type": "image/png"})
+    resp = await client.post(
+        "/v1/detect?draw=true&format=png&min_score=0.5",
+        data=blob_image(),
+        headers={"Content-Type": "image/png"},
+    )
     assert resp.status == 200, await resp.text()
     body = await resp.json()
     assert body["image_format"] == "image/png"
@@ -120,8 +124,12 @@ async def test_detect_multipart_and_raw_jpeg_response(make_client):
 
     client = await make_client()
     form = FormData()
-    form.add_field("image", blob_image(blobs={GREEN: (10, 10, 60, 50)}, fmt="JPEG"),
-                   filename="g.jpg", content_type="image/jpeg")
+    form.add_field(
+        "image",
+        blob_image(blobs={GREEN: (10, 10, 60, 50)}, fmt="JPEG"),
+        filename="g.jpg",
+        content_type="image/jpeg",
+    )
     form.add_field("draw", "true")
     resp = await client.post("/v1/detect", data=form, headers={"Accept": "image/jpeg"})
     assert resp.status == 200, await resp.text()
@@ -239,10 +247,15 @@ async def test_limits_413(make_client):
     resp = await client.post("/v1/models/oiod:predict", json={"instances": [{"b64": _b64(big)}]})
     assert resp.status == 413
     # 50 MB body (limit 20 MB)
-    resp = await client.post("/v1/detect", data=b"\xff" * (50 * 1024 * 1024), headers={"Content-Type": "image/jpeg"})
+    resp = await client.post(
+        "/v1/detect", data=b"\xff" * (50 * 1024 * 1024), headers={"Content-Type": "image/jpeg"}
+    )
     assert resp.status == 413 and "error" in await resp.json()
-    resp = await client.post("/v1/detect", data=b'{"image": "' + b"A" * (50 * 1024 * 1024) + b'"}',
-                             headers={"Content-Type": "application/json"})
+    resp = await client.post(
+        "/v1/detect",
+        data=b'{"image": "' + b"A" * (50 * 1024 * 1024) + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert resp.status == 413
 
 
@@ -253,8 +266,12 @@ async def test_auth_token(make_client, monkeypatch):
     resp = await client.post("/v1/detect", json=body)
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
     assert resp.headers["WWW-Authenticate"] == "Bearer"
-    assert (await client.post("/v1/detect", json=body, headers={"Authorization": "Bearer wrong"})).status == 401
-    assert (await client.post("/v1/detect", json=body, headers={"Authorization": "Bearer s3cret-token"})).status == 200
+    assert (
+        await client.post("/v1/detect", json=body, headers={"Authorization": "Bearer wrong"})
+    ).status == 401
+    assert (
+        await client.post("/v1/detect", json=body, headers={"Authorization": "Bearer s3cret-token"})
+    ).status == 200
     assert (await client.get("/metrics")).status == 401
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
@@ -272,12 +289,21 @@ def test_auth_env_unset_is_config_error(export_dir, loaded_model, monkeypatch):
 # --------------------------------------------------------------------------- SSRF guard
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.jpg",
-    "http://[::1]/x.jpg", "http://[::ffff:10.0.0.1]/x.jpg", "http://0.0.0.0/x.jpg",
-    "http://metadata.google.internal/computeMetadata/v1/", "http://[fd00:ec2::254]/latest/",
-    "http://100.64.0.1/x.jpg", "http://224.0.0.1/x.jpg",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/x.jpg",
+        "http://[::1]/x.jpg",
+        "http://[::ffff:10.0.0.1]/x.jpg",
+        "http://0.0.0.0/x.jpg",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://[fd00:ec2::254]/latest/",
+        "http://100.64.0.1/x.jpg",
+        "http://224.0.0.1/x.jpg",
+    ],
+)
 async def test_private_and_metadata_urls_refused(make_client, url):
     # The resolver knows no names, so nothing is ever resolved or connected to for real.
     client = await make_client(resolver=StaticResolver({}))
@@ -293,14 +319,21 @@ async def test_names_resolving_to_private_and_redirects_refused(make_client, ima
     image_server.add("/img.png", blob_image(), content_type="image/png")
     image_server.script("/to-private", [Reply(302, headers={"Location": "http://10.0.0.1/x.jpg"})])
     image_server.script("/to-metadata", [Reply(301, headers={"Location": "http://169.254.169.254/latest/"})])
-    image_server.script("/to-loopback", [Reply(307, headers={"Location": f"http://127.0.0.1:{port}/img.png"})])
+    image_server.script(
+        "/to-loopback", [Reply(307, headers={"Location": f"http://127.0.0.1:{port}/img.png"})]
+    )
     image_server.script("/to-name", [Reply(302, headers={"Location": f"http://evil.example:{port}/img.png"})])
     image_server.script("/ok-hop", [Reply(302, headers={"Location": "/img.png"})])
     image_server.script("/loop", [Reply(302, headers={"Location": "/loop"})])
     # public.example is a "public" name that this test's DNS maps to the local server; only that
     # name is allow-listed, so every hop to anything else must pass the guard on its own.
-    resolver = StaticResolver({"public.example": ["127.0.0.1"], "evil.example": ["10.0.0.1"],
-                               "mixed.example": ["93.184.216.34", "127.0.0.1"]})
+    resolver = StaticResolver(
+        {
+            "public.example": ["127.0.0.1"],
+            "evil.example": ["10.0.0.1"],
+            "mixed.example": ["93.184.216.34", "127.0.0.1"],
+        }
+    )
     client = await make_client("serve.allow_networks=['public.example']", resolver=resolver)
     base = f"http://public.example:{port}"
 
@@ -325,8 +358,9 @@ async def test_fetch_limits_and_content_type(make_client, image_server):
     image_server.add("/big.jpg", b"\xff" * (3 * 1024 * 1024), content_type="image/jpeg")
     image_server.script("/slow.jpg", [Reply(200, blob_image(fmt="JPEG"), delay_s=5)])
     image_server.add("/huge.png", huge_png(), content_type="image/png")
-    client = await make_client("serve.allow_networks=['127.0.0.1']", "serve.max_body_mb=2",
-                               "serve.fetch_timeout_s=1")
+    client = await make_client(
+        "serve.allow_networks=['127.0.0.1']", "serve.max_body_mb=2", "serve.fetch_timeout_s=1"
+    )
     expect = {"/page.html": 415, "/big.jpg": 413, "/slow.jpg": 504, "/huge.png": 413, "/missing.jpg": 422}
     for path, status in expect.items():
         resp = await client.post("/v1/detect", json={"image": image_server.url(path)})
@@ -335,12 +369,26 @@ async def test_fetch_limits_and_content_type(make_client, image_server):
 
 def test_address_policy_unit():
     p = AddressPolicy(["10.1.0.0/16", "*.svc.cluster.local", "fd00::/8"])
-    ok = [("a", "93.184.216.34"), ("a", "10.1.2.3"), ("minio.svc.cluster.local", "10.9.9.9"), ("a", "fd12::1")]
+    ok = [
+        ("a", "93.184.216.34"),
+        ("a", "10.1.2.3"),
+        ("minio.svc.cluster.local", "10.9.9.9"),
+        ("a", "fd12::1"),
+    ]
     for host, ip in ok:
         p.check_ip(host, ipaddress.ip_address(ip))
-    bad = [("a", "10.2.0.1"), ("a", "127.0.0.1"), ("a", "::1"), ("a", "169.254.169.254"), ("a", "fd00:ec2::254"),
-           ("a", "::ffff:127.0.0.1"), ("a", "2002:7f00:1::"), ("a", "192.168.1.1"), ("a", "255.255.255.255"),
-           ("x.svc.cluster.local", "169.254.169.254")]
+    bad = [
+        ("a", "10.2.0.1"),
+        ("a", "127.0.0.1"),
+        ("a", "::1"),
+        ("a", "169.254.169.254"),
+        ("a", "fd00:ec2::254"),
+        ("a", "::ffff:127.0.0.1"),
+        ("a", "2002:7f00:1::"),
+        ("a", "192.168.1.1"),
+        ("a", "255.255.255.255"),
+        ("x.svc.cluster.local", "169.254.169.254"),
+    ]
     for host, ip in bad:
         with pytest.raises(BlockedAddress):
             p.check_ip(host, ipaddress.ip_address(ip))
@@ -422,8 +470,13 @@ def test_run_detect_json_lines(export_dir, loaded_model, tmp_path, image_server)
     url = image_server.add("/u.jpg", blob_image(blobs={GREEN: (5, 5, 50, 50)}, fmt="JPEG"))
     out = io.StringIO()
     cfg = _cfg(export_dir, "serve.min_score=0.5")
-    rc = run_detect(cfg, [str(good), str(bad), url, str(tmp_path / "missing.png")], out=str(tmp_path / "out"),
-                    model=loaded_model, stdout=out)
+    rc = run_detect(
+        cfg,
+        [str(good), str(bad), url, str(tmp_path / "missing.png")],
+        out=str(tmp_path / "out"),
+        model=loaded_model,
+        stdout=out,
+    )
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert rc == 1 and len(lines) == 4
     assert [d["label"] for d in lines[0]["detections"]] == ["Car", "Dog"]
@@ -446,9 +499,21 @@ def test_oiod_serve_cli_subprocess(export_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "OIOD_SERVE_TOKEN": "tok-123", "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "oiod"), "serve", "--model", str(export_dir), "--port", str(port),
-         "--set", "serve.auth_token_env=OIOD_SERVE_TOKEN"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        [
+            str(ROOT / ".venv" / "bin" / "oiod"),
+            "serve",
+            "--model",
+            str(export_dir),
+            "--port",
+            str(port),
+            "--set",
+            "serve.auth_token_env=OIOD_SERVE_TOKEN",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -461,8 +526,12 @@ def test_oiod_serve_cli_subprocess(export_dir, tmp_path):
                 pass
             assert time.monotonic() < deadline, "service never became ready"
             time.sleep(0.3)
-        r = requests.post(base + "/v1/detect", json={"image": _b64(blob_image())},
-                          headers={"Authorization": "Bearer tok-123"}, timeout=30)
+        r = requests.post(
+            base + "/v1/detect",
+            json={"image": _b64(blob_image())},
+            headers={"Authorization": "Bearer tok-123"},
+            timeout=30,
+        )
         assert r.status_code == 200 and r.json()["num_detections"] == 2
         assert requests.post(base + "/v1/detect", json={"image": "x"}, timeout=10).status_code == 401
     finally:
@@ -498,7 +567,9 @@ async def test_serves_real_retinanet_export(aiohttp_client, tmp_path):
     model = ExportedModel.load(str(export))
     try:
         client = await aiohttp_client(create_app(_cfg(export, "serve.min_score=0"), model))
-        resp = await client.post("/v1/detect", json={"image": _b64(blob_image(fmt="JPEG")), "max_detections": 5})
+        resp = await client.post(
+            "/v1/detect", json={"image": _b64(blob_image(fmt="JPEG")), "max_detections": 5}
+        )
         assert resp.status == 200, await resp.text()
         body = await resp.json()
         assert (body["width"], body["height"]) == (320, 240)

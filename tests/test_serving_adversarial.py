@@ -54,8 +54,9 @@ def make_client(aiohttp_client, loaded_model, export_dir):
     async def make(*sets: str, resolver=None, storage=None):
         from openimages_od.serving.app import create_app
 
-        return await aiohttp_client(create_app(_cfg(export_dir, *sets), loaded_model, resolver=resolver,
-                                               storage=storage))
+        return await aiohttp_client(
+            create_app(_cfg(export_dir, *sets), loaded_model, resolver=resolver, storage=storage)
+        )
 
     return make
 
@@ -118,8 +119,10 @@ async def test_80k_spaces_base64_does_not_freeze_the_service(make_client):
     for r in resps:
         err = await _error(r, 400)
         assert err["code"] == "bad_image"
-    print(f"\n80k-space requests x9: {elapsed:.3f} s in all; /healthz max {max(lat) * 1000:.1f} ms, "
-          f"median {statistics.median(lat) * 1000:.1f} ms")
+    print(
+        f"\n80k-space requests x9: {elapsed:.3f} s in all; /healthz max {max(lat) * 1000:.1f} ms, "
+        f"median {statistics.median(lat) * 1000:.1f} ms"
+    )
     assert max(lat) < 1.0
 
 
@@ -131,7 +134,7 @@ def test_decode_base64_is_linear_and_compatible():
     std = base64.b64encode(data).decode()
     assert decode_base64(std) == data
     assert decode_base64(base64.urlsafe_b64encode(data).decode().rstrip("=")) == data
-    assert decode_base64("\n".join(std[i:i + 76] for i in range(0, len(std), 76)) + "\n") == data
+    assert decode_base64("\n".join(std[i : i + 76] for i in range(0, len(std), 76)) + "\n") == data
     for bad in ("!!", "A" + " " * 200_000 + "!", "AAAA====", "A", "é", "AA=A", ""):
         with pytest.raises(ApiError) as ei:
             decode_base64(bad)
@@ -163,8 +166,13 @@ async def test_hostile_json_is_400_not_500(make_client):
             err = await _error(resp, 400)
             assert err["code"] in ("bad_json", "bad_request"), (what, path, err)
     # Numbers that parse but are nonsense.
-    for opts in ({"max_detections": 1e300}, {"max_detections": "9" * 5000}, {"min_score": "1" * 5000},
-                 {"format": ["png"]}, {"draw": {"x": 1}}):
+    for opts in (
+        {"max_detections": 1e300},
+        {"max_detections": "9" * 5000},
+        {"min_score": "1" * 5000},
+        {"format": ["png"]},
+        {"draw": {"x": 1}},
+    ):
         resp = await client.post("/v1/detect", json={"image": _b64(blob_image()), **opts})
         await _error(resp, 400)
 
@@ -175,21 +183,33 @@ async def test_non_utf8_authorization_is_401(make_client, monkeypatch):
     client = await make_client("serve.auth_token_env=OIOD_ADV_TOKEN")
     host, port = client.server.host, client.server.port
     for auth in (b"Bearer \xff\xfe\xfd", b"\xff\xfe \xc3", b"Bearer tok-\xc3\xa4\xc3\xb6\xc3\xbc-12"):
-        raw = await _raw_http(host, port, b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth +
-                              b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close"
-                              b"\r\n\r\n{}")
+        raw = await _raw_http(
+            host,
+            port,
+            b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + auth
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close"
+            b"\r\n\r\n{}",
+        )
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 401"), raw[:200]
         assert json.loads(body)["error"]["code"] == "unauthorized"
     # The right token, sent as UTF-8 bytes, still works.
-    ok = await client.post("/v1/detect", json={"image": _b64(blob_image())},
-                           headers={"Authorization": "Bearer tok-äöü-123"})
+    ok = await client.post(
+        "/v1/detect", json={"image": _b64(blob_image())}, headers={"Authorization": "Bearer tok-äöü-123"}
+    )
     assert ok.status == 200, await ok.text()
 
 
 @pytest.mark.asyncio
 async def test_redirect_to_malformed_url_is_4xx(make_client, image_server):
-    for loc in ("http://[::1", "http://[::1]:99999/x", "http://", "ftp://example.com/x.jpg", "file:///etc/passwd"):
+    for loc in (
+        "http://[::1",
+        "http://[::1]:99999/x",
+        "http://",
+        "ftp://example.com/x.jpg",
+        "file:///etc/passwd",
+    ):
         image_server.script("/r", [Reply(302, headers={"Location": loc})])
         client = await make_client("serve.allow_networks=['127.0.0.1']")
         resp = await client.post("/v1/detect", json={"image": image_server.url("/r")})
@@ -212,10 +232,21 @@ async def test_output_names_are_confined(make_client, tmp_path):
     cases = {
         "taken.png": 409,  # an existing folder
         "file.png/x.png": 409,  # a file where a folder would have to be
-        "config.resolved.yaml": 400, "config.resolved.yaml.png/../x.png": 400, ".hidden.png": 400,
-        "a/.tmp.png": 400, "a//b.png": 400, "../x.png": 400, "x": 400, "x.gif": 400, "a\\b.png": 400,
-        "a b.png": 400, "/abs.png": 400, "s3://bucket/x.png": 400, "/".join("d" * 9) + ".png": 400,
-        "é.png": 400, "x.png\x00.png": 400,
+        "config.resolved.yaml": 400,
+        "config.resolved.yaml.png/../x.png": 400,
+        ".hidden.png": 400,
+        "a/.tmp.png": 400,
+        "a//b.png": 400,
+        "../x.png": 400,
+        "x": 400,
+        "x.gif": 400,
+        "a\\b.png": 400,
+        "a b.png": 400,
+        "/abs.png": 400,
+        "s3://bucket/x.png": 400,
+        "/".join("d" * 9) + ".png": 400,
+        "é.png": 400,
+        "x.png\x00.png": 400,
     }
     for name, status in cases.items():
         resp = await client.post("/v1/detect", json={"image": img, "output": name})
@@ -243,11 +274,13 @@ def test_aiohttp_parse_errors_are_json_without_echo_or_traceback(loaded_model, e
     and log one line, not a traceback."""
     import logging
 
-    bad = [b"GET /\x01<script>alert(1)</script> HTTP/1.1\r\nHost: x\r\n\r\n",
-           b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"<script>" * 2000 + b"\r\n\r\n",
-           b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz<script>\r\n",
-           b"\x16\x03\x01\x02\x00<script>\r\n\r\n",
-           b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(200)) + b"\r\n"]
+    bad = [
+        b"GET /\x01<script>alert(1)</script> HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"<script>" * 2000 + b"\r\n\r\n",
+        b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz<script>\r\n",
+        b"\x16\x03\x01\x02\x00<script>\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+    ]
     caplog.set_level(logging.INFO)
     with ServiceThread(_cfg(export_dir), loaded_model) as svc:
         for data in bad:
@@ -269,8 +302,10 @@ def test_aiohttp_parse_errors_are_json_without_echo_or_traceback(loaded_model, e
 def _dribbler(port: int, body: bool = False) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     if body:
-        s.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100000\r\n\r\n{\"image\": \"")
+        s.sendall(
+            b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100000\r\n\r\n{"image": "'
+        )
     else:
         s.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     return s
@@ -319,19 +354,37 @@ def test_connection_limit_keeps_healthz_reachable(loaded_model, export_dir):
         metrics = requests.get(svc.url("/metrics"), timeout=5).text
         for s in socks:
             s.close()
-    evicted = [ln for ln in metrics.splitlines() if ln.startswith('oiod_connections_closed_total{reason="idle_evicted"}')]
+    evicted = [
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith('oiod_connections_closed_total{reason="idle_evicted"}')
+    ]
     assert evicted and float(evicted[0].split()[-1]) >= 40
     opened = [ln for ln in metrics.splitlines() if ln.startswith("oiod_open_connections ")]
     assert float(opened[0].split()[-1]) <= 20
     print(f"\n60 dribblers, limit 20: /healthz max {max(lat) * 1000:.1f} ms")
 
 
-def _serve_subprocess(export_dir: Path, tmp_path: Path, nofile: int, *sets: str) -> tuple[subprocess.Popen, int]:
+def _serve_subprocess(
+    export_dir: Path, tmp_path: Path, nofile: int, *sets: str
+) -> tuple[subprocess.Popen, int]:
     """``oiod serve`` in a child process whose open-file limit is ``nofile`` (set by the shell)."""
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
-    cmd = ["sh", "-c", f'ulimit -n {int(nofile)} && exec "$@"', "sh",
-           sys.executable, "-m", "openimages_od.cli", "serve", "--model", str(export_dir), "--port", str(port)]
+    cmd = [
+        "sh",
+        "-c",
+        f'ulimit -n {int(nofile)} && exec "$@"',
+        "sh",
+        sys.executable,
+        "-m",
+        "openimages_od.cli",
+        "serve",
+        "--model",
+        str(export_dir),
+        "--port",
+        str(port),
+    ]
     for s in sets:
         cmd += ["--set", s]
     with open(tmp_path / "stderr.log", "wb") as err:  # the child keeps its own copy of the descriptor
@@ -410,8 +463,9 @@ def test_acceptance_healthz_under_slow_clients_and_80k_spaces(export_dir, tmp_pa
     proc, port = _serve_subprocess(export_dir, tmp_path, 256, "serve.access_log=false")
     try:
         _wait_ready(proc, port, tmp_path / "stderr.log")
-        attack = subprocess.Popen([sys.executable, "-c", _ATTACK, str(port), "9", "300"], stdout=subprocess.PIPE,
-                                  text=True)
+        attack = subprocess.Popen(
+            [sys.executable, "-c", _ATTACK, str(port), "9", "300"], stdout=subprocess.PIPE, text=True
+        )
         time.sleep(2.5)  # the dribblers fill the connection table first
         lat = []
         while attack.poll() is None and len(lat) < 15:
@@ -425,9 +479,11 @@ def test_acceptance_healthz_under_slow_clients_and_80k_spaces(export_dir, tmp_pa
         out, _ = attack.communicate(timeout=90)
         stats = json.loads(out.strip().splitlines()[-1])
         assert proc.poll() is None
-        print(f"\nacceptance 2: 300 dribbling clients (256-fd limit, {stats['reconnects']} reconnects) + "
-              f"{stats['spaces']} 80k-space requests {stats['spaces_status']}: /healthz median "
-              f"{statistics.median(lat) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms over {len(lat)} probes")
+        print(
+            f"\nacceptance 2: 300 dribbling clients (256-fd limit, {stats['reconnects']} reconnects) + "
+            f"{stats['spaces']} 80k-space requests {stats['spaces_status']}: /healthz median "
+            f"{statistics.median(lat) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms over {len(lat)} probes"
+        )
         assert len(lat) >= 5
         assert statistics.median(lat) < 1.0 and max(lat) < 3.0, lat
         # Each 80k-space request is refused with a 400, or, while the connection table is full, shed:
@@ -458,8 +514,9 @@ def fake_s3():
 def _fake_storage(fake: FakeS3):
     from openimages_od.storage import Storage
 
-    return Storage(s3=S3Options(endpoint_url=fake.endpoint, region="us-east-1", addressing_style="path",
-                                unsigned=True))
+    return Storage(
+        s3=S3Options(endpoint_url=fake.endpoint, region="us-east-1", addressing_style="path", unsigned=True)
+    )
 
 
 @pytest.mark.asyncio
@@ -467,8 +524,12 @@ async def test_stalling_s3_endpoint_does_not_starve_uploads(make_client, fake_s3
     """Item 4: requests naming objects on a stalling S3 endpoint get 504 at the fetch deadline and
     the endpoint sees the connection closed then (the work stops, not only the wait), while a plain
     upload sent meanwhile is answered at once."""
-    client = await make_client("serve.allowed_image_prefixes=['s3://imgs/']", "serve.fetch_timeout_s=1.5",
-                               "serve.fetch_workers=2", storage=_fake_storage(fake_s3))
+    client = await make_client(
+        "serve.allowed_image_prefixes=['s3://imgs/']",
+        "serve.fetch_timeout_s=1.5",
+        "serve.fetch_workers=2",
+        storage=_fake_storage(fake_s3),
+    )
     img = _b64(blob_image())
 
     async def upload() -> float:
@@ -480,14 +541,17 @@ async def test_stalling_s3_endpoint_does_not_starve_uploads(make_client, fake_s3
 
     t0 = time.perf_counter()
     *stalled, upload_s = await asyncio.gather(
-        *(client.post("/v1/detect", json={"image": f"s3://imgs/stall/{i}.png"}) for i in range(12)), upload())
+        *(client.post("/v1/detect", json={"image": f"s3://imgs/stall/{i}.png"}) for i in range(12)), upload()
+    )
     for r in stalled:
         err = await _error(r, 504)
         assert err["code"] == "fetch_timeout"
     elapsed = time.perf_counter() - t0
     await asyncio.sleep(0.5)
-    print(f"\nstalling S3 x12: upload answered in {upload_s * 1000:.0f} ms; stalled requests 504 after "
-          f"{elapsed:.2f} s; endpoint saw them hang up after {max(fake_s3.stall_ended):.2f} s")
+    print(
+        f"\nstalling S3 x12: upload answered in {upload_s * 1000:.0f} ms; stalled requests 504 after "
+        f"{elapsed:.2f} s; endpoint saw them hang up after {max(fake_s3.stall_ended):.2f} s"
+    )
     assert upload_s < 1.0
     # Every GET that reached the endpoint was hung up by the deadline (the rest never connected).
     assert fake_s3.methods["GET"] == len(fake_s3.stall_ended) >= 1
@@ -502,8 +566,12 @@ async def test_stalling_output_store_gives_504_and_frees_its_thread(make_client,
     ``output`` are not slowed down meanwhile."""
     from openimages_od.serving.state import STATE
 
-    client = await make_client("serve.output_dir=s3://imgs/stall", "serve.work_timeout_s=2",
-                               "serve.output_workers=1", storage=_fake_storage(fake_s3))
+    client = await make_client(
+        "serve.output_dir=s3://imgs/stall",
+        "serve.work_timeout_s=2",
+        "serve.output_workers=1",
+        storage=_fake_storage(fake_s3),
+    )
     img = _b64(blob_image())
 
     async def plain() -> float:
@@ -515,7 +583,9 @@ async def test_stalling_output_store_gives_504_and_frees_its_thread(make_client,
 
     a, b, plain_s = await asyncio.gather(
         client.post("/v1/detect", json={"image": img, "output": "a.png"}),
-        client.post("/v1/detect", json={"image": img, "output": "b.png"}), plain())
+        client.post("/v1/detect", json={"image": img, "output": "b.png"}),
+        plain(),
+    )
     stalled, busy = sorted((a, b), key=lambda r: -r.status)
     assert (await _error(stalled, 504))["code"] == "output_timeout"
     assert (await _error(busy, 503))["code"] == "busy"  # the single output thread was taken
@@ -523,8 +593,10 @@ async def test_stalling_output_store_gives_504_and_frees_its_thread(make_client,
     t0 = time.monotonic()
     while pool.running and time.monotonic() - t0 < 10:
         await asyncio.sleep(0.1)
-    print(f"\nstalling output store: 504 at the 2 s deadline, the write thread freed {time.monotonic() - t0:.2f} s "
-          f"later; a plain request meanwhile took {plain_s * 1000:.0f} ms")
+    print(
+        f"\nstalling output store: 504 at the 2 s deadline, the write thread freed {time.monotonic() - t0:.2f} s "
+        f"later; a plain request meanwhile took {plain_s * 1000:.0f} ms"
+    )
     assert pool.running == 0 and time.monotonic() - t0 < 4
     assert plain_s < 1.0
     assert fake_s3.put_stall_ended and max(fake_s3.put_stall_ended) < 2.5
@@ -546,16 +618,27 @@ async def test_s3_sources_off_by_default_and_confined(make_client, fake_s3):
         assert err["code"] == "s3_not_allowed"
     assert sum(fake_s3.methods.values()) == 0
 
-    client = await make_client("serve.allowed_image_prefixes=['s3://imgs/ok']", "serve.max_body_mb=2",
-                               storage=storage)
+    client = await make_client(
+        "serve.allowed_image_prefixes=['s3://imgs/ok']", "serve.max_body_mb=2", storage=storage
+    )
     resp = await client.post("/v1/detect", json={"image": "s3://imgs/ok/a.png", "draw": True})
     assert resp.status == 200 and (await resp.json())["num_detections"] == 2
     before = sum(fake_s3.methods.values())
-    for url in ("s3://imgs/secret/a.png", "s3://imgs/ok-private/a.png", "s3://imgs/okx.png", "s3://other/ok/a.png"):
+    for url in (
+        "s3://imgs/secret/a.png",
+        "s3://imgs/ok-private/a.png",
+        "s3://imgs/okx.png",
+        "s3://other/ok/a.png",
+    ):
         err = await _error(await client.post("/v1/detect", json={"image": url}), 403)
         assert err["code"] == "s3_not_allowed"
-    for url in ("s3://imgs/ok/../secret/a.png", "s3://imgs/ok/./a.png", "s3://imgs/ok//a.png",
-                "s3://imgs/ok/a.png\r\nX: y", "s3://imgs/ok/" + "k" * 2000):
+    for url in (
+        "s3://imgs/ok/../secret/a.png",
+        "s3://imgs/ok/./a.png",
+        "s3://imgs/ok//a.png",
+        "s3://imgs/ok/a.png\r\nX: y",
+        "s3://imgs/ok/" + "k" * 2000,
+    ):
         err = await _error(await client.post("/v1/detect", json={"image": url}), 400)
         assert err["code"] == "bad_url"
     assert sum(fake_s3.methods.values()) == before, "a refused URL reached the endpoint"
@@ -580,7 +663,9 @@ async def test_s3_source_on_seaweedfs(make_client, seaweedfs, s3_bucket, s3_opti
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["num_detections"] == 2
     await _error(await client.post("/v1/detect", json={"image": f"s3://{s3_bucket}/private/a.png"}), 403)
-    missing = await _error(await client.post("/v1/detect", json={"image": f"s3://{s3_bucket}/pub/nope.png"}), 422)
+    missing = await _error(
+        await client.post("/v1/detect", json={"image": f"s3://{s3_bucket}/pub/nope.png"}), 422
+    )
     assert "nope" not in missing["message"]
 
 
@@ -666,9 +751,14 @@ def test_fuzz_request_primitives():
             assert decode_base64(enc) == data
 
     json_values = st.recursive(
-        st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats(allow_nan=False, allow_infinity=False)
-        | st.text(max_size=20), lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=5), ch, max_size=4),
-        max_leaves=30)
+        st.none()
+        | st.booleans()
+        | st.integers(-(10**30), 10**30)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=20),
+        lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=5), ch, max_size=4),
+        max_leaves=30,
+    )
 
     @settings(max_examples=200, deadline=None)
     @given(json_values)
@@ -676,8 +766,12 @@ def test_fuzz_request_primitives():
         assert loads_json(json.dumps(v).encode()) == v
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.one_of(st.binary(max_size=400), st.text(alphabet='[]{}":,0123456789.eE-+ atrufnlsNI\\', max_size=400)
-                     .map(str.encode)))
+    @given(
+        st.one_of(
+            st.binary(max_size=400),
+            st.text(alphabet='[]{}":,0123456789.eE-+ atrufnlsNI\\', max_size=400).map(str.encode),
+        )
+    )
     def json_any(b: bytes) -> None:
         try:
             loads_json(b)
@@ -700,38 +794,86 @@ def test_fuzz_detect_requests_over_http(loaded_model, export_dir):
     from openimages_od.serving.safe_fetch import StaticResolver
 
     good = _b64(blob_image(size=(64, 48), blobs={}))
-    image_strings = st.one_of(st.just(good), st.just("data:image/png;base64," + good), st.text(max_size=200),
-                              st.sampled_from(["http://[::1", "s3://b/k", "ftp://x/y", "http://10.0.0.1/x.jpg",
-                                               "data:text/plain;base64,aGk=", "data:,x", " " * 300 + "!"]))
-    options = st.fixed_dictionaries({}, optional={
-        "min_score": st.one_of(st.floats(), st.integers(), st.text(max_size=10), st.none()),
-        "max_detections": st.one_of(st.integers(-5, 10**6), st.floats(), st.text(max_size=10)),
-        "draw": st.one_of(st.booleans(), st.text(max_size=5), st.integers()),
-        "format": st.one_of(st.sampled_from(["png", "jpeg", "gif"]), st.integers()),
-        "output": st.text(max_size=30),
-        "junk": st.integers()})
-    bodies = st.one_of(
-        st.builds(lambda img, o: ("application/json", json.dumps({"image": img, **o}).encode()), image_strings, options),
-        st.builds(lambda b: ("application/json", b), st.binary(max_size=300)),
-        st.builds(lambda b, ct: (ct, b), st.binary(max_size=300),
-                  st.sampled_from(["image/png", "multipart/form-data; boundary=x", "text/plain", "",
-                                   "application/json; charset=latin-1", "multipart/form-data"])),
+    image_strings = st.one_of(
+        st.just(good),
+        st.just("data:image/png;base64," + good),
+        st.text(max_size=200),
+        st.sampled_from(
+            [
+                "http://[::1",
+                "s3://b/k",
+                "ftp://x/y",
+                "http://10.0.0.1/x.jpg",
+                "data:text/plain;base64,aGk=",
+                "data:,x",
+                " " * 300 + "!",
+            ]
+        ),
     )
-    paths = st.sampled_from(["/v1/detect", "/v1/detect?draw=1&format=png", "/v1/detect?max_detections=1e999",
-                             "/v1/models/oiod:predict", "/v1/models/x:predict"])
+    options = st.fixed_dictionaries(
+        {},
+        optional={
+            "min_score": st.one_of(st.floats(), st.integers(), st.text(max_size=10), st.none()),
+            "max_detections": st.one_of(st.integers(-5, 10**6), st.floats(), st.text(max_size=10)),
+            "draw": st.one_of(st.booleans(), st.text(max_size=5), st.integers()),
+            "format": st.one_of(st.sampled_from(["png", "jpeg", "gif"]), st.integers()),
+            "output": st.text(max_size=30),
+            "junk": st.integers(),
+        },
+    )
+    bodies = st.one_of(
+        st.builds(
+            lambda img, o: ("application/json", json.dumps({"image": img, **o}).encode()),
+            image_strings,
+            options,
+        ),
+        st.builds(lambda b: ("application/json", b), st.binary(max_size=300)),
+        st.builds(
+            lambda b, ct: (ct, b),
+            st.binary(max_size=300),
+            st.sampled_from(
+                [
+                    "image/png",
+                    "multipart/form-data; boundary=x",
+                    "text/plain",
+                    "",
+                    "application/json; charset=latin-1",
+                    "multipart/form-data",
+                ]
+            ),
+        ),
+    )
+    paths = st.sampled_from(
+        [
+            "/v1/detect",
+            "/v1/detect?draw=1&format=png",
+            "/v1/detect?max_detections=1e999",
+            "/v1/models/oiod:predict",
+            "/v1/models/x:predict",
+        ]
+    )
 
     cfg = _cfg(export_dir, "serve.max_body_mb=1", "serve.fetch_timeout_s=2")
     with ServiceThread(cfg, loaded_model, resolver=StaticResolver({})) as svc:
         session = requests.Session()
 
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(bodies, paths, st.dictionaries(st.sampled_from(["Authorization", "X-Request-ID", "Accept"]),
-                                              st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
-                                                      max_size=80).map(str.strip),  # requests refuses edge spaces
-                                              max_size=3))
+        @given(
+            bodies,
+            paths,
+            st.dictionaries(
+                st.sampled_from(["Authorization", "X-Request-ID", "Accept"]),
+                st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80).map(
+                    str.strip
+                ),  # requests refuses edge spaces
+                max_size=3,
+            ),
+        )
         def one(body: tuple[str, bytes], path: str, headers: dict[str, str]) -> None:
             ctype, data = body
-            resp = session.post(svc.url(path), data=data, headers={**headers, "Content-Type": ctype}, timeout=30)
+            resp = session.post(
+                svc.url(path), data=data, headers={**headers, "Content-Type": ctype}, timeout=30
+            )
             assert resp.status_code < 500, (path, ctype, data[:100], resp.status_code, resp.text[:300])
             if resp.status_code >= 400:
                 assert set(resp.json()["error"]) == {"code", "message"}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import requests
+from serving_helpers import ServiceThread, make_export
 
 from openimages_od.config import load_config
 from openimages_od.serving.openapi import openapi_document
 from openimages_od.serving.safe_fetch import StaticResolver
-from serving_helpers import ServiceThread, make_export
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -37,7 +37,9 @@ def test_served_document_is_the_tested_one(service):
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_never_5xx(case, service):
     resp = case.call(base_url=service.url("/").rstrip("/"), timeout=30)
-    assert resp.status_code < 500, f"{case.method} {case.formatted_path} -> {resp.status_code}: {resp.text[:300]}"
+    assert resp.status_code < 500, (
+        f"{case.method} {case.formatted_path} -> {resp.status_code}: {resp.text[:300]}"
+    )
     if resp.status_code >= 400:
         body = resp.json()
         assert set(body["error"]) == {"code", "message"}

@@ -13,7 +13,7 @@ from openimages_od.openimages.ids import source_id, source_ids
 from openimages_od.openimages.plan import build_plan
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_plan import CAR, make_cfg, make_content, read_plan, write_release  # noqa: E402
+from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
 
 def test_source_id_is_a_positive_int64_hash_of_the_image_id():
@@ -37,9 +37,15 @@ def test_same_image_same_source_id_under_two_selections(tmp_path):
     """Acceptance 3: two plans with different classes and caps number shared images alike."""
     src = write_release(tmp_path / "v6", make_content(), "v6")
     build_plan(make_cfg(src, str(tmp_path / "a")))
-    build_plan(make_cfg(src, str(tmp_path / "b"), classes=[CAR], include_subclasses=False, max_images=7, seed=3))
-    a = {r["image_id"]: r["source_id"] for t in read_plan(str(tmp_path / "a")).values() for r in t.to_pylist()}
-    b = {r["image_id"]: r["source_id"] for t in read_plan(str(tmp_path / "b")).values() for r in t.to_pylist()}
+    build_plan(
+        make_cfg(src, str(tmp_path / "b"), classes=[CAR], include_subclasses=False, max_images=7, seed=3)
+    )
+    a = {
+        r["image_id"]: r["source_id"] for t in read_plan(str(tmp_path / "a")).values() for r in t.to_pylist()
+    }
+    b = {
+        r["image_id"]: r["source_id"] for t in read_plan(str(tmp_path / "b")).values() for r in t.to_pylist()
+    }
     common = set(a) & set(b)
     assert len(common) >= 5 and len(b) < len(a)
     assert all(a[i] == b[i] == source_id(i) for i in common)

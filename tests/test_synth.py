@@ -50,6 +50,9 @@ def test_rotation_undoes_storage_and_boxes_hit_shapes(tmp_path):
             cx = (b["XMin"] * 0.4 + b["XMax"] * 0.6) * img.width  # off the window's centre bar
             cy = (b["YMin"] * 0.3 + b["YMax"] * 0.7) * img.height  # inside circle, triangle and rect
             px = img.getpixel((int(cx), int(cy)))
-            assert sum(abs(p - q) for p, q in zip(px, colors[b["LabelName"]])) < 110, (im.image_id, im.rotation)
+            assert sum(abs(p - q) for p, q in zip(px, colors[b["LabelName"]])) < 110, (
+                im.image_id,
+                im.rotation,
+            )
             checked += 1
     assert checked > 60

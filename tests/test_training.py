@@ -21,7 +21,7 @@ from openimages_od.config import load_config
 from openimages_od.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from training_helpers import build_output, tiny_overrides  # noqa: E402
+from training_helpers import build_output, tiny_overrides
 
 pytestmark = [pytest.mark.tf, pytest.mark.integration]
 
@@ -61,7 +61,7 @@ def _event_steps(event_dir: Path, tag_prefix: str = "") -> list[int]:
 
 
 def test_train_writes_checkpoints_summaries_and_params(trained):
-    out, cfg = trained
+    out, _cfg = trained
     model = out / "model"
     assert (model / f"ckpt-{STEPS}.index").is_file()
     assert 'model_checkpoint_path: "ckpt-4"' in (model / "checkpoint").read_text()
@@ -72,8 +72,10 @@ def test_train_writes_checkpoints_summaries_and_params(trained):
     assert resolved.train.input_size == 128 and resolved.train.steps == STEPS
     assert _event_steps(model / "train", "total_loss") == [2, 4]
     # What the model saw is on record: the output's dataset lockfile, copied into model_dir.
-    assert json.loads((model / "dataset.json").read_text())["digest"] == json.loads(
-        (out / "dataset.json").read_text())["digest"]
+    assert (
+        json.loads((model / "dataset.json").read_text())["digest"]
+        == json.loads((out / "dataset.json").read_text())["digest"]
+    )
 
 
 def test_restart_resumes_from_latest_checkpoint_on_s3(trained, tmp_path, seaweedfs, s3_bucket, s3_options):
@@ -88,8 +90,11 @@ def test_restart_resumes_from_latest_checkpoint_on_s3(trained, tmp_path, seaweed
         if p.is_file():
             st.upload_file(p, f"{remote}/{p.relative_to(out / 'model').as_posix()}")
     overrides = tiny_overrides(f"file://{out}", model_dir=remote, steps=STEPS + 2) + [
-        f"output.s3.endpoint_url={s3_options.endpoint_url}", "output.s3.region=us-east-1",
-        "output.s3.addressing_style=path", f"train.cache_dir={tmp_path / 'cache'}"]
+        f"output.s3.endpoint_url={s3_options.endpoint_url}",
+        "output.s3.region=us-east-1",
+        "output.s3.addressing_style=path",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    ]
     cfg = load_config(None, overrides)
     assert run_train(cfg) == 0
     names = {o.url.rsplit("/", 1)[-1] for o in st.list(remote + "/")}
@@ -107,8 +112,14 @@ def test_restart_resumes_from_latest_checkpoint_on_s3(trained, tmp_path, seaweed
 def _event_steps_file(path: Path) -> list[int]:
     import tensorflow as tf
 
-    return sorted({int(e.step) for e in tf.compat.v1.train.summary_iterator(str(path))
-                   for v in e.summary.value if v.tag == "total_loss"})
+    return sorted(
+        {
+            int(e.step)
+            for e in tf.compat.v1.train.summary_iterator(str(path))
+            for v in e.summary.value
+            if v.tag == "total_loss"
+        }
+    )
 
 
 def test_evaluate_writes_metrics_and_summaries(trained):
@@ -145,7 +156,10 @@ def test_export_serves_both_signatures(trained):
     info = json.loads((exp / "model.json").read_text())
     assert [c["name"] for c in info["classes"]] == ["Ball", "Traffic sign", "Window"]
     assert info["step"] == STEPS and info["input_size"] == 128 and info["backbone"] == "mobilenetv2"
-    assert len(info["config_digest"]) == 64 and set(info["signatures"]) == {"serving_default", "serving_images"}
+    assert len(info["config_digest"]) == 64 and set(info["signatures"]) == {
+        "serving_default",
+        "serving_images",
+    }
     assert "Traffic sign" in (exp / "label_map.pbtxt").read_text()
     assert info["dataset"]["digest"] == json.loads((out / "model" / "dataset.json").read_text())["digest"]
     assert (exp / "config.resolved.yaml").is_file()
@@ -177,10 +191,10 @@ def test_export_serves_both_signatures(trained):
 def test_model_dir_of_another_label_map_is_refused_unless_fine_tuning(trained, tmp_path):
     """Ids are stable across re-plans, but a model trained on one label map must not silently resume on
     another; with train.fine_tune its checkpoints are set aside and initialize the new model."""
+    from training_helpers import label_map, write_lockfile
+
     from openimages_od.openimages.labelmap import LabelClass, LabelMap
     from openimages_od.training.train import run_train
-
-    from training_helpers import label_map, write_lockfile
 
     out, _ = trained
     out2 = tmp_path / "out"
@@ -189,23 +203,26 @@ def test_model_dir_of_another_label_map_is_refused_unless_fine_tuning(trained, t
     (out2 / "label_map.pbtxt").write_text(lm.to_pbtxt())
     write_lockfile(out2, lm)
     cfg = load_config(None, tiny_overrides(f"file://{out2}", steps=2))
-    with pytest.raises(DataError, match="trained on another label map .* train.fine_tune=true"):
+    with pytest.raises(DataError, match=r"trained on another label map .* train\.fine_tune=true"):
         run_train(cfg)
     cfg = load_config(None, tiny_overrides(f"file://{out2}", steps=2) + ["train.fine_tune=true"])
     assert run_train(cfg) == 0
     moved = out2 / "model" / "previous" / label_map().digest[:12]
     assert (moved / f"ckpt-{STEPS}.index").is_file() and (moved / "label_map.pbtxt").read_text() == (
-        label_map().to_pbtxt())
-    assert (out2 / "model" / "ckpt-2.index").is_file() and not (out2 / "model" / f"ckpt-{STEPS}.index").exists()
+        label_map().to_pbtxt()
+    )
+    assert (out2 / "model" / "ckpt-2.index").is_file() and not (
+        out2 / "model" / f"ckpt-{STEPS}.index"
+    ).exists()
     assert (out2 / "model" / "label_map.pbtxt").read_text() == lm.to_pbtxt()
     params = (out2 / "model" / "params.yaml").read_text()
     assert "num_classes: 5" in params and "init_checkpoint_modules: backbone" in params
 
 
 def test_no_committed_shards_is_a_data_error(tmp_path):
-    from openimages_od.training.train import run_train
-
     from training_helpers import label_map
+
+    from openimages_od.training.train import run_train
 
     out = tmp_path / "out"
     (out / "tfrecords" / "train").mkdir(parents=True)
@@ -228,9 +245,13 @@ def test_evaluate_continuous_picks_up_new_checkpoint_and_stops_on_sigterm(traine
     model2.mkdir()
     args = [sys.executable, "-m", "openimages_od", "evaluate", "--continuous"]
     for o in tiny_overrides(f"file://{out2}", model_dir=str(model2), steps=1000) + [
-            "evaluate.poll_interval_s=0.5", "evaluate.timeout_s=300"]:
+        "evaluate.poll_interval_s=0.5",
+        "evaluate.timeout_s=300",
+    ]:
         args += ["--set", o]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         time.sleep(3)  # started, watching an empty model_dir
         assert proc.poll() is None
@@ -241,7 +262,9 @@ def test_evaluate_continuous_picks_up_new_checkpoint_and_stops_on_sigterm(traine
         deadline = time.monotonic() + 120
         while not metrics.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert metrics.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "timeout"
+        assert metrics.exists(), (
+            proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "timeout"
+        )
         assert proc.poll() is None  # still watching for the next checkpoint
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
@@ -267,14 +290,21 @@ def test_multi_worker_training_on_loopback(trained, tmp_path):
     procs = []
     for i in range(2):
         env = _env()
-        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        )
         args = [sys.executable, "-m", "openimages_od", "train"]
         for o in tiny_overrides(f"file://{out}", model_dir=str(model), steps=2) + [
-                "train.distribution=multi_worker", f"train.cache_dir={tmp_path / f'cache{i}'}",
-                "train.repeat_factor_threshold=0.5"]:  # class-aware sampling on every worker
+            "train.distribution=multi_worker",
+            f"train.cache_dir={tmp_path / f'cache{i}'}",
+            "train.repeat_factor_threshold=0.5",
+        ]:  # class-aware sampling on every worker
             args += ["--set", o]
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -353,7 +383,9 @@ def test_predict_images_with_an_export_on_ray_matches_local(trained, tmp_path, r
     if not (out / "export" / "saved_model").is_dir():
         assert run_export(cfg) == 0
     jpgs = sorted(str(p) for p in (out.parent / "out-synth" / "bucket" / "validation").glob("*.jpg"))[:5]
-    cfg1 = load_config(None, tiny_overrides(f"file://{out}") + ["ray.num_actors=1", "ray.num_cpus_per_actor=0.5"])
+    cfg1 = load_config(
+        None, tiny_overrides(f"file://{out}") + ["ray.num_actors=1", "ray.num_cpus_per_actor=0.5"]
+    )
     assert run_predict(cfg1, model=str(out / "export"), images=jpgs, out=str(tmp_path / "ray"), ray=True) == 0
     assert run_predict(cfg1, model=str(out / "export"), images=jpgs, out=str(tmp_path / "local")) == 0
     for name in ("predictions.csv", "predictions.coco.json"):

@@ -12,21 +12,36 @@ from openimages_od.training.distribution import is_chief, tf_config_from_env
 
 
 def test_tf_config_env_wins():
-    conf = tf_config_from_env({"TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}',
-                               "OIOD_NUM_WORKERS": "4"})
+    conf = tf_config_from_env(
+        {
+            "TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}',
+            "OIOD_NUM_WORKERS": "4",
+        }
+    )
     assert conf["task"]["index"] == 1 and not is_chief(conf)
     with pytest.raises(ConfigError, match="TF_CONFIG is not valid JSON"):
         tf_config_from_env({"TF_CONFIG": "{nope"})
 
 
 def test_tf_config_from_indexed_job():
-    env = {"JOB_COMPLETION_INDEX": "2", "OIOD_NUM_WORKERS": "3", "OIOD_WORKER_SERVICE": "oiod-train-workers",
-           "OIOD_WORKER_PORT": "2222", "HOSTNAME": "oiod-train-2-x7k2p"}
+    env = {
+        "JOB_COMPLETION_INDEX": "2",
+        "OIOD_NUM_WORKERS": "3",
+        "OIOD_WORKER_SERVICE": "oiod-train-workers",
+        "OIOD_WORKER_PORT": "2222",
+        "HOSTNAME": "oiod-train-2-x7k2p",
+    }
     conf = tf_config_from_env(env)
-    assert conf == {"cluster": {"worker": ["oiod-train-0.oiod-train-workers:2222",
-                                           "oiod-train-1.oiod-train-workers:2222",
-                                           "oiod-train-2.oiod-train-workers:2222"]},
-                    "task": {"type": "worker", "index": 2}}
+    assert conf == {
+        "cluster": {
+            "worker": [
+                "oiod-train-0.oiod-train-workers:2222",
+                "oiod-train-1.oiod-train-workers:2222",
+                "oiod-train-2.oiod-train-workers:2222",
+            ]
+        },
+        "task": {"type": "worker", "index": 2},
+    }
     assert not is_chief(conf)
     conf = tf_config_from_env({**env, "OIOD_JOB_NAME": "job", "JOB_COMPLETION_INDEX": "0"})
     assert conf["cluster"]["worker"][1] == "job-1.oiod-train-workers:2222" and is_chief(conf)
@@ -41,8 +56,14 @@ def test_single_node_and_bad_job_env():
     with pytest.raises(ConfigError, match="outside"):
         tf_config_from_env({"OIOD_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "2", "OIOD_WORKER_SERVICE": "s"})
     with pytest.raises(ConfigError, match="OIOD_JOB_NAME"):
-        tf_config_from_env({"OIOD_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "1", "OIOD_WORKER_SERVICE": "s",
-                            "HOSTNAME": "weird"})
+        tf_config_from_env(
+            {
+                "OIOD_NUM_WORKERS": "2",
+                "JOB_COMPLETION_INDEX": "1",
+                "OIOD_WORKER_SERVICE": "s",
+                "HOSTNAME": "weird",
+            }
+        )
     assert is_chief({"cluster": {"chief": ["c:1"], "worker": ["w:1"]}, "task": {"type": "chief", "index": 0}})
 
 
@@ -65,9 +86,14 @@ def test_dir_sync_round_trip_on_s3(tmp_path, seaweedfs, s3_bucket, s3_options):
     sync = DirSync(st, work, remote, exclude=["eval"])
     assert sync.push() == 4
     assert sync.push() == 0  # nothing changed
-    names = sorted(o.url[len(remote) + 1:] for o in st.list(remote + "/"))
-    assert names == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index", "eval/other-writer",
-                     "train/events.out.tfevents.1"]
+    names = sorted(o.url[len(remote) + 1 :] for o in st.list(remote + "/"))
+    assert names == [
+        "checkpoint",
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+        "eval/other-writer",
+        "train/events.out.tfevents.1",
+    ]
     # A new checkpoint replaces the old one (max_to_keep): same-size index rewritten, old files deleted.
     time.sleep(0.01)
     (work / "ckpt-2.index").write_bytes(b"i2")
@@ -78,13 +104,17 @@ def test_dir_sync_round_trip_on_s3(tmp_path, seaweedfs, s3_bucket, s3_options):
     (work / "ckpt-1.data-00000-of-00001").unlink()
     sync.push()
     assert st.read_text(f"{remote}/checkpoint") == 'model_checkpoint_path: "ckpt-2"\n'
-    names = {o.url[len(remote) + 1:] for o in st.list(remote + "/")}
+    names = {o.url[len(remote) + 1 :] for o in st.list(remote + "/")}
     assert "ckpt-1.index" not in names and "ckpt-2.index" in names and "eval/other-writer" in names
     # A restarted job on a fresh node pulls everything except eval/.
     fresh = tmp_path / "fresh"
     DirSync(st, fresh, remote, exclude=["eval"]).pull()
     assert sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file()) == [
-        "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index", "train/events.out.tfevents.1"]
+        "checkpoint",
+        "ckpt-2.data-00000-of-00001",
+        "ckpt-2.index",
+        "train/events.out.tfevents.1",
+    ]
 
 
 @pytest.mark.integration
@@ -95,8 +125,15 @@ def test_checkpoints_resolve_on_s3(tmp_path, seaweedfs, s3_bucket, s3_options):
 
     st = Storage(s3=s3_options)
     remote = f"s3://{s3_bucket}/m"
-    cfg = load_config(None, [f"train.model_dir={remote}", f"output.s3.endpoint_url={s3_options.endpoint_url}",
-                             "output.s3.addressing_style=path", "output.s3.region=us-east-1"])
+    cfg = load_config(
+        None,
+        [
+            f"train.model_dir={remote}",
+            f"output.s3.endpoint_url={s3_options.endpoint_url}",
+            "output.s3.addressing_style=path",
+            "output.s3.region=us-east-1",
+        ],
+    )
     with pytest.raises(DataError, match="no checkpoint in"):
         resolve_checkpoint(cfg, st, cache_dir=tmp_path)
     st.write_bytes(f"{remote}/ckpt-7.index", b"idx")
@@ -118,24 +155,33 @@ def test_committed_shards_only(tmp_path):
     import hashlib
     import json
 
+    from training_helpers import label_map, write_lockfile
+
     from openimages_od.config import load_config
     from openimages_od.storage import Storage
     from openimages_od.training.inputs import committed_shards
-
-    from training_helpers import label_map, write_lockfile
 
     out = tmp_path / "out"
     d = out / "tfrecords" / "train"
     d.mkdir(parents=True)
     for i in range(3):
         (d / f"train-{i:05d}-of-00003.tfrecord").write_bytes(b"x")
-    (d / "train-00001-of-00003.stats.json").write_text(json.dumps(
-        {"images": 1, "records": 1, "tfrecord_bytes": 1, "tfrecord_sha256": hashlib.sha256(b"x").hexdigest()}))
+    (d / "train-00001-of-00003.stats.json").write_text(
+        json.dumps(
+            {
+                "images": 1,
+                "records": 1,
+                "tfrecord_bytes": 1,
+                "tfrecord_sha256": hashlib.sha256(b"x").hexdigest(),
+            }
+        )
+    )
     (out / "label_map.pbtxt").write_text(label_map().to_pbtxt())
     write_lockfile(out, label_map())
     (d / "train-00002-of-00003.stats.json").write_text('{"images": 1}')  # committed after the lockfile
     cfg = load_config(None, [f"output.url=file://{out}"])
     assert [u.rsplit("/", 1)[-1] for u in committed_shards(cfg, "train", Storage())] == [
-        "train-00001-of-00003.tfrecord"]
+        "train-00001-of-00003.tfrecord"
+    ]
     with pytest.raises(DataError, match="'validation'"):
         committed_shards(cfg, "validation", Storage())

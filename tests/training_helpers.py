@@ -13,7 +13,6 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.synth import DEMO_CLASSES, SynthImage, bundled_metadata, generate_dataset
@@ -26,17 +25,17 @@ def label_map() -> LabelMap:
     return LabelMap.from_mids(MIDS, NAMES)
 
 
-def make_example(im: SynthImage, source_id: int, lm: LabelMap):  # noqa: ANN201
+def make_example(im: SynthImage, source_id: int, lm: LabelMap):
     """One tf.Example with the shard contract's keys."""
     import tensorflow as tf
 
-    def b(v: list[bytes]):  # noqa: ANN202
+    def b(v: list[bytes]):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=v))
 
-    def f(v: list[float]):  # noqa: ANN202
+    def f(v: list[float]):
         return tf.train.Feature(float_list=tf.train.FloatList(value=v))
 
-    def i(v: list[int]):  # noqa: ANN202
+    def i(v: list[int]):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
 
     boxes = [bx for bx in im.boxes if bx["LabelName"] in lm.by_mid]
@@ -68,8 +67,9 @@ def make_example(im: SynthImage, source_id: int, lm: LabelMap):  # noqa: ANN201
     return tf.train.Example(features=tf.train.Features(feature=feats))
 
 
-def write_split(out: Path, split: str, images: list[SynthImage], lm: LabelMap, num_shards: int,
-                commit: bool = True) -> list[Path]:
+def write_split(
+    out: Path, split: str, images: list[SynthImage], lm: LabelMap, num_shards: int, commit: bool = True
+) -> list[Path]:
     """Write ``num_shards`` shards for ``split`` under ``out/tfrecords/{split}/`` (committed by default)."""
     import tensorflow as tf
 
@@ -85,9 +85,17 @@ def write_split(out: Path, split: str, images: list[SynthImage], lm: LabelMap, n
                 w.write(make_example(im, ordered.index(im) + 1, lm).SerializeToString())
         if commit:
             data = Path(str(stem) + ".tfrecord").read_bytes()
-            (Path(str(stem) + ".stats.json")).write_text(json.dumps({
-                "images": len(part), "ok": len(part), "records": len(part), "tfrecord_bytes": len(data),
-                "tfrecord_sha256": hashlib.sha256(data).hexdigest()}))
+            (Path(str(stem) + ".stats.json")).write_text(
+                json.dumps(
+                    {
+                        "images": len(part),
+                        "ok": len(part),
+                        "records": len(part),
+                        "tfrecord_bytes": len(data),
+                        "tfrecord_sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
+            )
         paths.append(Path(str(stem) + ".tfrecord"))
     return paths
 
@@ -102,27 +110,60 @@ def write_lockfile(out: Path, lm: LabelMap) -> dict:
         for stats_path in sorted(d.glob("*.stats.json")):
             st = json.loads(stats_path.read_text())
             name = stats_path.name.removesuffix(".stats.json")
-            shards.append({"name": name, "tfrecord": f"tfrecords/{d.name}/{name}.tfrecord", "records": st["records"],
-                           "bytes": st["tfrecord_bytes"], "sha256": st["tfrecord_sha256"]})
+            shards.append(
+                {
+                    "name": name,
+                    "tfrecord": f"tfrecords/{d.name}/{name}.tfrecord",
+                    "records": st["records"],
+                    "bytes": st["tfrecord_bytes"],
+                    "sha256": st["tfrecord_sha256"],
+                }
+            )
         if shards:
-            splits[d.name] = {"num_shards": len(shards), "records": sum(s["records"] for s in shards),
-                              "shards": shards}
-    doc = {"format": 1, "plan_digest": None, "label_map_digest": lm.digest, "num_classes": len(lm),
-           "image_settings": {}, "splits": splits}
-    doc["digest"] = combine("dataset", None, lm.digest, [[k, s["sha256"]] for k, v in splits.items()
-                                                         for s in v["shards"]])
+            splits[d.name] = {
+                "num_shards": len(shards),
+                "records": sum(s["records"] for s in shards),
+                "shards": shards,
+            }
+    doc = {
+        "format": 1,
+        "plan_digest": None,
+        "label_map_digest": lm.digest,
+        "num_classes": len(lm),
+        "image_settings": {},
+        "splits": splits,
+    }
+    doc["digest"] = combine(
+        "dataset", None, lm.digest, [[k, s["sha256"]] for k, v in splits.items() for s in v["shards"]]
+    )
     (out / "dataset.json").write_text(json.dumps(doc, indent=2))
     return doc
 
 
-def build_output(out: Path, *, num_images: int = 48, val_fraction: float = 0.25, num_shards: int = 2,
-                 min_side: int = 96, max_side: int = 160, seed: int = 0,
-                 group_of_rate: float = 0.15, work: Optional[Path] = None) -> Path:
+def build_output(
+    out: Path,
+    *,
+    num_images: int = 48,
+    val_fraction: float = 0.25,
+    num_shards: int = 2,
+    min_side: int = 96,
+    max_side: int = 160,
+    seed: int = 0,
+    group_of_rate: float = 0.15,
+    work: Path | None = None,
+) -> Path:
     """A prepare-shaped output folder: label map, metadata/hierarchy, train + validation shards."""
     work = work or out.parent / (out.name + "-synth")
-    ds = generate_dataset(work, num_images, splits={"train": 1 - val_fraction, "validation": val_fraction},
-                          min_side=min_side, max_side=max_side, rotation_rate=0.0,
-                          group_of_rate=group_of_rate, seed=seed)
+    ds = generate_dataset(
+        work,
+        num_images,
+        splits={"train": 1 - val_fraction, "validation": val_fraction},
+        min_side=min_side,
+        max_side=max_side,
+        rotation_rate=0.0,
+        group_of_rate=group_of_rate,
+        seed=seed,
+    )
     lm = label_map()
     out.mkdir(parents=True, exist_ok=True)
     (out / "label_map.pbtxt").write_text(lm.to_pbtxt())
@@ -135,7 +176,7 @@ def build_output(out: Path, *, num_images: int = 48, val_fraction: float = 0.25,
     return out
 
 
-def tiny_overrides(output_url: str, model_dir: Optional[str] = None, steps: int = 4) -> list[str]:
+def tiny_overrides(output_url: str, model_dir: str | None = None, steps: int = 4) -> list[str]:
     """Config overrides for a fast CPU run: 128 px, batch 2, MobileNetV2 with a small FPN/head."""
     out = [
         f"output.url={output_url}",

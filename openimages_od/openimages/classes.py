@@ -19,8 +19,8 @@ import csv
 import difflib
 import io
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
 
 from openimages_od.errors import ConfigError, DataError, UsageError
 from openimages_od.openimages.labelmap import parse_pbtxt
@@ -29,11 +29,11 @@ __all__ = [
     "ROOT_MID",
     "ClassDescriptions",
     "Hierarchy",
+    "is_mid",
     "read_class_descriptions",
     "read_hierarchy",
     "read_trainable",
     "resolve_classes",
-    "is_mid",
 ]
 
 ROOT_MID = "/m/0bl9f"
@@ -75,8 +75,11 @@ def read_class_descriptions(text: str, display: str) -> ClassDescriptions:
             raise DataError(f"{display}:{lineno}: expected MID,DisplayName, got {','.join(row)!r}")
         mid, name = row[0].strip(), ",".join(row[1:]).strip() if len(row) > 2 else row[1].strip()
         if lineno == 1 and not is_mid(mid):
-            if [c.strip().lower() for c in row[:2]] in (["labelname", "displayname"], ["mid", "displayname"],
-                                                         ["label", "class"]):
+            if [c.strip().lower() for c in row[:2]] in (
+                ["labelname", "displayname"],
+                ["mid", "displayname"],
+                ["label", "class"],
+            ):
                 continue
             raise DataError(
                 f"{display}: unknown class-descriptions layout: header {','.join(row)!r} "
@@ -167,7 +170,9 @@ def read_hierarchy(text: str, display: str) -> Hierarchy:
             h.order.append(mid)
         for key in ("Subcategory", "Part"):
             if not isinstance(node.get(key) or [], list):
-                raise DataError(f"{display}: {key} of {mid[:80]!r} is a {type(node[key]).__name__}, expected a list")
+                raise DataError(
+                    f"{display}: {key} of {mid[:80]!r} is a {type(node[key]).__name__}, expected a list"
+                )
         subs = node.get("Subcategory") or []
         for child in subs:
             cm = child.get("LabelName") if isinstance(child, dict) else None
@@ -200,7 +205,9 @@ def read_trainable(text: str, display: str) -> list[str]:
         if not s or s.startswith("#"):
             continue
         if not is_mid(s):
-            raise DataError(f"{display}:{lineno}: expected one MID a line or a label map, got {line.strip()!r}")
+            raise DataError(
+                f"{display}:{lineno}: expected one MID a line or a label map, got {line.strip()!r}"
+            )
         if s not in out:
             out.append(s)
     if not out:
@@ -210,9 +217,9 @@ def read_trainable(text: str, display: str) -> list[str]:
 
 def resolve_classes(
     requested: Sequence[str],
-    descriptions: Optional[ClassDescriptions],
-    hierarchy: Optional[Hierarchy],
-    trainable: Optional[list[str]],
+    descriptions: ClassDescriptions | None,
+    hierarchy: Hierarchy | None,
+    trainable: list[str] | None,
     *,
     include_subclasses: bool = False,
     trainable_only: bool = False,
@@ -232,7 +239,9 @@ def resolve_classes(
         ConfigError: an option that needs a file the config does not give.
     """
     if trainable_only and trainable is None:
-        raise ConfigError("selection.trainable_only needs source.trainable_classes (a MID list or a label map)")
+        raise ConfigError(
+            "selection.trainable_only needs source.trainable_classes (a MID list or a label map)"
+        )
     if include_subclasses and hierarchy is None and requested:
         raise ConfigError("selection.include_subclasses needs source.hierarchy (the box hierarchy JSON)")
     names = descriptions.names if descriptions else {}
@@ -259,7 +268,7 @@ def resolve_classes(
         return mids
 
     by_name: dict[str, str] = {}
-    for m in (descriptions.mids if descriptions else []):
+    for m in descriptions.mids if descriptions else []:
         by_name.setdefault(names[m].lower(), m)  # first in file order wins for duplicate names
     known_mids = set(names) | (boxable or set()) | trainable_set
 
@@ -275,19 +284,27 @@ def resolve_classes(
         key = item.strip()
         if is_mid(key):
             if known_mids and key not in known_mids:
-                raise UsageError(f"selection.classes: unknown MID {key!r} (not in the class descriptions or hierarchy)")
+                raise UsageError(
+                    f"selection.classes: unknown MID {key!r} (not in the class descriptions or hierarchy)"
+                )
             mid = key
         else:
             mid = by_name.get(key.lower())
             if mid is None:
                 close = difflib.get_close_matches(key.lower(), list(by_name), n=5, cutoff=0.6)
-                hint = "; did you mean " + ", ".join(repr(names[by_name[c]]) for c in close) + "?" if close else ""
+                hint = (
+                    "; did you mean " + ", ".join(repr(names[by_name[c]]) for c in close) + "?"
+                    if close
+                    else ""
+                )
                 where = "" if descriptions else " (no source.class_descriptions given: use MIDs)"
                 raise UsageError(f"selection.classes: unknown class {item!r}{where}{hint}")
         if boxable is not None and mid not in boxable:
             raise UsageError(f"selection.classes: {item!r} ({mid}) is not a boxable class in the hierarchy")
         if trainable_only and mid not in trainable_set:
-            raise UsageError(f"selection.classes: {item!r} ({mid}) is not in the trainable set (selection.trainable_only)")
+            raise UsageError(
+                f"selection.classes: {item!r} ({mid}) is not in the trainable set (selection.trainable_only)"
+            )
         add(mid)
         if include_subclasses and hierarchy is not None:
             subs = hierarchy.descendants(mid)
@@ -299,8 +316,11 @@ def resolve_classes(
     return out
 
 
-def display_names(mids: Iterable[str], descriptions: Optional[ClassDescriptions],
-                  trainable_names: Optional[dict[str, str]] = None) -> dict[str, str]:
+def display_names(
+    mids: Iterable[str],
+    descriptions: ClassDescriptions | None,
+    trainable_names: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Display name per MID: class descriptions first, then a trainable label map, else the MID."""
     out = {}
     for m in mids:
@@ -318,4 +338,3 @@ def trainable_names(text: str, display: str) -> dict[str, str]:
     if "item" in text and "{" in text:
         return {c.mid: c.name for c in parse_pbtxt(text, display)}
     return {}
-

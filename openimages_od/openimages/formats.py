@@ -55,10 +55,11 @@ import io
 import logging
 import mmap
 import re
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -70,23 +71,23 @@ from openimages_od.errors import DataError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Layout",
+    "ATTRIBUTE_COLUMNS",
     "BOX_LAYOUTS",
     "IMAGE_INDEX_LAYOUTS",
     "IMAGE_LABEL_LAYOUTS",
-    "ATTRIBUTE_COLUMNS",
-    "MalformedLog",
     "CsvStream",
-    "detect_layout",
-    "read_header",
-    "parse_floats",
-    "parse_byte_counts",
-    "duplicate_rows",
-    "count_lines",
-    "is_image_id",
-    "RowLines",
     "FastPathUnavailable",
+    "Layout",
+    "MalformedLog",
+    "RowLines",
+    "count_lines",
+    "detect_layout",
+    "duplicate_rows",
+    "is_image_id",
     "iter_rows_fast",
+    "parse_byte_counts",
+    "parse_floats",
+    "read_header",
     "select_rows_fast",
 ]
 
@@ -94,8 +95,17 @@ BOX_BASE = ("ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMi
 ATTRIBUTE_COLUMNS = ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside")
 XCLICK_COLUMNS = tuple(f"XClick{i}X" for i in range(1, 5)) + tuple(f"XClick{i}Y" for i in range(1, 5))
 INDEX_BASE = (
-    "ImageID", "Subset", "OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL",
-    "Author", "Title", "OriginalSize", "OriginalMD5", "Thumbnail300KURL",
+    "ImageID",
+    "Subset",
+    "OriginalURL",
+    "OriginalLandingURL",
+    "License",
+    "AuthorProfileURL",
+    "Author",
+    "Title",
+    "OriginalSize",
+    "OriginalMD5",
+    "Thumbnail300KURL",
 )
 
 BOX_LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -195,18 +205,18 @@ class MalformedLog:
     max_examples: int = 5
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
-    first: Optional[tuple[int, str]] = None  # (line, message) of the earliest row recorded
+    first: tuple[int, str] | None = None  # (line, message) of the earliest row recorded
 
-    def batch_log(self) -> "MalformedLog":
+    def batch_log(self) -> MalformedLog:
         """Where one batch's checks record: self, or in strict mode a scratch log so the
         earliest bad row of the batch (not the first reason checked) is the one reported."""
         return MalformedLog(strict=False, max_examples=1) if self.strict else self
 
-    def end_batch(self, scratch: "MalformedLog") -> None:
+    def end_batch(self, scratch: MalformedLog) -> None:
         if scratch is not self and scratch.counts:
             raise DataError(scratch.first[1] if scratch.first else next(iter(scratch.examples.values()))[0])
 
-    def add(self, reason: str, display: str, line: Optional[int], detail: str, count: int = 1) -> None:
+    def add(self, reason: str, display: str, line: int | None, detail: str, count: int = 1) -> None:
         where = f"{display}:{line if line is not None else '?'}"
         if self.strict:
             raise DataError(f"{where}: malformed row ({reason}): {detail}")
@@ -220,7 +230,7 @@ class MalformedLog:
     def wants_examples(self, reason: str) -> bool:
         return self.strict or len(self.examples.get(reason, [])) < self.max_examples
 
-    def merge(self, other: "MalformedLog") -> None:
+    def merge(self, other: MalformedLog) -> None:
         for r, n in other.counts.items():
             self.counts[r] = self.counts.get(r, 0) + n
             ex = self.examples.setdefault(r, [])
@@ -231,7 +241,9 @@ class MalformedLog:
         return sum(self.counts.values())
 
     def to_json(self) -> dict:
-        return {r: {"count": self.counts[r], "examples": self.examples.get(r, [])} for r in sorted(self.counts)}
+        return {
+            r: {"count": self.counts[r], "examples": self.examples.get(r, [])} for r in sorted(self.counts)
+        }
 
 
 # --------------------------------------------------------------------------- streaming reader
@@ -254,7 +266,7 @@ class _LineLocator:
         self.limit = limit
         self.located = 0
 
-    def locate(self, text: str) -> Optional[int]:
+    def locate(self, text: str) -> int | None:
         if self._mm is None or self.located >= self.limit:
             return None
         needle = text.encode()
@@ -264,13 +276,13 @@ class _LineLocator:
             i = mm.find(needle, i)
             if i < 0:
                 return None
-            starts = i == 0 or mm[i - 1:i] == b"\n"
+            starts = i == 0 or mm[i - 1 : i] == b"\n"
             j = i + len(needle)
-            ends = j >= n or mm[j:j + 1] in (b"\n", b"\r")
+            ends = j >= n or mm[j : j + 1] in (b"\n", b"\r")
             if starts and ends:
                 break
             i += 1
-        self._line += mm[self._pos:i].count(b"\n")
+        self._line += mm[self._pos : i].count(b"\n")
         self._pos = i
         self.located += 1
         return self._line
@@ -300,7 +312,7 @@ def _first_line_quoted(path: Path) -> bool:
         return b'"' in fh.readline(1 << 16)
 
 
-def _open_quote_line(path: Path, after_line: int = 0) -> Optional[int]:
+def _open_quote_line(path: Path, after_line: int = 0) -> int | None:
     """The first line (after ``after_line``) with an odd number of quotes: where a field that
     runs over several lines opens."""
     with open(path, "rb") as fh:
@@ -317,7 +329,7 @@ def _needle(text: str) -> str:
     return text[: second if second > 0 else len(text)][:300]
 
 
-def _line_of_text(path: Path, text: str) -> Optional[int]:
+def _line_of_text(path: Path, text: str) -> int | None:
     """The physical line where ``text`` (a field's first line) first occurs."""
     needle = text.encode()
     if not needle:
@@ -369,16 +381,22 @@ class CsvStream:
         block_size: int = 16 << 20,
         newlines_in_values: bool = False,
     ) -> None:
-        self.path, self.layout, self.columns, self.display, self.log = path, layout, list(columns), display, log
+        self.path, self.layout, self.columns, self.display, self.log = (
+            path,
+            layout,
+            list(columns),
+            display,
+            log,
+        )
         self.block_size = block_size
         self.newlines_in_values = newlines_in_values
         self.header_lines = 1 if layout.has_header else 0
         self._skipped: list[int] = []  # physical lines of skipped rows, ascending
-        self._pending: list[tuple[str, Optional[int], str]] = []
+        self._pending: list[tuple[str, int | None, str]] = []
         self._locator = _LineLocator(path)
         self.rows_read = 0
         self.rows_skipped = 0
-        self._swallow: Optional[str] = None  # message of the first swallowing row seen
+        self._swallow: str | None = None  # message of the first swallowing row seen
         # Quoting only where the file uses it (see the module docstring).
         self.quoting = newlines_in_values or _first_line_quoted(path)
 
@@ -387,13 +405,15 @@ class CsvStream:
             return False
         return not self.newlines_in_values or bool(_SWALLOWED_PY.search(text))
 
-    def _swallow_message(self, line: Optional[int], text: str) -> str:
+    def _swallow_message(self, line: int | None, text: str) -> str:
         spans = text.count("\n") + 1
-        return (f"{self.display}:{line if line is not None else '?'}: a quote opens a field that runs over "
-                f"{spans} lines (a stray '\"'?), swallowing the rows after it: {text[:80]!r}...; "
-                "fix or remove the quote")
+        return (
+            f"{self.display}:{line if line is not None else '?'}: a quote opens a field that runs over "
+            f"{spans} lines (a stray '\"'?), swallowing the rows after it: {text[:80]!r}...; "
+            "fix or remove the quote"
+        )
 
-    def _on_invalid(self, row: "pacsv.InvalidRow") -> str:
+    def _on_invalid(self, row: pacsv.InvalidRow) -> str:
         self.rows_skipped += 1
         if self._swallow is None and self._swallows(row.text):
             self._swallow = self._swallow_message(_line_of_text(self.path, _needle(row.text)), row.text)
@@ -416,7 +436,7 @@ class CsvStream:
                 break
         return p
 
-    def _flush_pending(self, upto_line: Optional[int]) -> None:
+    def _flush_pending(self, upto_line: int | None) -> None:
         keep = []
         for reason, line, detail in self._pending:
             if upto_line is None or line is None or line <= upto_line:
@@ -558,7 +578,7 @@ def iter_rows_fast(
     columns: Sequence[str],
     display: str,
     keep: Sequence[str],
-    known: Optional[Sequence[str]],
+    known: Sequence[str] | None,
     group_batches: int = 64,
 ) -> Iterator[tuple[pa.RecordBatch, RowLines]]:
     """The rows a plan looks at, from a well-formed unquoted ID/label CSV, with polars' streaming engine.
@@ -605,8 +625,15 @@ def iter_rows_fast(
     want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
     if known is not None:
         want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
-    scan = pl.scan_csv(path, has_header=False, skip_rows=header, schema=schema, quote_char=None,
-                       row_index_name="__row", raise_if_empty=False)
+    scan = pl.scan_csv(
+        path,
+        has_header=False,
+        skip_rows=header,
+        schema=schema,
+        quote_char=None,
+        row_index_name="__row",
+        raise_if_empty=False,
+    )
 
     def group(frames: list[Any]) -> tuple[pa.RecordBatch, RowLines]:
         df = pl.concat(frames)
@@ -628,7 +655,7 @@ def iter_rows_fast(
         while True:
             try:
                 df = next(batches, None)
-            except Exception as exc:  # noqa: BLE001 - any parse problem: the exact reader reports it
+            except Exception as exc:
                 log.debug("%s: polars fast path not taken (%s)", display, exc)
                 raise FastPathUnavailable(str(exc)) from None
             if df is not None and df.height:
@@ -649,8 +676,8 @@ def select_rows_fast(
     columns: Sequence[str],
     display: str,
     keep: Sequence[str],
-    known: Optional[Sequence[str]],
-) -> Optional[tuple[pa.RecordBatch, RowLines, int]]:
+    known: Sequence[str] | None,
+) -> tuple[pa.RecordBatch, RowLines, int] | None:
     """All of :func:`iter_rows_fast` at once: ``(rows, lines, total_rows)``, or None where it steps aside."""
     it = iter_rows_fast(path, layout, columns, display, keep, known)
     groups: list[tuple[pa.RecordBatch, RowLines]] = []
@@ -663,7 +690,11 @@ def select_rows_fast(
         return None
     if not groups:
         empty = [pa.array([], pa.string()) for _ in columns]
-        return pa.RecordBatch.from_arrays(empty, names=list(columns)), RowLines(display, np.zeros(0, np.int64)), total
+        return (
+            pa.RecordBatch.from_arrays(empty, names=list(columns)),
+            RowLines(display, np.zeros(0, np.int64)),
+            total,
+        )
     batch = pa.Table.from_batches([g[0] for g in groups]).combine_chunks().to_batches()[0]
     lines = np.concatenate([g[1].lines for g in groups])
     return batch, RowLines(display, lines), total
@@ -672,7 +703,9 @@ def select_rows_fast(
 # --------------------------------------------------------------------------- value parsing
 
 
-def parse_floats(col: pa.Array, empty_value: Optional[float] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def parse_floats(
+    col: pa.Array, empty_value: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse a string column into float64.
 
     Returns:
@@ -689,7 +722,9 @@ def parse_floats(col: pa.Array, empty_value: Optional[float] = None) -> tuple[np
     empty = pc.equal(pc.utf8_length(trimmed), 0).to_numpy(zero_copy_only=False)
     numeric = pc.match_substring_regex(trimmed, _FLOAT_RE).to_numpy(zero_copy_only=False)
     ok = pa.array(numeric)
-    vals = pc.cast(pc.if_else(ok, trimmed, pa.scalar("0")), pa.float64()).to_numpy(zero_copy_only=False).copy()
+    vals = (
+        pc.cast(pc.if_else(ok, trimmed, pa.scalar("0")), pa.float64()).to_numpy(zero_copy_only=False).copy()
+    )
     bad = ~numeric & ~empty
     if empty_value is not None:
         vals[empty] = empty_value
@@ -711,7 +746,13 @@ def parse_byte_counts(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """
     vals, empty, nonnum = parse_floats(col)
     with np.errstate(invalid="ignore"):
-        ok = ~(empty | nonnum) & np.isfinite(vals) & (vals >= 0) & (vals <= _MAX_BYTE_COUNT) & (vals == np.floor(vals))
+        ok = (
+            ~(empty | nonnum)
+            & np.isfinite(vals)
+            & (vals >= 0)
+            & (vals <= _MAX_BYTE_COUNT)
+            & (vals == np.floor(vals))
+        )
     bad = ~ok & ~empty
     return np.where(ok, vals, 0).astype(np.int64), ok, bad
 

@@ -23,7 +23,7 @@ integers, and use the ImageID (``image/filename``) where only strings travel.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def source_ids(image_ids: Iterable[str]) -> np.ndarray:
     """
     ids = list(image_ids)
     out = np.fromiter((source_id(i) for i in ids), dtype=np.int64, count=len(ids))
-    uniq, first, counts = np.unique(out, return_index=True, return_counts=True)
+    uniq, _first, counts = np.unique(out, return_index=True, return_counts=True)
     if len(uniq) != len(out):
         dup = uniq[counts > 1][0]
         names = sorted({ids[k] for k in np.flatnonzero(out == dup)})

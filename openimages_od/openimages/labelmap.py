@@ -26,12 +26,12 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 from openimages_od.errors import DataError
 
-__all__ = ["LabelClass", "LabelMap", "parse_pbtxt", "format_pbtxt", "format_csv", "assign_ids"]
+__all__ = ["LabelClass", "LabelMap", "assign_ids", "format_csv", "format_pbtxt", "parse_pbtxt"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class LabelMap:
         self.by_id = {c.id: c for c in self.classes}
 
     @classmethod
-    def from_mids(cls, mids: Iterable[str], names: dict[str, str]) -> "LabelMap":
+    def from_mids(cls, mids: Iterable[str], names: dict[str, str]) -> LabelMap:
         """ids 1..N in the given order; display names from ``names`` (MID when unknown)."""
         return cls([LabelClass(i, m, names.get(m, m)) for i, m in enumerate(mids, start=1)])
 
@@ -77,7 +77,7 @@ class LabelMap:
 
         return hashlib.sha256(self.to_pbtxt().encode()).hexdigest()
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.classes)
 
     def to_pbtxt(self) -> str:
@@ -90,7 +90,7 @@ class LabelMap:
         return [{"id": c.id, "mid": c.mid, "name": c.name} for c in self.classes]
 
     @classmethod
-    def from_pbtxt(cls, text: str, source: str = "label_map.pbtxt") -> "LabelMap":
+    def from_pbtxt(cls, text: str, source: str = "label_map.pbtxt") -> LabelMap:
         return cls(parse_pbtxt(text, source))
 
 
@@ -143,9 +143,9 @@ def assign_ids(
     mids: Sequence[str],
     names: dict[str, str],
     *,
-    previous: Optional[LabelMap] = None,
+    previous: LabelMap | None = None,
     retired: Iterable[dict] = (),
-    pinned: Optional[LabelMap] = None,
+    pinned: LabelMap | None = None,
     pinned_source: str = "selection.label_map",
 ) -> tuple[LabelMap, list[dict]]:
     """Ids for the selected classes ``mids`` (in selection order).
@@ -170,8 +170,10 @@ def assign_ids(
         missing = [m for m in mids if m not in pinned.by_mid]
         if missing:
             shown = ", ".join(f"{m} ({names.get(m, m)})" for m in missing[:5])
-            raise DataError(f"{pinned_source}: {len(missing)} selected class(es) have no id there: {shown}"
-                            f"{' ...' if len(missing) > 5 else ''}")
+            raise DataError(
+                f"{pinned_source}: {len(missing)} selected class(es) have no id there: {shown}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
         classes = [LabelClass(pinned.by_mid[m].id, m, names.get(m) or pinned.by_mid[m].name) for m in mids]
     else:
         used = {c.id for c in previous} if previous is not None else set()

@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -44,8 +44,8 @@ import pyarrow.compute as pc
 
 from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.errors import ConfigError, DataError
+from openimages_od.layout import Layout, image_settings
 from openimages_od.openimages import planio
-from openimages_od.openimages.ids import source_ids
 from openimages_od.openimages.classes import (
     ClassDescriptions,
     Hierarchy,
@@ -59,24 +59,24 @@ from openimages_od.openimages.classes import (
 from openimages_od.openimages.formats import (
     ATTRIBUTE_COLUMNS,
     CsvStream,
-    MalformedLog,
     FastPathUnavailable,
+    MalformedLog,
     RowLines,
     detect_layout,
     duplicate_rows,
-    parse_byte_counts,
     iter_rows_fast,
+    parse_byte_counts,
     parse_floats,
     select_rows_fast,
 )
-from openimages_od.layout import Layout, image_settings
+from openimages_od.openimages.ids import source_ids
 from openimages_od.openimages.labelmap import LabelMap, assign_ids
 from openimages_od.outputlock import output_lock
 from openimages_od.storage import Storage, local_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PlanResult", "build_plan", "run_plan", "MetadataInputs"]
+__all__ = ["MetadataInputs", "PlanResult", "build_plan", "run_plan"]
 
 _Lines = CsvStream | RowLines  # where a checked row's file:line comes from
 _ATTR_FIELDS = ("is_occluded", "is_truncated", "is_group_of", "is_depiction", "is_inside")
@@ -98,7 +98,11 @@ class PlanResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"plan_url": self.plan_url, "manifest": self.manifest.to_json(), "seconds": round(self.seconds, 3)}
+        return {
+            "plan_url": self.plan_url,
+            "manifest": self.manifest.to_json(),
+            "seconds": round(self.seconds, 3),
+        }
 
 
 # --------------------------------------------------------------------------- inputs
@@ -118,7 +122,7 @@ class MetadataInputs:
         out_local = local_path(self.output_root)
         if out_local is not None:
             self.cache_dir = out_local / "metadata"
-            self.remote_cache: Optional[str] = None
+            self.remote_cache: str | None = None
         else:
             digest = hashlib.sha256(self.output_root.encode()).hexdigest()[:16]
             self.cache_dir = Path(tempfile.gettempdir()) / f"oiod-metadata-{os.getuid()}" / digest
@@ -170,8 +174,8 @@ def _id_keys(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     sub = ids if is16.all() else ids.filter(pa.array(is16))
     ok = is16.copy()
     if len(sub):
-        offs = np.frombuffer(sub.buffers()[1], np.int32)[sub.offset: sub.offset + len(sub) + 1]
-        raw = np.frombuffer(sub.buffers()[2], np.uint8)[offs[0]:offs[-1]].reshape(-1, 16)
+        offs = np.frombuffer(sub.buffers()[1], np.int32)[sub.offset : sub.offset + len(sub) + 1]
+        raw = np.frombuffer(sub.buffers()[2], np.uint8)[offs[0] : offs[-1]].reshape(-1, 16)
         nib = _HEX[raw]
         hexok = (nib < 16).all(axis=1)
         nib = nib.astype(np.uint64)
@@ -229,8 +233,9 @@ def _rank(ids: pa.Array, seed: int) -> np.ndarray:
     return x
 
 
-def _record(logm: MalformedLog, stream: _Lines, g0: int, mask: np.ndarray, reason: str,
-            detail_fn: Any) -> None:
+def _record(
+    logm: MalformedLog, stream: _Lines, g0: int, mask: np.ndarray, reason: str, detail_fn: Any
+) -> None:
     """Count rows of ``mask`` under ``reason``; examples (and strict mode) get file:line."""
     n = int(mask.sum())
     if not n:
@@ -271,12 +276,14 @@ class _Boxes:
     rows_read: int = 0
 
 
-def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Array,
-                logm: MalformedLog) -> _Boxes:
+def _read_boxes(
+    path: Path, display: str, known: pa.Array | None, keep: pa.Array, logm: MalformedLog
+) -> _Boxes:
     layout = detect_layout(path, "boxes", display)
     has_attrs = ATTRIBUTE_COLUMNS[0] in layout.columns
     cols = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"] + (
-        list(ATTRIBUTE_COLUMNS) if has_attrs else [])
+        list(ATTRIBUTE_COLUMNS) if has_attrs else []
+    )
     parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
     fast = _read_boxes_fast(path, layout, cols, display, known, keep, has_attrs, logm)
     if fast is not None:
@@ -288,7 +295,11 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
             _read_boxes_batch(batch, g0, stream, blog, known, keep, has_attrs, parts)
             logm.end_batch(blog)
         rows_read = stream.rows_read
-    ids_all = pa.concat_arrays([a.cast(pa.string()) for a in parts["id"]]) if parts["id"] else pa.array([], pa.string())
+    ids_all = (
+        pa.concat_arrays([a.cast(pa.string()) for a in parts["id"]])
+        if parts["id"]
+        else pa.array([], pa.string())
+    )
     b = _Boxes(
         image_id=ids_all,
         code=np.concatenate(parts["code"]) if parts["code"] else np.zeros(0, np.int32),
@@ -302,16 +313,37 @@ def _read_boxes(path: Path, display: str, known: Optional[pa.Array], keep: pa.Ar
     dup = duplicate_rows(_hex_keys(b.image_id), b.code, *b.coords.T, b.confidence, *b.attrs.T)
     if dup.any():
         first = int(np.flatnonzero(dup)[0])
-        logm.add("duplicate_box", display, None, f"ImageID {b.image_id[first].as_py()} class {keep[b.code[first]].as_py()} "
-                 f"box {b.coords[first].tolist()} repeated", count=int(dup.sum()))
+        logm.add(
+            "duplicate_box",
+            display,
+            None,
+            f"ImageID {b.image_id[first].as_py()} class {keep[b.code[first]].as_py()} "
+            f"box {b.coords[first].tolist()} repeated",
+            count=int(dup.sum()),
+        )
         k = ~dup
-        b = _Boxes(b.image_id.filter(pa.array(k)), b.code[k], b.coords[k], b.confidence[k], b.attrs[k],
-                   has_attrs, b.rows_read)
+        b = _Boxes(
+            b.image_id.filter(pa.array(k)),
+            b.code[k],
+            b.coords[k],
+            b.confidence[k],
+            b.attrs[k],
+            has_attrs,
+            b.rows_read,
+        )
     return b
 
 
-def _read_boxes_fast(path: Path, layout: Any, cols: list[str], display: str, known: Optional[pa.Array],
-                     keep: pa.Array, has_attrs: bool, logm: MalformedLog) -> Optional[tuple[dict[str, list], int]]:
+def _read_boxes_fast(
+    path: Path,
+    layout: Any,
+    cols: list[str],
+    display: str,
+    known: pa.Array | None,
+    keep: pa.Array,
+    has_attrs: bool,
+    logm: MalformedLog,
+) -> tuple[dict[str, list], int] | None:
     """The checks of :func:`_read_boxes_batch` on the rows :func:`iter_rows_fast` keeps, group by group
     (so memory holds parsed values, not strings, of the kept rows); None where the fast path steps aside.
 
@@ -320,8 +352,9 @@ def _read_boxes_fast(path: Path, layout: Any, cols: list[str], display: str, kno
     """
     scratch = MalformedLog(strict=logm.strict, max_examples=logm.max_examples)
     parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
-    it = iter_rows_fast(path, layout, cols, display, keep.to_pylist(),
-                        known.to_pylist() if known is not None else None)
+    it = iter_rows_fast(
+        path, layout, cols, display, keep.to_pylist(), known.to_pylist() if known is not None else None
+    )
     try:
         while True:
             rows, lines = next(it)
@@ -336,8 +369,16 @@ def _read_boxes_fast(path: Path, layout: Any, cols: list[str], display: str, kno
     return parts, rows_read
 
 
-def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: MalformedLog,
-                      known: Optional[pa.Array], keep: pa.Array, has_attrs: bool, parts: dict[str, list]) -> None:
+def _read_boxes_batch(
+    batch: pa.RecordBatch,
+    g0: int,
+    stream: _Lines,
+    logm: MalformedLog,
+    known: pa.Array | None,
+    keep: pa.Array,
+    has_attrs: bool,
+    parts: dict[str, list],
+) -> None:
     """Validate one batch; append its good rows of kept classes to ``parts``."""
     label = batch.column("LabelName")
     blank = _blank_rows(batch, stream, g0, logm)
@@ -345,8 +386,14 @@ def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: Malf
         kidx = pc.index_in(label, value_set=known)
         unknown = kidx.is_null().to_numpy(zero_copy_only=False) & ~blank
         if unknown.any():
-            _record(logm, stream, g0, unknown, "unknown_mid",
-                    lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
+            _record(
+                logm,
+                stream,
+                g0,
+                unknown,
+                "unknown_mid",
+                lambda i: f"LabelName {label[i].as_py()!r} is not a known class",
+            )
     code = pc.index_in(label, value_set=keep)
     sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
     if not sel.any():
@@ -378,10 +425,16 @@ def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: Malf
     with np.errstate(invalid="ignore"):
         coords = np.stack([xmin, xmax, ymin, ymax], axis=1)
         oor = ~((coords >= 0.0) & (coords <= 1.0)).all(axis=1) | ~((conf >= 0.0) & (conf <= 1.0))
-    rec(oor, "out_of_range", lambda j: (
-        f"coordinates {coords[j].tolist()} / confidence {conf[j]} outside [0, 1]"))
-    rec((xmin > xmax) | (ymin > ymax), "min_greater_than_max",
-        lambda j: f"XMin {xmin[j]} > XMax {xmax[j]} or YMin {ymin[j]} > YMax {ymax[j]}")
+    rec(
+        oor,
+        "out_of_range",
+        lambda j: f"coordinates {coords[j].tolist()} / confidence {conf[j]} outside [0, 1]",
+    )
+    rec(
+        (xmin > xmax) | (ymin > ymax),
+        "min_greater_than_max",
+        lambda j: f"XMin {xmin[j]} > XMax {xmax[j]} or YMin {ymin[j]} > YMax {ymax[j]}",
+    )
     if has_attrs:
         attrs = np.empty((len(rows), 5), np.int8)
         for k, c in enumerate(ATTRIBUTE_COLUMNS):
@@ -396,7 +449,13 @@ def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: Malf
     good = ~bad
     if not good.all():
         gm = pa.array(good)
-        ids, code_np, coords, conf, attrs = ids.filter(gm), code_np[good], coords[good], conf[good], attrs[good]
+        ids, code_np, coords, conf, attrs = (
+            ids.filter(gm),
+            code_np[good],
+            coords[good],
+            conf[good],
+            attrs[good],
+        )
     parts["id"].append(ids)
     parts["code"].append(code_np)
     parts["coords"].append(coords.astype(np.float32))
@@ -404,17 +463,19 @@ def _read_boxes_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: Malf
     parts["attrs"].append(attrs)
 
 
-def _read_image_labels(path: Path, display: str, known: Optional[pa.Array], keep: pa.Array,
-                       logm: MalformedLog) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+def _read_image_labels(
+    path: Path, display: str, known: pa.Array | None, keep: pa.Array, logm: MalformedLog
+) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """(image_id, code into ``keep``, confidence) of image-level labels of kept classes."""
     layout = detect_layout(path, "image_labels", display)
     cols = ["ImageID", "LabelName", "Confidence"]
     ids_l: list[pa.Array] = []
     code_l: list[np.ndarray] = []
     conf_l: list[np.ndarray] = []
-    fast = select_rows_fast(path, layout, cols, display, keep.to_pylist(),
-                            known.to_pylist() if known is not None else None)
-    batches: Any = ([(fast[0], 0)] if fast is not None else CsvStream(path, layout, cols, display, logm))
+    fast = select_rows_fast(
+        path, layout, cols, display, keep.to_pylist(), known.to_pylist() if known is not None else None
+    )
+    batches: Any = [(fast[0], 0)] if fast is not None else CsvStream(path, layout, cols, display, logm)
     lines: _Lines = fast[1] if fast is not None else batches
     for batch, g0 in batches:
         blog = logm.batch_log()
@@ -425,19 +486,34 @@ def _read_image_labels(path: Path, display: str, known: Optional[pa.Array], keep
             code_l.append(got[1])
             conf_l.append(got[2])
     ids_all = pa.concat_arrays(ids_l) if ids_l else pa.array([], pa.string())
-    return (ids_all, np.concatenate(code_l) if code_l else np.zeros(0, np.int32),
-            np.concatenate(conf_l) if conf_l else np.zeros(0, np.float32))
+    return (
+        ids_all,
+        np.concatenate(code_l) if code_l else np.zeros(0, np.int32),
+        np.concatenate(conf_l) if conf_l else np.zeros(0, np.float32),
+    )
 
 
-def _read_labels_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: MalformedLog,
-                       known: Optional[pa.Array], keep: pa.Array) -> Optional[tuple[pa.Array, np.ndarray, np.ndarray]]:
+def _read_labels_batch(
+    batch: pa.RecordBatch,
+    g0: int,
+    stream: _Lines,
+    logm: MalformedLog,
+    known: pa.Array | None,
+    keep: pa.Array,
+) -> tuple[pa.Array, np.ndarray, np.ndarray] | None:
     label = batch.column("LabelName")
     blank = _blank_rows(batch, stream, g0, logm)
     if known is not None:
         unknown = pc.index_in(label, value_set=known).is_null().to_numpy(zero_copy_only=False) & ~blank
         if unknown.any():
-            _record(logm, stream, g0, unknown, "unknown_mid",
-                    lambda i: f"LabelName {label[i].as_py()!r} is not a known class")
+            _record(
+                logm,
+                stream,
+                g0,
+                unknown,
+                "unknown_mid",
+                lambda i: f"LabelName {label[i].as_py()!r} is not a known class",
+            )
     code = pc.index_in(label, value_set=keep)
     sel = code.is_valid().to_numpy(zero_copy_only=False) & ~blank
     if not sel.any():
@@ -450,24 +526,30 @@ def _read_labels_batch(batch: pa.RecordBatch, g0: int, stream: _Lines, logm: Mal
         bad_num = (empty | nonnum) & ~bad_id
         oor = ~((conf >= 0) & (conf <= 1)) & ~bad_id & ~bad_num
     rows = np.flatnonzero(sel)
-    for mask, reason, det in ((bad_id, "bad_image_id", "ImageID is not 16 hex digits"),
-                              (bad_num, "non_numeric", "Confidence is not a number"),
-                              (oor, "out_of_range", "Confidence outside [0, 1]")):
+    for mask, reason, det in (
+        (bad_id, "bad_image_id", "ImageID is not 16 hex digits"),
+        (bad_num, "non_numeric", "Confidence is not a number"),
+        (oor, "out_of_range", "Confidence outside [0, 1]"),
+    ):
         if mask.any():
             full = np.zeros(batch.num_rows, bool)
             full[rows[mask]] = True
             _record(logm, stream, g0, full, reason, lambda i, d=det: d)
     good = ~(bad_id | bad_num | oor)
-    return (ids.filter(pa.array(good)),
-            code.filter(pa.array(sel)).to_numpy(zero_copy_only=False)[good].astype(np.int32),
-            conf[good].astype(np.float32))
+    return (
+        ids.filter(pa.array(good)),
+        code.filter(pa.array(sel)).to_numpy(zero_copy_only=False)[good].astype(np.int32),
+        conf[good].astype(np.float32),
+    )
 
 
 def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: MalformedLog) -> pa.Table:
     """Image-index rows of the ``wanted`` ImageIDs (first row wins), columns normalised."""
     layout = detect_layout(path, "images", display)
     has_rot = "Rotation" in layout.columns
-    cols = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5"] + (["Rotation"] if has_rot else [])
+    cols = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5"] + (
+        ["Rotation"] if has_rot else []
+    )
     # Smaller blocks than the box reader's: the index's rows are long and few are kept.
     stream = CsvStream(path, layout, cols, display, logm, newlines_in_values=True, block_size=4 << 20)
     tables = []
@@ -496,26 +578,39 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
                 full = np.zeros(batch.num_rows, bool)
                 full[rows[r_bad | r_invalid]] = True
                 _record(logm, stream, g0, full, "bad_rotation", lambda i: "Rotation is not 0, 90, 180 or 270")
-            rot_arr = pa.array(np.where(r_known & ~r_invalid, rot, 0).astype(np.int32), mask=~(r_known & ~r_invalid))
+            rot_arr = pa.array(
+                np.where(r_known & ~r_invalid, rot, 0).astype(np.int32), mask=~(r_known & ~r_invalid)
+            )
         else:
             rot_arr = pa.nulls(len(rows), pa.int32())
 
         def nz(col: pa.Array) -> pa.Array:  # empty string -> null
             return pc.if_else(pc.equal(pc.utf8_length(col), 0), pa.scalar(None, pa.string()), col)
 
-        tables.append(pa.table({
-            "image_id": sub.column("ImageID"),
-            "original_url": nz(sub.column("OriginalURL")),
-            "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
-            "original_md5": nz(sub.column("OriginalMD5")),
-            "original_size": pa.array(size, mask=~size_ok),
-            "rotation": rot_arr,
-        }))
+        tables.append(
+            pa.table(
+                {
+                    "image_id": sub.column("ImageID"),
+                    "original_url": nz(sub.column("OriginalURL")),
+                    "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
+                    "original_md5": nz(sub.column("OriginalMD5")),
+                    "original_size": pa.array(size, mask=~size_ok),
+                    "rotation": rot_arr,
+                }
+            )
+        )
     outer.end_batch(logm)
     if not tables:
-        return pa.table({"image_id": pa.array([], pa.string()), "original_url": pa.array([], pa.string()),
-                         "thumbnail_url": pa.array([], pa.string()), "original_md5": pa.array([], pa.string()),
-                         "original_size": pa.array([], pa.int64()), "rotation": pa.array([], pa.int32())})
+        return pa.table(
+            {
+                "image_id": pa.array([], pa.string()),
+                "original_url": pa.array([], pa.string()),
+                "thumbnail_url": pa.array([], pa.string()),
+                "original_md5": pa.array([], pa.string()),
+                "original_size": pa.array([], pa.int64()),
+                "rotation": pa.array([], pa.int32()),
+            }
+        )
     return pa.concat_tables(tables)
 
 
@@ -546,8 +641,11 @@ def _shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray
     source_id its low 63 bits), so the hash is computed once, not twice per image.
     """
     blake = hashlib.blake2b
-    h = np.fromiter((int.from_bytes(blake(i.encode(), digest_size=8).digest(), "big") for i in ids_py),
-                    np.uint64, count=len(ids_py))
+    h = np.fromiter(
+        (int.from_bytes(blake(i.encode(), digest_size=8).digest(), "big") for i in ids_py),
+        np.uint64,
+        count=len(ids_py),
+    )
     shard = (h % np.uint64(n_shards)).astype(np.int32)
     src = (h & np.uint64((1 << 63) - 1)).astype(np.int64)
     src[src == 0] = 1
@@ -578,16 +676,16 @@ def _bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str]) -> pa.
 class _ClassInfo:
     selected: list[str]
     names: dict[str, str]
-    known: Optional[pa.Array]
-    hierarchy: Optional[Hierarchy]
-    ids: Optional[np.ndarray] = None  # label-map id of each selected class (stable across re-plans)
+    known: pa.Array | None
+    hierarchy: Hierarchy | None
+    ids: np.ndarray | None = None  # label-map id of each selected class (stable across re-plans)
 
 
 def _load_classes(cfg: Config, inputs: MetadataInputs) -> _ClassInfo:
     src, sel = cfg.source, cfg.selection
-    desc: Optional[ClassDescriptions] = None
-    hier: Optional[Hierarchy] = None
-    trainable: Optional[list[str]] = None
+    desc: ClassDescriptions | None = None
+    hier: Hierarchy | None = None
+    trainable: list[str] | None = None
     tnames: dict[str, str] = {}
     if src.class_descriptions:
         desc = read_class_descriptions(inputs.text(src.class_descriptions), src.class_descriptions)
@@ -599,8 +697,14 @@ def _load_classes(cfg: Config, inputs: MetadataInputs) -> _ClassInfo:
         tnames = trainable_names(text, src.trainable_classes)
     if sel.expand_hierarchy and hier is None:
         raise ConfigError("selection.expand_hierarchy needs source.hierarchy (the box hierarchy JSON)")
-    selected = resolve_classes(sel.classes, desc, hier, trainable, include_subclasses=sel.include_subclasses,
-                               trainable_only=sel.trainable_only)
+    selected = resolve_classes(
+        sel.classes,
+        desc,
+        hier,
+        trainable,
+        include_subclasses=sel.include_subclasses,
+        trainable_only=sel.trainable_only,
+    )
     if not selected:
         raise ConfigError("the selection is empty: no class matches selection.classes / trainable_only")
     known_set: list[str] = []
@@ -624,8 +728,9 @@ def _config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
-                storage: Storage, plan_url: str) -> tuple[planio.SplitManifest, dict[str, Any]]:
+def _plan_split(
+    cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo, storage: Storage, plan_url: str
+) -> tuple[planio.SplitManifest, dict[str, Any]]:
     sel = cfg.selection
     ss = cfg.source.splits[split]
     logm = MalformedLog(strict=sel.strict)
@@ -648,7 +753,9 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
                     keep.append(d)
                     box_targets[d] = []
         for m in keep:
-            box_targets[m] = sorted(set(box_targets[m]) | {sel_index[a] for a in h.ancestors(m) if a in sel_index})
+            box_targets[m] = sorted(
+                set(box_targets[m]) | {sel_index[a] for a in h.ancestors(m) if a in sel_index}
+            )
         # Image-level labels: a positive label implies its ancestors, a negative one its descendants.
         for m in selected:
             for other in h.descendants(m) + h.ancestors(m):
@@ -682,7 +789,11 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     # 3. group by image: unique sorted ids, per-box image position
     uniq = pc.unique(b_ids)
     img_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
-    b_img = pc.index_in(b_ids, value_set=img_ids).to_numpy(zero_copy_only=False).astype(np.int64) if len(b_ids) else np.zeros(0, np.int64)
+    b_img = (
+        pc.index_in(b_ids, value_set=img_ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(b_ids)
+        else np.zeros(0, np.int64)
+    )
     n_img = len(img_ids)
     per_img = np.bincount(b_img, minlength=n_img)
     candidate = per_img >= max(1, sel.min_boxes_per_image)
@@ -691,8 +802,9 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     lab = None
     if ss.image_labels:
         lpath = inputs.local(ss.image_labels)
-        l_ids, l_code, l_conf = _read_image_labels(lpath, ss.image_labels, ci.known,
-                                                   pa.array(lab_keep, pa.string()), logm)
+        l_ids, l_code, l_conf = _read_image_labels(
+            lpath, ss.image_labels, ci.known, pa.array(lab_keep, pa.string()), logm
+        )
         positive = l_conf >= 0.5
         r_pos, t_pos = _expand(l_code[positive], *_expansion(lab_keep, pos_targets))
         r_neg, t_neg = _expand(l_code[~positive], *_expansion(lab_keep, neg_targets))
@@ -763,7 +875,11 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
 
     # image-level labels of the chosen images
     if lab is not None:
-        l_pos_f = np.asarray(pc.fill_null(pc.index_in(lab[0], value_set=final_ids), -1)) if len(lab[0]) else np.zeros(0, np.int64)
+        l_pos_f = (
+            np.asarray(pc.fill_null(pc.index_in(lab[0], value_set=final_ids), -1))
+            if len(lab[0])
+            else np.zeros(0, np.int64)
+        )
         lm = l_pos_f >= 0
         lp, lt, lc = l_pos_f[lm], lab[1][lm], lab[2][lm]
         # One label per (image, class): a verified positive wins over a negative.
@@ -776,13 +892,15 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
         l_counts = np.bincount(lp, minlength=n_final)
         l_offsets = np.concatenate([[0], np.cumsum(l_counts)]).astype(np.int32)
         lab_struct = pa.StructArray.from_arrays(
-            [pa.array(ids_np[lt], pa.int32()),
-             mids_arr.take(pa.array(lt.astype(np.int64))) if len(lt) else pa.array([], pa.string()),
-             pa.array(lc, pa.float32())],
+            [
+                pa.array(ids_np[lt], pa.int32()),
+                mids_arr.take(pa.array(lt.astype(np.int64))) if len(lt) else pa.array([], pa.string()),
+                pa.array(lc, pa.float32()),
+            ],
             fields=list(planio.IMAGE_LABEL_TYPE),
         )
         labels_col = pa.ListArray.from_arrays(pa.array(l_offsets), lab_struct)
-        n_labels = int(len(lt))
+        n_labels = len(lt)
     else:
         labels_col = pa.nulls(n_final, pa.list_(planio.IMAGE_LABEL_TYPE))
         n_labels = 0
@@ -834,8 +952,9 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
 
     def write(i: int) -> str:
         # Each shard's rows taken from the table as it is written: no sorted copy of the whole plan.
-        return planio.write_plan_table(storage, join_url(plan_url, paths[i]),
-                                       table.take(pa.array(s_order[bounds[i]:bounds[i + 1]])))
+        return planio.write_plan_table(
+            storage, join_url(plan_url, paths[i]), table.take(pa.array(s_order[bounds[i] : bounds[i + 1]]))
+        )
 
     # Parquet encoding and the fsync of each shard release the GIL: a few threads overlap them.
     with ThreadPoolExecutor(max_workers=min(4, n_shards)) as pool:
@@ -847,7 +966,7 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
     img_per_cls = np.bincount(pairs % n_sel, minlength=n_sel) if len(pairs) else np.zeros(n_sel, np.int64)
     stats = {
         "images": n_final,
-        "boxes": int(len(b_tgt)),
+        "boxes": len(b_tgt),
         "image_labels": n_labels,
         "shards": n_shards,
         "rows_read": boxes.rows_read,
@@ -855,15 +974,18 @@ def _plan_split(cfg: Config, split: str, inputs: MetadataInputs, ci: _ClassInfo,
         "boxes_filtered_out": filtered_out,
         "images_without_index_row": missing,
         "images_before_caps": int(candidate.sum()),
-        "classes": {m: {"images": int(img_per_cls[i]), "boxes": int(box_per_cls[i])} for i, m in enumerate(selected)},
+        "classes": {
+            m: {"images": int(img_per_cls[i]), "boxes": int(box_per_cls[i])} for i, m in enumerate(selected)
+        },
         "malformed": logm.to_json(),
         "malformed_total": logm.total,
     }
-    return planio.SplitManifest(num_shards=n_shards, num_images=n_final, num_boxes=int(len(b_tgt)), shards=paths,
-                                shard_sha256=shas), stats
+    return planio.SplitManifest(
+        num_shards=n_shards, num_images=n_final, num_boxes=len(b_tgt), shards=paths, shard_sha256=shas
+    ), stats
 
 
-def build_plan(cfg: Config, storage: Optional[Storage] = None) -> PlanResult:
+def build_plan(cfg: Config, storage: Storage | None = None) -> PlanResult:
     """Parse the configured metadata and write the label map and the plan under ``output.url``.
 
     Args:
@@ -884,9 +1006,11 @@ def build_plan(cfg: Config, storage: Optional[Storage] = None) -> PlanResult:
         return _build_plan(cfg, st, layout)
 
 
-def _previous_labels(cfg: Config, st: Storage, layout: Layout) -> tuple[Optional[LabelMap], list[dict], Optional[LabelMap]]:
+def _previous_labels(
+    cfg: Config, st: Storage, layout: Layout
+) -> tuple[LabelMap | None, list[dict], LabelMap | None]:
     """(the output's current label map, classes retired by earlier plans, the pinned map of selection.label_map)."""
-    previous: Optional[LabelMap] = None
+    previous: LabelMap | None = None
     retired: list[dict] = []
     try:
         previous = LabelMap.from_pbtxt(st.read_text(layout.label_map_pbtxt), layout.label_map_pbtxt)
@@ -911,19 +1035,34 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
     inputs = MetadataInputs(cfg, st)
     ci = _load_classes(cfg, inputs)
     previous, retired, pinned = _previous_labels(cfg, st, layout)
-    label_map, retired = assign_ids(ci.selected, ci.names, previous=previous, retired=retired, pinned=pinned,
-                                    pinned_source=cfg.selection.label_map or "selection.label_map")
+    label_map, retired = assign_ids(
+        ci.selected,
+        ci.names,
+        previous=previous,
+        retired=retired,
+        pinned=pinned,
+        pinned_source=cfg.selection.label_map or "selection.label_map",
+    )
     ci.ids = np.array([label_map.by_mid[m].id for m in ci.selected], np.int32)
     if previous is not None:
         added = [c for c in label_map if c.mid not in previous.by_mid]
         gone = [c for c in previous if c.mid not in label_map.by_mid]
         if added or gone:
-            def few(cs: list) -> str:
-                return (", ".join(f"{c.id}={c.name}" for c in cs[:8]) + (f", ... ({len(cs) - 8} more)"
-                                                                          if len(cs) > 8 else "")) or "-"
 
-            log.info("label map: %d classes kept their ids, %d added (%s), %d removed, ids retired (%s)",
-                     len(label_map) - len(added), len(added), few(added), len(gone), few(gone))
+            def few(cs: list) -> str:
+                return (
+                    ", ".join(f"{c.id}={c.name}" for c in cs[:8])
+                    + (f", ... ({len(cs) - 8} more)" if len(cs) > 8 else "")
+                ) or "-"
+
+            log.info(
+                "label map: %d classes kept their ids, %d added (%s), %d removed, ids retired (%s)",
+                len(label_map) - len(added),
+                len(added),
+                few(added),
+                len(gone),
+                few(gone),
+            )
 
     # The manifest marks a complete plan: remove it first so a half-rewritten plan is never "done".
     st.delete(layout.plan_manifest)
@@ -933,8 +1072,14 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
         sm, stats = _plan_split(cfg, split, inputs, ci, st, plan_url)
         split_manifests[split] = sm
         split_stats[split] = stats
-        log.info("plan %s: %d images, %d boxes, %d shards, %d malformed rows", split, sm.num_images,
-                 sm.num_boxes, sm.num_shards, stats["malformed_total"])
+        log.info(
+            "plan %s: %d images, %d boxes, %d shards, %d malformed rows",
+            split,
+            sm.num_images,
+            sm.num_boxes,
+            sm.num_shards,
+            stats["malformed_total"],
+        )
 
     # Shards left by an earlier plan with other shard counts or splits would confuse readers.
     wanted = {join_url(plan_url, p) for sm in split_manifests.values() for p in sm.shards}
@@ -953,15 +1098,24 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
     }
     st.write_json(layout.plan_stats, stats_doc)
     save_resolved(cfg, plan_url, st)
-    manifest = planio.PlanManifest(splits=split_manifests, num_classes=len(label_map),
-                                   label_map="label_map.pbtxt", config_digest=_config_digest(cfg),
-                                   label_map_digest=label_map.digest, removed_classes=retired,
-                                   image_settings=image_settings(cfg.image))
+    manifest = planio.PlanManifest(
+        splits=split_manifests,
+        num_classes=len(label_map),
+        label_map="label_map.pbtxt",
+        config_digest=_config_digest(cfg),
+        label_map_digest=label_map.digest,
+        removed_classes=retired,
+        image_settings=image_settings(cfg.image),
+    )
     planio.write_manifest(st, plan_url, manifest)
     dt = time.monotonic() - t0
-    log.info("plan: %d classes, %s in %.1f s -> %s", len(label_map),
-             ", ".join(f"{s}={m.num_images} images/{m.num_boxes} boxes" for s, m in split_manifests.items()),
-             dt, plan_url)
+    log.info(
+        "plan: %d classes, %s in %.1f s -> %s",
+        len(label_map),
+        ", ".join(f"{s}={m.num_images} images/{m.num_boxes} boxes" for s, m in split_manifests.items()),
+        dt,
+        plan_url,
+    )
     return PlanResult(plan_url=plan_url, manifest=manifest, stats=stats_doc, label_map=label_map, seconds=dt)
 
 

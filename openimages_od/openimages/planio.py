@@ -28,7 +28,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,21 +36,21 @@ import pyarrow.parquet as pq
 from openimages_od.config import join_url
 
 __all__ = [
-    "PLAN_SCHEMA",
     "BOX_TYPE",
     "IMAGE_LABEL_TYPE",
+    "PLAN_SCHEMA",
     "PlanManifest",
     "SplitManifest",
-    "shard_of",
     "num_shards_for",
-    "shard_name",
-    "plan_shard_path",
-    "write_plan_table",
-    "read_plan_table",
-    "read_manifest",
-    "write_manifest",
-    "split_digest",
     "plan_digest",
+    "plan_shard_path",
+    "read_manifest",
+    "read_plan_table",
+    "shard_name",
+    "shard_of",
+    "split_digest",
+    "write_manifest",
+    "write_plan_table",
 ]
 
 BOX_TYPE = pa.struct(
@@ -132,10 +132,19 @@ def split_digest(shards: list[str], shard_sha256: list[str]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def plan_digest(splits: dict[str, "SplitManifest"], label_map_digest: str, image_settings: dict[str, Any]) -> str:
+def plan_digest(
+    splits: dict[str, SplitManifest], label_map_digest: str, image_settings: dict[str, Any]
+) -> str:
     """The plan's identity: every split's digest, the label map and the byte-changing image settings."""
-    body = json.dumps({"splits": {k: v.digest for k, v in sorted(splits.items())}, "label_map": label_map_digest,
-                       "image": image_settings}, sort_keys=True, separators=(",", ":"))
+    body = json.dumps(
+        {
+            "splits": {k: v.digest for k, v in sorted(splits.items())},
+            "label_map": label_map_digest,
+            "image": image_settings,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -148,7 +157,9 @@ class PlanManifest:
     format: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
     label_map_digest: str = ""  # sha256 of label_map.pbtxt as written
-    removed_classes: list[dict[str, Any]] = field(default_factory=list)  # classes of earlier plans, ids retired
+    removed_classes: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # classes of earlier plans, ids retired
     image_settings: dict[str, Any] = field(default_factory=dict)
     digest: str = ""  # :func:`plan_digest`; filled in when empty
 
@@ -171,10 +182,12 @@ class PlanManifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "PlanManifest":
+    def from_json(cls, d: dict[str, Any]) -> PlanManifest:
         known = set(SplitManifest.__dataclass_fields__)
         return cls(
-            splits={k: SplitManifest(**{f: x for f, x in v.items() if f in known}) for k, v in d["splits"].items()},
+            splits={
+                k: SplitManifest(**{f: x for f, x in v.items() if f in known}) for k, v in d["splits"].items()
+            },
             num_classes=int(d["num_classes"]),
             label_map=d.get("label_map", "label_map.pbtxt"),
             config_digest=d.get("config_digest", ""),
@@ -203,7 +216,7 @@ def write_plan_table(storage: Any, url: str, table: pa.Table) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_plan_table(storage: Any, url: str, columns: Optional[list[str]] = None) -> pa.Table:
+def read_plan_table(storage: Any, url: str, columns: list[str] | None = None) -> pa.Table:
     data = storage.read_bytes(url)
     return pq.read_table(io.BytesIO(data), columns=columns)
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from openimages_od.storage import ObjectNotFound, Storage
 
-__all__ = ["CacheEntry", "ImageCache", "encode_entry", "decode_entry"]
+__all__ = ["CacheEntry", "ImageCache", "decode_entry", "encode_entry"]
 
 _MAGIC = b"OIODIMG1\n"
 
@@ -36,16 +36,16 @@ class CacheEntry:
 
     image_id: str
     status: str  # ok | failed
-    rotation: Optional[int] = None
-    original_md5: Optional[str] = None
-    source: Optional[str] = None
-    url: Optional[str] = None
+    rotation: int | None = None
+    original_md5: str | None = None
+    source: str | None = None
+    url: str | None = None
     bytes: int = 0  # bytes fetched from the source
     width: int = 0
     height: int = 0
     kept_original: bool = False
     ops: list[int] = field(default_factory=list)  # PIL Image.Transpose values, in order
-    error: Optional[str] = None
+    error: str | None = None
     attempts: list[str] = field(default_factory=list)
     data: bytes = b""
 
@@ -67,9 +67,9 @@ def decode_entry(raw: bytes, where: str = "") -> CacheEntry:
     if not raw.startswith(_MAGIC):
         raise ValueError(f"{where}: not an oiod image cache entry")
     nl = raw.index(b"\n", len(_MAGIC))
-    head = json.loads(raw[len(_MAGIC):nl])
+    head = json.loads(raw[len(_MAGIC) : nl])
     known = set(CacheEntry.__dataclass_fields__)
-    return CacheEntry(**{k: v for k, v in head.items() if k in known}, data=raw[nl + 1:])
+    return CacheEntry(**{k: v for k, v in head.items() if k in known}, data=raw[nl + 1 :])
 
 
 class ImageCache:
@@ -89,7 +89,7 @@ class ImageCache:
     def url(self, image_id: str) -> str:
         return self.layout.image_cache(self.digest, image_id)
 
-    def get(self, image_id: str) -> Optional[CacheEntry]:
+    def get(self, image_id: str) -> CacheEntry | None:
         """The entry, or None when the image was never prepared with these settings (or it is unreadable)."""
         url = self.url(image_id)
         try:

@@ -48,8 +48,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from openimages_od import dataset as ds
 from openimages_od.config import Config, save_resolved
@@ -66,7 +67,7 @@ from openimages_od.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_prepare", "ShardWorker", "ShardScheduler", "pending_tasks"]
+__all__ = ["ShardScheduler", "ShardWorker", "pending_tasks", "run_prepare"]
 
 
 # --------------------------------------------------------------------------- actors
@@ -75,11 +76,11 @@ __all__ = ["run_prepare", "ShardWorker", "ShardScheduler", "pending_tasks"]
 class ShardWorker:
     """A download actor: one event loop, one HTTP pool, one S3 thread pool, shared by its shards."""
 
-    def __init__(self, cfg_data: dict[str, Any], crash_once: Optional[str] = None) -> None:
+    def __init__(self, cfg_data: dict[str, Any], crash_once: str | None = None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.cfg = Config.model_validate(cfg_data)
         self.crash_once = crash_once
-        self._ctx: Optional[ShardContext] = None
+        self._ctx: ShardContext | None = None
         # Images finished in the shards still running, per shard: (ok, failed, bytes).
         self._live: dict[str, list[int]] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -90,14 +91,24 @@ class ShardWorker:
             self._ctx = ShardContext(
                 cfg=self.cfg,
                 storage=Storage.from_config(self.cfg),
-                fetcher=Fetcher(self.cfg.source.images, concurrency=rc.concurrency_per_actor,
-                                storage=Storage.from_config(self.cfg)),
+                fetcher=Fetcher(
+                    self.cfg.source.images,
+                    concurrency=rc.concurrency_per_actor,
+                    storage=Storage.from_config(self.cfg),
+                ),
                 cpu_pool=ThreadPoolExecutor(rc.decode_threads_per_actor, thread_name_prefix="oiod-cpu"),
                 semaphore=asyncio.Semaphore(rc.concurrency_per_actor),
                 crash_once=self.crash_once,
                 worker=self.name,
-                cache=(ImageCache(Storage.from_config(self.cfg), Layout.from_config(self.cfg),
-                                  image_digest(self.cfg.image)) if self.cfg.output.image_cache else None),
+                cache=(
+                    ImageCache(
+                        Storage.from_config(self.cfg),
+                        Layout.from_config(self.cfg),
+                        image_digest(self.cfg.image),
+                    )
+                    if self.cfg.output.image_cache
+                    else None
+                ),
             )
         return self._ctx
 
@@ -160,9 +171,18 @@ def pending_tasks(
         sp = s.spec
         redo = s.state != "committed" or (retry_failed and (s.stats or {}).get("failed", 0) > 0)
         if redo:
-            tasks.append(ShardTask(sp.split, sp.index, sp.num_shards, sp.plan_url,
-                                   retry_failed=retry_failed and s.state == "committed", plan_sha256=sp.plan_sha256,
-                                   key=sp.key, plan_digest=manifest.digest))
+            tasks.append(
+                ShardTask(
+                    sp.split,
+                    sp.index,
+                    sp.num_shards,
+                    sp.plan_url,
+                    retry_failed=retry_failed and s.state == "committed",
+                    plan_sha256=sp.plan_sha256,
+                    key=sp.key,
+                    plan_digest=manifest.digest,
+                )
+            )
         else:
             committed[sp.name] = s.stats or {}
     return tasks, committed
@@ -218,9 +238,15 @@ def _connect(cfg: Config) -> bool:
     rc = cfg.ray
     if rc.address == "local":
         with _dynamic_agent_port():
-            ray.init(num_cpus=rc.local_num_cpus, object_store_memory=rc.object_store_memory_mb * 1024 * 1024,
-                     include_dashboard=False, namespace=rc.namespace, log_to_driver=True, configure_logging=False,
-                     _system_config={"worker_niceness": rc.local_worker_niceness})
+            ray.init(
+                num_cpus=rc.local_num_cpus,
+                object_store_memory=rc.object_store_memory_mb * 1024 * 1024,
+                include_dashboard=False,
+                namespace=rc.namespace,
+                log_to_driver=True,
+                configure_logging=False,
+                _system_config={"worker_niceness": rc.local_worker_niceness},
+            )
     else:
         try:
             ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=True, configure_logging=False)
@@ -242,21 +268,33 @@ class _Bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-            TextColumn("{task.fields[rate]:>7.1f} img/s"), TextColumn("shards {task.fields[shards]}"),
-            TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
-            console=Console(stderr=True), refresh_per_second=4,
+            TextColumn("prepare"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TextColumn("{task.fields[rate]:>7.1f} img/s"),
+            TextColumn("shards {task.fields[shards]}"),
+            TextColumn("failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            refresh_per_second=4,
         )
-        self.task = self.progress.add_task("prepare", total=total_images, rate=0.0,
-                                           shards=f"0/{total_shards}", failed=0)
+        self.task = self.progress.add_task(
+            "prepare", total=total_images, rate=0.0, shards=f"0/{total_shards}", failed=0
+        )
         self.progress.start()
 
     def update(self, ok: int, failed: int, shards_done: int) -> None:
         if not self.enabled:
             return
         el = max(1e-6, time.monotonic() - self.t0)
-        self.progress.update(self.task, completed=ok + failed, rate=(ok + failed) / el,
-                             shards=f"{shards_done}/{self.total_shards}", failed=failed)
+        self.progress.update(
+            self.task,
+            completed=ok + failed,
+            rate=(ok + failed) / el,
+            shards=f"{shards_done}/{self.total_shards}",
+            failed=failed,
+        )
 
     def close(self) -> None:
         if self.enabled:
@@ -289,7 +327,9 @@ def _secrets_in_config(cfg_data: dict[str, Any]) -> list[str]:
     return found
 
 
-def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple[list[dict], dict[str, str], int, dict]:
+def _run_on_ray(
+    cfg: Config, tasks: list[ShardTask], total_images: int
+) -> tuple[list[dict], dict[str, str], int, dict]:
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -308,7 +348,9 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
         env = {k: os.environ[k] for k in rc.forward_env if os.environ.get(k)}
         worker_cls = ray.remote(ShardWorker)
         options: dict[str, Any] = dict(
-            num_cpus=rc.num_cpus_per_actor, max_restarts=max(1, rc.max_shard_retries), max_task_retries=0,
+            num_cpus=rc.num_cpus_per_actor,
+            max_restarts=max(1, rc.max_shard_retries),
+            max_task_retries=0,
             max_concurrency=max(8, rc.max_shards_in_flight_per_actor * 4),
             **({"runtime_env": {"env_vars": env}} if env else {}),
         )
@@ -319,7 +361,8 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
             # Pinned (not soft): an actor of a lost node must not restart elsewhere unseen;
             # the scheduler starts replacements where it sees room.
             return worker_cls.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), **options,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                **options,
             ).remote(cfg_data, crash_once)
 
         bar = _Bar(rc.progress, total_images, len(tasks))
@@ -329,11 +372,18 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask], total_images: int) -> tuple
         finally:
             bar.close()
             sched.shutdown()
-        info = {"address": rc.address, "num_actors": len(sched.actors), "num_actors_override": rc.num_actors,
-                "num_cpus_per_actor": rc.num_cpus_per_actor, "concurrency_per_actor": rc.concurrency_per_actor,
-                "cluster_cpus": cpus, "workers": sorted(sched.workers),
-                "shards_per_node": dict(sorted(sched.shards_per_node.items())),
-                "lost_nodes": sched.lost_nodes, "shards_rescheduled": sched.rescheduled}
+        info = {
+            "address": rc.address,
+            "num_actors": len(sched.actors),
+            "num_actors_override": rc.num_actors,
+            "num_cpus_per_actor": rc.num_cpus_per_actor,
+            "concurrency_per_actor": rc.concurrency_per_actor,
+            "cluster_cpus": cpus,
+            "workers": sorted(sched.workers),
+            "shards_per_node": dict(sorted(sched.shards_per_node.items())),
+            "lost_nodes": sched.lost_nodes,
+            "shards_rescheduled": sched.rescheduled,
+        }
         return sched.results, sched.failed, sched.retries, info
     finally:
         if started:
@@ -361,14 +411,16 @@ def run_prepare(cfg: Config, retry_failed: bool = False, skip_plan: bool = False
         raise ConfigError(
             f"the configuration holds credentials: {', '.join(leaked)}; they would be saved in "
             "config.resolved.yaml and passed to every download actor (the Ray dashboard can show it): leave "
-            "credentials in the environment (the standard AWS variables, a profile, or the pod's Secret)")
+            "credentials in the environment (the standard AWS variables, a profile, or the pod's Secret)"
+        )
     layout = Layout.from_config(cfg)
     with output_lock(storage, layout.lock, cfg.output.lock_ttl_s, "prepare") as lock:
         return _prepare_locked(cfg, storage, layout, lock, retry_failed, skip_plan)
 
 
-def _prepare_locked(cfg: Config, storage: Storage, layout: Layout, lock: Any, retry_failed: bool,
-                    skip_plan: bool) -> int:
+def _prepare_locked(
+    cfg: Config, storage: Storage, layout: Layout, lock: Any, retry_failed: bool, skip_plan: bool
+) -> int:
     t0 = time.monotonic()
     plan_url = layout.plan_dir
     manifest = _ensure_plan(cfg, storage, plan_url, skip_plan)
@@ -390,8 +442,14 @@ def _prepare_locked(cfg: Config, storage: Storage, layout: Layout, lock: Any, re
         results, failed, retries, info = _run_on_ray(cfg, tasks, total_images)
     wall = time.monotonic() - t0
     all_stats = {**committed, **{s["name"]: s for s in results}}
-    report = build_report(all_stats.values(), wall_s=wall, skipped=committed.keys(), failed_shards=failed,
-                          ray_info=info, retries=retries)
+    report = build_report(
+        all_stats.values(),
+        wall_s=wall,
+        skipped=committed.keys(),
+        failed_shards=failed,
+        ray_info=info,
+        retries=retries,
+    )
     lock.check()
     dataset_url = None
     if not failed:
@@ -400,15 +458,19 @@ def _prepare_locked(cfg: Config, storage: Storage, layout: Layout, lock: Any, re
         dataset_url = ds.write_dataset(cfg, storage, doc)
     storage.write_json(layout.prepare_report, report)
     tot, run = report["totals"], report["this_run"]
-    print(f"oiod prepare: {tot['shards']} shards committed ({run['shards_processed']} now, "
-          f"{run['shards_skipped']} skipped), {tot['ok']} images ok, {tot['failed']} failed, "
-          f"{run['source_fetches']} fetched from the source, {run['cache_hits']} from the cache, "
-          f"{run['images_per_s'] or 0:.1f} images/s; report {layout.prepare_report}"
-          + (f"; dataset {report['dataset']['digest'][:12]} in {dataset_url}" if dataset_url else ""),
-          file=sys.stderr)
+    print(
+        f"oiod prepare: {tot['shards']} shards committed ({run['shards_processed']} now, "
+        f"{run['shards_skipped']} skipped), {tot['ok']} images ok, {tot['failed']} failed, "
+        f"{run['source_fetches']} fetched from the source, {run['cache_hits']} from the cache, "
+        f"{run['images_per_s'] or 0:.1f} images/s; report {layout.prepare_report}"
+        + (f"; dataset {report['dataset']['digest'][:12]} in {dataset_url}" if dataset_url else ""),
+        file=sys.stderr,
+    )
     if failed:
-        raise OiodError(f"{len(failed)} shard(s) failed after {cfg.ray.max_shard_retries} retries: "
-                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
+        raise OiodError(
+            f"{len(failed)} shard(s) failed after {cfg.ray.max_shard_retries} retries: "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5])
+        )
     return 0
 
 

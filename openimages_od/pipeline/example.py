@@ -12,9 +12,9 @@ faster than ``tf.train.Example.SerializeToString`` for our small messages.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["BytesF", "FloatF", "IntF", "encode_example", "decode_example", "detection_features", "Feature"]
+__all__ = ["BytesF", "Feature", "FloatF", "IntF", "decode_example", "detection_features", "encode_example"]
 
 
 class BytesF(tuple):
@@ -29,7 +29,7 @@ class IntF(tuple):
     """An ``Int64List`` feature."""
 
 
-Feature = Union[BytesF, FloatF, IntF]
+Feature = BytesF | FloatF | IntF
 
 
 def _varint(n: int) -> bytes:
@@ -90,7 +90,7 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> Iterable[tuple[int, int, Union[int, bytes]]]:
+def _fields(buf: bytes) -> Iterable[tuple[int, int, int | bytes]]:
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _read_varint(buf, pos)
@@ -100,13 +100,13 @@ def _fields(buf: bytes) -> Iterable[tuple[int, int, Union[int, bytes]]]:
             yield field, wire, val
         elif wire == 2:
             n, pos = _read_varint(buf, pos)
-            yield field, wire, buf[pos:pos + n]
+            yield field, wire, buf[pos : pos + n]
             pos += n
         elif wire == 5:
-            yield field, wire, buf[pos:pos + 4]
+            yield field, wire, buf[pos : pos + 4]
             pos += 4
         elif wire == 1:
-            yield field, wire, buf[pos:pos + 8]
+            yield field, wire, buf[pos : pos + 8]
             pos += 8
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
@@ -221,6 +221,7 @@ def detection_features(
     if labels:
         feats["image/class/label"] = IntF(int(x["label_id"]) for x in labels)
         feats["image/class/text"] = BytesF(x["mid"] for x in labels)
-        feats["image/class/confidence"] = FloatF(float(x["confidence"] if x["confidence"] is not None else 1.0)
-                                                 for x in labels)
+        feats["image/class/confidence"] = FloatF(
+            float(x["confidence"] if x["confidence"] is not None else 1.0) for x in labels
+        )
     return feats

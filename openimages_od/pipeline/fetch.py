@@ -36,15 +36,16 @@ import email.utils
 import random
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from openimages_od.config import ImageSources
 from openimages_od.storage import AccessDenied, ObjectNotFound, Storage, StorageError
 
-__all__ = ["FetchFailed", "Fetched", "Fetcher", "source_url", "parse_retry_after", "backoff_s"]
+__all__ = ["FetchFailed", "Fetched", "Fetcher", "backoff_s", "parse_retry_after", "source_url"]
 
 _DEFAULT_KEY_TEMPLATE = "{split}/{image_id}.jpg"
 _HTTP_SCHEMES = ("http", "https")
@@ -76,7 +77,7 @@ class Fetched:
     attempts: int
 
 
-def source_url(source: str, row: dict[str, Any], sources: ImageSources) -> Optional[str]:
+def source_url(source: str, row: dict[str, Any], sources: ImageSources) -> str | None:
     """The URL of ``source`` ("bucket", "original", "thumbnail") for a plan row, or None."""
     if source == "bucket":
         template = sources.key_template
@@ -92,7 +93,7 @@ def source_url(source: str, row: dict[str, Any], sources: ImageSources) -> Optio
     raise ValueError(f"unknown image source {source!r}")
 
 
-def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
     if not value:
         return None
@@ -110,13 +111,15 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
-def backoff_s(attempt: int, base_s: float, cap_s: float, rng: Callable[[float, float], float] = random.uniform) -> float:
+def backoff_s(
+    attempt: int, base_s: float, cap_s: float, rng: Callable[[float, float], float] = random.uniform
+) -> float:
     """Full-jitter exponential backoff for retry number ``attempt`` (1-based)."""
     return rng(0, min(cap_s, base_s * (2 ** (attempt - 1))))
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str, detail: str = "", wait_s: Optional[float] = None) -> None:
+    def __init__(self, reason: str, detail: str = "", wait_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
@@ -132,12 +135,14 @@ class Fetcher:
         storage: storage used for ``bucket`` fetches (defaults to one with ``sources.s3`` for the bucket).
     """
 
-    def __init__(self, sources: ImageSources, concurrency: int = 32, storage: Optional[Storage] = None) -> None:
+    def __init__(self, sources: ImageSources, concurrency: int = 32, storage: Storage | None = None) -> None:
         self.sources = sources
         self.http = sources.http
         self.concurrency = concurrency
         self.storage = storage or Storage(bucket_options={sources.bucket: sources.s3})
-        self._pool = ThreadPoolExecutor(max_workers=max(4, min(concurrency, 64)), thread_name_prefix="oiod-s3")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(4, min(concurrency, 64)), thread_name_prefix="oiod-s3"
+        )
         self._session: Any = None
 
     async def _session_get(self) -> Any:
@@ -145,14 +150,21 @@ class Fetcher:
             import aiohttp
 
             h = self.http
-            connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=h.per_host_limit,
-                                             ttl_dns_cache=300, enable_cleanup_closed=True)
-            timeout = aiohttp.ClientTimeout(total=h.total_timeout_s, sock_connect=h.connect_timeout_s,
-                                            sock_read=h.read_timeout_s)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  headers={"User-Agent": h.user_agent,
-                                                           "Accept-Encoding": _ACCEPT_ENCODING},
-                                                  auto_decompress=False)  # inflated in _read_body, bounded
+            connector = aiohttp.TCPConnector(
+                limit=self.concurrency,
+                limit_per_host=h.per_host_limit,
+                ttl_dns_cache=300,
+                enable_cleanup_closed=True,
+            )
+            timeout = aiohttp.ClientTimeout(
+                total=h.total_timeout_s, sock_connect=h.connect_timeout_s, sock_read=h.read_timeout_s
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                headers={"User-Agent": h.user_agent, "Accept-Encoding": _ACCEPT_ENCODING},
+                auto_decompress=False,
+            )  # inflated in _read_body, bounded
         return self._session
 
     async def close(self) -> None:
@@ -177,7 +189,7 @@ class Fetcher:
             return await self._fetch_http(source, url)
         except FetchFailed:
             raise
-        except Exception as exc:  # noqa: BLE001 - one image's problem, whatever it is, is that image's failure
+        except Exception as exc:
             raise FetchFailed("fetch_error", f"{url[:200]}: {_describe(exc)}"[:300]) from None
 
     # ------------------------------------------------------------------ S3
@@ -237,7 +249,9 @@ class Fetcher:
                     if status == 200:
                         return await _read_body(resp, max_bytes, current), current
                     if status == 429 or status >= 500:
-                        raise _Retry(f"http_{status}", current, parse_retry_after(resp.headers.get("Retry-After")))
+                        raise _Retry(
+                            f"http_{status}", current, parse_retry_after(resp.headers.get("Retry-After"))
+                        )
                     raise FetchFailed(f"http_{status}", current)
             raise FetchFailed("too_many_redirects", f"more than {h.max_redirects} redirects from {url}")
         except (asyncio.TimeoutError, TimeoutError) as exc:
@@ -258,7 +272,7 @@ def _describe(exc: BaseException) -> str:
     """``Type: message`` of an exception whose ``__str__`` may itself fail (half-built error objects)."""
     try:
         return f"{type(exc).__name__}: {exc}"
-    except Exception:  # noqa: BLE001
+    except Exception:
         return type(exc).__name__
 
 
@@ -279,7 +293,7 @@ def _check_http_url(url: str, reason: str) -> None:
         raise FetchFailed(reason, f"{url[:200]!r}: no host")
 
 
-def _next_location(current: str, location: Optional[str], status: int, seen: set[str]) -> str:
+def _next_location(current: str, location: str | None, status: int, seen: set[str]) -> str:
     """The URL a redirect leads to, checked (scheme, placeholder, loop).
 
     Raises:
@@ -301,7 +315,7 @@ def _next_location(current: str, location: Optional[str], status: int, seen: set
     return nxt
 
 
-def _inflater(encoding: str) -> Optional[Any]:
+def _inflater(encoding: str) -> Any | None:
     """A zlib decompressor for ``Content-Encoding`` (None for identity).
 
     Raises:

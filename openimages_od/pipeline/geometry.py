@@ -24,8 +24,8 @@ Conventions:
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from PIL import Image
 
@@ -33,15 +33,15 @@ from openimages_od.pipeline.verify import Rejected, check_jpeg_scan, decode_jpeg
 
 __all__ = [
     "Op",
-    "ops_for_rotation",
-    "ops_for_exif",
+    "RenderedImage",
     "choose_ops",
-    "transform_point",
+    "ops_for_exif",
+    "ops_for_rotation",
+    "render",
+    "target_size",
     "transform_box",
     "transform_boxes",
-    "target_size",
-    "RenderedImage",
-    "render",
+    "transform_point",
 ]
 
 Op = Image.Transpose
@@ -69,11 +69,14 @@ _EXIF_OPS = {
     8: Op.ROTATE_90,
 }
 _ROTATION_OPS = {90: Op.ROTATE_90, 180: Op.ROTATE_180, 270: Op.ROTATE_270}
-_RESAMPLE = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-             "lanczos": Image.Resampling.LANCZOS}
+_RESAMPLE = {
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
-def ops_for_rotation(rotation: Optional[int]) -> list[Op]:
+def ops_for_rotation(rotation: int | None) -> list[Op]:
     """Ops for a counter-clockwise ``Rotation`` (null/0 = none).
 
     Raises:
@@ -89,13 +92,13 @@ def ops_for_rotation(rotation: Optional[int]) -> list[Op]:
     return [_ROTATION_OPS[r]]
 
 
-def ops_for_exif(orientation: Optional[int]) -> list[Op]:
+def ops_for_exif(orientation: int | None) -> list[Op]:
     """Ops for an EXIF orientation value (1 or unknown = none)."""
     op = _EXIF_OPS.get(int(orientation)) if orientation else None
     return [op] if op is not None else []
 
 
-def choose_ops(rotation: Optional[int], exif_orientation: Optional[int], mode: str = "rotation_wins") -> list[Op]:
+def choose_ops(rotation: int | None, exif_orientation: int | None, mode: str = "rotation_wins") -> list[Op]:
     """The transforms to apply, per the ``image.exif`` policy (see module docstring)."""
     if mode == "ignore":
         return ops_for_rotation(rotation)
@@ -113,7 +116,9 @@ def transform_point(x: float, y: float, ops: Sequence[Op]) -> tuple[float, float
     return x, y
 
 
-def transform_box(box: tuple[float, float, float, float], ops: Sequence[Op]) -> tuple[float, float, float, float]:
+def transform_box(
+    box: tuple[float, float, float, float], ops: Sequence[Op]
+) -> tuple[float, float, float, float]:
     """(xmin, xmax, ymin, ymax) relative -> the same box after ``ops``."""
     xmin, xmax, ymin, ymax = box
     if not ops:
@@ -123,7 +128,9 @@ def transform_box(box: tuple[float, float, float, float], ops: Sequence[Op]) -> 
     return min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
 
 
-def transform_boxes(boxes: Sequence[tuple[float, float, float, float]], ops: Sequence[Op]) -> list[tuple[float, float, float, float]]:
+def transform_boxes(
+    boxes: Sequence[tuple[float, float, float, float]], ops: Sequence[Op]
+) -> list[tuple[float, float, float, float]]:
     return [transform_box(b, ops) for b in boxes]
 
 
@@ -148,10 +155,10 @@ class RenderedImage:
     source_size: tuple[int, int]
 
 
-def exif_orientation(img: Image.Image) -> Optional[int]:
+def exif_orientation(img: Image.Image) -> int | None:
     try:
         value = img.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+    except Exception:
         return None
     return int(value) if isinstance(value, int) else None
 
@@ -160,7 +167,7 @@ def render(
     img: Image.Image,
     data: bytes,
     *,
-    rotation: Optional[int],
+    rotation: int | None,
     max_side: int,
     quality: int,
     exif_mode: str = "rotation_wins",
@@ -197,28 +204,53 @@ def render(
             so one hostile file costs one image, never its shard.
     """
     try:
-        return _render(img, data, rotation=rotation, max_side=max_side, quality=quality, exif_mode=exif_mode,
-                       keep_original_if_fits=keep_original_if_fits, resample=resample)
+        return _render(
+            img,
+            data,
+            rotation=rotation,
+            max_side=max_side,
+            quality=quality,
+            exif_mode=exif_mode,
+            keep_original_if_fits=keep_original_if_fits,
+            resample=resample,
+        )
     except Rejected:
         raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for hostile files
+    except Exception as exc:
         raise Rejected("corrupt", f"{type(exc).__name__}: {exc}"[:200]) from None
 
 
-def _render(img: Image.Image, data: bytes, *, rotation: Optional[int], max_side: int, quality: int,
-            exif_mode: str, keep_original_if_fits: bool, resample: str) -> RenderedImage:
+def _render(
+    img: Image.Image,
+    data: bytes,
+    *,
+    rotation: int | None,
+    max_side: int,
+    quality: int,
+    exif_mode: str,
+    keep_original_if_fits: bool,
+    resample: str,
+) -> RenderedImage:
     src_w, src_h = img.size
     orientation = exif_orientation(img) if exif_mode != "ignore" else None
     ops = choose_ops(rotation, orientation, exif_mode)
     tw, th = target_size(src_w, src_h, max_side)
     is_jpeg = img.format == "JPEG"
-    if (keep_original_if_fits and is_jpeg and not ops and (tw, th) == (src_w, src_h)
-            and orientation in (None, 1) and img.mode in ("RGB", "L")):
+    if (
+        keep_original_if_fits
+        and is_jpeg
+        and not ops
+        and (tw, th) == (src_w, src_h)
+        and orientation in (None, 1)
+        and img.mode in ("RGB", "L")
+    ):
         check_jpeg_scan(data)  # the kept bytes are what TF decodes: their scan must be complete
         return RenderedImage(data, src_w, src_h, [], True, (src_w, src_h))
     if is_jpeg and img.mode in ("RGB", "L"):
         # One libjpeg-turbo decode at the draft scale, with the scan checked (warnings as errors).
-        img = decode_jpeg_strict(data, img.mode, (src_w, src_h), (tw, th) if (tw, th) != (src_w, src_h) else None)
+        img = decode_jpeg_strict(
+            data, img.mode, (src_w, src_h), (tw, th) if (tw, th) != (src_w, src_h) else None
+        )
     else:
         if is_jpeg and (tw, th) != (src_w, src_h):
             img.draft("RGB" if img.mode not in ("L", "RGB") else img.mode, (tw, th))

@@ -18,23 +18,24 @@ false when the image was fetched from its source in this run; ``reused`` when
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any
 
-__all__ = ["LedgerEntry", "encode_ledger", "decode_ledger"]
+__all__ = ["LedgerEntry", "decode_ledger", "encode_ledger"]
 
 
 @dataclass
 class LedgerEntry:
     image_id: str
     status: str  # "ok" | "failed"
-    source: Optional[str] = None
-    url: Optional[str] = None
+    source: str | None = None
+    url: str | None = None
     bytes: int = 0
     width: int = 0
     height: int = 0
     kept_original: bool = False
-    error: Optional[str] = None
+    error: str | None = None
     attempts: list[str] = field(default_factory=list)
     reused: bool = False
     from_cache: bool = False

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["build_report"]
 
@@ -36,7 +37,15 @@ def build_report(
         by_reason.update(s.get("failed_by_reason", {}))
         sources.update(s.get("sources", {}))
         sp = splits.setdefault(s["split"], Counter())
-        sp.update({"shards": 1, "images": s["images"], "ok": s["ok"], "failed": s["failed"], "boxes": s.get("boxes", 0)})
+        sp.update(
+            {
+                "shards": 1,
+                "images": s["images"],
+                "ok": s["ok"],
+                "failed": s["failed"],
+                "boxes": s.get("boxes", 0),
+            }
+        )
     done_now = [s for s in stats if s["name"] not in skipped]
     images_now = sum(s["images"] for s in done_now)
     # Shards made before the image cache existed have no cache figures: every image was a fetch.
@@ -71,10 +80,31 @@ def build_report(
         "failed_shards": dict(sorted((failed_shards or {}).items())),
         "ray": ray_info or {},
         "shards": [
-            {k: s.get(k) for k in ("split", "shard", "name", "images", "ok", "failed", "failed_by_reason", "sources",
-                                   "boxes", "bytes_fetched", "tfrecord_bytes", "duration_s", "images_per_s",
-                                   "reused", "kept_original", "cache_hits", "source_fetches", "worker",
-                                   "shard_key", "tfrecord_sha256")}
+            {
+                k: s.get(k)
+                for k in (
+                    "split",
+                    "shard",
+                    "name",
+                    "images",
+                    "ok",
+                    "failed",
+                    "failed_by_reason",
+                    "sources",
+                    "boxes",
+                    "bytes_fetched",
+                    "tfrecord_bytes",
+                    "duration_s",
+                    "images_per_s",
+                    "reused",
+                    "kept_original",
+                    "cache_hits",
+                    "source_fetches",
+                    "worker",
+                    "shard_key",
+                    "tfrecord_sha256",
+                )
+            }
             for s in stats
         ],
     }

@@ -14,8 +14,9 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 from openimages_od.config import Config
 from openimages_od.errors import OiodError
@@ -79,8 +80,14 @@ class ShardScheduler:
         make_actor: ``(node_id) -> handle``: starts one download actor pinned to that node.
     """
 
-    def __init__(self, ray: Any, cfg: Config, tasks: list[ShardTask], bar: ProgressView,
-                 make_actor: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        ray: Any,
+        cfg: Config,
+        tasks: list[ShardTask],
+        bar: ProgressView,
+        make_actor: Callable[[str], Any],
+    ) -> None:
         self.ray = ray
         self.rc = cfg.ray
         self.bar = bar
@@ -100,7 +107,7 @@ class ShardScheduler:
         self.workers: set[str] = set()
         self._requested = -1
         self._last_node_poll = 0.0
-        self._idle_since: Optional[float] = None
+        self._idle_since: float | None = None
         self._last_wait_msg = 0.0
         self.start_failures: Counter[str] = Counter()  # per node
         self.last_start_error = ""
@@ -132,15 +139,22 @@ class ShardScheduler:
         total = len(live)
         while total < cap:
             # The node with the lowest share of its capacity in use, among those with room.
-            room = [(per_node[nid] / self._capacity(n), nid) for nid, n in self.nodes.items()
-                    if nid not in self.suspect and per_node[nid] < self._capacity(n)]
+            room = [
+                (per_node[nid] / self._capacity(n), nid)
+                for nid, n in self.nodes.items()
+                if nid not in self.suspect and per_node[nid] < self._capacity(n)
+            ]
             if not room:
                 break
             nid = min(room)[1]
             node = self.nodes[nid]
             ip = node.get("NodeManagerAddress", "?")
-            log.info("starting a download actor on node %s (%d of %d there)", ip, per_node[nid] + 1,
-                     self._capacity(node))
+            log.info(
+                "starting a download actor on node %s (%d of %d there)",
+                ip,
+                per_node[nid] + 1,
+                self._capacity(node),
+            )
             self.actors.append(self._new_actor(nid, ip, now))
             per_node[nid] += 1
             total += 1
@@ -148,8 +162,14 @@ class ShardScheduler:
 
     def _new_actor(self, node_id: str, node_ip: str, now: float) -> _Actor:
         handle = self.make_actor(node_id)
-        return _Actor(handle=handle, node_id=node_id, node_ip=node_ip, created=now, ready_ref=handle.ready.remote(),
-                      last_seen=now)
+        return _Actor(
+            handle=handle,
+            node_id=node_id,
+            node_ip=node_ip,
+            created=now,
+            ready_ref=handle.ready.remote(),
+            last_seen=now,
+        )
 
     def _request_capacity(self, wanted: int) -> None:
         """Tell the autoscaler (if one runs) how many actors' worth of CPUs the pending work could use."""
@@ -163,7 +183,7 @@ class ShardScheduler:
             from ray.autoscaler.sdk import request_resources
 
             request_resources(bundles=[{"CPU": self.rc.num_cpus_per_actor}] * n)
-        except Exception as exc:  # noqa: BLE001 - only a hint to an autoscaler that may not exist
+        except Exception as exc:
             log.debug("request_resources(%d) failed: %s", n, exc)
 
     def _lose(self, a: _Actor, why: str, node_lost: bool = False) -> None:
@@ -179,8 +199,13 @@ class ShardScheduler:
         if node_lost and a.node_ip not in self.lost_nodes:
             self.lost_nodes.append(a.node_ip)
         if a.inflight:
-            log.warning("download actor %s on %s lost (%s): rescheduling %d shard(s) on the other nodes",
-                        a.name or "?", a.node_ip, why, len(a.inflight))
+            log.warning(
+                "download actor %s on %s lost (%s): rescheduling %d shard(s) on the other nodes",
+                a.name or "?",
+                a.node_ip,
+                why,
+                len(a.inflight),
+            )
         for ref in list(a.inflight):
             t, _, _ = self.inflight.pop(ref)
             self.queue.appendleft(t)
@@ -204,8 +229,11 @@ class ShardScheduler:
             self._lose(a, "did not start")
             if self.start_failures[a.node_id] >= _MAX_START_FAILURES:
                 # Retrying a node where actors keep failing to start (broken image, env) only spins.
-                log.warning("no more download actors on %s after %d failed starts", a.node_ip,
-                            self.start_failures[a.node_id])
+                log.warning(
+                    "no more download actors on %s after %d failed starts",
+                    a.node_ip,
+                    self.start_failures[a.node_id],
+                )
                 self.suspect.add(a.node_id)
             return
         a.state, a.last_seen, a.ping_sent = "ready", now, now
@@ -254,9 +282,13 @@ class ShardScheduler:
                 # Only said, not acted on: replacing a slow starter on a busy node only starts over;
                 # an actor whose node dies fails its ready call, and the idle check bounds the wait.
                 a.slow_start = True
-                log.warning("download actor on %s has not started within %gs (ray.actor_start_timeout_s): "
-                            "is the node short of %g CPU or slow to start workers?", a.node_ip,
-                            rc.actor_start_timeout_s, rc.num_cpus_per_actor)
+                log.warning(
+                    "download actor on %s has not started within %gs (ray.actor_start_timeout_s): "
+                    "is the node short of %g CPU or slow to start workers?",
+                    a.node_ip,
+                    rc.actor_start_timeout_s,
+                    rc.num_cpus_per_actor,
+                )
             elif a.state == "ready":
                 if a.ping_ref is not None and now - a.ping_sent > rc.node_loss_timeout_s:
                     self._lose(a, f"no heartbeat for {rc.node_loss_timeout_s:g}s", node_lost=True)
@@ -279,8 +311,13 @@ class ShardScheduler:
         if waited > self.rc.join_timeout_s:
             nodes = self.ray.nodes()
             alive = [n for n in nodes if n.get("Alive")]
-            desc = ", ".join(f"{n.get('NodeManagerAddress')} ({float(n.get('Resources', {}).get('CPU', 0)):g} CPU)"
-                             for n in alive) or "none"
+            desc = (
+                ", ".join(
+                    f"{n.get('NodeManagerAddress')} ({float(n.get('Resources', {}).get('CPU', 0)):g} CPU)"
+                    for n in alive
+                )
+                or "none"
+            )
             raise OiodError(
                 f"ray: no download actor could run for {self.rc.join_timeout_s:g}s (ray.join_timeout_s): "
                 f"no alive worker node offers {need} per actor (alive nodes: {desc}; lost: "
@@ -291,10 +328,18 @@ class ShardScheduler:
         if waited >= 5 and now - self._last_wait_msg >= 10:
             self._last_wait_msg = now
             starting = sum(1 for a in self.actors if a.state == "starting")
-            what = (f"{starting} download actor(s) to start" if starting
-                    else f"a Ray worker node with {need} for a download actor")
-            log.warning("prepare: waiting for %s (%.0fs of ray.join_timeout_s=%gs); %d shard(s) pending", what,
-                        waited, self.rc.join_timeout_s, len(self.queue) + len(self.inflight))
+            what = (
+                f"{starting} download actor(s) to start"
+                if starting
+                else f"a Ray worker node with {need} for a download actor"
+            )
+            log.warning(
+                "prepare: waiting for %s (%.0fs of ray.join_timeout_s=%gs); %d shard(s) pending",
+                what,
+                waited,
+                self.rc.join_timeout_s,
+                len(self.queue) + len(self.inflight),
+            )
 
     def _dispatch(self) -> None:
         ready = [a for a in self.actors if a.state == "ready"]

@@ -33,9 +33,10 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -45,7 +46,7 @@ from openimages_od.layout import SHARD_KEY_FIELD, Layout
 from openimages_od.openimages.planio import shard_name
 from openimages_od.pipeline.cache import CacheEntry, ImageCache
 from openimages_od.pipeline.example import decode_example, detection_features, encode_example
-from openimages_od.pipeline.fetch import FetchFailed, Fetched, Fetcher
+from openimages_od.pipeline.fetch import Fetched, Fetcher, FetchFailed
 from openimages_od.pipeline.geometry import Op, render, transform_boxes
 from openimages_od.pipeline.ledger import LedgerEntry, decode_ledger, encode_ledger
 from openimages_od.pipeline.tfrecord import encode_records, iter_records
@@ -54,7 +55,7 @@ from openimages_od.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardTask", "ShardContext", "run_shard", "process_image", "shard_urls", "CRASH_ENV"]
+__all__ = ["CRASH_ENV", "ShardContext", "ShardTask", "process_image", "run_shard", "shard_urls"]
 
 # Test hook: "IMAGE_ID:MARKER_PATH" makes the worker process exit (os._exit)
 # the first time it reaches IMAGE_ID (the marker file makes it happen once),
@@ -94,20 +95,20 @@ class ShardContext:
     fetcher: Fetcher
     cpu_pool: Executor
     semaphore: asyncio.Semaphore
-    on_image: Optional[Callable[[bool, int], None]] = None  # (ok, bytes) per finished image
-    crash_once: Optional[str] = None
+    on_image: Callable[[bool, int], None] | None = None  # (ok, bytes) per finished image
+    crash_once: str | None = None
     worker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    cache: Optional[ImageCache] = None  # None = output.image_cache off
+    cache: ImageCache | None = None  # None = output.image_cache off
 
 
 @dataclass
 class ImageResult:
     entry: LedgerEntry
-    record: Optional[bytes] = None
+    record: bytes | None = None
     fetched_bytes: int = 0
     boxes: int = 0
-    cached: Optional[CacheEntry] = None  # what to put in the image cache (a fresh fetch)
+    cached: CacheEntry | None = None  # what to put in the image cache (a fresh fetch)
 
 
 def record_from(row: dict[str, Any], data: bytes, width: int, height: int, ops: list[Op]) -> bytes:
@@ -136,19 +137,44 @@ def _process(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[bytes,
     ic = cfg.image
     if fetched.source == "original" and ic.verify_md5:
         check_md5(fetched.data, row.get("original_md5"))
-    img = open_image(fetched.data, max_pixels=ic.max_pixels, min_side=ic.min_side,
-                     reject_placeholder=ic.reject_placeholder)
-    out = render(img, fetched.data, rotation=row.get("rotation"), max_side=ic.max_side, quality=ic.quality,
-                 exif_mode=ic.exif, keep_original_if_fits=ic.keep_original_if_fits,
-                 resample=ic.resample)
+    img = open_image(
+        fetched.data, max_pixels=ic.max_pixels, min_side=ic.min_side, reject_placeholder=ic.reject_placeholder
+    )
+    out = render(
+        img,
+        fetched.data,
+        rotation=row.get("rotation"),
+        max_side=ic.max_side,
+        quality=ic.quality,
+        exif_mode=ic.exif,
+        keep_original_if_fits=ic.keep_original_if_fits,
+        resample=ic.resample,
+    )
     record = record_from(row, out.data, out.width, out.height, out.ops)
-    entry = LedgerEntry(image_id=row["image_id"], status="ok", source=fetched.source, url=fetched.url,
-                        bytes=len(fetched.data), width=out.width, height=out.height,
-                        kept_original=out.kept_original)
-    cached = CacheEntry(image_id=row["image_id"], status="ok", rotation=row.get("rotation"),
-                        original_md5=row.get("original_md5"), source=fetched.source, url=fetched.url,
-                        bytes=len(fetched.data), width=out.width, height=out.height,
-                        kept_original=out.kept_original, ops=[int(o.value) for o in out.ops], data=out.data)
+    entry = LedgerEntry(
+        image_id=row["image_id"],
+        status="ok",
+        source=fetched.source,
+        url=fetched.url,
+        bytes=len(fetched.data),
+        width=out.width,
+        height=out.height,
+        kept_original=out.kept_original,
+    )
+    cached = CacheEntry(
+        image_id=row["image_id"],
+        status="ok",
+        rotation=row.get("rotation"),
+        original_md5=row.get("original_md5"),
+        source=fetched.source,
+        url=fetched.url,
+        bytes=len(fetched.data),
+        width=out.width,
+        height=out.height,
+        kept_original=out.kept_original,
+        ops=[int(o.value) for o in out.ops],
+        data=out.data,
+    )
     return record, entry, cached
 
 
@@ -156,13 +182,27 @@ def _from_cache(row: dict[str, Any], ce: CacheEntry) -> ImageResult:
     """A record (or a recorded failure) rebuilt from a cache entry: CPU only, no request."""
     n_boxes = len(row.get("boxes") or [])
     if not ce.ok:
-        e = LedgerEntry(image_id=row["image_id"], status="failed", error=ce.error, attempts=list(ce.attempts),
-                        from_cache=True)
+        e = LedgerEntry(
+            image_id=row["image_id"],
+            status="failed",
+            error=ce.error,
+            attempts=list(ce.attempts),
+            from_cache=True,
+        )
         return ImageResult(e, None, 0, 0)
     record = record_from(row, ce.data, ce.width, ce.height, [Op(v) for v in ce.ops])
-    e = LedgerEntry(image_id=row["image_id"], status="ok", source=ce.source, url=ce.url, bytes=ce.bytes,
-                    width=ce.width, height=ce.height, kept_original=ce.kept_original, attempts=list(ce.attempts),
-                    from_cache=True)
+    e = LedgerEntry(
+        image_id=row["image_id"],
+        status="ok",
+        source=ce.source,
+        url=ce.url,
+        bytes=ce.bytes,
+        width=ce.width,
+        height=ce.height,
+        kept_original=ce.kept_original,
+        attempts=list(ce.attempts),
+        from_cache=True,
+    )
     return ImageResult(e, record, 0, n_boxes)
 
 
@@ -202,13 +242,26 @@ async def _one(row: dict[str, Any], ctx: ShardContext) -> ImageResult:
     reasons = [a.split(":", 1)[1] for a in attempts]
     informative = [r for r in reasons if r != "no_url"]
     error = informative[-1] if informative else (reasons[-1] if reasons else "no_source")
-    failed = CacheEntry(image_id=row["image_id"], status="failed", rotation=row.get("rotation"),
-                        original_md5=row.get("original_md5"), error=error, attempts=list(attempts))
-    return ImageResult(LedgerEntry(image_id=row["image_id"], status="failed", error=error, attempts=attempts),
-                       None, fetched_bytes, 0, failed)
+    failed = CacheEntry(
+        image_id=row["image_id"],
+        status="failed",
+        rotation=row.get("rotation"),
+        original_md5=row.get("original_md5"),
+        error=error,
+        attempts=list(attempts),
+    )
+    return ImageResult(
+        LedgerEntry(image_id=row["image_id"], status="failed", error=error, attempts=attempts),
+        None,
+        fetched_bytes,
+        0,
+        failed,
+    )
 
 
-async def _read_previous(task: ShardTask, ctx: ShardContext, urls: dict[str, str]) -> tuple[dict[str, bytes], dict[str, LedgerEntry]]:
+async def _read_previous(
+    task: ShardTask, ctx: ShardContext, urls: dict[str, str]
+) -> tuple[dict[str, bytes], dict[str, LedgerEntry]]:
     """Records and ledger entries of the existing shard (for ``retry_failed``)."""
     loop = asyncio.get_running_loop()
     st = ctx.storage
@@ -238,13 +291,17 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
     urls = shard_urls(cfg, task.split, task.index, task.num_shards)
     plan_bytes = await loop.run_in_executor(None, st.read_bytes, task.plan_url)
     if task.plan_sha256 and hashlib.sha256(plan_bytes).hexdigest() != task.plan_sha256:
-        raise DataError(f"{task.plan_url} is not the plan shard this prepare started from (the plan was "
-                        f"rewritten while prepare ran); rerun `oiod prepare`")
+        raise DataError(
+            f"{task.plan_url} is not the plan shard this prepare started from (the plan was "
+            f"rewritten while prepare ran); rerun `oiod prepare`"
+        )
     rows = pq.ParquetFile(io.BytesIO(plan_bytes)).read().to_pylist()  # ParquetFile: no pyarrow.dataset import
     rows.sort(key=lambda r: r["image_id"])
     for r in rows:
         if r["split"] != task.split:
-            raise DataError(f"{task.plan_url}: row {r['image_id']} has split {r['split']!r}, expected {task.split!r}")
+            raise DataError(
+                f"{task.plan_url}: row {r['image_id']} has split {r['split']!r}, expected {task.split!r}"
+            )
 
     reuse: dict[str, bytes] = {}
     old: dict[str, LedgerEntry] = {}
@@ -255,7 +312,7 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
 
     async def one(row: dict[str, Any]) -> ImageResult:
         prev = old.get(row["image_id"])
-        res: Optional[ImageResult] = None
+        res: ImageResult | None = None
         if prev is not None and prev.ok and row["image_id"] in reuse:
             e = LedgerEntry(**{**prev.__dict__, "reused": True})
             res = ImageResult(e, reuse[row["image_id"]], 0, len(row.get("boxes") or []))

@@ -9,13 +9,14 @@ hardware-accelerated CRC.
 from __future__ import annotations
 
 import struct
-from typing import IO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import IO
 
 import google_crc32c
 
 from openimages_od.errors import DataError
 
-__all__ = ["masked_crc32c", "frame_record", "encode_records", "iter_records", "TFRecordWriter"]
+__all__ = ["TFRecordWriter", "encode_records", "frame_record", "iter_records", "masked_crc32c"]
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -28,8 +29,9 @@ def masked_crc32c(data: bytes) -> int:
 def frame_record(record: bytes) -> bytes:
     """One framed record."""
     header = struct.pack("<Q", len(record))
-    return b"".join((header, struct.pack("<I", masked_crc32c(header)), record,
-                     struct.pack("<I", masked_crc32c(record))))
+    return b"".join(
+        (header, struct.pack("<I", masked_crc32c(header)), record, struct.pack("<I", masked_crc32c(record)))
+    )
 
 
 def encode_records(records: Iterable[bytes]) -> bytes:
@@ -47,9 +49,9 @@ def iter_records(data: bytes, source: str = "tfrecord", verify: bool = True) -> 
     while pos < end:
         if pos + 12 > end:
             raise DataError(f"{source}: truncated record header at byte {pos}")
-        header = data[pos:pos + 8]
+        header = data[pos : pos + 8]
         (length,) = struct.unpack("<Q", header)
-        (hcrc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+        (hcrc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
         if verify and hcrc != masked_crc32c(header):
             raise DataError(f"{source}: bad length CRC at byte {pos}")
         start = pos + 12
@@ -57,7 +59,7 @@ def iter_records(data: bytes, source: str = "tfrecord", verify: bool = True) -> 
         if stop + 4 > end:
             raise DataError(f"{source}: truncated record at byte {pos}")
         record = data[start:stop]
-        if verify and struct.unpack("<I", data[stop:stop + 4])[0] != masked_crc32c(record):
+        if verify and struct.unpack("<I", data[stop : stop + 4])[0] != masked_crc32c(record):
             raise DataError(f"{source}: bad data CRC at byte {pos}")
         yield record
         pos = stop + 4

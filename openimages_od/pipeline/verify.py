@@ -21,20 +21,19 @@ import base64
 import hashlib
 import io
 import warnings
-from typing import Optional
 
 from PIL import Image, ImageFile
 
 __all__ = [
-    "Rejected",
     "PLACEHOLDER_MD5S",
     "PLACEHOLDER_SIZES",
+    "Rejected",
+    "check_jpeg_scan",
     "check_md5",
+    "decode_jpeg_strict",
+    "full_decode",
     "is_placeholder",
     "open_image",
-    "full_decode",
-    "check_jpeg_scan",
-    "decode_jpeg_strict",
 ]
 
 # Hex MD5 digests of known placeholder files. Flickr serves its "photo
@@ -44,7 +43,9 @@ __all__ = [
 # size heuristic below catches the known variants meanwhile).
 PLACEHOLDER_MD5S: set[str] = set()
 # Sizes of the placeholder variants (small PNG/GIF with a grey message).
-PLACEHOLDER_SIZES: frozenset[tuple[int, int]] = frozenset({(500, 374), (500, 375), (240, 179), (100, 75), (75, 75)})
+PLACEHOLDER_SIZES: frozenset[tuple[int, int]] = frozenset(
+    {(500, 374), (500, 375), (240, 179), (100, 75), (75, 75)}
+)
 # A real photo at those sizes is a JPEG of tens of KB; the placeholder is a few KB.
 _PLACEHOLDER_MAX_BYTES = 32 * 1024
 
@@ -69,7 +70,7 @@ class Rejected(Exception):
         self.detail = detail
 
 
-def check_md5(data: bytes, original_md5: Optional[str]) -> None:
+def check_md5(data: bytes, original_md5: str | None) -> None:
     """Compare with Open Images' ``OriginalMD5`` (base64 of the binary digest).
 
     Raises:
@@ -82,7 +83,7 @@ def check_md5(data: bytes, original_md5: Optional[str]) -> None:
         raise Rejected("md5_mismatch", f"OriginalMD5 {original_md5} != {got}")
 
 
-def is_placeholder(data: bytes, fmt: Optional[str], size: tuple[int, int]) -> bool:
+def is_placeholder(data: bytes, fmt: str | None, size: tuple[int, int]) -> bool:
     """Flickr's "photo unavailable" placeholder: known digest, or a small non-JPEG at a known size."""
     # Hashing every photo costs ~0.3 ms: only worth it once digests are listed.
     if PLACEHOLDER_MD5S and hashlib.md5(data).hexdigest() in PLACEHOLDER_MD5S:
@@ -115,7 +116,7 @@ def open_image(
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise Rejected("too_many_pixels", str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for garbage
+    except Exception as exc:
         raise Rejected("not_image", f"{type(exc).__name__}: {exc}"[:200]) from None
     w, h = img.size
     if w * h > max_pixels:
@@ -145,7 +146,7 @@ def check_jpeg_scan(data: bytes) -> None:
         _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         out = "CMYK" if str(colorspace).upper() in ("CMYK", "YCCK") else "GRAY"
         simplejpeg.decode_jpeg(data, colorspace=out, min_factor=8, strict=True)
-    except Exception as exc:  # noqa: BLE001 - ValueError for warnings/errors, others for garbage
+    except Exception as exc:
         raise _jpeg_rejection(exc) from None
 
 
@@ -156,8 +157,9 @@ def _jpeg_rejection(exc: Exception) -> Rejected:
     return Rejected(reason, f"JPEG scan: {msg}"[:200])
 
 
-def decode_jpeg_strict(data: bytes, mode: str, size: tuple[int, int],
-                       draft: Optional[tuple[int, int]] = None) -> Image.Image:
+def decode_jpeg_strict(
+    data: bytes, mode: str, size: tuple[int, int], draft: tuple[int, int] | None = None
+) -> Image.Image:
     """Decode a YCbCr or greyscale JPEG with libjpeg-turbo, warnings as errors (one decode, not two).
 
     Args:
@@ -181,14 +183,15 @@ def decode_jpeg_strict(data: bytes, mode: str, size: tuple[int, int],
     # The smallest n/8 scale with at least ceil(side / factor) pixels is exactly 1/factor.
     w, h = -(-w // factor), -(-h // factor)
     try:
-        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", min_width=w,
-                                     min_height=h, strict=True)
-    except Exception as exc:  # noqa: BLE001
+        arr = simplejpeg.decode_jpeg(
+            data, colorspace="GRAY" if mode == "L" else "RGB", min_width=w, min_height=h, strict=True
+        )
+    except Exception as exc:
         raise _jpeg_rejection(exc) from None
     return Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode)
 
 
-def full_decode(img: Image.Image, data: Optional[bytes] = None) -> Image.Image:
+def full_decode(img: Image.Image, data: bytes | None = None) -> Image.Image:
     """Decode every pixel; truncated or corrupt data is rejected.
 
     Args:
@@ -208,6 +211,6 @@ def full_decode(img: Image.Image, data: Optional[bytes] = None) -> Image.Image:
         msg = str(exc)
         reason = "truncated" if "truncated" in msg or "premature" in msg.lower() else "corrupt"
         raise Rejected(reason, msg[:200]) from None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise Rejected("corrupt", f"{type(exc).__name__}: {exc}"[:200]) from None
     return img

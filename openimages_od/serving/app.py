@@ -39,8 +39,9 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
@@ -51,8 +52,10 @@ from openimages_od.serving.batcher import BatcherClosed, MicroBatcher
 from openimages_od.serving.errors import ApiError
 from openimages_od.serving.model import ExportedModel, to_detections
 from openimages_od.serving.pools import Pools
-from openimages_od.serving.request import (MAX_DETECTIONS_LIMIT, DetectOptions, decode_base64,  # noqa: F401
-                                           parse_detect_request, parse_options, resolve_image_source)
+from openimages_od.serving.request import (
+    decode_base64,  # noqa: F401
+    parse_detect_request,
+)
 from openimages_od.serving.s3_source import S3ImageSource
 from openimages_od.serving.safe_fetch import AddressPolicy, SafeFetcher
 from openimages_od.serving.state import STATE, Metrics, ServeState
@@ -65,20 +68,34 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = {"/healthz", "/readyz", "/", "/openapi.json", "/favicon.ico"}
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
-__all__ = ["create_app", "run_serve", "STATE", "ServeState", "Metrics", "error_response"]
+__all__ = ["STATE", "Metrics", "ServeState", "create_app", "error_response", "run_serve"]
 
 
 # --------------------------------------------------------------------------- middlewares
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout",
-                 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable",
-                 429: "too_many_requests", 500: "internal", 503: "unavailable", 504: "timeout"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "too_many_requests",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, code: str, message: str, headers: Optional[dict[str, str]] = None) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     """The one error shape: ``{"error": {"code", "message"}}``."""
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
@@ -155,7 +172,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except ConnectionResetError:  # the client went away mid-request: nobody to answer, nothing to log
         raise
-    except Exception:  # noqa: BLE001 - last resort; the traceback goes to the log, not the client
+    except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path[:200])
         return error_response(500, "internal", "internal server error")
 
@@ -178,13 +195,23 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 class JsonAccessLogger(AbstractAccessLogger):
     """One JSON line per request: no headers (so no tokens) and no bodies."""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:  # noqa: A002
-        self.logger.info(json.dumps({
-            "ts": round(__import__("time").time(), 3), "remote": request.remote, "method": request.method,
-            "path": request.path[:300], "status": response.status, "bytes": response.body_length,
-            "duration_ms": round(time * 1000, 2), "request_id": response.headers.get("X-Request-ID"),
-            "user_agent": request.headers.get("User-Agent", "")[:200],
-        }, separators=(",", ":")))
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            json.dumps(
+                {
+                    "ts": round(__import__("time").time(), 3),
+                    "remote": request.remote,
+                    "method": request.method,
+                    "path": request.path[:300],
+                    "status": response.status,
+                    "bytes": response.body_length,
+                    "duration_ms": round(time * 1000, 2),
+                    "request_id": response.headers.get("X-Request-ID"),
+                    "user_agent": request.headers.get("User-Agent", "")[:200],
+                },
+                separators=(",", ":"),
+            )
+        )
 
     @property
     def enabled(self) -> bool:
@@ -201,8 +228,11 @@ async def _write_output(state: ServeState, url: str, data: bytes) -> None:
         # The storage layer wraps the OS error; the caller's name clashing with what is there is a 409.
         causes = {exc.errno, getattr(exc.__cause__, "errno", None)}
         if causes & {errno.EISDIR, errno.ENOTDIR, errno.EEXIST}:
-            raise ApiError(409, "output_conflict", "output (or a folder on its path) clashes with an "
-                                                   "existing file or folder") from None
+            raise ApiError(
+                409,
+                "output_conflict",
+                "output (or a folder on its path) clashes with an existing file or folder",
+            ) from None
         log.error("cannot store annotated image at %s: %s", url, exc)
         raise ApiError(500, "output_failed", "could not store the annotated image") from None
 
@@ -217,8 +247,11 @@ async def handle_detect(request: web.Request) -> web.StreamResponse:
         raw = await state.predict(batcher, img, ticket)
     dets = to_detections(raw, model.labels, img.width, img.height, opts.min_score, opts.max_detections)
     body: dict[str, Any] = {
-        "width": img.width, "height": img.height, "num_detections": len(dets),
-        "detections": [d.to_json() for d in dets], "model": model.describe(),
+        "width": img.width,
+        "height": img.height,
+        "num_detections": len(dets),
+        "detections": [d.to_json() for d in dets],
+        "model": model.describe(),
     }
     if opts.draw or opts.output:
         from openimages_od.serving.draw import draw_detections
@@ -231,8 +264,9 @@ async def handle_detect(request: web.Request) -> web.StreamResponse:
         if opts.draw:
             accept = request.headers.get("Accept", "")
             if "image/" in accept and "application/json" not in accept:
-                return web.Response(body=annotated, content_type=mime,
-                                    headers={"X-Num-Detections": str(len(dets))})
+                return web.Response(
+                    body=annotated, content_type=mime, headers={"X-Num-Detections": str(len(dets))}
+                )
             body["image"] = base64.b64encode(annotated).decode()
             body["image_format"] = mime
     body["timing_ms"] = round((time.perf_counter() - t0) * 1000, 2)
@@ -264,8 +298,9 @@ async def handle_openapi(request: web.Request) -> web.StreamResponse:
     from openimages_od.serving.openapi import openapi_document
 
     state = request.app[STATE]
-    return web.json_response(openapi_document(state.model.name if state.model else "oiod",
-                                              auth=state.token is not None))
+    return web.json_response(
+        openapi_document(state.model.name if state.model else "oiod", auth=state.token is not None)
+    )
 
 
 async def handle_index(request: web.Request) -> web.StreamResponse:
@@ -286,15 +321,19 @@ async def handle_static(request: web.Request) -> web.StreamResponse:
 # --------------------------------------------------------------------------- app
 
 
-def _auth_token(env_name: Optional[str]) -> Optional[str]:
+def _auth_token(env_name: str | None) -> str | None:
     if not env_name:
         return None
     token = os.environ.get(env_name) or None
     if token is None:
         # Only a conventional upper-case name is repeated: anything else may be the token pasted here.
-        shown = env_name if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", env_name) else "(a variable; name not shown)"
-        raise ConfigError(f"serve.auth_token_env names {shown}, which is not set or empty; "
-                          f"set it or remove serve.auth_token_env to run without auth")
+        shown = (
+            env_name if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", env_name) else "(a variable; name not shown)"
+        )
+        raise ConfigError(
+            f"serve.auth_token_env names {shown}, which is not set or empty; "
+            f"set it or remove serve.auth_token_env to run without auth"
+        )
     return token
 
 
@@ -307,15 +346,27 @@ def _serving_storage(storage: Any, timeout_s: float, attempts: int, pool: int) -
     per_try = max(1.0, timeout_s / attempts)
 
     def tight(o: Any) -> Any:
-        return o.model_copy(update={"connect_timeout_s": min(o.connect_timeout_s, 5.0, per_try),
-                                    "read_timeout_s": min(o.read_timeout_s, per_try),
-                                    "max_attempts": min(o.max_attempts, attempts), "max_pool_connections": pool})
+        return o.model_copy(
+            update={
+                "connect_timeout_s": min(o.connect_timeout_s, 5.0, per_try),
+                "read_timeout_s": min(o.read_timeout_s, per_try),
+                "max_attempts": min(o.max_attempts, attempts),
+                "max_pool_connections": pool,
+            }
+        )
 
-    return Storage(s3=tight(storage.s3_default), bucket_options={b: tight(o) for b, o in storage.bucket_options.items()})
+    return Storage(
+        s3=tight(storage.s3_default), bucket_options={b: tight(o) for b, o in storage.bucket_options.items()}
+    )
 
 
-def create_app(cfg: Config, model: Optional[ExportedModel] = None, *, resolver: Optional[AbstractResolver] = None,
-               storage: Any = None) -> web.Application:
+def create_app(
+    cfg: Config,
+    model: ExportedModel | None = None,
+    *,
+    resolver: AbstractResolver | None = None,
+    storage: Any = None,
+) -> web.Application:
     """Build the service.
 
     Args:
@@ -336,15 +387,28 @@ def create_app(cfg: Config, model: Optional[ExportedModel] = None, *, resolver: 
     token = _auth_token(sc.auth_token_env)
     storage = storage or Storage.from_config(cfg)
     pools = Pools(sc.fetch_workers, sc.cpu_workers, sc.output_workers, sc.fetch_timeout_s, sc.work_timeout_s)
-    state = ServeState(cfg=cfg, metrics=Metrics(), model_url=cfg.serve_model, pools=pools, token=token,
-                       storage=storage,
-                       output_storage=_serving_storage(storage, sc.work_timeout_s, 2, sc.output_workers))
+    state = ServeState(
+        cfg=cfg,
+        metrics=Metrics(),
+        model_url=cfg.serve_model,
+        pools=pools,
+        token=token,
+        storage=storage,
+        output_storage=_serving_storage(storage, sc.work_timeout_s, 2, sc.output_workers),
+    )
     # handler_args reach aiohttp's connection handler: its keep-alive timer also runs before the
     # first request and closes a connection whose headers have not arrived (slow-loris clients).
-    app = web.Application(client_max_size=state.max_body_bytes,
-                          middlewares=[connection_middleware, metrics_middleware, error_middleware, auth_middleware],
-                          handler_args={"keepalive_timeout": sc.header_timeout_s, "lingering_time": 2.0,
-                                        "max_line_size": 8190, "max_field_size": 8190, "max_headers": 64})
+    app = web.Application(
+        client_max_size=state.max_body_bytes,
+        middlewares=[connection_middleware, metrics_middleware, error_middleware, auth_middleware],
+        handler_args={
+            "keepalive_timeout": sc.header_timeout_s,
+            "lingering_time": 2.0,
+            "max_line_size": 8190,
+            "max_field_size": 8190,
+            "max_headers": 64,
+        },
+    )
     app[STATE] = state
 
     async def model_ctx(app: web.Application) -> Any:
@@ -359,14 +423,20 @@ def create_app(cfg: Config, model: Optional[ExportedModel] = None, *, resolver: 
         m = st.model
         assert m is not None
         max_batch, wait = (sc.max_batch, sc.max_wait_ms) if sc.batching else (1, 0.0)
-        st.batcher = MicroBatcher(m.predict, max_batch=max_batch, max_wait_ms=wait,
-                                  on_batch=st.metrics.observe_batch)
+        st.batcher = MicroBatcher(
+            m.predict, max_batch=max_batch, max_wait_ms=wait, on_batch=st.metrics.observe_batch
+        )
         await st.batcher.start()
-        st.fetcher = SafeFetcher(AddressPolicy(sc.allow_networks), max_bytes=st.max_body_bytes,
-                                 timeout_s=sc.fetch_timeout_s, max_redirects=sc.max_redirects,
-                                 base_resolver=resolver)
-        st.s3 = S3ImageSource(sc.allowed_image_prefixes, st.storage, st.max_body_bytes, sc.fetch_timeout_s,
-                              st.pools.fetch)
+        st.fetcher = SafeFetcher(
+            AddressPolicy(sc.allow_networks),
+            max_bytes=st.max_body_bytes,
+            timeout_s=sc.fetch_timeout_s,
+            max_redirects=sc.max_redirects,
+            base_resolver=resolver,
+        )
+        st.s3 = S3ImageSource(
+            sc.allowed_image_prefixes, st.storage, st.max_body_bytes, sc.fetch_timeout_s, st.pools.fetch
+        )
         st.metrics.model_loaded.set(1)
         yield
         st.shutting_down = True
@@ -412,13 +482,19 @@ def _setup_access_log(enabled: bool) -> None:
 
 def make_runner(app: web.Application, shutdown_timeout_s: float = 30.0, access: bool = True) -> web.AppRunner:
     """The runner ``run_serve`` and the tests' service thread use."""
-    return web.AppRunner(app, access_log=access_log if access else None, access_log_class=JsonAccessLogger,
-                         shutdown_timeout=shutdown_timeout_s, handle_signals=False)
+    return web.AppRunner(
+        app,
+        access_log=access_log if access else None,
+        access_log_class=JsonAccessLogger,
+        shutdown_timeout=shutdown_timeout_s,
+        handle_signals=False,
+    )
 
 
-def connection_events(state: ServeState) -> Callable[[int, Optional[str]], None]:
+def connection_events(state: ServeState) -> Callable[[int, str | None], None]:
     """Metrics callback for the connection guard."""
-    def on_change(n: int, reason: Optional[str]) -> None:
+
+    def on_change(n: int, reason: str | None) -> None:
         state.metrics.connections.set(n)
         if reason:
             state.metrics.evictions.labels(reason).inc()

@@ -19,14 +19,15 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["MicroBatcher", "BatcherClosed"]
+__all__ = ["BatcherClosed", "MicroBatcher"]
 
 
 class BatcherClosed(RuntimeError):
@@ -36,7 +37,7 @@ class BatcherClosed(RuntimeError):
 class Ticket:
     """Announces an item that will be submitted soon (see :meth:`MicroBatcher.ticket`)."""
 
-    def __init__(self, batcher: "MicroBatcher") -> None:
+    def __init__(self, batcher: MicroBatcher) -> None:
         self._batcher = batcher
         self._open = True
         batcher._expected += 1
@@ -47,7 +48,7 @@ class Ticket:
             self._open = False
             self._batcher._expected -= 1
 
-    def __enter__(self) -> "Ticket":
+    def __enter__(self) -> Ticket:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -64,14 +65,19 @@ class MicroBatcher(Generic[T, R]):
         on_batch: called with (batch size, seconds) after each model call (metrics).
     """
 
-    def __init__(self, fn: Callable[[Sequence[T]], Sequence[R]], max_batch: int = 8, max_wait_ms: float = 5.0,
-                 on_batch: Optional[Callable[[int, float], None]] = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Sequence[T]], Sequence[R]],
+        max_batch: int = 8,
+        max_wait_ms: float = 5.0,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.fn = fn
         self.max_batch = max(1, int(max_batch))
         self.max_wait_s = max(0.0, float(max_wait_ms)) / 1000.0
         self.on_batch = on_batch
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oiod-model")
         self._closing = False
         self._expected = 0
@@ -85,7 +91,7 @@ class MicroBatcher(Generic[T, R]):
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name="oiod-batcher")
 
-    async def submit(self, item: T, ticket: Optional[Ticket] = None) -> R:
+    async def submit(self, item: T, ticket: Ticket | None = None) -> R:
         """Queue one item and wait for its result (exceptions propagate per item)."""
         if ticket is not None:
             ticket.close()
@@ -149,7 +155,7 @@ class MicroBatcher(Generic[T, R]):
             results = await loop.run_in_executor(self._executor, self.fn, items)
             if len(results) != len(items):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
-        except Exception as exc:  # noqa: BLE001 - isolate the failing item(s)
+        except Exception as exc:
             if len(items) == 1:
                 self._record(1, t0)
                 _set(live[0][1], exc=exc)
@@ -160,7 +166,7 @@ class MicroBatcher(Generic[T, R]):
                 try:
                     (res,) = await loop.run_in_executor(self._executor, self.fn, [item])
                     _set(fut, res)
-                except Exception as exc1:  # noqa: BLE001
+                except Exception as exc1:
                     _set(fut, exc=exc1)
                 self._record(1, t1)
             return
@@ -173,7 +179,7 @@ class MicroBatcher(Generic[T, R]):
             self.on_batch(n, time.perf_counter() - t0)
 
 
-def _set(fut: asyncio.Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
+def _set(fut: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
     if fut.done():
         return
     if exc is not None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, TextIO
 
 from openimages_od.config import Config, save_resolved
 from openimages_od.errors import UsageError
@@ -32,8 +33,13 @@ def _out_name(src: str, index: int, used: set[str], fmt: str) -> str:
     return name
 
 
-def run_detect(cfg: Config, images: Sequence[str], out: Optional[str] = None,
-               model: Optional[ExportedModel] = None, stdout: Optional[TextIO] = None) -> int:
+def run_detect(
+    cfg: Config,
+    images: Sequence[str],
+    out: str | None = None,
+    model: ExportedModel | None = None,
+    stdout: TextIO | None = None,
+) -> int:
     """Detect objects in ``images`` and print one JSON line per image.
 
     Args:
@@ -47,8 +53,8 @@ def run_detect(cfg: Config, images: Sequence[str], out: Optional[str] = None,
     Returns:
         0 when every image was processed, 1 when any failed.
     """
-    from openimages_od.serving.draw import draw_detections
     from openimages_od.config import join_url
+    from openimages_od.serving.draw import draw_detections
     from openimages_od.storage import Storage, StorageError
 
     if not images:
@@ -64,7 +70,7 @@ def run_detect(cfg: Config, images: Sequence[str], out: Optional[str] = None,
 
         out_root = normalize_root(out)
         save_resolved(cfg, out_root, storage)
-    results: list[Optional[dict[str, Any]]] = [None] * len(images)
+    results: list[dict[str, Any] | None] = [None] * len(images)
     ready: list[tuple[int, ImageInput]] = []
     for i, src in enumerate(images):
         try:
@@ -80,29 +86,41 @@ def run_detect(cfg: Config, images: Sequence[str], out: Optional[str] = None,
     failed = 0
     try:
         for start in range(0, len(ready), sc.max_batch):
-            chunk = ready[start:start + sc.max_batch]
+            chunk = ready[start : start + sc.max_batch]
             try:
                 raws = model.predict([im.data for _, im in chunk])
-            except Exception:  # noqa: BLE001 - isolate the image the decoder rejects
+            except Exception:
                 raws = []
                 for _, im in chunk:
                     try:
                         raws.append(model.predict([im.data])[0])
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         raws.append(exc)
             for (i, im), raw in zip(chunk, raws):
                 src = images[i]
                 if isinstance(raw, Exception):
-                    results[i] = {"image": src, "error": {"code": "bad_image",
-                                                          "message": f"the model could not decode it ({type(raw).__name__})"}}
+                    results[i] = {
+                        "image": src,
+                        "error": {
+                            "code": "bad_image",
+                            "message": f"the model could not decode it ({type(raw).__name__})",
+                        },
+                    }
                     continue
                 dets = to_detections(raw, model.labels, im.width, im.height, sc.min_score, sc.max_detections)
-                rec: dict[str, Any] = {"image": src, "width": im.width, "height": im.height,
-                                       "num_detections": len(dets), "detections": [d.to_json() for d in dets]}
+                rec: dict[str, Any] = {
+                    "image": src,
+                    "width": im.width,
+                    "height": im.height,
+                    "num_detections": len(dets),
+                    "detections": [d.to_json() for d in dets],
+                }
                 if out_root:
                     fmt = "png" if im.format == "PNG" else "jpg"
                     url = join_url(out_root, _out_name(src, i, used, fmt))
-                    storage.write_bytes(url, draw_detections(im.data, dets, "png" if fmt == "png" else "jpeg"))
+                    storage.write_bytes(
+                        url, draw_detections(im.data, dets, "png" if fmt == "png" else "jpeg")
+                    )
                     rec["output"] = url
                 results[i] = rec
         for rec in results:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from openimages_od.serving.model import Detection
 
@@ -12,8 +13,16 @@ __all__ = ["PALETTE", "color_for", "draw_detections"]
 
 # Saturated colours that stay readable on photos; the web page uses the same list (static/app.js).
 PALETTE: list[tuple[int, int, int]] = [
-    (255, 0, 255), (255, 215, 0), (0, 255, 255), (255, 128, 0), (128, 255, 0),
-    (255, 0, 128), (0, 128, 255), (255, 255, 255), (170, 0, 255), (0, 255, 128),
+    (255, 0, 255),
+    (255, 215, 0),
+    (0, 255, 255),
+    (255, 128, 0),
+    (128, 255, 0),
+    (255, 0, 128),
+    (0, 128, 255),
+    (255, 255, 255),
+    (170, 0, 255),
+    (0, 255, 128),
 ]
 
 
@@ -32,7 +41,9 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def draw_detections(data: bytes, detections: Sequence[Detection], fmt: str = "jpeg", quality: int = 90) -> bytes:
+def draw_detections(
+    data: bytes, detections: Sequence[Detection], fmt: str = "jpeg", quality: int = 90
+) -> bytes:
     """Decode ``data``, draw ``detections`` and encode as JPEG or PNG.
 
     Args:

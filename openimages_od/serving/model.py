@@ -22,9 +22,10 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from openimages_od.serving.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportedModel", "Detection", "ImageInput", "ImageError", "inspect_image", "to_detections"]
+__all__ = ["Detection", "ExportedModel", "ImageError", "ImageInput", "inspect_image", "to_detections"]
 
 
 class ImageError(ApiError):
@@ -79,15 +80,21 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
             fmt = im.format or ""
             width, height = im.size
             if width * height > max_pixels:
-                raise ImageError(413, "too_many_pixels",
-                                 f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+                raise ImageError(
+                    413,
+                    "too_many_pixels",
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                )
             if width < 1 or height < 1:
                 raise ImageError(400, "bad_image", "image has no pixels")
             if fmt in _MODEL_FORMATS:
                 return ImageInput(data, width, height, fmt)
             if fmt not in _CONVERTIBLE:
-                raise ImageError(415, "unsupported_image_type",
-                                 f"image format {fmt or 'unknown'} is not supported (use JPEG or PNG)")
+                raise ImageError(
+                    415,
+                    "unsupported_image_type",
+                    f"image format {fmt or 'unknown'} is not supported (use JPEG or PNG)",
+                )
             im.seek(0)
             buf = io.BytesIO()
             im.convert("RGB").save(buf, "PNG", compress_level=1)
@@ -112,8 +119,14 @@ class Detection:
     box_normalized: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "mid": self.mid, "class_id": self.class_id, "score": round(self.score, 6),
-                "box": self.box, "box_normalized": self.box_normalized}
+        return {
+            "label": self.label,
+            "mid": self.mid,
+            "class_id": self.class_id,
+            "score": round(self.score, 6),
+            "box": self.box,
+            "box_normalized": self.box_normalized,
+        }
 
 
 @dataclass
@@ -126,12 +139,17 @@ class RawOutput:
     num: int
 
     def to_tf_serving(self) -> dict[str, Any]:
-        return {"detection_boxes": self.boxes.tolist(), "detection_classes": self.classes.tolist(),
-                "detection_scores": self.scores.tolist(), "num_detections": int(self.num)}
+        return {
+            "detection_boxes": self.boxes.tolist(),
+            "detection_classes": self.classes.tolist(),
+            "detection_scores": self.scores.tolist(),
+            "num_detections": int(self.num),
+        }
 
 
-def to_detections(raw: RawOutput, labels: LabelMap, width: int, height: int, min_score: float,
-                  max_detections: int) -> list[Detection]:
+def to_detections(
+    raw: RawOutput, labels: LabelMap, width: int, height: int, min_score: float, max_detections: int
+) -> list[Detection]:
     """Filter by score, sort by score (highest first), map ids to labels and scale boxes to pixels."""
     out: list[Detection] = []
     n = min(int(raw.num), len(raw.scores))
@@ -142,12 +160,26 @@ def to_detections(raw: RawOutput, labels: LabelMap, width: int, height: int, min
         cid = int(raw.classes[i])
         cls = labels.by_id.get(cid)
         y0, x0, y1, x1 = (float(np.clip(v, 0.0, 1.0)) for v in raw.boxes[i])
-        out.append(Detection(
-            class_id=cid, label=cls.name if cls else f"class {cid}", mid=cls.mid if cls else "", score=score,
-            box={"x0": round(x0 * width, 2), "y0": round(y0 * height, 2),
-                 "x1": round(x1 * width, 2), "y1": round(y1 * height, 2)},
-            box_normalized={"x0": round(x0, 6), "y0": round(y0, 6), "x1": round(x1, 6), "y1": round(y1, 6)},
-        ))
+        out.append(
+            Detection(
+                class_id=cid,
+                label=cls.name if cls else f"class {cid}",
+                mid=cls.mid if cls else "",
+                score=score,
+                box={
+                    "x0": round(x0 * width, 2),
+                    "y0": round(y0 * height, 2),
+                    "x1": round(x1 * width, 2),
+                    "y1": round(y1 * height, 2),
+                },
+                box_normalized={
+                    "x0": round(x0, 6),
+                    "y0": round(y0, 6),
+                    "x1": round(x1, 6),
+                    "y1": round(y1, 6),
+                },
+            )
+        )
     out.sort(key=lambda d: -d.score)
     return out[:max_detections]
 
@@ -160,13 +192,13 @@ class ExportedModel:
     labels: LabelMap
     info: dict[str, Any]
     _fn: Any = None
-    _tmp: Optional[str] = None
+    _tmp: str | None = None
     _tf: Any = None
     name: str = "oiod"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, url: str, storage: Any = None, warmup: bool = True) -> "ExportedModel":
+    def load(cls, url: str, storage: Any = None, warmup: bool = True) -> ExportedModel:
         """Load an export directory (path, ``file://`` or ``s3://``).
 
         Args:
@@ -180,7 +212,7 @@ class ExportedModel:
         from openimages_od.storage import Storage, StorageError, local_path
 
         storage = storage or Storage()
-        tmp: Optional[str] = None
+        tmp: str | None = None
         root = local_path(url) if not url.startswith("s3://") else None
         if url.startswith("s3://"):
             tmp = tempfile.mkdtemp(prefix="oiod-model-")
@@ -194,29 +226,41 @@ class ExportedModel:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise OiodError(f"no exported model at {url} (empty prefix)")
             for o in objs:
-                storage.download_file(o.url, Path(tmp) / o.url[len(prefix):])
+                storage.download_file(o.url, Path(tmp) / o.url[len(prefix) :])
             root = Path(tmp)
         if root is None:
             raise OiodError(f"model location {url} must be a local path, file:// or s3:// URL")
         try:
             for part in ("saved_model", "label_map.pbtxt"):
                 if not (root / part).exists():
-                    raise OiodError(f"exported model {url} has no {part} (expected saved_model/, "
-                                    f"label_map.pbtxt and model.json from `oiod export`)")
+                    raise OiodError(
+                        f"exported model {url} has no {part} (expected saved_model/, "
+                        f"label_map.pbtxt and model.json from `oiod export`)"
+                    )
             labels = LabelMap.from_pbtxt((root / "label_map.pbtxt").read_text(), f"{url}/label_map.pbtxt")
             info: dict[str, Any] = {}
             if (root / "model.json").exists():
                 try:
                     info = json.loads((root / "model.json").read_text())
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{url}/model.json: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+                    raise DataError(
+                        f"{url}/model.json: not valid JSON ({exc.msg} at line {exc.lineno})"
+                    ) from None
             tf = _import_tf()
             loaded = tf.saved_model.load(str(root / "saved_model"))
             if "serving_default" not in loaded.signatures:
-                raise OiodError(f"{url}/saved_model has no serving_default signature "
-                                f"(has {sorted(loaded.signatures)})")
-            model = cls(source=url, labels=labels, info=info, _fn=loaded.signatures["serving_default"],
-                        _tmp=tmp, _tf=tf, name=str(info.get("name") or "oiod"))
+                raise OiodError(
+                    f"{url}/saved_model has no serving_default signature (has {sorted(loaded.signatures)})"
+                )
+            model = cls(
+                source=url,
+                labels=labels,
+                info=info,
+                _fn=loaded.signatures["serving_default"],
+                _tmp=tmp,
+                _tf=tf,
+                name=str(info.get("name") or "oiod"),
+            )
             model.extra["loaded"] = loaded  # keep the object graph alive
         except BaseException:
             if tmp:
@@ -235,13 +279,20 @@ class ExportedModel:
         classes = out["detection_classes"].numpy()
         scores = out["detection_scores"].numpy()
         num = out["num_detections"].numpy()
-        return [RawOutput(boxes[i], classes[i].astype(np.int64), scores[i], int(num[i])) for i in range(len(images))]
+        return [
+            RawOutput(boxes[i], classes[i].astype(np.int64), scores[i], int(num[i]))
+            for i in range(len(images))
+        ]
 
     def describe(self) -> dict[str, Any]:
         """Model info for responses and ``GET /v1/models/{name}``."""
         keys = ("backbone", "input_size", "step", "config_digest")
-        return {"name": self.name, "source": self.source, "num_classes": len(self.labels),
-                **{k: self.info.get(k) for k in keys if k in self.info}}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "num_classes": len(self.labels),
+            **{k: self.info.get(k) for k in keys if k in self.info},
+        }
 
     def close(self) -> None:
         """Release the model and any temp copy."""
@@ -266,7 +317,7 @@ def _import_tf() -> Any:
     return tf
 
 
-def _WARMUP_PNG() -> bytes:  # noqa: N802 - constant-like
+def _WARMUP_PNG() -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from openimages_od.serving.errors import ApiError
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["WorkPool", "Pools"]
+__all__ = ["Pools", "WorkPool"]
 
 
 class WorkPool:
@@ -45,12 +46,19 @@ class WorkPool:
         self.name = name
         self.workers = max(1, int(workers))
         self.timeout_s = float(timeout_s)
-        self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=f"oiod-{name}")
-        self._slots: Optional[asyncio.Semaphore] = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.workers, thread_name_prefix=f"oiod-{name}"
+        )
+        self._slots: asyncio.Semaphore | None = None
         self.running = 0
 
-    async def run(self, fn: Callable[..., T], *args: Any, timeout_s: Optional[float] = None,
-                  on_timeout: Optional[Callable[[], None]] = None) -> T:
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        timeout_s: float | None = None,
+        on_timeout: Callable[[], None] | None = None,
+    ) -> T:
         """Run ``fn(*args)`` on a pool thread and return its result.
 
         Raises:
@@ -67,7 +75,9 @@ class WorkPool:
         try:
             await asyncio.wait_for(slots.acquire(), budget)
         except asyncio.TimeoutError:
-            raise ApiError(503, "busy", f"the server is busy ({self.name} workers all in use); retry later") from None
+            raise ApiError(
+                503, "busy", f"the server is busy ({self.name} workers all in use); retry later"
+            ) from None
         self.running += 1
 
         def release(_: Any) -> None:
@@ -95,8 +105,9 @@ class WorkPool:
         except asyncio.TimeoutError:
             if on_timeout is not None:
                 on_timeout()
-            raise ApiError(504, f"{self.name}_timeout",
-                           f"the {self.name} step took longer than {budget:g}s") from None
+            raise ApiError(
+                504, f"{self.name}_timeout", f"the {self.name} step took longer than {budget:g}s"
+            ) from None
 
     def close(self) -> None:
         """Stop taking jobs; queued ones are dropped, running ones finish on their own."""
@@ -114,8 +125,14 @@ class Pools:
         work_timeout_s: deadline of an image check, a drawing or an output write.
     """
 
-    def __init__(self, fetch_workers: int, cpu_workers: int, output_workers: int, fetch_timeout_s: float,
-                 work_timeout_s: float) -> None:
+    def __init__(
+        self,
+        fetch_workers: int,
+        cpu_workers: int,
+        output_workers: int,
+        fetch_timeout_s: float,
+        work_timeout_s: float,
+    ) -> None:
         self.fetch = WorkPool("fetch", fetch_workers, fetch_timeout_s)
         self.image = WorkPool("image", cpu_workers, work_timeout_s)
         self.draw = WorkPool("draw", cpu_workers, work_timeout_s)

@@ -23,7 +23,7 @@ import binascii
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -32,8 +32,17 @@ from openimages_od.config import join_url, normalize_root
 from openimages_od.serving.errors import ApiError
 from openimages_od.serving.state import STATE, ServeState
 
-__all__ = ["DetectOptions", "MAX_DETECTIONS_LIMIT", "decode_base64", "loads_json", "parse_detect_request",
-           "parse_options", "read_body", "read_json", "resolve_image_source"]
+__all__ = [
+    "MAX_DETECTIONS_LIMIT",
+    "DetectOptions",
+    "decode_base64",
+    "loads_json",
+    "parse_detect_request",
+    "parse_options",
+    "read_body",
+    "read_json",
+    "resolve_image_source",
+]
 
 MAX_DETECTIONS_LIMIT = 1000
 MAX_URL_CHARS = 8192
@@ -73,15 +82,20 @@ def _no_constant(s: str) -> Any:
 def loads_json(body: bytes) -> Any:
     """``json.loads`` that answers 400 for anything malformed, too deep or with oversized numbers."""
     try:
-        return json.loads(body, parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_no_constant)
+        return json.loads(
+            body, parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_no_constant
+        )
     except RecursionError:
         raise ApiError(400, "bad_json", "the JSON body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError, so are our number checks
-        raise ApiError(400, "bad_json", "the body is not valid JSON (or has a number longer than "
-                                        f"{_MAX_NUMBER_CHARS} characters)") from None
+        raise ApiError(
+            400,
+            "bad_json",
+            f"the body is not valid JSON (or has a number longer than {_MAX_NUMBER_CHARS} characters)",
+        ) from None
 
 
-def decode_base64(s: str, what: str = "image", max_bytes: Optional[int] = None) -> bytes:
+def decode_base64(s: str, what: str = "image", max_bytes: int | None = None) -> bytes:
     """Standard or URL-safe base64 (whitespace anywhere, padding optional) in linear time.
 
     Raises:
@@ -90,7 +104,9 @@ def decode_base64(s: str, what: str = "image", max_bytes: Optional[int] = None) 
     try:
         raw = s.encode("ascii")
     except UnicodeEncodeError:
-        raise ApiError(400, "bad_image", f"{what} is neither an http(s)/s3 URL, a data: URI nor base64") from None
+        raise ApiError(
+            400, "bad_image", f"{what} is neither an http(s)/s3 URL, a data: URI nor base64"
+        ) from None
     raw = raw.translate(_URLSAFE_TO_STD, _WHITESPACE)
     if max_bytes is not None and len(raw) // 4 * 3 > max_bytes:
         raise ApiError(413, "image_too_large", f"{what} is larger than {max_bytes} bytes")
@@ -99,10 +115,14 @@ def decode_base64(s: str, what: str = "image", max_bytes: Optional[int] = None) 
         raise ApiError(400, "bad_image", f"{what} is neither an http(s)/s3 URL, a data: URI nor base64")
     body += b"=" * (-len(body) % 4)
     try:
-        return b"".join(binascii.a2b_base64(body[i:i + _B64_SLICE], strict_mode=True)
-                        for i in range(0, len(body), _B64_SLICE))
+        return b"".join(
+            binascii.a2b_base64(body[i : i + _B64_SLICE], strict_mode=True)
+            for i in range(0, len(body), _B64_SLICE)
+        )
     except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_image", f"{what} is neither an http(s)/s3 URL, a data: URI nor base64") from None
+        raise ApiError(
+            400, "bad_image", f"{what} is neither an http(s)/s3 URL, a data: URI nor base64"
+        ) from None
 
 
 def _scheme(s: str) -> str:
@@ -140,7 +160,9 @@ async def resolve_image_source(state: ServeState, source: str) -> bytes:
         assert state.s3 is not None
         data = await state.s3.fetch(s)
     elif scheme:
-        raise ApiError(400, "unsupported_scheme", "only http, https and (where enabled) s3 URLs may be fetched")
+        raise ApiError(
+            400, "unsupported_scheme", "only http, https and (where enabled) s3 URLs may be fetched"
+        )
     elif len(s) > INLINE_PARSE_BYTES:
         data = await state.pools.image.run(decode_inline_image, s, state.max_body_bytes)
     else:
@@ -159,7 +181,7 @@ class DetectOptions:
     max_detections: int
     draw: bool = False
     format: str = "jpeg"
-    output: Optional[str] = None
+    output: str | None = None
 
 
 def _parse_bool(v: Any, key: str) -> bool:
@@ -186,8 +208,11 @@ def parse_options(state: ServeState, raw: dict[str, Any]) -> DetectOptions:
     if raw.get("max_detections") is not None:
         v = raw["max_detections"]
         try:
-            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) \
-                    or (isinstance(v, str) and len(v) > _MAX_NUMBER_CHARS):
+            if (
+                isinstance(v, bool)
+                or (isinstance(v, float) and not v.is_integer())
+                or (isinstance(v, str) and len(v) > _MAX_NUMBER_CHARS)
+            ):
                 raise ValueError
             opts.max_detections = int(v)
         except (TypeError, ValueError, OverflowError):
@@ -221,19 +246,27 @@ def output_url(state: ServeState, output: str) -> tuple[str, str]:
     """
     out_dir = state.serve.output_dir
     if not out_dir:
-        raise ApiError(400, "output_not_allowed", "this server does not store images (serve.output_dir is not set)")
+        raise ApiError(
+            400, "output_not_allowed", "this server does not store images (serve.output_dir is not set)"
+        )
     root = normalize_root(out_dir)
     rel = output
     if len(rel) > 512:
         raise ApiError(400, "output_not_allowed", "output names are at most 512 characters")
     if _scheme(output):
         if not output.startswith(root + "/"):
-            raise ApiError(400, "output_not_allowed", "output must be a name under the server's output directory")
-        rel = output[len(root) + 1:]
+            raise ApiError(
+                400, "output_not_allowed", "output must be a name under the server's output directory"
+            )
+        rel = output[len(root) + 1 :]
     parts = rel.split("/")
     if len(parts) > 8 or any(not p or p[0] == "." or not set(p) <= _OUTPUT_CHARS for p in parts):
-        raise ApiError(400, "output_not_allowed", "output must be a relative name like 'results/img1.jpg' "
-                                                  "(letters, digits, '_', '-', '.'; no part starting with '.')")
+        raise ApiError(
+            400,
+            "output_not_allowed",
+            "output must be a relative name like 'results/img1.jpg' "
+            "(letters, digits, '_', '-', '.'; no part starting with '.')",
+        )
     dot = parts[-1].rfind(".")
     fmt = _OUTPUT_EXTENSIONS.get(parts[-1][dot:].lower()) if dot > 0 else None
     if fmt is None:
@@ -247,13 +280,16 @@ def output_url(state: ServeState, output: str) -> tuple[str, str]:
 async def read_body(state: ServeState, request: web.Request) -> bytes:
     """The whole body, within ``max_body_mb`` (413) and ``body_timeout_s`` (408)."""
     if request.content_length is not None and request.content_length > state.max_body_bytes:
-        raise ApiError(413, "payload_too_large", f"request body is larger than {state.serve.max_body_mb:g} MB")
+        raise ApiError(
+            413, "payload_too_large", f"request body is larger than {state.serve.max_body_mb:g} MB"
+        )
     try:
         async with asyncio.timeout(state.serve.body_timeout_s):
             return await request.read()
     except TimeoutError:
-        raise ApiError(408, "request_timeout",
-                       f"the request body did not arrive within {state.serve.body_timeout_s:g}s") from None
+        raise ApiError(
+            408, "request_timeout", f"the request body did not arrive within {state.serve.body_timeout_s:g}s"
+        ) from None
 
 
 async def read_json(state: ServeState, request: web.Request) -> Any:
@@ -277,11 +313,11 @@ async def _read_limited(state: ServeState, part: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _read_multipart(state: ServeState, request: web.Request) -> tuple[Optional[bytes], dict[str, Any]]:
+async def _read_multipart(state: ServeState, request: web.Request) -> tuple[bytes | None, dict[str, Any]]:
     """The uploaded ``image`` part (bytes) or its text, and the option fields."""
     reader = await request.multipart()
     fields: dict[str, Any] = {}
-    data: Optional[bytes] = None
+    data: bytes | None = None
     limit = state.max_body_bytes
     async for part in reader:
         name = getattr(part, "name", None)
@@ -302,21 +338,27 @@ async def parse_detect_request(request: web.Request) -> tuple[bytes, DetectOptio
     """Image bytes and options from any of the accepted request forms."""
     state = request.app[STATE]
     if request.content_length is not None and request.content_length > state.max_body_bytes:
-        raise ApiError(413, "payload_too_large", f"request body is larger than {state.serve.max_body_mb:g} MB")
+        raise ApiError(
+            413, "payload_too_large", f"request body is larger than {state.serve.max_body_mb:g} MB"
+        )
     ctype = request.content_type.lower()
     if ctype == "application/json" or ctype.endswith("+json"):
         payload = await read_json(state, request)
         if isinstance(payload, str):  # the seed's form: the body is just the URL
             payload = {"image": payload}
         if not isinstance(payload, dict):
-            raise ApiError(400, "bad_request", "the JSON body must be an object with an 'image' field (or a string)")
+            raise ApiError(
+                400, "bad_request", "the JSON body must be an object with an 'image' field (or a string)"
+            )
         unknown = sorted(set(payload) - OPTION_KEYS)
         if unknown:
             shown = ", ".join(k[:40] for k in unknown[:5])
             raise ApiError(400, "bad_request", f"unknown field(s): {shown}")
         image = payload.get("image")
         if not isinstance(image, str) or not image.strip():
-            raise ApiError(400, "bad_request", "'image' must be a non-empty string (URL, data: URI or base64)")
+            raise ApiError(
+                400, "bad_request", "'image' must be a non-empty string (URL, data: URI or base64)"
+            )
         opts = parse_options(state, payload)
         return await resolve_image_source(state, image), opts
     if ctype == "multipart/form-data":
@@ -324,8 +366,11 @@ async def parse_detect_request(request: web.Request) -> tuple[bytes, DetectOptio
             async with asyncio.timeout(state.serve.body_timeout_s):
                 data, fields = await _read_multipart(state, request)
         except TimeoutError:
-            raise ApiError(408, "request_timeout",
-                           f"the request body did not arrive within {state.serve.body_timeout_s:g}s") from None
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {state.serve.body_timeout_s:g}s",
+            ) from None
         except (AssertionError, AttributeError, ValueError, KeyError, UnicodeError, HttpProcessingError):
             raise ApiError(400, "bad_request", "malformed multipart body") from None
         opts = parse_options(state, fields)
@@ -336,8 +381,13 @@ async def parse_detect_request(request: web.Request) -> tuple[bytes, DetectOptio
         return data, opts
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         data = await read_body(state, request)
-        opts = parse_options(state, {k: v for k, v in request.query.items() if k in OPTION_KEYS and k != "image"})
+        opts = parse_options(
+            state, {k: v for k, v in request.query.items() if k in OPTION_KEYS and k != "image"}
+        )
         return data, opts
-    raise ApiError(415, "unsupported_media_type",
-                   f"Content-Type {ctype[:80] or '(none)'} is not accepted; send application/json, "
-                   f"multipart/form-data or image/*")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {ctype[:80] or '(none)'} is not accepted; send application/json, "
+        f"multipart/form-data or image/*",
+    )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -47,7 +47,9 @@ class S3ImageSource:
         pool: the pool signing runs on.
     """
 
-    def __init__(self, prefixes: list[str], storage: Any, max_bytes: int, timeout_s: float, pool: WorkPool) -> None:
+    def __init__(
+        self, prefixes: list[str], storage: Any, max_bytes: int, timeout_s: float, pool: WorkPool
+    ) -> None:
         self.prefixes = [p if p.endswith("/") else p + "/" for p in prefixes]
         self.storage = storage
         self.max_bytes = max_bytes
@@ -55,20 +57,25 @@ class S3ImageSource:
         self.pool = pool
         self._signers: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._session: Optional[aiohttp.ClientSession] = None
+        self._session: aiohttp.ClientSession | None = None
 
     def check(self, url: str) -> tuple[str, str]:
         """``(bucket, key)`` of an allowed URL; 400 for a malformed one, 403 outside the prefixes."""
         if not self.prefixes:
-            raise ApiError(403, "s3_not_allowed", "s3:// image URLs are not enabled on this server "
-                                                  "(see serve.allowed_image_prefixes)")
+            raise ApiError(
+                403,
+                "s3_not_allowed",
+                "s3:// image URLs are not enabled on this server (see serve.allowed_image_prefixes)",
+            )
         if len(url) > _MAX_URL or any(ord(c) < 0x20 or c in "\\\x7f" for c in url):
             raise ApiError(400, "bad_url", "not a valid s3://bucket/key URL")
-        bucket, _, key = url[len("s3://"):].partition("/")
+        bucket, _, key = url[len("s3://") :].partition("/")
         if not bucket or not key:
             raise ApiError(400, "bad_url", "not a valid s3://bucket/key URL")
         if any(seg in ("", ".", "..") for seg in key.split("/")):
-            raise ApiError(400, "bad_url", "s3:// keys with empty, '.' or '..' path segments are not accepted")
+            raise ApiError(
+                400, "bad_url", "s3:// keys with empty, '.' or '..' path segments are not accepted"
+            )
         if not any(url.startswith(p) for p in self.prefixes):
             raise ApiError(403, "s3_not_allowed", "this server may not read images from that s3:// location")
         return bucket, key
@@ -89,29 +96,42 @@ class S3ImageSource:
 
                 # Only signs (no request is sent with it); the timeouts and single attempt bound the
                 # credential-chain calls it may make (instance metadata, STS web identity).
-                bc = BotoConfig(signature_version=UNSIGNED if opts.unsigned else "s3v4",
-                                connect_timeout=min(opts.connect_timeout_s, self.timeout_s),
-                                read_timeout=min(opts.read_timeout_s, self.timeout_s),
-                                retries={"total_max_attempts": 1, "mode": "standard"},
-                                max_pool_connections=self.pool.workers,
-                                s3={"addressing_style": opts.addressing_style})
-                session = boto3.session.Session(profile_name=opts.profile) if opts.profile else boto3.session.Session()
-                client = session.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=bc)
+                bc = BotoConfig(
+                    signature_version=UNSIGNED if opts.unsigned else "s3v4",
+                    connect_timeout=min(opts.connect_timeout_s, self.timeout_s),
+                    read_timeout=min(opts.read_timeout_s, self.timeout_s),
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    max_pool_connections=self.pool.workers,
+                    s3={"addressing_style": opts.addressing_style},
+                )
+                session = (
+                    boto3.session.Session(profile_name=opts.profile)
+                    if opts.profile
+                    else boto3.session.Session()
+                )
+                client = session.client(
+                    "s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=bc
+                )
                 self._signers[cache_key] = client
         return client
 
     def _presign(self, bucket: str, key: str) -> str:
         return self._signer(bucket).generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=max(60, int(self.timeout_s) * 2))
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=max(60, int(self.timeout_s) * 2)
+        )
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # Not the SSRF-guarded session: the host is the operator's configured endpoint, the caller
             # picks only an allowed bucket and key. No decompression: bytes are bounded as stored.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=4 * self.pool.workers), trust_env=False,
+                connector=aiohttp.TCPConnector(limit=4 * self.pool.workers),
+                trust_env=False,
                 auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(sock_connect=min(5.0, self.timeout_s), sock_read=self.timeout_s))
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=min(5.0, self.timeout_s), sock_read=self.timeout_s
+                ),
+            )
         return self._session
 
     async def fetch(self, url: str) -> bytes:
@@ -128,15 +148,21 @@ class S3ImageSource:
             signed = await self.pool.run(self._presign, bucket, key, timeout_s=self.timeout_s)
         except ApiError as exc:
             if exc.status == 504:
-                raise ApiError(504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s") from None
+                raise ApiError(
+                    504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s"
+                ) from None
             raise
-        except Exception as exc:  # noqa: BLE001 - no credentials, bad profile: the operator's problem, not the caller's
-            raise ApiError(422, "fetch_failed", f"the S3 object could not be read ({type(exc).__name__})") from None
+        except Exception as exc:
+            raise ApiError(
+                422, "fetch_failed", f"the S3 object could not be read ({type(exc).__name__})"
+            ) from None
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
                 return await self._get(signed)
         except TimeoutError:
-            raise ApiError(504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s") from None
+            raise ApiError(
+                504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s"
+            ) from None
 
     async def _get(self, signed: str) -> bytes:
         try:
@@ -145,16 +171,22 @@ class S3ImageSource:
                     # 403 and 404 (and anything else) read the same: existence is not revealed.
                     raise ApiError(422, "fetch_failed", "the S3 object could not be read")
                 if resp.content_length is not None and resp.content_length > self.max_bytes:
-                    raise ApiError(413, "image_too_large", f"the image exceeds the limit of {self.max_bytes} bytes")
+                    raise ApiError(
+                        413, "image_too_large", f"the image exceeds the limit of {self.max_bytes} bytes"
+                    )
                 chunks, total = [], 0
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     total += len(chunk)
                     if total > self.max_bytes:
-                        raise ApiError(413, "image_too_large", f"the image exceeds the limit of {self.max_bytes} bytes")
+                        raise ApiError(
+                            413, "image_too_large", f"the image exceeds the limit of {self.max_bytes} bytes"
+                        )
                     chunks.append(chunk)
                 return b"".join(chunks)
         except (aiohttp.ClientError, OSError) as exc:
-            raise ApiError(422, "fetch_failed", f"the S3 endpoint could not be read ({type(exc).__name__})") from None
+            raise ApiError(
+                422, "fetch_failed", f"the S3 endpoint could not be read ({type(exc).__name__})"
+            ) from None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -30,7 +30,7 @@ import asyncio
 import fnmatch
 import ipaddress
 import socket
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 from urllib.parse import urljoin
 
 import aiohttp
@@ -41,18 +41,26 @@ from openimages_od.serving.errors import ApiError
 
 __all__ = ["AddressPolicy", "BlockedAddress", "GuardedResolver", "SafeFetcher", "StaticResolver"]
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Cloud instance-metadata endpoints: refused even if an allow-list covers them.
-METADATA_IPS = {ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean
-    "fd00:ec2::254",  # AWS IPv6
-    "169.254.170.2",  # AWS ECS task metadata
-    "100.100.100.200",  # Alibaba Cloud
-    "192.0.0.192",  # Oracle Cloud
-)}
-METADATA_HOSTS = {"metadata.google.internal", "metadata.goog", "metadata", "instance-data",
-                  "instance-data.ec2.internal"}
+METADATA_IPS = {
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean
+        "fd00:ec2::254",  # AWS IPv6
+        "169.254.170.2",  # AWS ECS task metadata
+        "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud
+    )
+}
+METADATA_HOSTS = {
+    "metadata.google.internal",
+    "metadata.goog",
+    "metadata",
+    "instance-data",
+    "instance-data.ec2.internal",
+}
 
 
 class BlockedAddress(ApiError):
@@ -84,7 +92,7 @@ class AddressPolicy:
     """
 
     def __init__(self, allow_networks: Iterable[str] = ()) -> None:
-        self.networks: list[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]] = []
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.hosts: list[str] = []
         for entry in allow_networks:
             entry = entry.strip()
@@ -107,14 +115,27 @@ class AddressPolicy:
         inner = _unwrap(ip)
         if ip in METADATA_IPS or inner in METADATA_IPS:
             raise BlockedAddress(f"host {host} is a cloud metadata address ({ip})")
-        if self.host_allowed(host) or any(inner in n or ip in n for n in self.networks if n.version in (4, 6)):
+        if self.host_allowed(host) or any(
+            inner in n or ip in n for n in self.networks if n.version in (4, 6)
+        ):
             return
-        bad = (inner.is_loopback or inner.is_private or inner.is_link_local or inner.is_multicast
-               or inner.is_reserved or inner.is_unspecified or not inner.is_global
-               or ip.is_multicast or ip.is_reserved or not ip.is_global)
+        bad = (
+            inner.is_loopback
+            or inner.is_private
+            or inner.is_link_local
+            or inner.is_multicast
+            or inner.is_reserved
+            or inner.is_unspecified
+            or not inner.is_global
+            or ip.is_multicast
+            or ip.is_reserved
+            or not ip.is_global
+        )
         if bad:
-            raise BlockedAddress(f"host {host} resolves to a non-public address ({ip}); "
-                                 f"only public addresses may be fetched (see serve.allow_networks)")
+            raise BlockedAddress(
+                f"host {host} resolves to a non-public address ({ip}); "
+                f"only public addresses may be fetched (see serve.allow_networks)"
+            )
 
 
 class StaticResolver(AbstractResolver):
@@ -123,14 +144,23 @@ class StaticResolver(AbstractResolver):
     def __init__(self, table: dict[str, list[str]]) -> None:
         self.table = {k.lower(): v for k, v in table.items()}
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         ips = self.table.get(host.lower().rstrip("."))
         if not ips:
             raise OSError(socket.EAI_NONAME, f"cannot resolve {host}")
-        return [ResolveResult(hostname=host, host=ip, port=port,
-                              family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                              proto=0, flags=socket.AI_NUMERICHOST) for ip in ips]
+        return [
+            ResolveResult(
+                hostname=host,
+                host=ip,
+                port=port,
+                family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for ip in ips
+        ]
 
     async def close(self) -> None:
         return None
@@ -139,12 +169,13 @@ class StaticResolver(AbstractResolver):
 class GuardedResolver(AbstractResolver):
     """Resolves with ``base`` and refuses the host if ANY resolved address is refused."""
 
-    def __init__(self, policy: AddressPolicy, base: Optional[AbstractResolver] = None) -> None:
+    def __init__(self, policy: AddressPolicy, base: AbstractResolver | None = None) -> None:
         self.policy = policy
         self.base = base or aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         self.policy.check_host(host)
         results = await self.base.resolve(host, port, family)
         for r in results:
@@ -155,7 +186,7 @@ class GuardedResolver(AbstractResolver):
         await self.base.close()
 
 
-def _ip_literal(host: str) -> Optional[IPAddress]:
+def _ip_literal(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
@@ -174,15 +205,22 @@ class SafeFetcher:
         user_agent: the User-Agent sent upstream.
     """
 
-    def __init__(self, policy: AddressPolicy, max_bytes: int, timeout_s: float, max_redirects: int = 3,
-                 base_resolver: Optional[AbstractResolver] = None, user_agent: str = "openimages-od-serve/0.1") -> None:
+    def __init__(
+        self,
+        policy: AddressPolicy,
+        max_bytes: int,
+        timeout_s: float,
+        max_redirects: int = 3,
+        base_resolver: AbstractResolver | None = None,
+        user_agent: str = "openimages-od-serve/0.1",
+    ) -> None:
         self.policy = policy
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
         self.base_resolver = base_resolver
         self.user_agent = user_agent
-        self._session: Optional[aiohttp.ClientSession] = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -190,8 +228,13 @@ class SafeFetcher:
             # No DNS cache: every connection re-resolves through the guard.
             connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=64)
             self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=False, headers={"User-Agent": self.user_agent},
-                timeout=aiohttp.ClientTimeout(sock_connect=min(5.0, self.timeout_s), sock_read=self.timeout_s))
+                connector=connector,
+                trust_env=False,
+                headers={"User-Agent": self.user_agent},
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=min(5.0, self.timeout_s), sock_read=self.timeout_s
+                ),
+            )
         return self._session
 
     async def close(self) -> None:
@@ -207,8 +250,11 @@ class SafeFetcher:
         except (ValueError, TypeError, UnicodeError):
             raise ApiError(400, "bad_url", "the image URL is not a valid URL") from None
         if u.scheme not in ("http", "https"):
-            raise ApiError(400, "unsupported_scheme",
-                           f"URL scheme {u.scheme or '(none)'!r} is not allowed (use http, https or s3)")
+            raise ApiError(
+                400,
+                "unsupported_scheme",
+                f"URL scheme {u.scheme or '(none)'!r} is not allowed (use http, https or s3)",
+            )
         if not host:
             raise ApiError(400, "bad_url", "the image URL has no host")
         if u.user or u.password:
@@ -229,7 +275,9 @@ class SafeFetcher:
         try:
             return await asyncio.wait_for(self._fetch_http(url), self.timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s") from None
+            raise ApiError(
+                504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s"
+            ) from None
 
     async def _fetch_http(self, url: str) -> tuple[bytes, str]:
         session = await self._get_session()
@@ -241,35 +289,51 @@ class SafeFetcher:
                     if resp.status in (301, 302, 303, 307, 308):
                         loc = resp.headers.get("Location")
                         if not loc:
-                            raise ApiError(422, "fetch_failed", f"upstream answered {resp.status} with no Location")
+                            raise ApiError(
+                                422, "fetch_failed", f"upstream answered {resp.status} with no Location"
+                            )
                         try:
                             current = urljoin(str(u), loc)
                         except ValueError:  # e.g. "http://[::1": not the caller's fault, not ours either
-                            raise ApiError(422, "fetch_failed", "upstream redirected to an invalid URL") from None
+                            raise ApiError(
+                                422, "fetch_failed", "upstream redirected to an invalid URL"
+                            ) from None
                         continue
                     if resp.status != 200:
                         raise ApiError(422, "fetch_failed", f"upstream answered HTTP {resp.status}")
                     ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-                    if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream",
-                                                                               "binary/octet-stream")):
-                        raise ApiError(415, "unsupported_media_type",
-                                       f"upstream content type {ctype!r} is not an image")
+                    if ctype and not (
+                        ctype.startswith("image/")
+                        or ctype in ("application/octet-stream", "binary/octet-stream")
+                    ):
+                        raise ApiError(
+                            415, "unsupported_media_type", f"upstream content type {ctype!r} is not an image"
+                        )
                     if resp.content_length is not None and resp.content_length > self.max_bytes:
-                        raise ApiError(413, "image_too_large",
-                                       f"image is {resp.content_length} bytes; the limit is {self.max_bytes}")
+                        raise ApiError(
+                            413,
+                            "image_too_large",
+                            f"image is {resp.content_length} bytes; the limit is {self.max_bytes}",
+                        )
                     chunks, total = [], 0
                     async for chunk in resp.content.iter_chunked(1 << 16):
                         total += len(chunk)
                         if total > self.max_bytes:
-                            raise ApiError(413, "image_too_large", f"image exceeds the limit of {self.max_bytes} bytes")
+                            raise ApiError(
+                                413, "image_too_large", f"image exceeds the limit of {self.max_bytes} bytes"
+                            )
                         chunks.append(chunk)
                     return b"".join(chunks), ctype
             except ApiError:
                 raise
             except (aiohttp.InvalidURL, ValueError):
-                raise ApiError(400 if hop == 0 else 422, "bad_url" if hop == 0 else "fetch_failed",
-                               "the image URL is not valid" if hop == 0 else "upstream redirected to an invalid URL"
-                               ) from None
+                raise ApiError(
+                    400 if hop == 0 else 422,
+                    "bad_url" if hop == 0 else "fetch_failed",
+                    "the image URL is not valid" if hop == 0 else "upstream redirected to an invalid URL",
+                ) from None
             except (aiohttp.ClientError, OSError) as exc:
-                raise ApiError(422, "fetch_failed", f"could not fetch the image ({type(exc).__name__})") from None
+                raise ApiError(
+                    422, "fetch_failed", f"could not fetch the image ({type(exc).__name__})"
+                ) from None
         raise ApiError(422, "too_many_redirects", f"more than {self.max_redirects} redirects")

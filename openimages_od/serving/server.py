@@ -31,7 +31,8 @@ import logging
 import resource
 import signal
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -41,9 +42,13 @@ log = logging.getLogger(__name__)
 __all__ = ["ConnectionGuard", "GuardedSite", "connection_limit", "serve_until_stopped"]
 
 FD_RESERVE = 128  # descriptors kept for the model, logs, outgoing fetches and storage clients
-_BUSY_BODY = json.dumps({"error": {"code": "unavailable", "message": "too many open connections; retry later"}})
-_BUSY_RESPONSE = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                  f"Connection: close\r\nContent-Length: {len(_BUSY_BODY)}\r\n\r\n{_BUSY_BODY}").encode()
+_BUSY_BODY = json.dumps(
+    {"error": {"code": "unavailable", "message": "too many open connections; retry later"}}
+)
+_BUSY_RESPONSE = (
+    f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    f"Connection: close\r\nContent-Length: {len(_BUSY_BODY)}\r\n\r\n{_BUSY_BODY}"
+).encode()
 
 
 def connection_limit(configured: int) -> int:
@@ -62,19 +67,20 @@ class ConnectionGuard:
         on_change: called with (open connections, reason or None) for metrics.
     """
 
-    def __init__(self, max_connections: int, on_change: Optional[Callable[[int, Optional[str]], None]] = None
-                 ) -> None:
+    def __init__(
+        self, max_connections: int, on_change: Callable[[int, str | None], None] | None = None
+    ) -> None:
         self.max_connections = max_connections
         self.on_change = on_change
         self.open = 0
         # Idle connections, oldest-idle first; a connection with a request in the app is not in here.
         self._idle: collections.OrderedDict[GuardedRequestHandler, None] = collections.OrderedDict()
 
-    def _notify(self, reason: Optional[str] = None) -> None:
+    def _notify(self, reason: str | None = None) -> None:
         if self.on_change is not None:
             self.on_change(self.open, reason)
 
-    def admit(self, conn: "GuardedRequestHandler") -> bool:
+    def admit(self, conn: GuardedRequestHandler) -> bool:
         """Register a new connection; False when it must be refused (everything busy)."""
         while self.open >= self.max_connections and self._idle:
             victim, _ = self._idle.popitem(last=False)
@@ -88,15 +94,15 @@ class ConnectionGuard:
         self._notify()
         return True
 
-    def busy(self, conn: "GuardedRequestHandler") -> None:
+    def busy(self, conn: GuardedRequestHandler) -> None:
         self._idle.pop(conn, None)
 
-    def idle(self, conn: "GuardedRequestHandler") -> None:
+    def idle(self, conn: GuardedRequestHandler) -> None:
         if conn.admitted and not conn.gone:
             self._idle[conn] = None
             self._idle.move_to_end(conn)
 
-    def gone(self, conn: "GuardedRequestHandler") -> None:
+    def gone(self, conn: GuardedRequestHandler) -> None:
         self._idle.pop(conn, None)
         self.open -= 1
         self._notify()
@@ -121,7 +127,7 @@ class GuardedRequestHandler(RequestHandler):
             transport.write(_BUSY_RESPONSE)  # type: ignore[attr-defined]
             transport.close()
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         if self.admitted and not self.gone:
             self.gone = True
             self._guard.gone(self)
@@ -141,18 +147,32 @@ class GuardedRequestHandler(RequestHandler):
     def request_finished(self) -> None:
         self._guard.idle(self)
 
-    def handle_error(self, request: Any, status: int = 500, exc: Optional[BaseException] = None,
-                     message: Optional[str] = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         # Called by aiohttp for requests it could not parse (before any middleware) and for
         # exceptions that escaped the app: one short log line, no traceback, no request bytes echoed.
         if status >= 500:  # an exception escaped the app (a bug): keep its traceback
             log.error("unhandled error on a request from %s", request.remote, exc_info=exc)
         else:
-            log.info("rejected a malformed request from %s: %s %s", request.remote, status,
-                     type(exc).__name__ if exc else "")
+            log.info(
+                "rejected a malformed request from %s: %s %s",
+                request.remote,
+                status,
+                type(exc).__name__ if exc else "",
+            )
         code = "bad_request" if status == 400 else "internal"
-        text = ("the request could not be parsed as HTTP (bad request line or headers)" if status == 400
-                else "internal server error" if status >= 500 else "the request was rejected")
+        text = (
+            "the request could not be parsed as HTTP (bad request line or headers)"
+            if status == 400
+            else "internal server error"
+            if status >= 500
+            else "the request was rejected"
+        )
         resp = web.json_response({"error": {"code": code, "message": text}}, status=status)
         resp.force_close()
         return resp
@@ -161,10 +181,11 @@ class GuardedRequestHandler(RequestHandler):
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections go through a :class:`ConnectionGuard` (see module docstring)."""
 
-    __slots__ = ("_host", "_port", "_guard", "_bound")
+    __slots__ = ("_bound", "_guard", "_host", "_port")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
-                 backlog: int = 1024) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *, backlog: int = 1024
+    ) -> None:
         # A deep accept queue (the kernel caps it at net.core.somaxconn): with aiohttp's 128, a
         # burst of connections fills it and the kernel drops new SYNs, so a health probe arriving
         # then waits for its client's SYN retransmit (1 s, then 3 s) although the loop is idle.
@@ -188,13 +209,14 @@ class GuardedSite(web.BaseSite):
         assert server is not None
         loop = asyncio.get_running_loop()
         # The handler kwargs aiohttp's Server would use (access log, keep-alive timeout, header limits).
-        kwargs = dict(server._kwargs)  # noqa: SLF001 - no public accessor; fails loudly if aiohttp changes
+        kwargs = dict(server._kwargs)
 
         def factory() -> GuardedRequestHandler:
             return GuardedRequestHandler(server, self._guard, loop=loop, **kwargs)
 
-        self._server = await loop.create_server(factory, self._host, self._port, backlog=self._backlog,
-                                                reuse_address=True)
+        self._server = await loop.create_server(
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
         self._bound = self._server.sockets[0].getsockname()[1]
 
 
@@ -220,9 +242,14 @@ class _QuietLoopErrors:
         log.error("%s%s (repeats are silenced for %ds)", msg, f": {exc!r}" if exc else "", self.interval_s)
 
 
-async def serve_until_stopped(runner: web.AppRunner, host: str, port: int, max_connections: int,
-                              on_change: Optional[Callable[[int, Optional[str]], None]] = None,
-                              stop: Optional[asyncio.Event] = None) -> None:
+async def serve_until_stopped(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    max_connections: int,
+    on_change: Callable[[int, str | None], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
     """Set up ``runner``, listen on ``host:port`` through a guard, and serve until SIGTERM/SIGINT.
 
     Then stop accepting, let in-flight requests drain (the runner's shutdown timeout) and clean up.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from aiohttp import web
 
@@ -16,7 +16,7 @@ from openimages_od.serving.pools import Pools
 from openimages_od.serving.s3_source import S3ImageSource
 from openimages_od.serving.safe_fetch import SafeFetcher
 
-__all__ = ["Metrics", "ServeState", "STATE"]
+__all__ = ["STATE", "Metrics", "ServeState"]
 
 
 class Metrics:
@@ -26,26 +26,49 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("oiod_http_requests_total", "HTTP requests by route, method and status.",
-                                ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("oiod_http_request_duration_seconds", "Request latency by route.", ["route"],
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                                 registry=self.registry)
-        self.batch_size = Histogram("oiod_batch_size", "Images per model call.",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.inference = Histogram("oiod_model_call_seconds", "Duration of one model call (a batch).",
-                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-                                   registry=self.registry)
-        self.inflight = Gauge("oiod_http_requests_in_flight", "Requests being handled.", registry=self.registry)
-        self.model_loaded = Gauge("oiod_model_loaded", "1 when the model is loaded and the service ready.",
-                                  registry=self.registry)
-        self.pool_busy = Gauge("oiod_pool_busy_threads", "Busy threads per work pool.", ["pool"],
-                               registry=self.registry)
-        self.connections = Gauge("oiod_open_connections", "Open client connections (guarded server only).",
-                                 registry=self.registry)
-        self.evictions = Counter("oiod_connections_closed_total",
-                                 "Client connections the server closed to stay under serve.max_connections.",
-                                 ["reason"], registry=self.registry)
+        self.requests = Counter(
+            "oiod_http_requests_total",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "oiod_http_request_duration_seconds",
+            "Request latency by route.",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "oiod_batch_size",
+            "Images per model call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "oiod_model_call_seconds",
+            "Duration of one model call (a batch).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "oiod_http_requests_in_flight", "Requests being handled.", registry=self.registry
+        )
+        self.model_loaded = Gauge(
+            "oiod_model_loaded", "1 when the model is loaded and the service ready.", registry=self.registry
+        )
+        self.pool_busy = Gauge(
+            "oiod_pool_busy_threads", "Busy threads per work pool.", ["pool"], registry=self.registry
+        )
+        self.connections = Gauge(
+            "oiod_open_connections", "Open client connections (guarded server only).", registry=self.registry
+        )
+        self.evictions = Counter(
+            "oiod_connections_closed_total",
+            "Client connections the server closed to stay under serve.max_connections.",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def observe_batch(self, n: int, seconds: float) -> None:
         self.batch_size.observe(n)
@@ -65,13 +88,13 @@ class ServeState:
     metrics: Metrics
     model_url: str
     pools: Pools
-    model: Optional[ExportedModel] = None
-    batcher: Optional[MicroBatcher] = None
-    fetcher: Optional[SafeFetcher] = None
-    s3: Optional[S3ImageSource] = None
+    model: ExportedModel | None = None
+    batcher: MicroBatcher | None = None
+    fetcher: SafeFetcher | None = None
+    s3: S3ImageSource | None = None
     storage: Any = None
     output_storage: Any = None
-    token: Optional[str] = None
+    token: str | None = None
     shutting_down: bool = False
     started: float = field(default_factory=time.time)
 
@@ -105,7 +128,7 @@ class ServeState:
             return await batcher.submit(img.data, ticket)
         except (BatcherClosed, ApiError):
             raise
-        except Exception as exc:  # noqa: BLE001 - the model could not read this image
+        except Exception as exc:
             if type(exc).__name__ in ("InvalidArgumentError", "UnknownError"):
                 raise ImageError(400, "bad_image", "the model could not decode the image") from None
             raise

@@ -18,16 +18,20 @@ __all__ = ["handle_tfs_predict", "handle_tfs_status"]
 def _model_for(state: ServeState, name: str) -> ExportedModel:
     model, _ = state.require_ready()
     if name not in (model.name, "default"):
-        raise ApiError(404, "model_not_found", f"no model named {name[:80]!r} (this server serves {model.name!r})")
+        raise ApiError(
+            404, "model_not_found", f"no model named {name[:80]!r} (this server serves {model.name!r})"
+        )
     return model
 
 
 def _instances(payload: Any, max_instances: int) -> list[Any]:
     if not isinstance(payload, dict):
-        raise ApiError(400, "bad_request", "expected {\"instances\": [...]}")
+        raise ApiError(400, "bad_request", 'expected {"instances": [...]}')
     sig = payload.get("signature_name", "serving_default")
     if sig != "serving_default":
-        raise ApiError(400, "bad_request", "only signature_name 'serving_default' (image_bytes) is served over REST")
+        raise ApiError(
+            400, "bad_request", "only signature_name 'serving_default' (image_bytes) is served over REST"
+        )
     if "instances" in payload:
         items = payload["instances"]
     elif "inputs" in payload:
@@ -48,8 +52,11 @@ def _decode_instances(items: list[Any], max_bytes: int) -> list[bytes]:
         if isinstance(inst, dict) and "image_bytes" in inst:
             inst = inst["image_bytes"]
         if not (isinstance(inst, dict) and isinstance(inst.get("b64"), str)):
-            raise ApiError(400, "bad_request",
-                           f"instance {i}: expected {{\"b64\": ...}} or {{\"image_bytes\": {{\"b64\": ...}}}}")
+            raise ApiError(
+                400,
+                "bad_request",
+                f'instance {i}: expected {{"b64": ...}} or {{"image_bytes": {{"b64": ...}}}}',
+            )
         blobs.append(decode_base64(inst["b64"], f"instance {i}", max_bytes=max_bytes))
     return blobs
 
@@ -76,6 +83,14 @@ async def handle_tfs_predict(request: web.Request) -> web.StreamResponse:
 async def handle_tfs_status(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model = _model_for(state, request.match_info["name"])
-    return web.json_response({"model_version_status": [{
-        "version": str(model.info.get("step", 1)), "state": "AVAILABLE",
-        "status": {"error_code": "OK", "error_message": ""}}]})
+    return web.json_response(
+        {
+            "model_version_status": [
+                {
+                    "version": str(model.info.get("step", 1)),
+                    "state": "AVAILABLE",
+                    "status": {"error_code": "OK", "error_message": ""},
+                }
+            ]
+        }
+    )

@@ -35,14 +35,15 @@ import base64
 import csv
 import heapq
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from openimages_od.training.oid_metric import ioa_matrix, iou_matrix
 
-__all__ = ["ErrorAnalysis", "OUTCOMES", "FP_REASONS"]
+__all__ = ["FP_REASONS", "OUTCOMES", "ErrorAnalysis"]
 
 FP_REASONS = ("localisation", "wrong_class", "duplicate", "background")
 OUTCOMES = ("tp",) + FP_REASONS
@@ -70,8 +71,15 @@ class ErrorAnalysis:
         worst_per_class: images kept (with drawings) per class.
     """
 
-    def __init__(self, class_ids: Sequence[int], class_names: Mapping[int, str], iou_threshold: float = 0.5,
-                 min_score: float = 0.3, loc_iou: float = 0.1, worst_per_class: int = 3) -> None:
+    def __init__(
+        self,
+        class_ids: Sequence[int],
+        class_names: Mapping[int, str],
+        iou_threshold: float = 0.5,
+        min_score: float = 0.3,
+        loc_iou: float = 0.1,
+        worst_per_class: int = 3,
+    ) -> None:
         self.class_ids = [int(c) for c in class_ids]
         self.names = {int(k): str(v) for k, v in class_names.items()}
         self.thr = float(iou_threshold)
@@ -94,9 +102,19 @@ class ErrorAnalysis:
 
     # ------------------------------------------------------------------ one image
 
-    def add(self, image_id: str, width: int, height: int, gt_boxes: np.ndarray, gt_labels: np.ndarray,
-            gt_group: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray, det_labels: np.ndarray,
-            encoded: bytes = b"") -> None:
+    def add(
+        self,
+        image_id: str,
+        width: int,
+        height: int,
+        gt_boxes: np.ndarray,
+        gt_labels: np.ndarray,
+        gt_group: np.ndarray,
+        det_boxes: np.ndarray,
+        det_scores: np.ndarray,
+        det_labels: np.ndarray,
+        encoded: bytes = b"",
+    ) -> None:
         """Analyse one image (pixel boxes ``ymin, xmin, ymax, xmax``)."""
         self.num_images += 1
         gb = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
@@ -121,7 +139,7 @@ class ErrorAnalysis:
             best_same = same_iou[j] if j >= 0 else -1.0
             group_hit = np.flatnonzero((gl == c) & gg & (ioa[i] >= self.thr)) if len(gb) else []
             other = np.where(gl != c, iou[i], -1.0) if len(gb) else np.zeros(0)
-            gt_label: Optional[int] = None
+            gt_label: int | None = None
             if best_same >= self.thr and not claimed[j]:
                 outcome, claimed[j], gt_label = "tp", True, c
             elif best_same >= self.thr:
@@ -139,11 +157,28 @@ class ErrorAnalysis:
                 outcome = "background"
             self.counts[c][outcome] += 1
             best_any = float(iou[i].max()) if len(gb) else 0.0
-            dets.append({"box": [round(float(v), 2) for v in db[i]], "label": self._name(c), "class_id": c,
-                         "score": round(float(ds[i]), 5), "outcome": outcome,
-                         "gt_label": None if gt_label is None else self._name(gt_label), "iou": round(best_any, 4)})
-            self.outcome_rows.append([image_id, self._name(c), f"{ds[i]:.5f}", *(f"{v:.2f}" for v in db[i]),
-                                      outcome, "" if gt_label is None else self._name(gt_label), f"{best_any:.4f}"])
+            dets.append(
+                {
+                    "box": [round(float(v), 2) for v in db[i]],
+                    "label": self._name(c),
+                    "class_id": c,
+                    "score": round(float(ds[i]), 5),
+                    "outcome": outcome,
+                    "gt_label": None if gt_label is None else self._name(gt_label),
+                    "iou": round(best_any, 4),
+                }
+            )
+            self.outcome_rows.append(
+                [
+                    image_id,
+                    self._name(c),
+                    f"{ds[i]:.5f}",
+                    *(f"{v:.2f}" for v in db[i]),
+                    outcome,
+                    "" if gt_label is None else self._name(gt_label),
+                    f"{best_any:.4f}",
+                ]
+            )
         missed = []
         for j in range(len(gb)):
             c = int(gl[j])
@@ -152,14 +187,29 @@ class ErrorAnalysis:
             self.counts[c]["gt"] += 1
             if not claimed[j]:
                 self.counts[c]["missed"] += 1
-                missed.append({"box": [round(float(v), 2) for v in gb[j]], "label": self._name(c), "class_id": c,
-                               "group_of": bool(gg[j])})
-                self.outcome_rows.append([image_id, self._name(c), "", *(f"{v:.2f}" for v in gb[j]), "missed",
-                                          self._name(c), ""])
+                missed.append(
+                    {
+                        "box": [round(float(v), 2) for v in gb[j]],
+                        "label": self._name(c),
+                        "class_id": c,
+                        "group_of": bool(gg[j]),
+                    }
+                )
+                self.outcome_rows.append(
+                    [image_id, self._name(c), "", *(f"{v:.2f}" for v in gb[j]), "missed", self._name(c), ""]
+                )
         self._confuse(np.where(gg[None, :], ioa, iou), dl, gl, gg)
-        record = {"image_id": image_id, "width": int(width), "height": int(height), "detections": dets,
-                  "missed": missed, "ground_truth": [{"box": [round(float(v), 2) for v in b], "label": self._name(l),
-                                                      "group_of": bool(g)} for b, l, g in zip(gb, gl, gg)]}
+        record = {
+            "image_id": image_id,
+            "width": int(width),
+            "height": int(height),
+            "detections": dets,
+            "missed": missed,
+            "ground_truth": [
+                {"box": [round(float(v), 2) for v in b], "label": self._name(lab), "group_of": bool(g)}
+                for b, lab, g in zip(gb, gl, gg)
+            ],
+        }
         self._keep_worst(image_id, record, encoded, dets, missed)
 
     def _confuse(self, overlap: np.ndarray, dl: np.ndarray, gl: np.ndarray, gg: np.ndarray) -> None:
@@ -180,7 +230,9 @@ class ErrorAnalysis:
             if row is not None:
                 self.confusion[row, len(self.cols) - 1] += 1
 
-    def _keep_worst(self, image_id: str, record: dict, encoded: bytes, dets: list[dict], missed: list[dict]) -> None:
+    def _keep_worst(
+        self, image_id: str, record: dict, encoded: bytes, dets: list[dict], missed: list[dict]
+    ) -> None:
         if self.k <= 0:
             return
         for c in self.class_ids:
@@ -204,28 +256,50 @@ class ErrorAnalysis:
         for c in self.class_ids:
             k = self.counts[c]
             fp = sum(k[r] for r in FP_REASONS)
-            per_class[str(c)] = {"name": self._name(c), **k, "fp": fp,
-                                 "precision": round(k["tp"] / (k["tp"] + fp), 5) if k["tp"] + fp else None,
-                                 "recall": round((k["gt"] - k["missed"]) / k["gt"], 5) if k["gt"] else None}
+            per_class[str(c)] = {
+                "name": self._name(c),
+                **k,
+                "fp": fp,
+                "precision": round(k["tp"] / (k["tp"] + fp), 5) if k["tp"] + fp else None,
+                "recall": round((k["gt"] - k["missed"]) / k["gt"], 5) if k["gt"] else None,
+            }
         worst = {}
         for c in self.class_ids:
             items = sorted(self._worst[c], reverse=True)
-            worst[str(c)] = [{**w.record, "errors": w.errors, "class": self._name(c),
-                              **({"image": draw_record(w.record, w.encoded)} if draw and w.encoded else {})}
-                             for w in items]
+            worst[str(c)] = [
+                {
+                    **w.record,
+                    "errors": w.errors,
+                    "class": self._name(c),
+                    **({"image": draw_record(w.record, w.encoded)} if draw and w.encoded else {}),
+                }
+                for w in items
+            ]
         totals = {o: sum(self.counts[c][o] for c in self.class_ids) for o in OUTCOMES + ("missed", "gt")}
-        return {"min_score": self.min_score, "iou_threshold": self.thr, "loc_iou": self.loc_iou,
-                "num_images": self.num_images, "totals": totals, "per_class": per_class,
-                "confusion": {"rows": self.rows, "cols": self.cols, "matrix": self.confusion.tolist(),
-                              "note": "rows: ground truth ((none) = background); columns: prediction "
-                                      "((missed) = no prediction); class-agnostic IoU matching"},
-                "worst_images": worst}
+        return {
+            "min_score": self.min_score,
+            "iou_threshold": self.thr,
+            "loc_iou": self.loc_iou,
+            "num_images": self.num_images,
+            "totals": totals,
+            "per_class": per_class,
+            "confusion": {
+                "rows": self.rows,
+                "cols": self.cols,
+                "matrix": self.confusion.tolist(),
+                "note": "rows: ground truth ((none) = background); columns: prediction "
+                "((missed) = no prediction); class-agnostic IoU matching",
+            },
+            "worst_images": worst,
+        }
 
     def outcomes_csv(self) -> str:
         """Every analysed prediction and every missed box, one CSV row each."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["ImageID", "label", "score", "ymin", "xmin", "ymax", "xmax", "outcome", "gt_label", "iou"])
+        w.writerow(
+            ["ImageID", "label", "score", "ymin", "xmin", "ymax", "xmax", "outcome", "gt_label", "iou"]
+        )
         w.writerows(self.outcome_rows)
         return buf.getvalue()
 
@@ -261,8 +335,12 @@ def draw_record(record: dict, encoded: bytes, max_side: int = 360) -> str:
         rect(g["box"], COLORS["missed" if gone else "gt"], 2, ("missed " if gone else "") + g["label"])
     for d in record["detections"]:
         ok = d["outcome"] == "tp"
-        rect(d["box"], COLORS["tp" if ok else "fp"], 2,
-             f"{d['label']} {d['score']:.2f}" + ("" if ok else f" {d['outcome']}"))
+        rect(
+            d["box"],
+            COLORS["tp" if ok else "fp"],
+            2,
+            f"{d['label']} {d['score']:.2f}" + ("" if ok else f" {d['outcome']}"),
+        )
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=82)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

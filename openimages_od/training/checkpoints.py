@@ -11,25 +11,24 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 from openimages_od.config import Config, join_url
 from openimages_od.errors import DataError
 from openimages_od.storage import Storage, local_path
 
-__all__ = ["latest_checkpoint_url", "checkpoint_step", "fetch_checkpoint", "resolve_checkpoint"]
+__all__ = ["checkpoint_step", "fetch_checkpoint", "latest_checkpoint_url", "resolve_checkpoint"]
 
 _LATEST_RE = re.compile(r'^model_checkpoint_path:\s*"([^"]+)"', re.M)
 
 
-def checkpoint_step(path: str) -> Optional[int]:
+def checkpoint_step(path: str) -> int | None:
     """The global step encoded in a checkpoint prefix (``.../ckpt-1200`` -> 1200)."""
     m = re.search(r"-(\d+)$", path.rstrip("/"))
     return int(m.group(1)) if m else None
 
 
-def latest_checkpoint_url(model_dir: str, storage: Storage) -> Optional[str]:
+def latest_checkpoint_url(model_dir: str, storage: Storage) -> str | None:
     """URL prefix of the latest checkpoint in ``model_dir`` (None when there is none yet)."""
     try:
         text = storage.read_text(join_url(model_dir, "checkpoint"))
@@ -45,7 +44,7 @@ def latest_checkpoint_url(model_dir: str, storage: Storage) -> Optional[str]:
     return join_url(model_dir, name)
 
 
-def fetch_checkpoint(prefix_url: str, storage: Storage, cache_dir: Optional[Path] = None) -> str:
+def fetch_checkpoint(prefix_url: str, storage: Storage, cache_dir: Path | None = None) -> str:
     """A local checkpoint prefix for ``prefix_url`` (downloading ``.index`` and ``.data-*`` if remote).
 
     Raises:
@@ -59,19 +58,23 @@ def fetch_checkpoint(prefix_url: str, storage: Storage, cache_dir: Optional[Path
     p = urlparse(prefix_url)
     base = cache_dir or Path(tempfile.gettempdir()) / "oiod-ckpt-cache"
     dest_prefix = base / p.netloc / p.path.lstrip("/")
-    files = [o for o in storage.list(prefix_url + ".")
-             if o.url.endswith(".index") or ".data-" in o.url.rsplit("/", 1)[-1]]
+    files = [
+        o
+        for o in storage.list(prefix_url + ".")
+        if o.url.endswith(".index") or ".data-" in o.url.rsplit("/", 1)[-1]
+    ]
     if not any(o.url.endswith(".index") for o in files):
         raise DataError(f"checkpoint not found: {prefix_url} (no .index object)")
     for o in files:
-        dest = Path(str(dest_prefix) + o.url[len(prefix_url):])
+        dest = Path(str(dest_prefix) + o.url[len(prefix_url) :])
         if not (dest.is_file() and dest.stat().st_size == o.size):
             storage.download_file(o.url, dest)
     return str(dest_prefix)
 
 
-def resolve_checkpoint(cfg: Config, storage: Storage, checkpoint: Optional[str] = None,
-                       cache_dir: Optional[Path] = None) -> tuple[str, Optional[int]]:
+def resolve_checkpoint(
+    cfg: Config, storage: Storage, checkpoint: str | None = None, cache_dir: Path | None = None
+) -> tuple[str, int | None]:
     """(local checkpoint prefix, step) for ``checkpoint`` or the latest one in ``model_dir``.
 
     ``checkpoint`` may be a prefix (``.../ckpt-4``), a folder holding a

@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from openimages_od.training.oid_metric import as_group_of
 
-__all__ = ["CocoAccumulator", "COCO_STAT_NAMES"]
+__all__ = ["COCO_STAT_NAMES", "CocoAccumulator"]
 
-COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl"]
+COCO_STAT_NAMES = [
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "ARmax1",
+    "ARmax10",
+    "ARmax100",
+    "ARs",
+    "ARm",
+    "ARl",
+]
 
 
 class CocoAccumulator:
@@ -36,24 +49,41 @@ class CocoAccumulator:
         self.annotations: list[dict] = []
         self.detections: list[list[float]] = []
 
-    def add_image(self, width: int, height: int, gt_boxes: np.ndarray, gt_labels: np.ndarray,
-                  gt_crowd: np.ndarray | None, det_boxes: np.ndarray, det_scores: np.ndarray,
-                  det_labels: np.ndarray) -> int:
+    def add_image(
+        self,
+        width: int,
+        height: int,
+        gt_boxes: np.ndarray,
+        gt_labels: np.ndarray,
+        gt_crowd: np.ndarray | None,
+        det_boxes: np.ndarray,
+        det_scores: np.ndarray,
+        det_labels: np.ndarray,
+    ) -> int:
         """Add one image (pixel boxes ``ymin, xmin, ymax, xmax``); returns its COCO image id."""
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "width": int(width), "height": int(height)})
         gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
         # ``== 1``, not a cast: Open Images writes -1 for "unknown", which must not become a crowd.
-        crowd = (np.zeros(len(gt_boxes), dtype=int) if gt_crowd is None
-                 else as_group_of(gt_crowd).astype(int))
+        crowd = np.zeros(len(gt_boxes), dtype=int) if gt_crowd is None else as_group_of(gt_crowd).astype(int)
         for box, label, c in zip(gt_boxes, np.asarray(gt_labels).reshape(-1), crowd):
             y0, x0, y1, x1 = box
             w, h = max(0.0, x1 - x0), max(0.0, y1 - y0)
-            self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id,
-                                     "category_id": int(label), "bbox": [x0, y0, w, h],
-                                     "area": w * h, "iscrowd": int(c)})
-        for box, score, label in zip(np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4),
-                                     np.asarray(det_scores).reshape(-1), np.asarray(det_labels).reshape(-1)):
+            self.annotations.append(
+                {
+                    "id": len(self.annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x0, y0, w, h],
+                    "area": w * h,
+                    "iscrowd": int(c),
+                }
+            )
+        for box, score, label in zip(
+            np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4),
+            np.asarray(det_scores).reshape(-1),
+            np.asarray(det_labels).reshape(-1),
+        ):
             y0, x0, y1, x1 = box
             self.detections.append([image_id, x0, y0, x1 - x0, y1 - y0, float(score), int(label)])
         return image_id

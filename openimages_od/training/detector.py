@@ -20,15 +20,14 @@ int32 [B, N] (label-map ids), ``detection_scores`` float32 [B, N] and
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import tensorflow as tf
 import tf_keras
-
 from official.vision.modeling import factory
 from official.vision.ops import preprocess_ops
 
-__all__ = ["DetectorModule", "build_model", "restore_model", "SIGNATURES"]
+__all__ = ["SIGNATURES", "DetectorModule", "build_model", "restore_model"]
 
 SIGNATURES = {
     "serving_default": {
@@ -79,8 +78,13 @@ class DetectorModule(tf.Module):
         image = tf.ensure_shape(image, [None, None, 3])
         image = preprocess_ops.normalize_image(image)
         image, info = preprocess_ops.resize_and_crop_image(
-            image, [self.input_size, self.input_size], padded_size=[self.padded, self.padded],
-            aug_scale_min=1.0, aug_scale_max=1.0, keep_aspect_ratio=True)
+            image,
+            [self.input_size, self.input_size],
+            padded_size=[self.padded, self.padded],
+            aug_scale_min=1.0,
+            aug_scale_max=1.0,
+            keep_aspect_ratio=True,
+        )
         image = tf.ensure_shape(image, [self.padded, self.padded, 3])
         return image, tf.ensure_shape(info, [4, 2])
 
@@ -112,20 +116,28 @@ class DetectorModule(tf.Module):
     def detect_bytes(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         """Detections for a batch of encoded images (each may have its own size)."""
         images, info = tf.map_fn(
-            self._decode_one, image_bytes,
-            fn_output_signature=(tf.TensorSpec([self.padded, self.padded, 3], tf.float32),
-                                 tf.TensorSpec([4, 2], tf.float32)),
-            parallel_iterations=8)
+            self._decode_one,
+            image_bytes,
+            fn_output_signature=(
+                tf.TensorSpec([self.padded, self.padded, 3], tf.float32),
+                tf.TensorSpec([4, 2], tf.float32),
+            ),
+            parallel_iterations=8,
+        )
         return self._run(images, info)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def detect_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         """Detections for a batch of same-sized uint8 RGB images."""
         prepped, info = tf.map_fn(
-            self._preprocess_one, images,
-            fn_output_signature=(tf.TensorSpec([self.padded, self.padded, 3], tf.float32),
-                                 tf.TensorSpec([4, 2], tf.float32)),
-            parallel_iterations=8)
+            self._preprocess_one,
+            images,
+            fn_output_signature=(
+                tf.TensorSpec([self.padded, self.padded, 3], tf.float32),
+                tf.TensorSpec([4, 2], tf.float32),
+            ),
+            parallel_iterations=8,
+        )
         return self._run(prepped, info)
 
     def signatures(self) -> dict[str, Any]:
@@ -135,6 +147,6 @@ class DetectorModule(tf.Module):
         }
 
 
-def latest_checkpoint(model_dir: str) -> Optional[str]:
+def latest_checkpoint(model_dir: str) -> str | None:
     """``tf.train.latest_checkpoint`` on a local folder."""
     return tf.train.latest_checkpoint(model_dir)

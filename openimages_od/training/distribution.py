@@ -19,17 +19,17 @@ import logging
 import os
 import re
 import socket
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from openimages_od.errors import ConfigError
 
-__all__ = ["tf_config_from_env", "ensure_tf_config", "build_strategy", "is_chief"]
+__all__ = ["build_strategy", "ensure_tf_config", "is_chief", "tf_config_from_env"]
 
 log = logging.getLogger(__name__)
 
 
-
-def tf_config_from_env(env: Mapping[str, str] | None = None) -> Optional[dict[str, Any]]:
+def tf_config_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """The multi-worker cluster description, or None for single-node training.
 
     ``TF_CONFIG`` wins when set. Otherwise an indexed Kubernetes Job is
@@ -78,15 +78,13 @@ def tf_config_from_env(env: Mapping[str, str] | None = None) -> Optional[dict[st
         # Indexed Job pods are named {job}-{index}-{random}.
         m = re.match(rf"^(.*)-{index}-[a-z0-9]+$", host)
         if not m:
-            raise ConfigError(
-                f"cannot derive the Job name from hostname {host!r}; set OIOD_JOB_NAME"
-            )
+            raise ConfigError(f"cannot derive the Job name from hostname {host!r}; set OIOD_JOB_NAME")
         job = m.group(1)
     workers = [f"{job}-{i}.{service}:{port}" for i in range(n)]
     return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
 
 
-def ensure_tf_config(env: Optional[dict] = None) -> Optional[dict[str, Any]]:
+def ensure_tf_config(env: dict | None = None) -> dict[str, Any] | None:
     """Derive ``TF_CONFIG`` from the Job environment and export it (TF reads the variable)."""
     conf = tf_config_from_env(env)
     if conf is not None and not os.environ.get("TF_CONFIG"):
@@ -94,7 +92,7 @@ def ensure_tf_config(env: Optional[dict] = None) -> Optional[dict[str, Any]]:
     return conf
 
 
-def is_chief(conf: Optional[dict[str, Any]]) -> bool:
+def is_chief(conf: dict[str, Any] | None) -> bool:
     """The chief writes checkpoints, summaries and ``params.yaml``: worker 0 unless a ``chief`` task exists."""
     if not conf:
         return True
@@ -116,11 +114,14 @@ def build_strategy(kind: str = "auto") -> Any:
 
     conf = ensure_tf_config()
     if kind == "multi_worker" and conf is None:
-        raise ConfigError("train.distribution=multi_worker needs TF_CONFIG or an indexed Job environment "
-                          "(JOB_COMPLETION_INDEX, OIOD_NUM_WORKERS, OIOD_WORKER_SERVICE)")
+        raise ConfigError(
+            "train.distribution=multi_worker needs TF_CONFIG or an indexed Job environment "
+            "(JOB_COMPLETION_INDEX, OIOD_NUM_WORKERS, OIOD_WORKER_SERVICE)"
+        )
     if kind == "multi_worker" or (kind == "auto" and conf is not None):
         comm = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+        )
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=comm)
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage
 
-__all__ = ["run_evaluate", "Evaluator", "parse_ground_truth"]
+__all__ = ["Evaluator", "parse_ground_truth", "run_evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ class GroundTruth:
     boxes: np.ndarray
     labels: np.ndarray
     group_of: np.ndarray
-    positive: Optional[set[int]]
-    negative: Optional[set[int]]
+    positive: set[int] | None
+    negative: set[int] | None
     image_id: str = ""
     encoded: bytes = field(default=b"", repr=False)
-    source_id: Optional[int] = None
+    source_id: int | None = None
 
 
 def parse_ground_truth(serialized: bytes) -> GroundTruth:
@@ -96,11 +96,21 @@ def parse_ground_truth(serialized: bytes) -> GroundTruth:
         negative = {int(c) for c, s in zip(image_labels, conf) if s < 0.5}
     name = bytes(f["image/filename"][0]).decode() if "image/filename" in f else ""
     sid = bytes(f["image/source_id"][0]).decode() if "image/source_id" in f else ""
-    return GroundTruth(w, h, boxes, labels, as_group_of(raw_group), positive, negative, name,
-                       bytes(f["image/encoded"][0]), int(sid) if sid.isdigit() else None)
+    return GroundTruth(
+        w,
+        h,
+        boxes,
+        labels,
+        as_group_of(raw_group),
+        positive,
+        negative,
+        name,
+        bytes(f["image/encoded"][0]),
+        int(sid) if sid.isdigit() else None,
+    )
 
 
-def iter_batches(files: list[str], batch_size: int, max_images: Optional[int] = None) -> Any:
+def iter_batches(files: list[str], batch_size: int, max_images: int | None = None) -> Any:
     """Serialized examples of ``files`` in order, in lists of ``batch_size`` (TFRecord framing checked).
 
     The same order and the same ``max_images`` cut for ``evaluate`` and
@@ -155,21 +165,27 @@ class Scorer:
         self.hierarchy = hierarchy
         names = {c.id: c.name for c in label_map}
         ids = [c.id for c in label_map]
-        self.oid = OpenImagesMetric(ids, hierarchy, ec.iou_threshold, names, group_of_weight=ec.group_of_weight)
+        self.oid = OpenImagesMetric(
+            ids, hierarchy, ec.iou_threshold, names, group_of_weight=ec.group_of_weight
+        )
         self.coco = CocoAccumulator(ids, names)
-        self.analysis = ErrorAnalysis(ids, names, ec.iou_threshold, ec.analysis_min_score,
-                                      worst_per_class=ec.analysis_worst_images)
+        self.analysis = ErrorAnalysis(
+            ids, names, ec.iou_threshold, ec.analysis_min_score, worst_per_class=ec.analysis_worst_images
+        )
         self.num_images = 0
 
     def add(self, g: GroundTruth, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
         """One image's detections: pixel boxes ``[ymin, xmin, ymax, xmax]``, scores, label-map ids."""
         from openimages_od.training.oid_metric import ImageDetections, ImageGroundTruth
 
-        self.oid.add_image(ImageGroundTruth(g.boxes, g.labels, g.group_of, g.positive, g.negative),
-                           ImageDetections(boxes, scores, labels))
+        self.oid.add_image(
+            ImageGroundTruth(g.boxes, g.labels, g.group_of, g.positive, g.negative),
+            ImageDetections(boxes, scores, labels),
+        )
         self.coco.add_image(g.width, g.height, g.boxes, g.labels, g.group_of, boxes, scores, labels)
-        self.analysis.add(g.image_id, g.width, g.height, g.boxes, g.labels, g.group_of, boxes, scores, labels,
-                          g.encoded)
+        self.analysis.add(
+            g.image_id, g.width, g.height, g.boxes, g.labels, g.group_of, boxes, scores, labels, g.encoded
+        )
         self.num_images += 1
 
     def metrics(self) -> dict[str, Any]:
@@ -180,8 +196,11 @@ class Scorer:
         if "openimages" in self.ec.metrics:
             r = self.oid.result()
             out["openimages"] = {
-                "mAP": r["mAP"], "iou_threshold": r["iou_threshold"], "group_of_weight": r["group_of_weight"],
-                "hierarchy": self.hierarchy is not None, "num_classes_scored": r["num_classes_scored"],
+                "mAP": r["mAP"],
+                "iou_threshold": r["iou_threshold"],
+                "group_of_weight": r["group_of_weight"],
+                "hierarchy": self.hierarchy is not None,
+                "num_classes_scored": r["num_classes_scored"],
                 "per_class": {str(cid): v for cid, v in r["per_class"].items()},
             }
         return out
@@ -203,9 +222,14 @@ class Evaluator:
         stop: when set, the evaluation in progress is abandoned.
     """
 
-    def __init__(self, cfg: Config, storage: Storage, stop: Optional[threading.Event] = None) -> None:
+    def __init__(self, cfg: Config, storage: Storage, stop: threading.Event | None = None) -> None:
         from openimages_od.dataset import dataset_shards, dataset_summary
-        from openimages_od.training.inputs import default_cache_dir, load_hierarchy, load_label_map, stage_shards
+        from openimages_od.training.inputs import (
+            default_cache_dir,
+            load_hierarchy,
+            load_label_map,
+            stage_shards,
+        )
         from openimages_od.training.oid_metric import hierarchy_from_json
 
         self.cfg = cfg
@@ -213,11 +237,14 @@ class Evaluator:
         self.stop = stop or threading.Event()
         self.label_map: LabelMap = load_label_map(cfg, storage)
         urls, dataset = dataset_shards(cfg, storage, cfg.evaluate.split)
-        self.dataset = dataset_summary(dataset)  # which dataset these metrics score (named in every metrics file)
+        self.dataset = dataset_summary(
+            dataset
+        )  # which dataset these metrics score (named in every metrics file)
         self.files = stage_shards(urls, storage, default_cache_dir(cfg) / "shards")
         tree = load_hierarchy(cfg, storage)
-        self.hierarchy = (hierarchy_from_json(tree, {c.mid: c.id for c in self.label_map})
-                          if tree is not None else None)
+        self.hierarchy = (
+            hierarchy_from_json(tree, {c.mid: c.id for c in self.label_map}) if tree is not None else None
+        )
         self._module: Any = None
         self._summary_dir, self._syncer = self._eval_dir()
 
@@ -244,7 +271,7 @@ class Evaluator:
         if self.stop.is_set():
             raise _Abandoned()
 
-    def evaluate(self, checkpoint: str, step: Optional[int]) -> dict:
+    def evaluate(self, checkpoint: str, step: int | None) -> dict:
         """Evaluate one local checkpoint prefix; write metrics JSON and summaries; return the metrics."""
         import tensorflow as tf
 
@@ -274,10 +301,15 @@ class Evaluator:
         if scorer.num_images == 0:
             raise DataError(f"no images in the {ec.split!r} shards")
         self._check_stop()
-        metrics: dict[str, Any] = {"step": step, "checkpoint": checkpoint, "split": ec.split,
-                                   "num_images": scorer.num_images,
-                                   "eval_seconds": round(time.monotonic() - t0, 3), "dataset": self.dataset,
-                                   **scorer.metrics()}
+        metrics: dict[str, Any] = {
+            "step": step,
+            "checkpoint": checkpoint,
+            "split": ec.split,
+            "num_images": scorer.num_images,
+            "eval_seconds": round(time.monotonic() - t0, 3),
+            "dataset": self.dataset,
+            **scorer.metrics(),
+        }
         self._write(metrics, step or 0, vis)
         scorer.write_analysis(self.storage, self.cfg.output_path("eval"), f"-{step or 0}")
         return metrics
@@ -314,8 +346,13 @@ def build_eval_module(cfg: Config, num_labels: int) -> Any:
     from openimages_od.training.detector import DetectorModule, build_model
     from openimages_od.training.experiment import build_experiment, padded_size
 
-    params = build_experiment(cfg, num_classes=num_labels + 1, mixed_precision="float32",
-                              score_threshold=cfg.evaluate.min_score or 0.05, max_detections=100)
+    params = build_experiment(
+        cfg,
+        num_classes=num_labels + 1,
+        mixed_precision="float32",
+        score_threshold=cfg.evaluate.min_score or 0.05,
+        max_detections=100,
+    )
     padded = padded_size(cfg.train.input_size)
     return DetectorModule(build_model(params, padded), cfg.train.input_size, padded)
 
@@ -323,8 +360,9 @@ def build_eval_module(cfg: Config, num_labels: int) -> Any:
 def _draw(g: GroundTruth, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> Any:
     import tensorflow as tf
 
-    image = tf.image.convert_image_dtype(tf.io.decode_image(g.encoded, channels=3, expand_animations=False),
-                                         tf.float32)
+    image = tf.image.convert_image_dtype(
+        tf.io.decode_image(g.encoded, channels=3, expand_animations=False), tf.float32
+    )
     norm = np.array([g.height, g.width, g.height, g.width], dtype=np.float32)
     gt = (g.boxes / norm).astype(np.float32) if len(g.boxes) else np.zeros((0, 4), np.float32)
     if len(gt):
@@ -335,7 +373,7 @@ def _draw(g: GroundTruth, boxes: np.ndarray, scores: np.ndarray, labels: np.ndar
     return image
 
 
-def _read_global_step(checkpoint: str) -> Optional[int]:
+def _read_global_step(checkpoint: str) -> int | None:
     import tensorflow as tf
 
     try:
@@ -347,7 +385,7 @@ def _read_global_step(checkpoint: str) -> Optional[int]:
     return None
 
 
-def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: Optional[str] = None) -> dict:
+def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: str | None = None) -> dict:
     """Score a predictions file against the ground truth of ``evaluate.split`` with the metric code of
     ``oiod evaluate`` (no model, no TensorFlow).
 
@@ -388,7 +426,9 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
         text = storage.read_text(predictions)
     except FileNotFoundError:
         raise DataError(f"predictions file not found: {predictions}") from None
-    gts = [parse_ground_truth(s) for batch in iter_batches(files, ec.batch_size, ec.max_images) for s in batch]
+    gts = [
+        parse_ground_truth(s) for batch in iter_batches(files, ec.batch_size, ec.max_images) for s in batch
+    ]
     if not gts:
         raise DataError(f"no images in the {ec.split!r} shards")
     dims = {g.image_id: (g.width, g.height, g.source_id) for g in gts}
@@ -400,21 +440,38 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
         scorer.add(g, boxes, scores, labels)
     dest = out or cfg.output_path("eval", "external", predictions.rstrip("/").rsplit("/", 1)[-1])
     metrics: dict[str, Any] = {
-        "predictions": predictions, "format": preds.format, "split": ec.split, "num_images": scorer.num_images,
-        "num_predictions": preds.num_read, "images_with_predictions": len(preds.by_image),
+        "predictions": predictions,
+        "format": preds.format,
+        "split": ec.split,
+        "num_images": scorer.num_images,
+        "num_predictions": preds.num_read,
+        "images_with_predictions": len(preds.by_image),
         "ignored": {"unknown_images": preds.unknown_images, "unknown_labels": preds.unknown_labels},
-        "eval_seconds": round(time.monotonic() - t0, 3), "dataset": dataset_summary(dataset),
-        **scorer.metrics()}
+        "eval_seconds": round(time.monotonic() - t0, 3),
+        "dataset": dataset_summary(dataset),
+        **scorer.metrics(),
+    }
     if preds.unknown_images or preds.unknown_labels:
-        log.warning("%s: ignored %d predictions for images outside the %r split and %d of classes outside the "
-                    "label map", predictions, preds.unknown_images, ec.split, preds.unknown_labels)
+        log.warning(
+            "%s: ignored %d predictions for images outside the %r split and %d of classes outside the "
+            "label map",
+            predictions,
+            preds.unknown_images,
+            ec.split,
+            preds.unknown_labels,
+        )
     storage.write_json(join_url(dest, "metrics.json"), metrics)
     scorer.write_analysis(storage, dest, "")
     return metrics
 
 
-def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str] = None,
-                 predictions: Optional[str] = None, predictions_format: str = "auto") -> int:
+def run_evaluate(
+    cfg: Config,
+    continuous: bool = False,
+    checkpoint: str | None = None,
+    predictions: str | None = None,
+    predictions_format: str = "auto",
+) -> int:
     """Evaluate the latest (or given) checkpoint, or keep evaluating new ones with ``continuous``,
     or score a predictions file.
 
@@ -431,12 +488,18 @@ def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str
     Raises:
         DataError: no shards for ``evaluate.split``, no label map, or (not continuous) no checkpoint.
     """
-    from openimages_od.training.checkpoints import (checkpoint_step, fetch_checkpoint, latest_checkpoint_url,
-                                                    resolve_checkpoint)
+    from openimages_od.training.checkpoints import (
+        checkpoint_step,
+        fetch_checkpoint,
+        latest_checkpoint_url,
+        resolve_checkpoint,
+    )
 
     if predictions:
         if continuous or checkpoint:
-            raise ConfigError("--predictions scores a file: it cannot be combined with --continuous or --checkpoint")
+            raise ConfigError(
+                "--predictions scores a file: it cannot be combined with --continuous or --checkpoint"
+            )
         m = evaluate_predictions(cfg, predictions, predictions_format)
         _log_summary(m)
         return 0
@@ -456,8 +519,8 @@ def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str
             _log_summary(m)
             return 0
         ec = cfg.evaluate
-        last_step: Optional[int] = None
-        last_url: Optional[str] = None
+        last_step: int | None = None
+        last_url: str | None = None
         last_new = time.monotonic()
         log.info("watching %s for checkpoints (every %.0f s)", cfg.model_dir, ec.poll_interval_s)
         while not stop.is_set():
@@ -493,20 +556,24 @@ def run_evaluate(cfg: Config, continuous: bool = False, checkpoint: Optional[str
 def _log_summary(m: dict) -> None:
     coco = (m.get("coco") or {}).get("AP")
     oi = (m.get("openimages") or {}).get("mAP")
-    log.info("%s: COCO AP %s, Open Images mAP@0.5 %s (%d images)",
-             m.get("predictions") or f"step {m.get('step')}",
-             "n/a" if coco is None else f"{coco:.4f}", "n/a" if oi is None else f"{oi:.4f}", m.get("num_images", 0))
+    log.info(
+        "%s: COCO AP %s, Open Images mAP@0.5 %s (%d images)",
+        m.get("predictions") or f"step {m.get('step')}",
+        "n/a" if coco is None else f"{coco:.4f}",
+        "n/a" if oi is None else f"{oi:.4f}",
+        m.get("num_images", 0),
+    )
     what = f"predictions {m['predictions']}" if "predictions" in m else f"step {m.get('step')}"
     print(f"{what}: coco_AP={coco} openimages_mAP={oi} images={m.get('num_images')}", flush=True)
 
 
-def _install_stop_handlers(stop: threading.Event):  # noqa: ANN202
+def _install_stop_handlers(stop: threading.Event):
     """SIGTERM/SIGINT set ``stop`` (main thread only); returns a function restoring the old handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     old = {}
 
-    def handler(signum, frame):  # noqa: ANN001, ARG001
+    def handler(signum, frame):
         log.warning("received signal %d: stopping", signum)
         stop.set()
 

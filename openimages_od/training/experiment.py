@@ -14,17 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, List, Optional  # List: a Model Garden config field annotation (resolved at runtime)
+from typing import Any  # List: a Model Garden config field annotation (resolved at runtime)
 
 from openimages_od.config import Config
 
 __all__ = [
+    "BACKBONES",
     "build_experiment",
-    "resolve_mixed_precision",
     "config_digest",
     "padded_size",
+    "resolve_mixed_precision",
     "steps_per_loop",
-    "BACKBONES",
 ]
 
 # Backbones we expose, mapped to Model Garden's backbone one-of config.
@@ -47,7 +47,7 @@ def config_digest(cfg: Config) -> str:
 
 def padded_size(input_size: int) -> int:
     """The model's square input side: ``input_size`` rounded up to a multiple of 2**MAX_LEVEL."""
-    stride = 2 ** MAX_LEVEL
+    stride = 2**MAX_LEVEL
     return int(math.ceil(input_size / stride) * stride)
 
 
@@ -80,25 +80,33 @@ def _optimizer_config(cfg: Config) -> dict[str, Any]:
     if lr.schedule == "cosine":
         sched = {"type": "cosine", "cosine": {"initial_learning_rate": lr.initial, "decay_steps": t.steps}}
     elif lr.schedule == "stepwise":
-        sched = {"type": "stepwise", "stepwise": {"boundaries": list(lr.boundaries), "values": list(lr.values)}}
+        sched = {
+            "type": "stepwise",
+            "stepwise": {"boundaries": list(lr.boundaries), "values": list(lr.values)},
+        }
     else:
         sched = {"type": "constant", "constant": {"learning_rate": lr.initial}}
     out: dict[str, Any] = {"optimizer": opt, "learning_rate": sched}
     if lr.warmup_steps > 0:
-        out["warmup"] = {"type": "linear", "linear": {"warmup_steps": min(lr.warmup_steps, t.steps),
-                                                       "warmup_learning_rate": lr.warmup_learning_rate}}
+        out["warmup"] = {
+            "type": "linear",
+            "linear": {
+                "warmup_steps": min(lr.warmup_steps, t.steps),
+                "warmup_learning_rate": lr.warmup_learning_rate,
+            },
+        }
     return out
 
 
 def build_experiment(
     cfg: Config,
     num_classes: int,
-    train_files: Optional[list[str]] = None,
+    train_files: list[str] | None = None,
     *,
-    mixed_precision: Optional[str] = None,
-    score_threshold: Optional[float] = None,
-    max_detections: Optional[int] = None,
-    nms_iou_threshold: Optional[float] = None,
+    mixed_precision: str | None = None,
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
+    nms_iou_threshold: float | None = None,
 ) -> Any:
     """Build the Model Garden experiment for ``cfg``.
 
@@ -138,8 +146,12 @@ def build_experiment(
         head=rn.RetinaNetHead(num_convs=t.head_num_convs, num_filters=t.head_num_filters),
         norm_activation=common.NormActivation(use_sync_bn=False, activation="relu"),
         detection_generator=rn.DetectionGenerator(
-            pre_nms_score_threshold=cfg.export.score_threshold if score_threshold is None else score_threshold,
-            nms_iou_threshold=cfg.export.nms_iou_threshold if nms_iou_threshold is None else nms_iou_threshold,
+            pre_nms_score_threshold=cfg.export.score_threshold
+            if score_threshold is None
+            else score_threshold,
+            nms_iou_threshold=cfg.export.nms_iou_threshold
+            if nms_iou_threshold is None
+            else nms_iou_threshold,
             max_num_detections=cfg.export.max_detections if max_detections is None else max_detections,
             pre_nms_top_k=1000,
             nms_version="v2",
@@ -165,7 +177,9 @@ def build_experiment(
         seed=t.seed,
         drop_remainder=True,
     )
-    validation_data = rn.DataConfig(is_training=False, global_batch_size=cfg.evaluate.batch_size, dtype="float32")
+    validation_data = rn.DataConfig(
+        is_training=False, global_batch_size=cfg.evaluate.batch_size, dtype="float32"
+    )
     task_cls = rn.RetinaNetTask
     extra: dict[str, Any] = {}
     if t.repeat_factor_threshold is not None and train_files:
@@ -227,7 +241,7 @@ def _sampling_task_config() -> Any:
     @dataclasses.dataclass
     class RepeatFactorRetinaNetTask(rn.RetinaNetTask):
         # Repeat factor per label-map id (index 0 = background); see openimages_od.training.sampling.
-        repeat_factors: List[float] = dataclasses.field(default_factory=list)
+        repeat_factors: list[float] = dataclasses.field(default_factory=list)
 
     @task_factory.register_task_cls(RepeatFactorRetinaNetTask)
     class RepeatFactorTask(rn_task.RetinaNetTask):
@@ -236,8 +250,9 @@ def _sampling_task_config() -> Any:
                 return super().build_inputs(params, input_context)
             from openimages_od.training.sampling import make_sample_fn
 
-            sample_fn = make_sample_fn(list(self.task_config.repeat_factors), params.seed,
-                                       max(1, params.shuffle_buffer_size))
+            sample_fn = make_sample_fn(
+                list(self.task_config.repeat_factors), params.seed, max(1, params.shuffle_buffer_size)
+            )
             factory = rn_task.input_reader_factory
             original = factory.input_reader_generator
 

@@ -20,20 +20,27 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.layout import Layout
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage, local_path
 
-__all__ = ["run_export", "export_saved_model", "model_json", "trained_on"]
+__all__ = ["export_saved_model", "model_json", "run_export", "trained_on"]
 
 log = logging.getLogger(__name__)
 
 
-def model_json(label_map: LabelMap, *, input_size: int, backbone: str, config_digest: str,
-               step: Optional[int], dataset: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def model_json(
+    label_map: LabelMap,
+    *,
+    input_size: int,
+    backbone: str,
+    config_digest: str,
+    step: int | None,
+    dataset: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The ``model.json`` document that describes an export.
 
     ``dataset`` is :func:`openimages_od.dataset.dataset_summary` of the lockfile the model was
@@ -52,7 +59,7 @@ def model_json(label_map: LabelMap, *, input_size: int, backbone: str, config_di
     }
 
 
-def trained_on(cfg: Config, storage: Storage) -> Optional[dict[str, Any]]:
+def trained_on(cfg: Config, storage: Storage) -> dict[str, Any] | None:
     """The dataset summary of ``{model_dir}/dataset.json`` (None for a model trained before lockfiles)."""
     from openimages_od.dataset import dataset_summary
 
@@ -66,9 +73,9 @@ def export_saved_model(
     cfg: Config,
     label_map: LabelMap,
     dest_dir: str | Path,
-    checkpoint: Optional[str] = None,
-    step: Optional[int] = None,
-    dataset: Optional[dict[str, Any]] = None,
+    checkpoint: str | None = None,
+    step: int | None = None,
+    dataset: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``saved_model/``, ``label_map.pbtxt`` and ``model.json`` to a local folder.
 
@@ -106,13 +113,19 @@ def export_saved_model(
         shutil.rmtree(sm_dir)
     tf.saved_model.save(module, str(sm_dir), signatures=module.signatures())
     (dest / "label_map.pbtxt").write_text(label_map.to_pbtxt())
-    doc = model_json(label_map, input_size=cfg.train.input_size, backbone=cfg.train.backbone,
-                     config_digest=config_digest(cfg), step=step, dataset=dataset)
+    doc = model_json(
+        label_map,
+        input_size=cfg.train.input_size,
+        backbone=cfg.train.backbone,
+        config_digest=config_digest(cfg),
+        step=step,
+        dataset=dataset,
+    )
     (dest / "model.json").write_text(json.dumps(doc, indent=2) + "\n")
     return dest
 
 
-def _model_label_map(cfg: Config, storage: Storage) -> Optional[LabelMap]:
+def _model_label_map(cfg: Config, storage: Storage) -> LabelMap | None:
     """The label map the model was trained with (``{model_dir}/label_map.pbtxt``): the output's may
     have been re-planned since, and a model's ids only mean what they meant when it was trained."""
     url = join_url(cfg.model_dir, "label_map.pbtxt")
@@ -130,7 +143,7 @@ def _upload_dir(storage: Storage, local: Path, url: str) -> None:
         storage.upload_file(p, join_url(url, p.relative_to(local).as_posix()))
 
 
-def run_export(cfg: Config, checkpoint: Optional[str] = None) -> int:
+def run_export(cfg: Config, checkpoint: str | None = None) -> int:
     """Export the latest (or the given) checkpoint to ``export.dir``.
 
     Args:

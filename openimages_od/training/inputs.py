@@ -16,7 +16,6 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 from openimages_od.config import Config
@@ -25,7 +24,7 @@ from openimages_od.layout import Layout
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage, local_path
 
-__all__ = ["committed_shards", "stage_shards", "load_label_map", "default_cache_dir", "load_hierarchy"]
+__all__ = ["committed_shards", "default_cache_dir", "load_hierarchy", "load_label_map", "stage_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def load_label_map(cfg: Config, storage: Storage) -> LabelMap:
     return LabelMap.from_pbtxt(text, url)
 
 
-def load_hierarchy(cfg: Config, storage: Storage) -> Optional[dict]:
+def load_hierarchy(cfg: Config, storage: Storage) -> dict | None:
     """The Open Images box hierarchy JSON, or None when none is available.
 
     Looks at ``source.hierarchy`` first, then at a cached copy under
@@ -101,8 +100,11 @@ def load_hierarchy(cfg: Config, storage: Storage) -> Optional[dict]:
     candidates: list[str] = []
     meta_prefix = cfg.output_path("metadata") + "/"
     try:
-        candidates += [o.url for o in storage.list(meta_prefix)
-                       if "hierarchy" in o.url.rsplit("/", 1)[-1].lower() and o.url.endswith(".json")]
+        candidates += [
+            o.url
+            for o in storage.list(meta_prefix)
+            if "hierarchy" in o.url.rsplit("/", 1)[-1].lower() and o.url.endswith(".json")
+        ]
     except (FileNotFoundError, OSError):
         pass
     if cfg.source.hierarchy:

@@ -36,21 +36,21 @@ recommended: IoU is not invariant to non-uniform scaling).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 __all__ = [
-    "ImageGroundTruth",
-    "ImageDetections",
-    "OpenImagesMetric",
     "Hierarchy",
-    "hierarchy_from_json",
-    "iou_matrix",
-    "ioa_matrix",
-    "average_precision",
+    "ImageDetections",
+    "ImageGroundTruth",
+    "OpenImagesMetric",
     "as_group_of",
+    "average_precision",
+    "hierarchy_from_json",
+    "ioa_matrix",
+    "iou_matrix",
 ]
 
 
@@ -69,9 +69,9 @@ class ImageGroundTruth:
 
     boxes: np.ndarray
     labels: np.ndarray
-    group_of: Optional[np.ndarray] = None
-    positive_labels: Optional[set[int]] = None
-    negative_labels: Optional[set[int]] = None
+    group_of: np.ndarray | None = None
+    positive_labels: set[int] | None = None
+    negative_labels: set[int] | None = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
@@ -210,7 +210,7 @@ def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     return float(np.sum((r[idx] - r[idx - 1]) * p[idx]))
 
 
-def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: int, max_points: int = 101) -> Optional[dict]:
+def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: int, max_points: int = 101) -> dict | None:
     """Precision and recall along the score-ranked detections (for plots), at most ``max_points`` points.
 
     Returns None when the class has no ground truth or no detections.
@@ -222,8 +222,10 @@ def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: int, max_points: int = 
     ctp = np.cumsum(tps)
     precision, recall = ctp / np.maximum(ctp + np.cumsum(tps <= 0), 1e-12), ctp / num_gt
     keep = np.unique(np.linspace(0, len(ctp) - 1, min(max_points, len(ctp))).round().astype(int))
-    return {"recall": [round(float(x), 5) for x in recall[keep]],
-            "precision": [round(float(x), 5) for x in precision[keep]]}
+    return {
+        "recall": [round(float(x), 5) for x in recall[keep]],
+        "precision": [round(float(x), 5) for x in precision[keep]],
+    }
 
 
 class OpenImagesMetric:
@@ -238,9 +240,14 @@ class OpenImagesMetric:
             true positive (1.0 in the challenge; 0 ignores group-of boxes).
     """
 
-    def __init__(self, class_ids: Sequence[int], hierarchy: Optional[Hierarchy] = None,
-                 iou_threshold: float = 0.5, class_names: Optional[Mapping[int, str]] = None,
-                 group_of_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        class_ids: Sequence[int],
+        hierarchy: Hierarchy | None = None,
+        iou_threshold: float = 0.5,
+        class_names: Mapping[int, str] | None = None,
+        group_of_weight: float = 1.0,
+    ) -> None:
         self.class_ids = [int(c) for c in class_ids]
         self.hierarchy = hierarchy
         self.iou_threshold = float(iou_threshold)
@@ -269,11 +276,24 @@ class OpenImagesMetric:
                 group.append(g)
         pos = neg = None
         if gt.positive_labels is not None:
-            pos = set().union(*(self.hierarchy.up(c) for c in gt.positive_labels)) if gt.positive_labels else set()
+            pos = (
+                set().union(*(self.hierarchy.up(c) for c in gt.positive_labels))
+                if gt.positive_labels
+                else set()
+            )
         if gt.negative_labels is not None:
-            neg = set().union(*(self.hierarchy.down(c) for c in gt.negative_labels)) if gt.negative_labels else set()
-        return ImageGroundTruth(np.array(boxes).reshape(-1, 4), np.array(labels, dtype=np.int64),
-                                np.array(group, dtype=bool), pos, neg)
+            neg = (
+                set().union(*(self.hierarchy.down(c) for c in gt.negative_labels))
+                if gt.negative_labels
+                else set()
+            )
+        return ImageGroundTruth(
+            np.array(boxes).reshape(-1, 4),
+            np.array(labels, dtype=np.int64),
+            np.array(group, dtype=bool),
+            pos,
+            neg,
+        )
 
     def _expand_det(self, det: ImageDetections) -> ImageDetections:
         if self.hierarchy is None or len(det.labels) == 0:
@@ -295,7 +315,9 @@ class OpenImagesMetric:
         self._num_images += 1
         # The challenge evaluator's rule: verified labels (either way) plus box classes; an image
         # without image-level labels is scored on its box classes only, never on every class.
-        evaluable = set(gt.positive_labels or ()) | set(gt.negative_labels or ()) | {int(x) for x in gt.labels}
+        evaluable = (
+            set(gt.positive_labels or ()) | set(gt.negative_labels or ()) | {int(x) for x in gt.labels}
+        )
         valid = (det.boxes[:, 0] < det.boxes[:, 2]) & (det.boxes[:, 1] < det.boxes[:, 3])
         for cid in self.class_ids:
             if cid not in evaluable:
@@ -310,8 +332,9 @@ class OpenImagesMetric:
             self._scores[cid].append(scores)
             self._tp[cid].append(tp)
 
-    def _match(self, dboxes: np.ndarray, dscores: np.ndarray, gboxes: np.ndarray,
-               ggroup: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _match(
+        self, dboxes: np.ndarray, dscores: np.ndarray, gboxes: np.ndarray, ggroup: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(-dscores, kind="stable")
         dboxes, dscores = dboxes[order], dscores[order]
         n = len(dscores)
@@ -345,7 +368,9 @@ class OpenImagesMetric:
         # positive weight (weight 0: the detections inside it are ignored altogether).
         counted = group_hit & (group_scores > 0) & (self.group_of_weight > 0)
         scores = np.concatenate([dscores[keep], group_scores[counted]])
-        labels = np.concatenate([tp[keep].astype(np.float64), np.full(int(counted.sum()), self.group_of_weight)])
+        labels = np.concatenate(
+            [tp[keep].astype(np.float64), np.full(int(counted.sum()), self.group_of_weight)]
+        )
         return scores, labels
 
     # ---------------------------------------------------------------- result
@@ -366,8 +391,10 @@ class OpenImagesMetric:
             per_class[cid] = {
                 "ap": None if np.isnan(ap) else ap,
                 "name": self.class_names.get(cid, str(cid)),
-                "num_gt": int(self._num_gt[cid]) if float(self._num_gt[cid]).is_integer() else self._num_gt[cid],
-                "num_detections": int(len(scores)),
+                "num_gt": int(self._num_gt[cid])
+                if float(self._num_gt[cid]).is_integer()
+                else self._num_gt[cid],
+                "num_detections": len(scores),
                 "pr_curve": pr_curve(scores, tp, self._num_gt[cid]),
             }
         return {
@@ -380,9 +407,14 @@ class OpenImagesMetric:
         }
 
 
-def evaluate_images(gts: Iterable[ImageGroundTruth], dets: Iterable[ImageDetections],
-                    class_ids: Sequence[int], hierarchy: Optional[Hierarchy] = None,
-                    iou_threshold: float = 0.5, group_of_weight: float = 1.0) -> dict:
+def evaluate_images(
+    gts: Iterable[ImageGroundTruth],
+    dets: Iterable[ImageDetections],
+    class_ids: Sequence[int],
+    hierarchy: Hierarchy | None = None,
+    iou_threshold: float = 0.5,
+    group_of_weight: float = 1.0,
+) -> dict:
     """Convenience: score paired lists of ground truth and detections."""
     m = OpenImagesMetric(class_ids, hierarchy, iou_threshold, group_of_weight=group_of_weight)
     for g, d in zip(gts, dets):

@@ -27,8 +27,8 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage
 from openimages_od.training.predictions import ImagePrediction, challenge_csv, coco_json
 
-__all__ = ["run_predict", "Predictor", "Chunk"]
+__all__ = ["Chunk", "Predictor", "run_predict"]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class Chunk:
     """A unit of work: one shard file (URL) or a list of image URLs."""
 
     index: int
-    shard: Optional[str] = None
-    images: Optional[list[str]] = None
+    shard: str | None = None
+    images: list[str] | None = None
 
 
 class Predictor:
@@ -64,7 +64,7 @@ class Predictor:
         checkpoint: a checkpoint prefix/folder (None = the latest in ``model_dir``).
     """
 
-    def __init__(self, cfg: Config, model: Optional[str] = None, checkpoint: Optional[str] = None) -> None:
+    def __init__(self, cfg: Config, model: str | None = None, checkpoint: str | None = None) -> None:
         self.cfg = cfg
         self.storage = Storage.from_config(cfg)
         self.batch_size = cfg.evaluate.batch_size
@@ -90,27 +90,41 @@ class Predictor:
 
     def _detect(self, encoded: list[bytes]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if self._exported is not None:
-            return [(r.boxes[: r.num], r.scores[: r.num], r.classes[: r.num]) for r in self._exported.predict(encoded)]
+            return [
+                (r.boxes[: r.num], r.scores[: r.num], r.classes[: r.num])
+                for r in self._exported.predict(encoded)
+            ]
         import tensorflow as tf
 
         out = {k: v.numpy() for k, v in self._module.detect_bytes(tf.constant(encoded)).items()}
         res = []
         for i in range(len(encoded)):
             k = int(out["num_detections"][i])
-            res.append((out["detection_boxes"][i, :k], out["detection_scores"][i, :k], out["detection_classes"][i, :k]))
+            res.append(
+                (
+                    out["detection_boxes"][i, :k],
+                    out["detection_scores"][i, :k],
+                    out["detection_classes"][i, :k],
+                )
+            )
         return res
 
-    def run(self, chunk: Chunk, max_images: Optional[int] = None) -> list[ImagePrediction]:
+    def run(self, chunk: Chunk, max_images: int | None = None) -> list[ImagePrediction]:
         """Predictions for one chunk (at most ``max_images`` images)."""
         out: list[ImagePrediction] = []
         for batch in self._batches(chunk, max_images):
             dets = self._detect([b[4] for b in batch])
             for (iid, sid, w, h, _), (boxes, scores, classes) in zip(batch, dets):
-                out.append(ImagePrediction(iid, sid, w, h, np.asarray(boxes), np.asarray(scores),
-                                           np.asarray(classes, np.int64)))
+                out.append(
+                    ImagePrediction(
+                        iid, sid, w, h, np.asarray(boxes), np.asarray(scores), np.asarray(classes, np.int64)
+                    )
+                )
         return out
 
-    def _batches(self, chunk: Chunk, max_images: Optional[int]) -> Iterator[list[tuple[str, int, int, int, bytes]]]:
+    def _batches(
+        self, chunk: Chunk, max_images: int | None
+    ) -> Iterator[list[tuple[str, int, int, int, bytes]]]:
         if chunk.shard is not None:
             from openimages_od.training.evaluate import iter_batches, parse_ground_truth
             from openimages_od.training.inputs import default_cache_dir, stage_shards
@@ -118,8 +132,16 @@ class Predictor:
             files = stage_shards([chunk.shard], self.storage, default_cache_dir(self.cfg) / "shards")
             for batch in iter_batches(files, self.batch_size, max_images):
                 gts = [parse_ground_truth(s) for s in batch]
-                yield [(g.image_id, g.source_id if g.source_id is not None else stable_source_id(g.image_id),
-                        g.width, g.height, g.encoded) for g in gts]
+                yield [
+                    (
+                        g.image_id,
+                        g.source_id if g.source_id is not None else stable_source_id(g.image_id),
+                        g.width,
+                        g.height,
+                        g.encoded,
+                    )
+                    for g in gts
+                ]
             return
         batch = []
         for url in (chunk.images or [])[: max_images if max_images is not None else None]:
@@ -144,17 +166,26 @@ def _image_size(data: bytes, url: str) -> tuple[int, int]:
         raise DataError(f"{url}: not a readable image ({exc})") from None
 
 
-def _chunks(cfg: Config, storage: Storage, split: Optional[str], images: Sequence[str]) -> list[Chunk]:
+def _chunks(cfg: Config, storage: Storage, split: str | None, images: Sequence[str]) -> list[Chunk]:
     if images:
-        return [Chunk(i, images=list(images[s:s + IMAGES_PER_CHUNK]))
-                for i, s in enumerate(range(0, len(images), IMAGES_PER_CHUNK))]
+        return [
+            Chunk(i, images=list(images[s : s + IMAGES_PER_CHUNK]))
+            for i, s in enumerate(range(0, len(images), IMAGES_PER_CHUNK))
+        ]
     from openimages_od.training.inputs import committed_shards
 
-    return [Chunk(i, shard=u) for i, u in enumerate(committed_shards(cfg, split or cfg.evaluate.split, storage))]
+    return [
+        Chunk(i, shard=u) for i, u in enumerate(committed_shards(cfg, split or cfg.evaluate.split, storage))
+    ]
 
 
-def _run_local(cfg: Config, chunks: list[Chunk], model: Optional[str], checkpoint: Optional[str],
-               max_images: Optional[int]) -> tuple[list[ImagePrediction], dict]:
+def _run_local(
+    cfg: Config,
+    chunks: list[Chunk],
+    model: str | None,
+    checkpoint: str | None,
+    max_images: int | None,
+) -> tuple[list[ImagePrediction], dict]:
     pred = Predictor(cfg, model, checkpoint)
     out: list[ImagePrediction] = []
     for c in chunks:
@@ -165,8 +196,13 @@ def _run_local(cfg: Config, chunks: list[Chunk], model: Optional[str], checkpoin
     return out, pred.describe
 
 
-def _run_ray(cfg: Config, chunks: list[Chunk], model: Optional[str], checkpoint: Optional[str],
-             max_images: Optional[int]) -> tuple[list[ImagePrediction], dict]:
+def _run_ray(
+    cfg: Config,
+    chunks: list[Chunk],
+    model: str | None,
+    checkpoint: str | None,
+    max_images: int | None,
+) -> tuple[list[ImagePrediction], dict]:
     from openimages_od.pipeline.distribute import _connect, _ray
 
     ray = _ray()
@@ -179,7 +215,7 @@ def _run_ray(cfg: Config, chunks: list[Chunk], model: Optional[str], checkpoint:
             def __init__(self) -> None:
                 self.p = Predictor(Config.model_validate(cfg_data), model, checkpoint)
 
-            def run(self, chunk: Chunk, limit: Optional[int]) -> tuple[list[ImagePrediction], dict]:
+            def run(self, chunk: Chunk, limit: int | None) -> tuple[list[ImagePrediction], dict]:
                 return self.p.run(chunk, limit), self.p.describe
 
         actors = [PredictActor.remote() for _ in range(max(1, min(cfg.ray.num_actors, len(chunks))))]
@@ -198,9 +234,16 @@ def _run_ray(cfg: Config, chunks: list[Chunk], model: Optional[str], checkpoint:
     return out, (results[0][1] if results else {})
 
 
-def run_predict(cfg: Config, model: Optional[str] = None, checkpoint: Optional[str] = None,
-                split: Optional[str] = None, images: Optional[Sequence[str]] = None,
-                image_list: Optional[str] = None, out: Optional[str] = None, ray: bool = False) -> int:
+def run_predict(
+    cfg: Config,
+    model: str | None = None,
+    checkpoint: str | None = None,
+    split: str | None = None,
+    images: Sequence[str] | None = None,
+    image_list: str | None = None,
+    out: str | None = None,
+    ray: bool = False,
+) -> int:
     """Predict a split or a list of images; write the challenge CSV and COCO JSON.
 
     Args:
@@ -225,8 +268,11 @@ def run_predict(cfg: Config, model: Optional[str] = None, checkpoint: Optional[s
         raise ConfigError("give --model (an export) or --checkpoint, not both")
     listed = list(images or [])
     if image_list:
-        listed += [ln.strip() for ln in storage.read_text(image_list).splitlines()
-                   if ln.strip() and not ln.lstrip().startswith("#")]
+        listed += [
+            ln.strip()
+            for ln in storage.read_text(image_list).splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")
+        ]
     if listed and split:
         raise ConfigError("give --split or --images/--image-list, not both")
     name = "images" if listed else (split or cfg.evaluate.split)
@@ -240,8 +286,14 @@ def run_predict(cfg: Config, model: Optional[str] = None, checkpoint: Optional[s
     storage.write_text(join_url(dest, "predictions.csv"), challenge_csv(preds, labels))
     storage.write_text(join_url(dest, "predictions.coco.json"), coco_json(preds, labels))
     n_det = int(sum(len(p.scores) for p in preds))
-    info = {"source": "images" if listed else {"split": name}, "num_images": len(preds), "num_detections": n_det,
-            "seconds": round(time.monotonic() - t0, 3), "workers": cfg.ray.num_actors if ray else 1, **described}
+    info = {
+        "source": "images" if listed else {"split": name},
+        "num_images": len(preds),
+        "num_detections": n_det,
+        "seconds": round(time.monotonic() - t0, 3),
+        "workers": cfg.ray.num_actors if ray else 1,
+        **described,
+    }
     storage.write_json(join_url(dest, "predict.json"), info)
     save_resolved(cfg, dest, storage)
     log.info("predicted %d images (%d detections) in %.1f s -> %s", len(preds), n_det, info["seconds"], dest)
@@ -250,10 +302,11 @@ def run_predict(cfg: Config, model: Optional[str] = None, checkpoint: Optional[s
     return 0
 
 
-def _labels(cfg: Config, storage: Storage, model: Optional[str]) -> LabelMap:
+def _labels(cfg: Config, storage: Storage, model: str | None) -> LabelMap:
     if model:
-        return LabelMap.from_pbtxt(storage.read_text(join_url(model, "label_map.pbtxt")),
-                                   join_url(model, "label_map.pbtxt"))
+        return LabelMap.from_pbtxt(
+            storage.read_text(join_url(model, "label_map.pbtxt")), join_url(model, "label_map.pbtxt")
+        )
     from openimages_od.training.inputs import load_label_map
 
     return load_label_map(cfg, storage)

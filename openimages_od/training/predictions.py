@@ -21,15 +21,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
 from openimages_od.errors import DataError
 from openimages_od.openimages.labelmap import LabelMap
 
-__all__ = ["ImagePrediction", "CSV_HEADER", "challenge_csv", "coco_json", "read_predictions", "Predictions"]
+__all__ = ["CSV_HEADER", "ImagePrediction", "Predictions", "challenge_csv", "coco_json", "read_predictions"]
 
 CSV_HEADER = ["ImageID", "LabelName", "Score", "XMin", "XMax", "YMin", "YMax"]
 
@@ -72,9 +73,14 @@ def coco_json(preds: Iterable[ImagePrediction], labels: LabelMap) -> str:
             if int(c) not in labels.by_id:
                 continue
             px0, py0 = float(x0) * p.width, float(y0) * p.height
-            out.append({"image_id": int(p.source_id), "category_id": int(c),
-                        "bbox": [px0, py0, float(x1) * p.width - px0, float(y1) * p.height - py0],
-                        "score": float(s)})
+            out.append(
+                {
+                    "image_id": int(p.source_id),
+                    "category_id": int(c),
+                    "bbox": [px0, py0, float(x1) * p.width - px0, float(y1) * p.height - py0],
+                    "score": float(s),
+                }
+            )
     return json.dumps(out, separators=(",", ":")) + "\n"
 
 
@@ -101,8 +107,13 @@ def _sniff(text: str, name: str) -> str:
     return "csv"
 
 
-def read_predictions(text: str, name: str, labels: LabelMap, images: Mapping[str, tuple[int, int, Optional[int]]],
-                     fmt: str = "auto") -> Predictions:
+def read_predictions(
+    text: str,
+    name: str,
+    labels: LabelMap,
+    images: Mapping[str, tuple[int, int, int | None]],
+    fmt: str = "auto",
+) -> Predictions:
     """Parse a challenge CSV or COCO results JSON into pixel detections per ImageID.
 
     Args:
@@ -133,8 +144,10 @@ def read_predictions(text: str, name: str, labels: LabelMap, images: Mapping[str
                 sid, cid, score = int(d["image_id"]), int(d["category_id"]), float(d["score"])
                 x, y, w, h = (float(v) for v in d["bbox"])
             except (KeyError, TypeError, ValueError):
-                raise DataError(f"{name}: entry {k} is not {{image_id: int, category_id: int, "
-                                f"bbox: [x, y, w, h], score: number}}: {str(d)[:120]}") from None
+                raise DataError(
+                    f"{name}: entry {k} is not {{image_id: int, category_id: int, "
+                    f"bbox: [x, y, w, h], score: number}}: {str(d)[:120]}"
+                ) from None
             out.num_read += 1
             iid = by_sid.get(sid)
             if iid is None:
@@ -153,8 +166,10 @@ def read_predictions(text: str, name: str, labels: LabelMap, images: Mapping[str
         header = ["ImageID" if h == "ImageId" else h for h in header]
         missing = [c for c in CSV_HEADER if c not in header]
         if missing:
-            raise DataError(f"{name}: line 1: missing column(s) {missing}; expected {','.join(CSV_HEADER)} "
-                            f"(got {','.join(header)})")
+            raise DataError(
+                f"{name}: line 1: missing column(s) {missing}; expected {','.join(CSV_HEADER)} "
+                f"(got {','.join(header)})"
+            )
         col = {c: header.index(c) for c in CSV_HEADER}
         for lineno, r in enumerate(reader, start=2):
             if not r or not any(f.strip() for f in r):
@@ -165,8 +180,10 @@ def read_predictions(text: str, name: str, labels: LabelMap, images: Mapping[str
                 x0, x1 = float(r[col["XMin"]]), float(r[col["XMax"]])
                 y0, y1 = float(r[col["YMin"]]), float(r[col["YMax"]])
             except (IndexError, ValueError):
-                raise DataError(f"{name}: line {lineno}: expected {','.join(CSV_HEADER)} with numbers, "
-                                f"got {','.join(r)[:120]!r}") from None
+                raise DataError(
+                    f"{name}: line {lineno}: expected {','.join(CSV_HEADER)} with numbers, "
+                    f"got {','.join(r)[:120]!r}"
+                ) from None
             out.num_read += 1
             dims = images.get(iid)
             if dims is None:

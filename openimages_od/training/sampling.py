@@ -25,14 +25,22 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from openimages_od.errors import DataError
 
-__all__ = ["repeat_factors_for", "class_repeat_factors", "image_repeat_factor", "repeat_factor_table", "frequencies_from_stats",
-           "frequencies_from_shards", "make_sample_fn"]
+__all__ = [
+    "class_repeat_factors",
+    "frequencies_from_shards",
+    "frequencies_from_stats",
+    "image_repeat_factor",
+    "make_sample_fn",
+    "repeat_factor_table",
+    "repeat_factors_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,9 @@ def repeat_factor_table(factors: Mapping[int, float], num_ids: int) -> list[floa
     return table
 
 
-def frequencies_from_stats(stats: Mapping[str, Any], split: str, mid_to_id: Mapping[str, int]) -> dict[int, float]:
+def frequencies_from_stats(
+    stats: Mapping[str, Any], split: str, mid_to_id: Mapping[str, int]
+) -> dict[int, float]:
     """Image fraction per label id from ``plan/stats.json`` (``splits[split].classes[mid].images``).
 
     Raises:
@@ -91,7 +101,7 @@ def frequencies_from_shards(files: list[str], num_ids: int) -> dict[int, float]:
     return {c: counts[c] / n for c in range(1, num_ids + 1)}
 
 
-def make_sample_fn(table: list[float], seed: Optional[int], shuffle_buffer: int) -> Any:
+def make_sample_fn(table: list[float], seed: int | None, shuffle_buffer: int) -> Any:
     """A Model Garden ``sample_fn``: repeat each decoded example by its image's repeat factor."""
     import tensorflow as tf
 
@@ -136,7 +146,15 @@ def repeat_factors_for(cfg: Any, train_files: list[str], num_ids: int) -> list[f
         freq = frequencies_from_shards(train_files, num_ids)
         where = "the shards"
     factors = class_repeat_factors(freq, t)
-    boosted = {label_map.by_id[c].name: round(r, 3) for c, r in factors.items() if r > 1 and c in label_map.by_id}
-    log.info("repeat-factor sampling (t=%g, frequencies from %s): %d of %d classes oversampled %s",
-             t, where, len(boosted), len(factors), dict(list(boosted.items())[:10]))
+    boosted = {
+        label_map.by_id[c].name: round(r, 3) for c, r in factors.items() if r > 1 and c in label_map.by_id
+    }
+    log.info(
+        "repeat-factor sampling (t=%g, frequencies from %s): %d of %d classes oversampled %s",
+        t,
+        where,
+        len(boosted),
+        len(factors),
+        dict(list(boosted.items())[:10]),
+    )
     return repeat_factor_table(factors, num_ids)

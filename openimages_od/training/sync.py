@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Optional
 
 from openimages_od.config import join_url
 from openimages_od.storage import Storage, local_path
@@ -52,8 +52,14 @@ class DirSync:
         threads: parallel transfers.
     """
 
-    def __init__(self, storage: Storage, local_dir: str | Path, remote_url: str,
-                 exclude: Iterable[str] = (), threads: int = 8) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        local_dir: str | Path,
+        remote_url: str,
+        exclude: Iterable[str] = (),
+        threads: int = 8,
+    ) -> None:
         self.storage = storage
         self.local_dir = Path(local_dir)
         self.remote_url = remote_url.rstrip("/")
@@ -93,7 +99,7 @@ class DirSync:
             return 0
         todo = []
         for o in objs:
-            rel = o.url[len(prefix):]
+            rel = o.url[len(prefix) :]
             if not rel or self._excluded(rel):
                 continue
             dest = self.local_dir / rel
@@ -138,14 +144,14 @@ class DirSync:
             log.info("pushed %d files (%d deleted) to %s", len(changed), len(gone), self.remote_url)
         return len(changed)
 
-    def _run(self, fn, items: list) -> None:  # noqa: ANN001
+    def _run(self, fn, items: list) -> None:
         if not items:
             return
         with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(items)))) as pool:
             list(pool.map(fn, items))
 
     @staticmethod
-    def local_work_dir(remote_url: str, base: Optional[Path] = None) -> Path:
+    def local_work_dir(remote_url: str, base: Path | None = None) -> Path:
         """A stable local folder for a remote URL (so a restarted job on the same node reuses it)."""
         import hashlib
         import tempfile

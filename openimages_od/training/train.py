@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.errors import DataError
@@ -31,12 +31,12 @@ from openimages_od.layout import Layout, text_digest
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import ObjectNotFound, Storage
 
-__all__ = ["run_train", "prepare_model_dir", "check_model_dir"]
+__all__ = ["check_model_dir", "prepare_model_dir", "run_train"]
 
 log = logging.getLogger(__name__)
 
 
-def prepare_model_dir(cfg: Config, storage: Storage, *, pull: bool = True) -> tuple[str, Optional[Any]]:
+def prepare_model_dir(cfg: Config, storage: Storage, *, pull: bool = True) -> tuple[str, Any | None]:
     """The local folder TF writes to, and a :class:`DirSync` when ``model_dir`` is remote.
 
     Args:
@@ -60,7 +60,7 @@ def prepare_model_dir(cfg: Config, storage: Storage, *, pull: bool = True) -> tu
     return str(work), syncer
 
 
-def _model_dir_label_map(cfg: Config, storage: Storage) -> Optional[tuple[str, Optional[LabelMap]]]:
+def _model_dir_label_map(cfg: Config, storage: Storage) -> tuple[str, LabelMap | None] | None:
     """(digest, label map) the model_dir was trained on, or None when it names none."""
     try:
         text = storage.read_text(join_url(cfg.model_dir, "label_map.pbtxt"))
@@ -72,7 +72,7 @@ def _model_dir_label_map(cfg: Config, storage: Storage) -> Optional[tuple[str, O
         return text_digest(text), None
 
 
-def check_model_dir(cfg: Config, storage: Storage, label_map: LabelMap) -> Optional[tuple[str, str]]:
+def check_model_dir(cfg: Config, storage: Storage, label_map: LabelMap) -> tuple[str, str] | None:
     """Refuse to resume a model_dir trained on another label map, or set it aside for fine-tuning.
 
     Returns:
@@ -97,7 +97,8 @@ def check_model_dir(cfg: Config, storage: Storage, label_map: LabelMap) -> Optio
             f"{cfg.model_dir} holds a model trained on another label map (digest {old_digest[:12]}, "
             f"{len(old_map) if old_map else '?'} classes; now {current[:12]}, {len(label_map)} classes): resuming "
             f"it would give its class ids other meanings. Train into a new train.model_dir, or set "
-            f"train.fine_tune=true to start from its latest checkpoint ({latest.rsplit('/', 1)[-1]})")
+            f"train.fine_tune=true to start from its latest checkpoint ({latest.rsplit('/', 1)[-1]})"
+        )
     dest = join_url(cfg.model_dir, "previous", old_digest[:12])
     moved = 0
     for o in storage.list(cfg.model_dir.rstrip("/") + "/"):
@@ -110,13 +111,20 @@ def check_model_dir(cfg: Config, storage: Storage, label_map: LabelMap) -> Optio
     for o in storage.list(cfg.model_dir.rstrip("/") + "/"):
         name = o.url.rsplit("/", 1)[-1]
         if o.url.rsplit("/", 1)[0].rstrip("/") == cfg.model_dir.rstrip("/") and (
-                name == "checkpoint" or name.startswith("ckpt-")):
+            name == "checkpoint" or name.startswith("ckpt-")
+        ):
             storage.delete(o.url)
     _forget_local_checkpoints(cfg)
     same_head = old_map is not None and old_map.num_classes == label_map.num_classes
     modules = "all" if same_head else "backbone"
-    log.warning("fine-tuning: moved %d files of the model trained on label map %s to %s; starting from its "
-                "latest checkpoint (%s)", moved, old_digest[:12], dest, modules)
+    log.warning(
+        "fine-tuning: moved %d files of the model trained on label map %s to %s; starting from its "
+        "latest checkpoint (%s)",
+        moved,
+        old_digest[:12],
+        dest,
+        modules,
+    )
     return join_url(dest, latest.rsplit("/", 1)[-1]), modules
 
 
@@ -159,11 +167,16 @@ def run_train(cfg: Config) -> int:
     init = check_model_dir(cfg, storage, label_map)
     if init is not None:
         ckpt = fetch_checkpoint(init[0], storage, default_cache_dir(cfg) / "checkpoints")
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"init_checkpoint": ckpt, "init_checkpoint_modules": init[1]})})
+        cfg = cfg.model_copy(
+            update={
+                "train": cfg.train.model_copy(
+                    update={"init_checkpoint": ckpt, "init_checkpoint_modules": init[1]}
+                )
+            }
+        )
 
-    import tensorflow as tf  # noqa: F401  (heavy import after the cheap checks)
     import orbit
+    import tensorflow as tf  # noqa: F401  (heavy import after the cheap checks)
     import yaml
     from official.core import task_factory, train_lib
     from official.modeling import performance
@@ -201,9 +214,15 @@ def run_train(cfg: Config) -> int:
     with strategy.scope():
         task = task_factory.get_task(params.task, logging_dir=work_dir)
     t0 = time.monotonic()
-    log.info("training %s for %d steps (batch %d, %s, %d replicas) into %s",
-             cfg.train.backbone, cfg.train.steps, cfg.train.batch_size,
-             params.runtime.mixed_precision_dtype, strategy.num_replicas_in_sync, cfg.model_dir)
+    log.info(
+        "training %s for %d steps (batch %d, %s, %d replicas) into %s",
+        cfg.train.backbone,
+        cfg.train.steps,
+        cfg.train.batch_size,
+        params.runtime.mixed_precision_dtype,
+        strategy.num_replicas_in_sync,
+        cfg.model_dir,
+    )
     train_lib.run_experiment(
         distribution_strategy=strategy,
         task=task,
