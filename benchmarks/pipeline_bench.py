@@ -245,11 +245,11 @@ def write_inputs(kind: str, port: int, n: int, workdir: Path) -> None:
         from pipeline_helpers import image_row, write_plan
 
         from openimages_od.config import load_config
-        from openimages_od.storage import Storage
+        from openimages_od.storage_setup import storage_from_config
 
         cfg = load_config(None, [f"output.url={workdir}"])
         rows = [image_row(iid, original_url=u, boxes=[]) for iid, u in urls(port, n)]
-        write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=100)
+        write_plan(storage_from_config(cfg), cfg.output_root, rows, images_per_shard=100)
     elif kind == "img2dataset":
         (workdir / "urls.csv").write_text("url\n" + "".join(f"{u}\n" for _, u in urls(port, n)))
 

@@ -116,7 +116,7 @@ def input_examples_per_s(cfg: Config, batches: int = 40) -> float:
     """Model Garden's training input pipeline alone (decode, augment, anchor labels), examples/s."""
     from official.core import task_factory
 
-    from openimages_od.storage import Storage
+    from openimages_od.storage_setup import storage_from_config
     from openimages_od.training.experiment import build_experiment
     from openimages_od.training.inputs import (
         committed_shards,
@@ -125,7 +125,7 @@ def input_examples_per_s(cfg: Config, batches: int = 40) -> float:
         stage_shards,
     )
 
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     files = stage_shards(committed_shards(cfg, cfg.train.split, st), st, default_cache_dir(cfg) / "shards")
     params = build_experiment(cfg, len(load_label_map(cfg, st)) + 1, files)
     task = task_factory.get_task(params.task)

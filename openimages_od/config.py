@@ -25,7 +25,6 @@ import copy
 import difflib
 import os
 import re
-import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,9 +41,14 @@ from pydantic import (
 )
 
 from openimages_od.errors import ConfigError
+from openimages_od.pipeline.sources.base import check_key_template, check_source_order
+from openimages_od.pipeline.sources.gcs import GcsSourceOptions
+from openimages_od.pipeline.sources.local import LocalSourceOptions
+from openimages_od.storage.options import GcsOptions, S3Options
 
 __all__ = [
     "Config",
+    "GcsOptions",
     "S3Options",
     "apply_overrides",
     "dump_config",
@@ -76,23 +80,8 @@ SplitName = Annotated[str, AfterValidator(_check_split_name)]
 # --------------------------------------------------------------------------- shared
 
 
-class S3Options(_Section):
-    """How to reach an S3-compatible store (AWS, SeaweedFS, MinIO, GCS interop)."""
-
-    endpoint_url: str | None = Field(None, description="Endpoint URL; null = AWS (or AWS_ENDPOINT_URL).")
-    region: str | None = Field(None, description="Region name; null = the credential chain's default.")
-    unsigned: bool = Field(
-        False, description="Anonymous requests (public buckets such as open-images-dataset)."
-    )
-    profile: str | None = Field(None, description="Named profile from ~/.aws/config.")
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(60.0, gt=0)
-    max_attempts: int = Field(
-        5, ge=1, le=20, description="Attempts for transient errors (capped exponential backoff)."
-    )
-    multipart_threshold_mb: int = Field(64, ge=5)
-    max_pool_connections: int = Field(32, ge=1)
+# S3Options and GcsOptions live with the storage layer (it imports no config); re-exported here
+# so configs and callers keep naming them from the config.
 
 
 # --------------------------------------------------------------------------- source
@@ -125,10 +114,16 @@ class HttpOptions(_Section):
 
 
 class ImageSources(_Section):
-    """Where image bytes come from, tried in ``order`` per image."""
+    """Where image bytes come from, tried in ``order`` per image.
 
-    order: list[Literal["bucket", "original", "thumbnail"]] = Field(
-        default_factory=lambda: ["bucket", "original", "thumbnail"]
+    ``order`` names registered image sources (:mod:`openimages_od.pipeline.sources`): ``bucket``
+    (S3), ``original`` and ``thumbnail`` (the plan row's URLs), ``local`` (a directory or mounted
+    volume, ``local.root``) and ``gcs`` (a ``gs://`` bucket, ``gcs.bucket``).
+    """
+
+    order: list[str] = Field(
+        default_factory=lambda: ["bucket", "original", "thumbnail"],
+        description="Image sources tried in turn per image (see source_names()).",
     )
     bucket: str = Field("open-images-dataset", description="Bucket holding {split}/{image_id}.jpg.")
     key_template: str = Field("{split}/{image_id}.jpg", description="Object key; fields: split, image_id.")
@@ -140,37 +135,26 @@ class ImageSources(_Section):
         )
     )
     http: HttpOptions = Field(default_factory=HttpOptions)
+    local: LocalSourceOptions = Field(default_factory=LocalSourceOptions)
+    gcs: GcsSourceOptions = Field(default_factory=GcsSourceOptions)
 
     @field_validator("order")
     @classmethod
-    def _order_nonempty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("must list at least one of bucket, original, thumbnail")
-        if len(set(v)) != len(v):
-            raise ValueError("must not repeat a source")
-        return v
+    def _order_known(cls, v: list[str]) -> list[str]:
+        return check_source_order(v)
 
     @field_validator("key_template")
     @classmethod
     def _template_fields(cls, v: str) -> str:
-        # Parsed, not tried: a format spec such as {image_id:>999999999} would allocate gigabytes.
-        if len(v) > 512:
-            raise ValueError("must be at most 512 characters")
-        try:
-            parts = list(string.Formatter().parse(v))
-        except ValueError as exc:
-            raise ValueError(f"is not a valid template ({exc})") from None
-        for _, name, spec, conversion in parts:
-            if name is None:
-                continue
-            if name not in ("split", "image_id"):
-                raise ValueError(f"may only use the fields {{split}} and {{image_id}} (got {{{name[:40]}}})")
-            if spec or conversion:
-                raise ValueError(
-                    f"{{{name}}} may not have a conversion or format spec "
-                    f"(got {{{name}{'!' + conversion if conversion else ''}{':' + spec[:20] if spec else ''}}})"
-                )
-        return v
+        return check_key_template(v)
+
+    @model_validator(mode="after")
+    def _sources_configured(self) -> ImageSources:
+        if "local" in self.order and not self.local.root:
+            raise ValueError("order lists 'local' but local.root is not set (the image directory)")
+        if "gcs" in self.order and not self.gcs.bucket:
+            raise ValueError("order lists 'gcs' but gcs.bucket is not set")
+        return self
 
 
 class SourceConfig(_Section):
@@ -1036,9 +1020,9 @@ def dump_config(cfg: Config) -> str:
 
 def save_resolved(cfg: Config, dir_url: str, storage: Any | None = None) -> str:
     """Write ``config.resolved.yaml`` under ``dir_url`` and return its URL."""
-    from openimages_od.storage import Storage
+    from openimages_od.storage_setup import storage_from_config
 
-    st = storage or Storage.from_config(cfg)
+    st = storage or storage_from_config(cfg)
     url = join_url(dir_url, "config.resolved.yaml")
     st.write_bytes(url, dump_config(cfg).encode())
     return url

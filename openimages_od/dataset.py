@@ -37,6 +37,7 @@ from openimages_od.layout import (
 )
 from openimages_od.openimages.planio import PlanManifest, read_manifest
 from openimages_od.storage import ObjectNotFound, Storage
+from openimages_od.storage_setup import storage_from_config
 
 __all__ = [
     "ShardState",
@@ -325,7 +326,7 @@ def status(cfg: Config, storage: Storage | None = None) -> dict[str, Any]:
     ``up_to_date`` is true when a plan exists, every shard of it is committed and
     ``dataset.json`` is the dataset of this plan.
     """
-    storage = storage or Storage.from_config(cfg)
+    storage = storage or storage_from_config(cfg)
     layout = Layout.from_config(cfg)
     manifest = load_manifest(layout, storage)
     out: dict[str, Any] = {"output": layout.root, "plan": None, "up_to_date": False}

@@ -216,9 +216,9 @@ def _run_stages(conf: Config, root: Path, ds: Any) -> dict[str, Any]:
 
 
 def _latest_metrics(conf: Config) -> dict | None:
-    from openimages_od.storage import Storage
+    from openimages_od.storage_setup import storage_from_config
 
-    st = Storage.from_config(conf)
+    st = storage_from_config(conf)
     found = [
         o.url
         for o in st.list(conf.output_path("eval") + "/")

@@ -28,6 +28,7 @@ from typing import Any
 from openimages_od.config import Config, join_url
 from openimages_od.layout import Layout
 from openimages_od.storage import ObjectNotFound, Storage
+from openimages_od.storage_setup import storage_from_config
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +567,7 @@ def _img(src: str, alt: str) -> str:
 
 def build_report(cfg: Config, storage: Storage | None = None) -> str:
     """Render the report HTML for the output folder of ``cfg``."""
-    st = storage or Storage.from_config(cfg)
+    st = storage or storage_from_config(cfg)
     d = _Data(cfg, st).load()
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>openimages-od report</title>"
@@ -719,7 +720,7 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
 
 def run_report(cfg: Config, out: str | None = None, storage: Storage | None = None) -> str:
     """Write ``report.html`` (default ``{output}/report.html``) and return its URL."""
-    st = storage or Storage.from_config(cfg)
+    st = storage or storage_from_config(cfg)
     url = out or cfg.output_path("report.html")
     st.write_text(url, build_report(cfg, st))
     log.info("report written to %s", url)

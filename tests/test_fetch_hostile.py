@@ -177,7 +177,7 @@ def test_prepare_over_every_hostile_upstream_finishes_every_shard(ray_local, ima
 
     from openimages_od.pipeline.distribute import run_prepare
     from openimages_od.pipeline.ledger import decode_ledger
-    from openimages_od.storage import Storage
+    from openimages_od.storage_setup import storage_from_config
 
     cases = install(image_server)
     good_extra = [
@@ -207,7 +207,7 @@ def test_prepare_over_every_hostile_upstream_finishes_every_shard(ray_local, ima
             *HOSTILE_HTTP,
         ],
     )
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     manifest = write_plan(st, cfg.output_root, rows, images_per_shard=5)
     assert run_prepare(cfg) == 0  # no shard retries allowed: a shard failing once would fail the run
 

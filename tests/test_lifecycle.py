@@ -32,6 +32,7 @@ from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.ledger import decode_ledger
 from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.storage import Storage
+from openimages_od.storage_setup import storage_from_config
 from openimages_od.synth import SynthClass, generate_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +135,7 @@ def test_replan_reads_only_current_labels_and_fetches_only_new_images(ray_local,
     ds = _dataset(tmp_path, image_server)
     out = f"file://{tmp_path}/out"
     cfg1 = _cfg(ds, out, ["Vehicle", "Apple", "Dog"], 8)
-    st = Storage.from_config(cfg1)
+    st = storage_from_config(cfg1)
     assert run_prepare(cfg1) == 0
     hits1 = _hits(image_server, ds)
     fetched1 = {i for i, n in hits1.items() if n}
@@ -217,7 +218,7 @@ def test_reshard_fetches_nothing_and_equals_a_clean_prepare(
     assert _hits(image_server, ds) == before  # zero source fetches
     clean = _cfg(ds, clean_out, classes, 4, s3=s3)
     assert run_prepare(clean) == 0
-    st = Storage.from_config(cfg2)
+    st = storage_from_config(cfg2)
     for split in ("train", "validation"):
         assert _shard_bytes(st, cfg2, split) == _shard_bytes(st, clean, split)
     a = st.read_json(Layout.from_config(cfg2).dataset)
@@ -260,7 +261,7 @@ def test_selection_label_map_pins_ids_in_the_plan(tmp_path):
     res = build_plan(cfg)
     assert {c.mid: c.id for c in res.label_map} == {DOG: 446, APPLE: 14}
     assert res.label_map.num_classes == 447
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     rows = read_plan_table(
         st, Layout.from_config(cfg).plan_shard(res.manifest.splits["train"].shards[0])
     ).to_pylist()
@@ -303,7 +304,7 @@ def test_killed_prepare_during_replan_gives_the_uninterrupted_result(ray_local, 
     build_plan(cfg2)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(dump_config(cfg2))
-    st = Storage.from_config(cfg2)
+    st = storage_from_config(cfg2)
     layout = Layout.from_config(cfg2)
     stats_dir = Path(layout.tfrecords_dir("train").removeprefix("file://"))
     old_stats = {p: p.stat().st_mtime_ns for p in stats_dir.glob("*.stats.json")}

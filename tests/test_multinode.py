@@ -32,6 +32,7 @@ from pipeline_helpers import box, image_row, photo, write_plan
 from openimages_od.config import dump_config, load_config
 from openimages_od.devservices import ImageServer, Reply
 from openimages_od.storage import Storage
+from openimages_od.storage_setup import storage_from_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -127,7 +128,7 @@ def _finish(proc: subprocess.Popen, log: Path, timeout_s: float) -> tuple[int, s
 
 def _plan(out: str, rows) -> tuple[Any, Storage]:
     cfg = load_config(None, [f"output.url={out}"])
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=PER_SHARD)
     return cfg, st
 
@@ -332,7 +333,7 @@ def test_dashboard_never_shows_the_credentials(cluster, rows, tmp_path, seaweedf
         "output.s3.region=us-east-1",
     ]
     cfg = _config(cluster, out, *sets)
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     write_plan(st, cfg.output_root, rows[:16], images_per_shard=PER_SHARD)
     assert not any(s in dump_config(cfg) for s in secrets)  # what the actors get as their argument
     proc, log = _start_prepare(cluster, cfg, tmp_path, "secrets")

@@ -28,6 +28,7 @@ from openimages_od.pipeline.ledger import decode_ledger
 from openimages_od.pipeline.shard import CRASH_ENV, ShardTask
 from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.storage import Storage
+from openimages_od.storage_setup import storage_from_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +201,7 @@ def test_faults_recover_and_every_image_is_accounted_for(ray_local, seaweedfs, i
         "source.images.s3.addressing_style=path",
         "source.images.s3.region=us-east-1",
     )
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=4)
     assert run_prepare(cfg) == 0
 
@@ -242,7 +243,7 @@ def test_faults_recover_and_every_image_is_accounted_for(ray_local, seaweedfs, i
 def test_killed_actor_shard_is_retried_byte_identical(ray_local, image_server, tmp_path, monkeypatch):
     rows = _simple_rows(image_server, 10)
     clean = _cfg(f"{tmp_path}/clean")
-    st = Storage.from_config(clean)
+    st = storage_from_config(clean)
     write_plan(st, clean.output_root, rows, images_per_shard=3)
     assert run_prepare(clean) == 0
     hits_clean = dict(image_server.hits)
@@ -286,7 +287,7 @@ def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path,
     with its heartbeats), and Ray has no constructor argument in the object store to warn about."""
     rows = _simple_rows(image_server, 8, prefix="p")
     cfg = _cfg(f"{tmp_path}/bar", "ray.progress=true", "ray.max_shards_in_flight_per_actor=1")
-    write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=4)
+    write_plan(storage_from_config(cfg), cfg.output_root, rows, images_per_shard=4)
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ENV, f"{rows[6]['image_id']}:{marker}")
     assert run_prepare(cfg) == 0
@@ -301,7 +302,7 @@ def test_worker_heartbeat_counts_images_of_running_shards(ray_local, image_serve
     """The heartbeat (liveness + progress for the driver's bar) counts only shards still running."""
     rows = _simple_rows(image_server, 3, prefix="h", delay_s=0.5)
     cfg = _cfg(f"{tmp_path}/out")
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     manifest = write_plan(st, cfg.output_root, rows, images_per_shard=8)
     task = ShardTask(
         "train",
@@ -334,7 +335,7 @@ def test_worker_heartbeat_counts_images_of_running_shards(ray_local, image_serve
 def test_killed_driver_rerun_skips_committed_shards(ray_local, image_server, tmp_path):
     rows = _simple_rows(image_server, 12, prefix="d", delay_s=0.3)
     clean = _cfg(f"{tmp_path}/clean")
-    st = Storage.from_config(clean)
+    st = storage_from_config(clean)
     write_plan(st, clean.output_root, rows, images_per_shard=3)
     assert run_prepare(clean) == 0
     hits_clean = dict(image_server.hits)
@@ -399,7 +400,7 @@ def test_retry_failed_refetches_only_failed_images(ray_local, image_server, tmp_
     flaky = rows[2]["image_id"]
     good = photo(160, 120, seed=2)
     clean = _cfg(f"{tmp_path}/clean")
-    st = Storage.from_config(clean)
+    st = storage_from_config(clean)
     write_plan(st, clean.output_root, rows, images_per_shard=6)
     assert run_prepare(clean) == 0
 
@@ -445,7 +446,7 @@ def test_shards_decode_with_model_garden(ray_local, image_server, tmp_path):
             )
         )
     cfg = _cfg(f"{tmp_path}/mg")
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=2)
     assert run_prepare(cfg) == 0
     files = sorted(
@@ -509,7 +510,7 @@ def test_prepare_plans_first_and_matches_upright_boxes(ray_local, image_server, 
             "source": {**base.model_dump(mode="json")["source"], **ds.source_config()},
         }
     )
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     assert not st.exists(cfg.output_path("plan", "manifest.json"))
     assert run_prepare(cfg) == 0
     assert st.exists(cfg.output_path("plan", "manifest.json"))
@@ -554,7 +555,7 @@ def test_stuck_shard_times_out_and_is_reported(ray_local, image_server, tmp_path
         "source.images.http.read_timeout_s=60",
         "source.images.http.total_timeout_s=60",
     )
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=3, num_shards={"train": 1})
     t0 = time.monotonic()
     with pytest.raises(OiodError, match="train-00000-of-00001"):

@@ -11,7 +11,7 @@ from pipeline_helpers import box, image_row, photo, write_plan
 
 from openimages_od.config import RayConfig, load_config
 from openimages_od.errors import ConfigError
-from openimages_od.storage import Storage
+from openimages_od.storage_setup import storage_from_config
 
 
 def test_default_forward_env_holds_no_secret():
@@ -79,7 +79,7 @@ def test_actors_follow_the_nodes_cpus(ray_local, image_server, tmp_path):
             "source.images.order=[original]",
         ],
     )
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     write_plan(st, cfg.output_root, rows, images_per_shard=2)  # 6 shards
     assert run_prepare(cfg) == 0
     info = st.read_json(cfg.output_path("prepare_report.json"))["ray"]

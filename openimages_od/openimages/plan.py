@@ -73,6 +73,7 @@ from openimages_od.openimages.ids import source_ids
 from openimages_od.openimages.labelmap import LabelMap, assign_ids
 from openimages_od.outputlock import output_lock
 from openimages_od.storage import Storage, local_path
+from openimages_od.storage_setup import storage_from_config
 
 log = logging.getLogger(__name__)
 
@@ -655,18 +656,10 @@ def _shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray
 
 
 def _bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str]) -> pa.Array:
-    """``tmpl.format(split=split, image_id=i)`` per image; one vectorised join for the usual
-    template where ``{image_id}`` appears once, plainly."""
-    marker = "\x00"
-    if tmpl.count("{image_id}") == 1:
-        try:
-            probe = tmpl.format(split=split, image_id=marker)
-        except (KeyError, IndexError, ValueError):
-            probe = ""
-        if probe.count(marker) == 1:
-            pre, post = probe.split(marker)
-            return pc.binary_join_element_wise(pa.scalar(pre), ids.cast(pa.string()), pa.scalar(post), "")
-    return pa.array([tmpl.format(split=split, image_id=i) for i in ids_py], pa.string())
+    """The object key of each image: the bucket source's :func:`object_keys` owns the rule."""
+    from openimages_od.pipeline.sources.bucket import object_keys
+
+    return object_keys(tmpl, split, ids)
 
 
 # --------------------------------------------------------------------------- plan
@@ -1000,7 +993,7 @@ def build_plan(cfg: Config, storage: Storage | None = None) -> PlanResult:
         DataError: an unknown file layout, or a malformed row with ``selection.strict``.
         StorageError: an input or the output cannot be reached.
     """
-    st = storage or Storage.from_config(cfg)
+    st = storage or storage_from_config(cfg)
     layout = Layout.from_config(cfg)
     with output_lock(st, layout.lock, cfg.output.lock_ttl_s, "plan"):
         return _build_plan(cfg, st, layout)

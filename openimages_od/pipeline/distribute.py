@@ -64,6 +64,7 @@ from openimages_od.pipeline.report import build_report
 from openimages_od.pipeline.scheduler import ShardScheduler
 from openimages_od.pipeline.shard import CRASH_ENV, ShardContext, ShardTask, run_shard
 from openimages_od.storage import ObjectNotFound, Storage
+from openimages_od.storage_setup import storage_from_config
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,11 @@ class ShardWorker:
             rc = self.cfg.ray
             self._ctx = ShardContext(
                 cfg=self.cfg,
-                storage=Storage.from_config(self.cfg),
+                storage=storage_from_config(self.cfg),
                 fetcher=Fetcher(
                     self.cfg.source.images,
                     concurrency=rc.concurrency_per_actor,
-                    storage=Storage.from_config(self.cfg),
+                    storage=storage_from_config(self.cfg),
                 ),
                 cpu_pool=ThreadPoolExecutor(rc.decode_threads_per_actor, thread_name_prefix="oiod-cpu"),
                 semaphore=asyncio.Semaphore(rc.concurrency_per_actor),
@@ -102,7 +103,7 @@ class ShardWorker:
                 worker=self.name,
                 cache=(
                     ImageCache(
-                        Storage.from_config(self.cfg),
+                        storage_from_config(self.cfg),
                         Layout.from_config(self.cfg),
                         image_digest(self.cfg.image),
                     )
@@ -405,7 +406,7 @@ def run_prepare(cfg: Config, retry_failed: bool = False, skip_plan: bool = False
         OiodError: no plan, Ray unreachable, or shards that still failed after ``ray.max_shard_retries``.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     leaked = _secrets_in_config(cfg.model_dump(mode="json"))
     if leaked:
         raise ConfigError(

@@ -1,8 +1,11 @@
-"""Fetching image bytes: the public S3 bucket (boto3 in a thread pool) and HTTP (aiohttp).
+"""Fetching image bytes from the registered image sources (:mod:`openimages_od.pipeline.sources`).
 
 One :class:`Fetcher` lives in each download actor and is shared by every
 shard the actor works on: one pooled aiohttp session (a global and a per-host
-connection limit), one thread pool for the synchronous boto3 client.
+connection limit), one thread pool for the synchronous storage clients
+(boto3, google-cloud-storage, local files). The sources resolve a plan row to
+a location and fetch it through the fetcher (:class:`~.sources.base.FetchContext`):
+storage URLs with :meth:`Fetcher.read_object`, http(s) with :meth:`Fetcher.http_get`.
 
 Per-image failures are :class:`FetchFailed` with a stable ``reason`` (the
 ledger's ``error``): ``no_url``, ``http_404``/``http_403``/``http_410``/
@@ -13,8 +16,10 @@ ledger's ``error``): ``no_url``, ``http_404``/``http_403``/``http_410``/
 ``data:``, or a malformed ``Location``), ``bad_encoding`` (a
 ``Content-Encoding`` that was not asked for, or a body that does not inflate),
 ``http_error`` (any other client error), ``fetch_error`` (anything else that
-went wrong with this one image), ``s3_not_found``, ``s3_access_denied``,
-``s3_error``.
+went wrong with this one image), ``bad_key`` (an image key that would leave the
+local source's root), and per storage source ``<p>_not_found``,
+``<p>_access_denied``, ``<p>_error`` with ``<p>`` = ``s3`` (bucket), ``gcs``, ``local``.
+:func:`~.sources.base.is_permanent_reason` tells the permanent ones from the transient.
 
 Contract: :meth:`Fetcher.fetch` raises only :class:`FetchFailed` (or
 cancellation), whatever the upstream does, so one hostile URL costs one image,
@@ -26,7 +31,7 @@ HTTP retry policy (``source.images.http``): timeouts, connection errors,
 truncated bodies, 5xx and 429 are retried up to ``max_retries`` times with
 capped exponential backoff and full jitter; a ``Retry-After`` header (seconds
 or an HTTP date) is honoured up to ``max_retry_after_s``. 403/404/410 and
-other 4xx are final. S3 retries happen in :func:`openimages_od.storage.retry_call`.
+other 4xx are final. Storage retries (S3, GCS) happen in :func:`openimages_od.storage.retry_call`.
 """
 
 from __future__ import annotations
@@ -36,61 +41,26 @@ import email.utils
 import random
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from openimages_od.config import ImageSources
+from openimages_od.pipeline.sources.base import Fetched, FetchFailed, ImageSource, source_class
 from openimages_od.storage import AccessDenied, ObjectNotFound, Storage, StorageError
 
 __all__ = ["FetchFailed", "Fetched", "Fetcher", "backoff_s", "parse_retry_after", "source_url"]
 
-_DEFAULT_KEY_TEMPLATE = "{split}/{image_id}.jpg"
 _HTTP_SCHEMES = ("http", "https")
 # Only what _read_body can inflate with a bounded output; anything else is refused.
 _ACCEPT_ENCODING = "gzip, deflate"
 _CHUNK = 1 << 16
 
 
-class FetchFailed(Exception):
-    """One source could not deliver the image.
-
-    Attributes:
-        reason: stable reason code.
-        detail: human-readable detail.
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class Fetched:
-    data: bytes
-    source: str
-    url: str
-    final_url: str
-    attempts: int
-
-
-def source_url(source: str, row: dict[str, Any], sources: ImageSources) -> str | None:
-    """The URL of ``source`` ("bucket", "original", "thumbnail") for a plan row, or None."""
-    if source == "bucket":
-        template = sources.key_template
-        if template == _DEFAULT_KEY_TEMPLATE and row.get("bucket_key"):
-            key = row["bucket_key"]
-        else:  # a mirror with its own layout: the configured template wins over the plan's key
-            key = template.format(split=row["split"], image_id=row["image_id"])
-        return f"s3://{sources.bucket}/{key.lstrip('/')}"
-    if source == "original":
-        return row.get("original_url") or None
-    if source == "thumbnail":
-        return row.get("thumbnail_url") or None
-    raise ValueError(f"unknown image source {source!r}")
+def source_url(source: str, row: Mapping[str, Any], sources: ImageSources) -> str | None:
+    """The location of the image of a plan row in ``source`` (a registered name), or None."""
+    return source_class(source)(sources).resolve(row)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -132,18 +102,37 @@ class Fetcher:
     Args:
         sources: ``source.images`` config.
         concurrency: connection pool size (the actor's ``concurrency_per_actor``).
-        storage: storage used for ``bucket`` fetches (defaults to one with ``sources.s3`` for the bucket).
+        storage: storage used by the storage-backed sources (defaults to one with ``sources.s3``
+            for the bucket and ``sources.gcs`` for the GCS bucket).
     """
 
     def __init__(self, sources: ImageSources, concurrency: int = 32, storage: Storage | None = None) -> None:
         self.sources = sources
         self.http = sources.http
         self.concurrency = concurrency
-        self.storage = storage or Storage(bucket_options={sources.bucket: sources.s3})
+        gcs = {sources.gcs.bucket: sources.gcs.storage_options()} if sources.gcs.bucket else {}
+        self.storage = storage or Storage(bucket_options={sources.bucket: sources.s3}, gcs_bucket_options=gcs)
         self._pool = ThreadPoolExecutor(
-            max_workers=max(4, min(concurrency, 64)), thread_name_prefix="oiod-s3"
+            max_workers=max(4, min(concurrency, 64)), thread_name_prefix="oiod-storage"
         )
         self._session: Any = None
+        self._sources: dict[str, ImageSource] = {}
+
+    @property
+    def max_bytes(self) -> int:
+        """Largest image accepted, in bytes."""
+        return int(self.http.max_body_mb * 1024 * 1024)
+
+    def source(self, name: str) -> ImageSource:
+        """The (per-fetcher) instance of the registered source ``name``."""
+        src = self._sources.get(name)
+        if src is None:
+            src = self._sources[name] = source_class(name)(self.sources)
+        return src
+
+    def is_permanent(self, source: str, failure: FetchFailed) -> bool:
+        """Whether ``failure`` of ``source`` would recur on a rerun (a missing object, a bad URL)."""
+        return self.source(source).is_permanent(failure)
 
     async def _session_get(self) -> Any:
         if self._session is None:
@@ -181,40 +170,51 @@ class Fetcher:
         """
         url = ""
         try:
-            url = source_url(source, row, self.sources) or ""
+            src = self.source(source)
+            url = src.resolve(row) or ""
             if not url:
                 raise FetchFailed("no_url", f"plan row has no {source} URL")
-            if source == "bucket":
-                return await self._fetch_s3(url)
-            return await self._fetch_http(source, url)
+            return await src.fetch(url, self)
         except FetchFailed:
             raise
         except Exception as exc:
             raise FetchFailed("fetch_error", f"{url[:200]}: {_describe(exc)}"[:300]) from None
 
-    # ------------------------------------------------------------------ S3
+    # ------------------------------------------------------------------ storage (s3://, gs://, local)
 
-    async def _fetch_s3(self, url: str) -> Fetched:
+    async def read_object(self, source: str, url: str, reason_prefix: str) -> Fetched:
+        """A bounded read of a storage URL on the storage pool.
+
+        Raises:
+            FetchFailed: ``<reason_prefix>_not_found``, ``_access_denied``, ``_error``; ``too_large``.
+        """
         loop = asyncio.get_running_loop()
-        max_bytes = int(self.http.max_body_mb * 1024 * 1024)
+        max_bytes = self.max_bytes
         try:
             # A ranged read: at most one byte past the limit is ever held, whatever the object's size.
             data = await loop.run_in_executor(self._pool, self.storage.read_range, url, 0, max_bytes + 1)
         except ObjectNotFound as exc:
-            raise FetchFailed("s3_not_found", str(exc)) from None
+            raise FetchFailed(f"{reason_prefix}_not_found", str(exc)) from None
         except AccessDenied as exc:
-            raise FetchFailed("s3_access_denied", str(exc)) from None
+            raise FetchFailed(f"{reason_prefix}_access_denied", str(exc)) from None
         except StorageError as exc:
-            if "InvalidRange" not in str(exc):
-                raise FetchFailed("s3_error", str(exc)) from None
-            data = b""  # the range of an empty object is not satisfiable: verify rejects it as empty
+            # The range of an empty object is not satisfiable (S3 InvalidRange, GCS 416): verify
+            # rejects the empty image as it would any other.
+            if "InvalidRange" not in str(exc) and "416" not in str(exc):
+                raise FetchFailed(f"{reason_prefix}_error", str(exc)) from None
+            data = b""
         if len(data) > max_bytes:
             raise FetchFailed("too_large", f"more than {max_bytes} bytes")
-        return Fetched(data, "bucket", url, url, 1)
+        return Fetched(data, source, url, url, 1)
 
     # ------------------------------------------------------------------ HTTP
 
-    async def _fetch_http(self, source: str, url: str) -> Fetched:
+    async def http_get(self, source: str, url: str) -> Fetched:
+        """An http(s) GET of ``url`` for ``source`` with the retry policy of ``source.images.http``.
+
+        Raises:
+            FetchFailed: with the HTTP reason after retries.
+        """
         h = self.http
         _check_http_url(url, "bad_url")
         attempt = 0

@@ -373,7 +373,7 @@ def create_app(
         cfg: the configuration (``serve`` section, ``output.s3`` for s3 access).
         model: an already loaded model (tests, ``detect``); None loads ``cfg.serve_model`` at start-up.
         resolver: DNS resolver the SSRF guard wraps (tests inject one); None = the system resolver.
-        storage: storage layer for s3 model/image/output access; None = ``Storage.from_config(cfg)``.
+        storage: storage layer for s3 model/image/output access; None = ``storage_from_config(cfg)``.
 
     Returns:
         The application; its ``cleanup_ctx`` loads the model and starts the batcher.
@@ -381,11 +381,11 @@ def create_app(
     Raises:
         ConfigError: ``serve.auth_token_env`` names an unset variable, or ``allow_networks`` is invalid.
     """
-    from openimages_od.storage import Storage
+    from openimages_od.storage_setup import storage_from_config
 
     sc = cfg.serve
     token = _auth_token(sc.auth_token_env)
-    storage = storage or Storage.from_config(cfg)
+    storage = storage or storage_from_config(cfg)
     pools = Pools(sc.fetch_workers, sc.cpu_workers, sc.output_workers, sc.fetch_timeout_s, sc.work_timeout_s)
     state = ServeState(
         cfg=cfg,

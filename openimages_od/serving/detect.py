@@ -55,12 +55,13 @@ def run_detect(
     """
     from openimages_od.config import join_url
     from openimages_od.serving.draw import draw_detections
-    from openimages_od.storage import Storage, StorageError
+    from openimages_od.storage import StorageError
+    from openimages_od.storage_setup import storage_from_config
 
     if not images:
         raise UsageError("give at least one image path or URL")
     stdout = stdout or sys.stdout
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     sc = cfg.serve
     own = model is None
     model = model or ExportedModel.load(cfg.serve_model, storage)

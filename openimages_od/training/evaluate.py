@@ -37,6 +37,7 @@ from openimages_od.config import Config, save_resolved
 from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage
+from openimages_od.storage_setup import storage_from_config
 
 __all__ = ["Evaluator", "parse_ground_truth", "run_evaluate"]
 
@@ -413,7 +414,7 @@ def evaluate_predictions(cfg: Config, predictions: str, fmt: str = "auto", out: 
     from openimages_od.training.oid_metric import hierarchy_from_json
     from openimages_od.training.predictions import read_predictions
 
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     ec = cfg.evaluate
     label_map = load_label_map(cfg, storage)
     tree = load_hierarchy(cfg, storage)
@@ -503,7 +504,7 @@ def run_evaluate(
         m = evaluate_predictions(cfg, predictions, predictions_format)
         _log_summary(m)
         return 0
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     stop = threading.Event()
     restore = _install_stop_handlers(stop)
     try:

@@ -26,6 +26,7 @@ from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.layout import Layout
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage, local_path
+from openimages_od.storage_setup import storage_from_config
 
 __all__ = ["export_saved_model", "model_json", "run_export", "trained_on"]
 
@@ -159,7 +160,7 @@ def run_export(cfg: Config, checkpoint: str | None = None) -> int:
     from openimages_od.training.checkpoints import resolve_checkpoint
     from openimages_od.training.inputs import load_label_map
 
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     label_map = _model_label_map(cfg, storage) or load_label_map(cfg, storage)
     ckpt, step = resolve_checkpoint(cfg, storage, checkpoint)
     dataset = trained_on(cfg, storage)

@@ -37,6 +37,7 @@ from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.ids import source_id as stable_source_id
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage
+from openimages_od.storage_setup import storage_from_config
 from openimages_od.training.predictions import ImagePrediction, challenge_csv, coco_json
 
 __all__ = ["Chunk", "Predictor", "run_predict"]
@@ -66,7 +67,7 @@ class Predictor:
 
     def __init__(self, cfg: Config, model: str | None = None, checkpoint: str | None = None) -> None:
         self.cfg = cfg
-        self.storage = Storage.from_config(cfg)
+        self.storage = storage_from_config(cfg)
         self.batch_size = cfg.evaluate.batch_size
         if model:
             from openimages_od.serving.model import ExportedModel
@@ -263,7 +264,7 @@ def run_predict(
         ConfigError: both a model and a checkpoint, or both a split and images.
         DataError: no shards, an unreadable image, no checkpoint or model.
     """
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     if model and checkpoint:
         raise ConfigError("give --model (an export) or --checkpoint, not both")
     listed = list(images or [])

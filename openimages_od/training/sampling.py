@@ -131,10 +131,11 @@ def repeat_factors_for(cfg: Any, train_files: list[str], num_ids: int) -> list[f
 
     Frequencies from ``plan/stats.json`` for ``train.split``, else counted over ``train_files``.
     """
-    from openimages_od.storage import ObjectNotFound, Storage
+    from openimages_od.storage import ObjectNotFound
+    from openimages_od.storage_setup import storage_from_config
     from openimages_od.training.inputs import load_label_map
 
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     label_map = load_label_map(cfg, storage)
     t = float(cfg.train.repeat_factor_threshold)
     try:

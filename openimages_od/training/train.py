@@ -30,6 +30,7 @@ from openimages_od.errors import DataError
 from openimages_od.layout import Layout, text_digest
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import ObjectNotFound, Storage
+from openimages_od.storage_setup import storage_from_config
 
 __all__ = ["check_model_dir", "prepare_model_dir", "run_train"]
 
@@ -159,7 +160,7 @@ def run_train(cfg: Config) -> int:
     from openimages_od.training.checkpoints import fetch_checkpoint
     from openimages_od.training.inputs import default_cache_dir, load_label_map, stage_shards
 
-    storage = Storage.from_config(cfg)
+    storage = storage_from_config(cfg)
     label_map = load_label_map(cfg, storage)
     shard_urls, dataset = dataset_shards(cfg, storage, cfg.train.split)
     files = stage_shards(shard_urls, storage, default_cache_dir(cfg) / "shards")
