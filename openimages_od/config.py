@@ -135,8 +135,8 @@ class ImageSources(_Section):
         )
     )
     http: HttpOptions = Field(default_factory=HttpOptions)
-    local: LocalSourceOptions = Field(default_factory=LocalSourceOptions)
-    gcs: GcsSourceOptions = Field(default_factory=GcsSourceOptions)
+    local: LocalSourceOptions = Field(default_factory=lambda: LocalSourceOptions())
+    gcs: GcsSourceOptions = Field(default_factory=lambda: GcsSourceOptions())
 
     @field_validator("order")
     @classmethod

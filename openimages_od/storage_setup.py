@@ -29,15 +29,16 @@ def storage_from_config(cfg: Config) -> Storage:
             buckets[split_s3_url(url)[0]] = cfg.source.s3
     images = cfg.source.images
     buckets[images.bucket] = images.s3
-    for url in (
+    outputs: tuple[str | None, ...] = (
         cfg.output.url,
         cfg.output.cache_url,
         cfg.train.model_dir,
         cfg.export.dir,
         cfg.serve.model,
-    ):
-        if url and url.startswith("s3://"):
-            buckets[split_s3_url(url)[0]] = cfg.output.s3
+    )
+    for out in outputs:
+        if out and out.startswith("s3://"):
+            buckets[split_s3_url(out)[0]] = cfg.output.s3
     gcs_buckets: dict[str, GcsOptions] = {}
     if images.gcs.bucket:
         gcs_buckets[images.gcs.bucket] = images.gcs.storage_options()

@@ -66,6 +66,10 @@ __all__ = [
 ]
 
 
+_WritableBackend = LocalBackend | S3Backend | GcsBackend
+_Backend = _WritableBackend | HttpBackend
+
+
 class Storage:
     """URL-addressed storage. One instance is cheap; clients are cached per process.
 
@@ -92,7 +96,7 @@ class Storage:
         self._local = LocalBackend()
         self._http = HttpBackend(http_timeout_s)
 
-    def _backend(self, url: str) -> Any:
+    def _backend(self, url: str) -> _Backend:
         scheme = scheme_of(url)
         if scheme == "file":
             return self._local
@@ -104,7 +108,7 @@ class Storage:
             return GcsBackend(self.gcs_bucket_options.get(bucket, self.gcs_default))
         return self._http
 
-    def _writable(self, url: str) -> Any:
+    def _writable(self, url: str) -> _WritableBackend:
         b = self._backend(url)
         if isinstance(b, HttpBackend):
             raise ReadOnlyLocation(url)

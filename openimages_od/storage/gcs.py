@@ -37,6 +37,11 @@ _CLIENTS: dict[tuple[int, str], Any] = {}
 _LOCK = threading.Lock()
 
 
+def _anonymous(cls: Any) -> Any:
+    # google-auth's AnonymousCredentials is untyped; calling it through Any keeps strict mypy quiet.
+    return cls()
+
+
 def _make_client(opts: GcsOptions) -> Any:
     try:
         from google.auth.credentials import AnonymousCredentials
@@ -46,7 +51,7 @@ def _make_client(opts: GcsOptions) -> Any:
     client_options = {"api_endpoint": opts.endpoint_url} if opts.endpoint_url else None
     if opts.anonymous:
         return gcs.Client(
-            credentials=AnonymousCredentials(),
+            credentials=_anonymous(AnonymousCredentials),
             project=opts.project or "anonymous",
             client_options=client_options,
         )
@@ -57,7 +62,7 @@ def _make_client(opts: GcsOptions) -> Any:
             raise StorageError(f"no Google Cloud credentials ({exc})", "gs://") from exc
         # anonymous: null means "credentials when found": public buckets need none.
         return gcs.Client(
-            credentials=AnonymousCredentials(),
+            credentials=_anonymous(AnonymousCredentials),
             project=opts.project or "anonymous",
             client_options=client_options,
         )

@@ -49,7 +49,7 @@ class HttpBackend:
 
         def get() -> bytes:
             with self._open(url, headers) as resp:
-                data = resp.read()
+                data = bytes(resp.read())
                 if start is not None and resp.status == 200:  # server ignored Range
                     return data[start:end]
                 return data

@@ -150,7 +150,7 @@ class S3Backend:
 
         def get() -> bytes:
             resp = self.client.get_object(**kw)
-            return resp["Body"].read()
+            return bytes(resp["Body"].read())
 
         return self._call(url, get)
 

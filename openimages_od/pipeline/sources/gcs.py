@@ -23,8 +23,10 @@ __all__ = ["GcsSource", "GcsSourceOptions"]
 class GcsSourceOptions(GcsOptions):
     """``source.images.gcs``: the bucket, its key layout and how to reach it."""
 
-    bucket: str = Field("", description="GCS bucket holding the images; required by 'gcs'.")
-    key_template: str = Field("{split}/{image_id}.jpg", description="Object name; fields: split, image_id.")
+    bucket: str = Field(default="", description="GCS bucket holding the images; required by 'gcs'.")
+    key_template: str = Field(
+        default="{split}/{image_id}.jpg", description="Object name; fields: split, image_id."
+    )
 
     @field_validator("key_template")
     @classmethod

@@ -38,10 +38,10 @@ class LocalSourceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     root: str = Field(
-        "", description="Directory (path or file:// URL) holding the images; required by 'local'."
+        default="", description="Directory (path or file:// URL) holding the images; required by 'local'."
     )
     key_template: str = Field(
-        "{split}/{image_id}.jpg", description="Path of an image under root; fields: split, image_id."
+        default="{split}/{image_id}.jpg", description="Path of an image under root; fields: split, image_id."
     )
 
     @field_validator("root")
