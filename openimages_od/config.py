@@ -513,7 +513,7 @@ class ServeConfig(_Section):
     max_instances: int = Field(64, ge=1, description="Most images in one TF Serving-style :predict request.")
     allowed_image_prefixes: list[str] = Field(
         default_factory=list,
-        description="s3://bucket/prefix/ locations a request's image may name; empty = s3:// images refused.",
+        description="s3:// or gs://bucket/prefix/ locations a request's image may name; empty = both refused.",
     )
     header_timeout_s: float = Field(
         10.0,
@@ -543,10 +543,11 @@ class ServeConfig(_Section):
     def _s3_prefixes(cls, v: list[str]) -> list[str]:
         out = []
         for p in v:
-            bucket, _, key = p.removeprefix("s3://").partition("/")
-            if not p.startswith("s3://") or not bucket or any(s in (".", "..") for s in key.split("/")[:-1]):
+            scheme = p[:5] if p.startswith(("s3://", "gs://")) else ""
+            bucket, _, key = p.removeprefix(scheme).partition("/")
+            if not scheme or not bucket or any(s in (".", "..") for s in key.split("/")[:-1]):
                 raise ValueError(
-                    f"{p!r} is not an s3://bucket[/prefix/] location (only s3:// image sources exist)"
+                    f"{p!r} is not an s3:// or gs://bucket[/prefix/] location (the remote image sources)"
                 )
             out.append(
                 p if p.endswith("/") else p + "/"

@@ -356,7 +356,10 @@ def _serving_storage(storage: Any, timeout_s: float, attempts: int, pool: int) -
         )
 
     return Storage(
-        s3=tight(storage.s3_default), bucket_options={b: tight(o) for b, o in storage.bucket_options.items()}
+        s3=tight(storage.s3_default),
+        bucket_options={b: tight(o) for b, o in storage.bucket_options.items()},
+        gcs=storage.gcs_default,
+        gcs_bucket_options=storage.gcs_bucket_options,
     )
 
 

@@ -1,6 +1,6 @@
 """Loading the exported model once and running it; shared by ``oiod serve`` and ``oiod detect``.
 
-The export directory (local path, ``file://`` or ``s3://``; s3 is copied to a
+The export directory (local path, ``file://``, ``s3://`` or ``gs://``; remote ones are copied to a
 local temp dir first because TensorFlow here has no s3 filesystem) holds
 ``saved_model/``, ``label_map.pbtxt`` and ``model.json``. TensorFlow is
 imported only inside :meth:`ExportedModel.load`, so importing this module (and
@@ -199,11 +199,11 @@ class ExportedModel:
 
     @classmethod
     def load(cls, url: str, storage: Any = None, warmup: bool = True) -> ExportedModel:
-        """Load an export directory (path, ``file://`` or ``s3://``).
+        """Load an export directory (path, ``file://``, ``s3://`` or ``gs://``).
 
         Args:
             url: the export directory.
-            storage: a :class:`openimages_od.storage.Storage` (for s3 options); default plain.
+            storage: a :class:`openimages_od.storage.Storage` (for s3/gs options); default plain.
             warmup: run one tiny image through the model so the first request is not slow.
 
         Raises:
@@ -213,8 +213,9 @@ class ExportedModel:
 
         storage = storage or Storage()
         tmp: str | None = None
-        root = local_path(url) if not url.startswith("s3://") else None
-        if url.startswith("s3://"):
+        remote = url.startswith(("s3://", "gs://"))
+        root = local_path(url) if not remote else None
+        if remote:
             tmp = tempfile.mkdtemp(prefix="oiod-model-")
             prefix = url.rstrip("/") + "/"
             try:
@@ -229,7 +230,7 @@ class ExportedModel:
                 storage.download_file(o.url, Path(tmp) / o.url[len(prefix) :])
             root = Path(tmp)
         if root is None:
-            raise OiodError(f"model location {url} must be a local path, file:// or s3:// URL")
+            raise OiodError(f"model location {url} must be a local path, file://, s3:// or gs:// URL")
         try:
             for part in ("saved_model", "label_map.pbtxt"):
                 if not (root / part).exists():

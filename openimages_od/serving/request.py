@@ -147,7 +147,7 @@ def decode_inline_image(s: str, max_bytes: int) -> bytes:
 
 
 async def resolve_image_source(state: ServeState, source: str) -> bytes:
-    """Bytes for an ``image`` string: http(s) URL (guarded fetch), s3 URL (allowed prefixes only),
+    """Bytes for an ``image`` string: http(s) URL (guarded fetch), s3/gs URL (allowed prefixes only),
     data: URI or base64."""
     s = source.strip()
     scheme = _scheme(s)
@@ -156,12 +156,12 @@ async def resolve_image_source(state: ServeState, source: str) -> bytes:
     if scheme in ("http", "https"):
         assert state.fetcher is not None
         data, _ = await state.fetcher.fetch(s)
-    elif scheme == "s3":
+    elif scheme in ("s3", "gs"):
         assert state.s3 is not None
         data = await state.s3.fetch(s)
     elif scheme:
         raise ApiError(
-            400, "unsupported_scheme", "only http, https and (where enabled) s3 URLs may be fetched"
+            400, "unsupported_scheme", "only http, https and (where enabled) s3 and gs URLs may be fetched"
         )
     elif len(s) > INLINE_PARSE_BYTES:
         data = await state.pools.image.run(decode_inline_image, s, state.max_body_bytes)

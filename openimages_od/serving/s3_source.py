@@ -1,13 +1,14 @@
-"""``s3://`` images named in requests: off by default, only under allowed prefixes, one bounded GET.
+"""``s3://`` and ``gs://`` images named in requests: off by default, only under allowed prefixes, one bounded GET.
 
-The service's S3 credentials belong to the operator, so a caller must not be
-able to turn the service into a reader of every bucket those credentials reach.
-Rules:
+The service's S3 and GCS credentials belong to the operator, so a caller must
+not be able to turn the service into a reader of every bucket those
+credentials reach. Rules:
 
-* refused (403) unless ``serve.allowed_image_prefixes`` lists a prefix the URL
-  starts with; prefixes are folders (``s3://b/img/``), keys with empty, ``.``
-  or ``..`` segments or control characters are refused before the check, so an
-  S3-compatible server that normalises paths cannot be steered outside;
+* refused (403, ``s3_not_allowed`` / ``gs_not_allowed``) unless
+  ``serve.allowed_image_prefixes`` lists a prefix the URL starts with;
+  prefixes are folders (``s3://b/img/``, ``gs://b/img/``), keys with empty,
+  ``.`` or ``..`` segments or control characters are refused before the
+  check, so a server that normalises paths cannot be steered outside;
 * the answer for an object that is missing and for one the credentials cannot
   read is the same (422, no size, no S3 error text), and nothing about objects
   outside the allowed prefixes is ever looked up;
@@ -16,7 +17,10 @@ Rules:
   credential chain may refresh over the network) and read on the event loop
   with aiohttp, cut off at ``max_bytes`` and bounded by ``timeout_s``.
   Cancelling the read closes the connection, so a stalling endpoint costs one
-  socket until the deadline and no thread at all.
+  socket until the deadline and no thread at all;
+* ``gs://`` objects are read with the storage layer's GCS backend (one ranged
+  read of at most ``max_bytes + 1`` bytes, one attempt, the request's timeout)
+  on the ``fetch`` pool.
 """
 
 from __future__ import annotations
@@ -33,14 +37,15 @@ from openimages_od.serving.pools import WorkPool
 
 __all__ = ["S3ImageSource"]
 
-_MAX_URL = 1100  # S3 keys are at most 1,024 bytes
+_MAX_URL = 1100  # S3 keys are at most 1,024 bytes, GCS object names 1,024
+_SCHEMES = ("s3://", "gs://")
 
 
 class S3ImageSource:
-    """Reads ``s3://`` image URLs for the service under the rules in the module docstring.
+    """Reads ``s3://`` and ``gs://`` image URLs for the service under the rules in the module docstring.
 
     Args:
-        prefixes: allowed ``s3://bucket/prefix/`` folders (empty: every s3:// URL refused).
+        prefixes: allowed ``s3://`` or ``gs://bucket/prefix/`` folders (empty: every such URL refused).
         storage: the service's :class:`openimages_od.storage.Storage` (endpoint, credentials per bucket).
         max_bytes: object size limit (413 above it).
         timeout_s: limit for signing plus reading (504).
@@ -61,27 +66,32 @@ class S3ImageSource:
 
     def check(self, url: str) -> tuple[str, str]:
         """``(bucket, key)`` of an allowed URL; 400 for a malformed one, 403 outside the prefixes."""
+        scheme = url[:5].lower() if url[:5].lower() in _SCHEMES else "s3://"
+        name = scheme[:2]
+        bad = f"not a valid {scheme}bucket/key URL"
         if not self.prefixes:
             raise ApiError(
                 403,
-                "s3_not_allowed",
-                "s3:// image URLs are not enabled on this server (see serve.allowed_image_prefixes)",
+                f"{name}_not_allowed",
+                f"{scheme} image URLs are not enabled on this server (see serve.allowed_image_prefixes)",
             )
         if len(url) > _MAX_URL or any(ord(c) < 0x20 or c in "\\\x7f" for c in url):
-            raise ApiError(400, "bad_url", "not a valid s3://bucket/key URL")
-        bucket, _, key = url[len("s3://") :].partition("/")
+            raise ApiError(400, "bad_url", bad)
+        bucket, _, key = url[len(scheme) :].partition("/")
         if not bucket or not key:
-            raise ApiError(400, "bad_url", "not a valid s3://bucket/key URL")
+            raise ApiError(400, "bad_url", bad)
         if any(seg in ("", ".", "..") for seg in key.split("/")):
             raise ApiError(
-                400, "bad_url", "s3:// keys with empty, '.' or '..' path segments are not accepted"
+                400, "bad_url", f"{scheme} keys with empty, '.' or '..' path segments are not accepted"
             )
         if not any(url.startswith(p) for p in self.prefixes):
-            raise ApiError(403, "s3_not_allowed", "this server may not read images from that s3:// location")
+            raise ApiError(
+                403, f"{name}_not_allowed", f"this server may not read images from that {scheme} location"
+            )
         return bucket, key
 
     def _signer(self, bucket: str) -> Any:
-        from openimages_od.config import S3Options
+        from openimages_od.storage import S3Options
 
         opts = S3Options()
         if self.storage is not None:
@@ -142,6 +152,8 @@ class S3ImageSource:
                 denied alike) or endpoint failure, 504 timeout.
         """
         bucket, key = self.check(url)
+        if url[:5].lower() == "gs://":
+            return await self._fetch_gcs(bucket, key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         try:
@@ -163,6 +175,34 @@ class S3ImageSource:
             raise ApiError(
                 504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s"
             ) from None
+
+    def _read_gcs(self, bucket: str, key: str) -> bytes:
+        from openimages_od.storage import GcsOptions
+        from openimages_od.storage.gcs import GcsBackend
+
+        opts = GcsOptions()
+        if self.storage is not None:
+            opts = self.storage.gcs_bucket_options.get(bucket, self.storage.gcs_default)
+        # One attempt within the request's deadline: the caller retries, not a pool thread.
+        tight = opts.model_copy(update={"timeout_s": min(opts.timeout_s, self.timeout_s), "max_attempts": 1})
+        return GcsBackend(tight).read_bytes(f"gs://{bucket}/{key}", 0, self.max_bytes + 1)
+
+    async def _fetch_gcs(self, bucket: str, key: str) -> bytes:
+        try:
+            data = await self.pool.run(self._read_gcs, bucket, key, timeout_s=self.timeout_s)
+        except ApiError as exc:
+            if exc.status == 504:
+                raise ApiError(
+                    504, "fetch_timeout", f"fetching the image took longer than {self.timeout_s:g}s"
+                ) from None
+            raise
+        except Exception:
+            # Missing, denied and unreachable read the same (422): neither existence nor the store's
+            # message (nor the error class, which would tell missing from denied) is revealed.
+            raise ApiError(422, "fetch_failed", "the GCS object could not be read") from None
+        if len(data) > self.max_bytes:
+            raise ApiError(413, "image_too_large", f"the image exceeds the limit of {self.max_bytes} bytes")
+        return data
 
     async def _get(self, signed: str) -> bytes:
         try:
