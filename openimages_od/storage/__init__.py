@@ -195,25 +195,26 @@ class Storage:
         self._writable(url).upload_file(Path(local), url)
 
     def put_conditional(self, url: str, data: bytes, *, if_match: str | None = None) -> str | None:
-        """Compare-and-swap: create only if absent (``if_match`` None) or replace only the version ``if_match``.
+        """S3 compare-and-swap: create only if absent (``if_match`` None) or replace only the version ``if_match``.
 
         Returns:
-            The new version tag (S3 ETag, GCS generation), or None when the precondition did not hold.
+            The new ETag, or None when the precondition did not hold.
 
         Raises:
-            StorageError: not an ``s3://`` or ``gs://`` URL (local files lock with ``flock`` instead),
-                or the store failed.
+            StorageError: not an ``s3://`` URL (local files lock with ``flock`` instead; ``gs://`` has
+                generation preconditions, not wired here: no fake GCS server on PyPI honours them to
+                test against), or the store failed.
         """
         b = self._writable(url)
-        if not isinstance(b, (S3Backend, GcsBackend)):
-            raise StorageError("conditional writes are only used on s3:// and gs://", url)
+        if not isinstance(b, S3Backend):
+            raise StorageError("conditional writes are only used on s3://", url)
         return b.put_conditional(url, data, if_match=if_match)
 
     def read_with_etag(self, url: str) -> tuple[bytes, str]:
-        """An ``s3://`` or ``gs://`` object and its version tag (for :meth:`put_conditional`)."""
+        """An ``s3://`` object and its ETag (for :meth:`put_conditional`)."""
         b = self._backend(url)
-        if not isinstance(b, (S3Backend, GcsBackend)):
-            raise StorageError("version tags exist only on s3:// and gs://", url)
+        if not isinstance(b, S3Backend):
+            raise StorageError("ETags exist only on s3://", url)
         return b.read_with_etag(url)
 
     def delete(self, url: str) -> None:

@@ -207,35 +207,3 @@ class GcsBackend:
     def delete(self, url: str) -> None:
         with contextlib.suppress(ObjectNotFound):
             self._call(url, lambda: self._blob(url).delete(retry=None, timeout=self.opts.timeout_s))
-
-    def put_conditional(self, url: str, data: bytes, *, if_match: str | None) -> str | None:
-        """Create only if absent (``if_match`` None) or replace only generation ``if_match``.
-
-        Returns:
-            The new generation (the "ETag" of this backend), or None when the precondition failed.
-        """
-        from google.api_core import exceptions as ge
-
-        generation = 0 if if_match is None else int(if_match)
-
-        def put() -> str | None:
-            blob = self._blob(url)
-            try:
-                blob.upload_from_string(
-                    data, if_generation_match=generation, retry=None, timeout=self.opts.timeout_s
-                )
-            except (ge.PreconditionFailed, ge.Conflict):
-                return None
-            return str(blob.generation)
-
-        return self._call(url, put)
-
-    def read_with_etag(self, url: str) -> tuple[bytes, str]:
-        """The object and its generation (for :meth:`put_conditional`)."""
-
-        def get() -> tuple[bytes, str]:
-            blob = self._get_blob(url)
-            data = blob.download_as_bytes(generation=blob.generation, retry=None, timeout=self.opts.timeout_s)
-            return bytes(data), str(blob.generation)
-
-        return self._call(url, get)
