@@ -342,3 +342,81 @@ def test_prepare_from_bucket_local_dir_and_gcs_writes_identical_shards(
     assert sum(len(v) for v in shards["bucket"].values()) > 0
     assert shards["local"] == shards["bucket"]
     assert shards["gcs"] == shards["bucket"]
+
+
+# --------------------------------------------------------------------------- serving: gs:// images
+
+
+@pytest.mark.integration
+def test_serving_reads_gs_images_only_under_allowed_prefixes(fake_gcs):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    from openimages_od.serving.errors import ApiError
+    from openimages_od.serving.pools import WorkPool
+    from openimages_od.serving.s3_source import S3ImageSource
+
+    _gcs_bucket(fake_gcs, "serve-imgs")
+    bucket = gcs.Client(
+        credentials=AnonymousCredentials(), project="t", client_options={"api_endpoint": fake_gcs}
+    ).bucket("serve-imgs")
+    bucket.blob("ok/a.png").upload_from_string(b"\x89PNG-small")
+    bucket.blob("ok/big.png").upload_from_string(b"\x89PNG" + b"\0" * 4096)
+    bucket.blob("secret/a.png").upload_from_string(b"\x89PNG-secret")
+    st = Storage(gcs=GcsOptions(endpoint_url=fake_gcs, anonymous=True))
+
+    async def status(src: S3ImageSource, url: str) -> tuple[int, str] | bytes:
+        try:
+            return await src.fetch(url)
+        except ApiError as exc:
+            return exc.status, exc.code
+
+    async def run() -> dict[str, tuple[int, str] | bytes]:
+        pool = WorkPool("fetch", 2, 10.0)
+        closed = S3ImageSource([], st, 1024, 10.0, pool)
+        src = S3ImageSource(["gs://serve-imgs/ok"], st, 1024, 10.0, pool)
+        try:
+            return {
+                "off": await status(closed, "gs://serve-imgs/ok/a.png"),
+                "ok": await status(src, "gs://serve-imgs/ok/a.png"),
+                "outside": await status(src, "gs://serve-imgs/secret/a.png"),
+                "sibling": await status(src, "gs://serve-imgs/ok-private/a.png"),
+                "dots": await status(src, "gs://serve-imgs/ok/../secret/a.png"),
+                "missing": await status(src, "gs://serve-imgs/ok/none.png"),
+                "big": await status(src, "gs://serve-imgs/ok/big.png"),
+            }
+        finally:
+            await src.close()
+            await closed.close()
+            pool.close()
+
+    got = asyncio.run(run())
+    assert got == {
+        "off": (403, "gs_not_allowed"),
+        "ok": b"\x89PNG-small",
+        "outside": (403, "gs_not_allowed"),
+        "sibling": (403, "gs_not_allowed"),
+        "dots": (400, "bad_url"),
+        "missing": (422, "fetch_failed"),
+        "big": (413, "image_too_large"),
+    }
+
+
+def test_serve_config_accepts_gs_prefixes():
+    cfg = load_config(None, ["serve.allowed_image_prefixes=['gs://b/imgs', 's3://c/x/']"])
+    assert cfg.serve.allowed_image_prefixes == ["gs://b/imgs/", "s3://c/x/"]
+    with pytest.raises(ConfigError, match=r"allowed_image_prefixes.*s3:// or gs://"):
+        load_config(None, ["serve.allowed_image_prefixes=['ftp://b/x/']"])
+
+
+def test_storage_imports_no_config():
+    """The storage layer and the source interface stand alone: no config <-> storage import cycle."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, openimages_od.storage, openimages_od.pipeline.sources.base; "
+        "bad = [m for m in ('openimages_od.config',) if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
