@@ -200,7 +200,8 @@ class Fetcher:
         except StorageError as exc:
             # The range of an empty object is not satisfiable (S3 InvalidRange, GCS 416): verify
             # rejects the empty image as it would any other.
-            if "InvalidRange" not in str(exc) and "416" not in str(exc):
+            msg = str(exc)
+            if not msg.startswith(("S3 error InvalidRange", "GCS error 416")):
                 raise FetchFailed(f"{reason_prefix}_error", str(exc)) from None
             data = b""
         if len(data) > max_bytes:
