@@ -420,3 +420,25 @@ def test_storage_imports_no_config():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.integration
+def test_serving_model_location_on_gs_is_downloaded_through_storage(fake_gcs):
+    """``serve.model: gs://...`` lists and copies the export through the storage layer; a broken
+    ``model.json`` is reported with its gs:// URL before TensorFlow is touched."""
+    from openimages_od.errors import DataError, OiodError
+    from openimages_od.openimages.labelmap import LabelMap
+    from openimages_od.serving.model import ExportedModel
+
+    _gcs_bucket(fake_gcs, "models")
+    st = Storage(gcs=GcsOptions(endpoint_url=fake_gcs, anonymous=True))
+    with pytest.raises(OiodError, match="no exported model at gs://models/none"):
+        ExportedModel.load("gs://models/none", storage=st, warmup=False)
+    root = "gs://models/m1"
+    st.write_bytes(f"{root}/saved_model/saved_model.pb", b"not a model")
+    st.write_bytes(
+        f"{root}/label_map.pbtxt", LabelMap.from_mids(["/m/0k4j"], {"/m/0k4j": "Car"}).to_pbtxt().encode()
+    )
+    st.write_bytes(f"{root}/model.json", b"{broken")
+    with pytest.raises(DataError, match=r"gs://models/m1/model\.json: not valid JSON"):
+        ExportedModel.load(root, storage=st, warmup=False)
