@@ -292,6 +292,12 @@ def test_rerun_is_idempotent_and_replaces_a_half_written_export(
     assert not [p for p in (out / "images" / "train").rglob("*") if p.is_file()]  # empty folders may stay
     assert "train" not in yaml.safe_load((out / "data.yaml").read_text())
 
+    # Another format in the same folder replaces the YOLO export rather than mixing with it.
+    m = export_dataset(cfg, "coco", ["validation"], out=str(out))
+    assert m["format"] == "coco" and not (out / "data.yaml").exists()
+    assert not [p for p in (out / "labels").rglob("*") if p.is_file()]
+    assert (out / "annotations" / "instances_validation.json").is_file()
+
 
 @pytest.mark.integration
 def test_export_to_s3_equals_the_local_export(

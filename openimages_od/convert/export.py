@@ -137,7 +137,10 @@ def export_dataset(
     try:
         if old is not None:
             storage.delete(manifest_url)  # first: from here on the folder is not a finished export
-        removed = target.clear(cls.owned)
+        owned = cls.owned
+        if old and old.get("format") in FORMATS and old.get("format") != fmt:
+            owned += writer_class(old["format"]).owned  # another format's export in this folder is replaced
+        removed = target.clear(tuple(dict.fromkeys(owned)))
         if removed:
             log.info("removed %d files of the previous export under %s", removed, root)
         writer = cls(target, list(label_map.classes))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from openimages_od.errors import DataError
 from openimages_od.pipeline.example import decode_example
@@ -79,7 +80,7 @@ def check_tfrecord(data: bytes, url: str) -> None:
         )
 
 
-def _ints(f: dict, key: str, n: int, default: int, where: str) -> list[int]:
+def _ints(f: dict[str, Any], key: str, n: int, default: int, where: str) -> list[int]:
     vals = [int(v) for v in f.get(key, ())]
     if not vals:
         return [default] * n
@@ -88,7 +89,7 @@ def _ints(f: dict, key: str, n: int, default: int, where: str) -> list[int]:
     return vals
 
 
-def sample_from_example(f: dict, where: str) -> Sample:
+def sample_from_example(f: dict[str, Any], where: str) -> Sample:
     """A :class:`Sample` from a decoded ``tf.Example`` (``decode_example`` output).
 
     Raises:

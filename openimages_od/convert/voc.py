@@ -82,7 +82,7 @@ class VocWriter(FormatWriter):
             _sub(box, "xmax", fmt_float(b.xmax * w))
             _sub(box, "ymax", fmt_float(b.ymax * h))
         ET.indent(root)
-        return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+        return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True)) + b"\n"
 
     def add(self, sample: Sample) -> None:
         file_name = f"{sample.image_id}.{sample.extension}"
