@@ -54,6 +54,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run_export",
         "Export a SavedModel with label map and model.json.",
     ),
+    "export-dataset": (
+        "openimages_od.convert.export",
+        "run_export_dataset",
+        "Convert the committed shards to COCO, YOLO or Pascal VOC (images + annotations).",
+    ),
     "serve": ("openimages_od.serving.app", "run_serve", "Serve the exported model over HTTP."),
     "detect": ("openimages_od.serving.detect", "run_detect", "Detect objects in local images or URLs."),
     "report": ("openimages_od.report", "run_report", "Write the HTML dataset/evaluation report."),
@@ -155,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "export":
             p.add_argument(
                 "--checkpoint", metavar="PATH", help="Export this checkpoint instead of the latest."
+            )
+        elif name == "export-dataset":
+            from openimages_od.convert import FORMATS
+
+            p.add_argument(
+                "--format",
+                dest="export_format",
+                required=True,
+                choices=sorted(FORMATS),
+                help="Output layout.",
+            )
+            p.add_argument(
+                "--split",
+                action="append",
+                metavar="S",
+                help="Export this split (repeatable; default every prepared split).",
+            )
+            p.add_argument(
+                "--out",
+                metavar="URL",
+                help="Export folder, local or s3:// (default {output}/exports/{format}).",
             )
         elif name == "serve":
             p.add_argument(
