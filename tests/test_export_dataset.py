@@ -31,6 +31,7 @@ from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.storage import Storage
+from openimages_od.storage_setup import storage_from_config
 from openimages_od.synth import SynthClass, generate_dataset
 
 VEHICLE, APPLE, DOG, CAT = "/m/07yv9", "/m/014j1m", "/m/0bt9lr", "/m/01yrx"
@@ -94,7 +95,7 @@ def prepared(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 def _shards(cfg: Config, split: str) -> dict[str, dict[str, Any]]:
     """image_id -> decoded tf.Example, read the way train reads (not through the exporter)."""
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     urls, _ = dataset_shards(cfg, st, split)
     out: dict[str, dict[str, Any]] = {}
     for u in urls:
@@ -318,7 +319,7 @@ def test_export_to_s3_equals_the_local_export(
 @pytest.mark.integration
 def test_reader_yields_what_the_shards_hold(prepared: tuple[Config, Path]) -> None:
     cfg, _ = prepared
-    st = Storage.from_config(cfg)
+    st = storage_from_config(cfg)
     urls, _ = dataset_shards(cfg, st, "train")
     shards = _shards(cfg, "train")
     seen = 0

@@ -30,6 +30,7 @@ from openimages_od.errors import DataError, UsageError
 from openimages_od.layout import Layout
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import ObjectNotFound, Storage, StorageError
+from openimages_od.storage_setup import storage_from_config
 
 __all__ = ["EXPORT_MANIFEST", "export_dataset", "run_export_dataset"]
 
@@ -113,7 +114,7 @@ def export_dataset(
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
     _check_shard_format(cfg)
-    storage = storage or Storage.from_config(cfg)
+    storage = storage or storage_from_config(cfg)
     layout = Layout.from_config(cfg)
     doc = read_dataset(layout, storage)
     chosen = _choose_splits(doc, splits, layout.dataset)
