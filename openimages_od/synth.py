@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,8 +47,21 @@ DEMO_CLASSES: tuple[SynthClass, ...] = (
     SynthClass("/m/0d4v4", "Window", "rect", (30, 90, 220)),
 )
 
+MetadataKind = Literal["boxes", "images", "image_labels"]
+
+
+class ReleaseFiles(TypedDict):
+    """File names of one release: shared files, and one per split for each metadata kind."""
+
+    classes: str
+    hierarchy: str
+    boxes: dict[str, str]
+    images: dict[str, str]
+    image_labels: dict[str, str]
+
+
 # File names as the V6/V7 releases publish them.
-FILES = {
+FILES: ReleaseFiles = {
     "classes": "oidv7-class-descriptions-boxable.csv",
     "hierarchy": "bbox_labels_600_hierarchy.json",
     "boxes": {
@@ -135,7 +149,7 @@ class SynthDataset:
     images: list[SynthImage]
     bucket_dir: Path  # {split}/{image_id}.jpg, like the public bucket
 
-    def metadata(self, split: str, kind: str) -> Path:
+    def metadata(self, split: str, kind: MetadataKind) -> Path:
         return self.root / FILES[kind][split]
 
     def split_images(self, split: str) -> list[SynthImage]:
@@ -167,7 +181,7 @@ def _texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     small = rng.normal(0, 28, size=(max(2, h // 24), max(2, w // 24), 3))
     blobs = (
         np.asarray(
-            Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
+            Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR),
             dtype=np.float32,
         )
         - 128

@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 
-@dataclass
+# init=False: ``group_of`` may be left out (no group-of boxes) but is always an array afterwards.
+@dataclass(init=False)
 class ImageGroundTruth:
     """Ground truth of one image.
 
@@ -62,23 +63,30 @@ class ImageGroundTruth:
         boxes: [n, 4] ``ymin, xmin, ymax, xmax``.
         labels: [n] class ids.
         group_of: [n] bool, or Open Images' integer ``IsGroupOf`` (1 yes, 0 no, -1 unknown):
-            only 1 is group-of.
+            only 1 is group-of. None (the default) means no box is group-of.
         positive_labels: verified-present class ids (None or empty: none).
         negative_labels: verified-absent class ids (None or empty: none).
     """
 
     boxes: np.ndarray
     labels: np.ndarray
-    group_of: np.ndarray | None = None
-    positive_labels: set[int] | None = None
-    negative_labels: set[int] | None = None
+    group_of: np.ndarray
+    positive_labels: set[int] | None
+    negative_labels: set[int] | None
 
-    def __post_init__(self) -> None:
-        self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if self.group_of is None:
-            self.group_of = np.zeros(len(self.labels), dtype=bool)
-        self.group_of = as_group_of(self.group_of)
+    def __init__(
+        self,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        group_of: np.ndarray | None = None,
+        positive_labels: set[int] | None = None,
+        negative_labels: set[int] | None = None,
+    ) -> None:
+        self.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.group_of = as_group_of(np.zeros(len(self.labels), dtype=bool) if group_of is None else group_of)
+        self.positive_labels = positive_labels
+        self.negative_labels = negative_labels
         if not (len(self.boxes) == len(self.labels) == len(self.group_of)):
             raise ValueError("boxes, labels and group_of must have the same length")
 
@@ -187,7 +195,7 @@ def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(ymax - ymin, 0, None) * np.clip(xmax - xmin, 0, None)
 
 
-def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
+def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: float) -> float:
     """AP from scored true/false positives and the number of ground-truth instances.
 
     ``tp`` may be weights (a group-of hit counts ``group_of_weight``); an entry
@@ -210,7 +218,7 @@ def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     return float(np.sum((r[idx] - r[idx - 1]) * p[idx]))
 
 
-def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: int, max_points: int = 101) -> dict | None:
+def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: float, max_points: int = 101) -> dict | None:
     """Precision and recall along the score-ranked detections (for plots), at most ``max_points`` points.
 
     Returns None when the class has no ground truth or no detections.
