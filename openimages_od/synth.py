@@ -181,7 +181,9 @@ def _texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     small = rng.normal(0, 28, size=(max(2, h // 24), max(2, w // 24), 3))
     blobs = (
         np.asarray(
-            Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR),
+            Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize(
+                (w, h), Image.Resampling.BILINEAR
+            ),
             dtype=np.float32,
         )
         - 128

@@ -344,7 +344,7 @@ def build_eval_module(cfg: Config, num_labels: int) -> Any:
     exactly the detections ``oiod evaluate`` scores.
     """
     from openimages_od.training.detector import DetectorModule, build_model
-    from openimages_od.training.experiment import build_experiment, padded_size
+    from openimages_od.training.experiment import build_experiment
 
     params = build_experiment(
         cfg,
@@ -353,8 +353,7 @@ def build_eval_module(cfg: Config, num_labels: int) -> Any:
         score_threshold=cfg.evaluate.min_score or 0.05,
         max_detections=100,
     )
-    padded = padded_size(cfg.train.input_size)
-    return DetectorModule(build_model(params, padded), cfg.train.input_size, padded)
+    return DetectorModule(build_model(params, cfg.train.input_size), cfg.train.input_size)
 
 
 def _draw(g: GroundTruth, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> Any:

@@ -29,17 +29,21 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from openimages_od.config import Config, join_url, save_resolved
+from openimages_od.config import Config, RayConfig, join_url, save_resolved
 from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.ids import source_id as stable_source_id
 from openimages_od.openimages.labelmap import LabelMap
 from openimages_od.storage import Storage
 from openimages_od.training.predictions import ImagePrediction, challenge_csv, coco_json
 
-__all__ = ["Chunk", "Predictor", "run_predict"]
+if TYPE_CHECKING:
+    from openimages_od.serving.model import ExportedModel
+
+__all__ = ["Chunk", "Predictor", "predict_actor_count", "run_predict"]
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +72,13 @@ class Predictor:
         self.cfg = cfg
         self.storage = Storage.from_config(cfg)
         self.batch_size = cfg.evaluate.batch_size
+        # Exactly one of the two is set: an exported SavedModel, or a restored training module.
+        self._exported: ExportedModel | None = None
+        self._module: Any = None
         if model:
             from openimages_od.serving.model import ExportedModel
 
             self._exported = ExportedModel.load(model, self.storage, warmup=False)
-            self._module = None
             self.labels = self._exported.labels
             self.describe = {"model": model, **self._exported.describe()}
         else:
@@ -83,7 +89,6 @@ class Predictor:
 
             self.labels = load_label_map(cfg, self.storage)
             ckpt, step = resolve_checkpoint(cfg, self.storage, checkpoint)
-            self._exported = None
             self._module = build_eval_module(cfg, len(self.labels))
             restore_model(self._module.model, ckpt)
             self.describe = {"checkpoint": ckpt, "step": step}
@@ -210,7 +215,6 @@ def _run_ray(
     try:
         cfg_data = cfg.model_dump(mode="json")
 
-        @ray.remote(num_cpus=cfg.ray.num_cpus_per_actor, max_restarts=1, max_task_retries=2)
         class PredictActor:  # pragma: no cover - runs in Ray workers (covered by the integration test)
             def __init__(self) -> None:
                 self.p = Predictor(Config.model_validate(cfg_data), model, checkpoint)
@@ -218,7 +222,12 @@ def _run_ray(
             def run(self, chunk: Chunk, limit: int | None) -> tuple[list[ImagePrediction], dict]:
                 return self.p.run(chunk, limit), self.p.describe
 
-        actors = [PredictActor.remote() for _ in range(max(1, min(cfg.ray.num_actors, len(chunks))))]
+        # ray.remote called, not used as a decorator: the actor class it returns is not PredictActor.
+        actor_cls = ray.remote(num_cpus=cfg.ray.num_cpus_per_actor, max_restarts=1, max_task_retries=2)(
+            PredictActor
+        )
+        n = predict_actor_count(cfg.ray, ray.nodes(), len(chunks))
+        actors = [actor_cls.remote() for _ in range(n)]
         refs = [actors[i % len(actors)].run.remote(c, max_images) for i, c in enumerate(chunks)]
         results = ray.get(refs)  # in chunk order, whatever finished first
         for a in actors:
@@ -231,7 +240,31 @@ def _run_ray(
         out.extend(preds)
     if max_images is not None:
         out = out[:max_images]  # the same cut as the local run and `oiod evaluate`
-    return out, (results[0][1] if results else {})
+    return out, {**(results[0][1] if results else {}), "workers": n}
+
+
+def predict_actor_count(rc: RayConfig, nodes: list[dict[str, Any]], num_chunks: int) -> int:
+    """How many prediction actors to start: ``ray.num_actors`` if set, else what the alive nodes hold.
+
+    A node holds ``ray.actors_per_node`` actors, or as many as its CPUs allow at
+    ``ray.num_cpus_per_actor`` each (the rule prepare sizes its download actors by); never more
+    actors than chunks, never fewer than one.
+
+    Args:
+        rc: the ``ray`` config section.
+        nodes: ``ray.nodes()`` (dicts with ``Alive`` and ``Resources``).
+        num_chunks: the units of work.
+    """
+    if rc.num_actors:
+        n = rc.num_actors
+    else:
+        n = 0
+        for node in nodes:
+            if not node.get("Alive"):
+                continue
+            fit = int(float(node.get("Resources", {}).get("CPU", 0)) / rc.num_cpus_per_actor + 1e-9)
+            n += min(fit, rc.actors_per_node) if rc.actors_per_node else fit
+    return max(1, min(n, num_chunks))
 
 
 def run_predict(
@@ -291,7 +324,7 @@ def run_predict(
         "num_images": len(preds),
         "num_detections": n_det,
         "seconds": round(time.monotonic() - t0, 3),
-        "workers": cfg.ray.num_actors if ray else 1,
+        "workers": 1,  # _run_ray's description says how many actors ran
         **described,
     }
     storage.write_json(join_url(dest, "predict.json"), info)
