@@ -28,7 +28,6 @@ class ReportData:
         self.cfg = cfg
         self.st = st
         self.names: dict[str, str] = {}
-        self.id_to_mid: dict[int, str] = {}
         # split -> {"boxes": mid -> boxes, "images": mid -> images with a box of it}
         self.class_counts: dict[str, dict[str, Counter[str]]] = {}
         self.boxes_per_image: dict[str, list[int]] = {}
@@ -71,7 +70,6 @@ class ReportData:
         except ObjectNotFound:
             return
         self.names = {c.mid: c.name for c in lm}
-        self.id_to_mid = {c.id: c.mid for c in lm}
 
     def _plan(self) -> None:
         import pyarrow.compute as pc

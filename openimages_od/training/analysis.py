@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from openimages_od.training.oid_metric import ioa_matrix, iou_matrix
+from openimages_od.training.box_ops import ioa_matrix, iou_matrix
 
 __all__ = ["FP_REASONS", "OUTCOMES", "ErrorAnalysis"]
 

@@ -36,10 +36,12 @@ recommended: IoU is not invariant to non-uniform scaling).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from openimages_od.training.box_ops import ioa_matrix, iou_matrix
 
 __all__ = [
     "Hierarchy",
@@ -49,8 +51,7 @@ __all__ = [
     "as_group_of",
     "average_precision",
     "hierarchy_from_json",
-    "ioa_matrix",
-    "iou_matrix",
+    "pr_curve",
 ]
 
 
@@ -163,36 +164,6 @@ def hierarchy_from_json(tree: Mapping, mid_to_id: Mapping[str, int]) -> Hierarch
             for a in ids:
                 h.descendants.setdefault(a, set()).add(cid)
     return h
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between every box of ``a`` [n, 4] and ``b`` [m, 4] -> [n, m]."""
-    inter = _intersection(a, b)
-    area_a = _area(a)[:, None]
-    area_b = _area(b)[None, :]
-    union = area_a + area_b - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def ioa_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over the area of ``a`` (detections) for every pair -> [n, m]."""
-    inter = _intersection(a, b)
-    area_a = _area(a)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(area_a > 0, inter / area_a, 0.0)
-
-
-def _area(x: np.ndarray) -> np.ndarray:
-    return np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
-
-
-def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ymin = np.maximum(a[:, None, 0], b[None, :, 0])
-    xmin = np.maximum(a[:, None, 1], b[None, :, 1])
-    ymax = np.minimum(a[:, None, 2], b[None, :, 2])
-    xmax = np.minimum(a[:, None, 3], b[None, :, 3])
-    return np.clip(ymax - ymin, 0, None) * np.clip(xmax - xmin, 0, None)
 
 
 def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: float) -> float:
@@ -413,18 +384,3 @@ class OpenImagesMetric:
             "iou_threshold": self.iou_threshold,
             "group_of_weight": self.group_of_weight,
         }
-
-
-def evaluate_images(
-    gts: Iterable[ImageGroundTruth],
-    dets: Iterable[ImageDetections],
-    class_ids: Sequence[int],
-    hierarchy: Hierarchy | None = None,
-    iou_threshold: float = 0.5,
-    group_of_weight: float = 1.0,
-) -> dict:
-    """Convenience: score paired lists of ground truth and detections."""
-    m = OpenImagesMetric(class_ids, hierarchy, iou_threshold, group_of_weight=group_of_weight)
-    for g, d in zip(gts, dets):
-        m.add_image(g, d)
-    return m.result()

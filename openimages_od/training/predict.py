@@ -84,7 +84,7 @@ class Predictor:
         else:
             from openimages_od.training.checkpoints import resolve_checkpoint
             from openimages_od.training.detector import restore_model
-            from openimages_od.training.evaluate import build_eval_module
+            from openimages_od.training.evaluator import build_eval_module
             from openimages_od.training.inputs import load_label_map
 
             self.labels = load_label_map(cfg, self.storage)
@@ -131,8 +131,8 @@ class Predictor:
         self, chunk: Chunk, max_images: int | None
     ) -> Iterator[list[tuple[str, int, int, int, bytes]]]:
         if chunk.shard is not None:
-            from openimages_od.training.evaluate import iter_batches, parse_ground_truth
             from openimages_od.training.inputs import default_cache_dir, stage_shards
+            from openimages_od.training.scoring import iter_batches, parse_ground_truth
 
             files = stage_shards([chunk.shard], self.storage, default_cache_dir(self.cfg) / "shards")
             for batch in iter_batches(files, self.batch_size, max_images):
@@ -148,17 +148,17 @@ class Predictor:
                     for g in gts
                 ]
             return
-        batch = []
+        rows: list[tuple[str, int, int, int, bytes]] = []
         for url in (chunk.images or [])[: max_images if max_images is not None else None]:
             data = self.storage.read_bytes(url)
             w, h = _image_size(data, url)
             iid = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-            batch.append((iid, stable_source_id(iid), w, h, data))
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+            rows.append((iid, stable_source_id(iid), w, h, data))
+            if len(rows) == self.batch_size:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
 
 
 def _image_size(data: bytes, url: str) -> tuple[int, int]:
