@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "detect": ("openimages_od.serving.detect", "run_detect", "Detect objects in local images or URLs."),
     "report": ("openimages_od.report", "run_report", "Write the HTML dataset/evaluation report."),
     "status": (
-        "openimages_od.status",
+        "openimages_od.dataset",
         "run_status",
         "Plan vs output: committed/stale/missing shards, cache, what prepare would fetch (exit 0 = up to date).",
     ),

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from openimages_od.config import Config, dump_config, load_config
-from openimages_od.dataset import dataset_shards
+from openimages_od.dataset import dataset_shards, run_status, status
 from openimages_od.devservices import Reply
 from openimages_od.errors import ConfigError, DataError
 from openimages_od.layout import Layout
@@ -31,7 +31,6 @@ from openimages_od.pipeline.distribute import run_prepare
 from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.ledger import decode_ledger
 from openimages_od.pipeline.tfrecord import iter_records
-from openimages_od.status import run_status, status
 from openimages_od.storage import Storage
 from openimages_od.synth import SynthClass, generate_dataset
 
