@@ -1,13 +1,14 @@
 # The two commands a newcomer needs (see README.md):
 #   make demo   -- set up .venv and run `oiod demo` end to end (embedded default)
-#   make test   -- set up .venv and run the whole test suite (what CI runs)
+#   make test   -- set up .venv, run `make lint`, then the whole test suite (what CI runs)
+#   make lint   -- ruff (lint + format check) and mypy; fails on any finding
 #   make images -- build the worker, serve and train images with podman (no registry needed)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.oiod-installed
 
-.PHONY: setup demo test browser containers images images-ci containers-train clean
+.PHONY: setup demo lint test browser containers images images-ci containers-train clean
 
 setup: $(STAMP)
 
@@ -57,7 +58,15 @@ containers-train: setup containers
 	TAG=$(TAG) docker/build-images.sh train
 	OIOD_IMAGE_TAG=$(TAG) $(BIN)/python -m pytest -m containers -k train_image -s tests/test_containers.py
 
-test: setup browser images-ci
+# Static checks, first in `make test` so CI fails on a finding before the long suite runs.
+# mypy's file list, strictness and the pydantic plugin are in pyproject.toml ([tool.mypy]).
+LINT_PATHS := openimages_od tests benchmarks
+lint: setup
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+test: setup lint browser images-ci
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -18,7 +18,7 @@ from typing import Any
 
 from openimages_od import __version__
 from openimages_od.config import Config, load_config
-from openimages_od.errors import NotImplementedYet, OiodError
+from openimages_od.errors import OiodError
 
 log = logging.getLogger("openimages_od")
 
@@ -270,19 +270,22 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def resolve(command: str) -> Callable[..., Any]:
+    """The function behind ``oiod <command>``, imported on first use (TensorFlow and Ray load late).
+
+    Raises:
+        OiodError: a third-party package the command needs is not installed (naming it and the extra).
+    """
     module, func = COMMANDS[command][:2]
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
-            raise NotImplementedYet("not implemented yet") from None
+            raise  # the command's own module is missing: a broken install, not a user error
         raise OiodError(
             f"oiod {command} needs the Python package {exc.name!r}, which is not installed "
             f"(install the matching extra, e.g. pip install 'openimages-od[train,serve]')"
         ) from exc
-    fn = getattr(mod, func, None)
-    if fn is None:
-        raise NotImplementedYet("not implemented yet")
+    fn: Callable[..., Any] = getattr(mod, func)
     return fn
 
 

@@ -1,3 +1,4 @@
+# Over 400 lines: one schema, one reference page (every section and field documented in one place).
 """Typed, strict, layered configuration.
 
 Layers, later wins: built-in defaults (the field defaults below), then a YAML
@@ -21,38 +22,47 @@ aliases, nesting deeper than :data:`MAX_YAML_DEPTH`, files over
 
 from __future__ import annotations
 
-import copy
-import difflib
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from openimages_od.errors import ConfigError
+from openimages_od.configload import (
+    dump_with_references,
+    join_url,
+    merge_overrides,
+    normalize_root,
+    read_layers,
+    validate_layers,
+)
 from openimages_od.pipeline.sources.base import check_key_template, check_source_order
 from openimages_od.pipeline.sources.gcs import GcsSourceOptions
 from openimages_od.pipeline.sources.local import LocalSourceOptions
+from openimages_od.safe_yaml import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, safe_yaml_load
 from openimages_od.storage.options import GcsOptions, S3Options
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "Config",
     "GcsOptions",
     "S3Options",
     "apply_overrides",
     "dump_config",
+    "join_url",
     "load_config",
+    "normalize_root",
+    "safe_yaml_load",
     "save_resolved",
 ]
 
@@ -452,7 +462,8 @@ class EvaluateConfig(_Section):
     """COCO and Open Images mAP."""
 
     split: SplitName = "validation"
-    metrics: list[Literal["coco", "openimages"]] = Field(default_factory=lambda: ["coco", "openimages"])
+    # A plain default: pydantic copies mutable defaults per instance, and mypy types the literal list.
+    metrics: list[Literal["coco", "openimages"]] = ["coco", "openimages"]
     iou_threshold: float = Field(0.5, gt=0, le=1)
     batch_size: int = Field(4, ge=1)
     max_images: int | None = Field(None, ge=1)
@@ -624,287 +635,9 @@ class Config(_Section):
         return normalize_root(self.serve.model) if self.serve.model else self.export_dir
 
 
-def normalize_root(url: str) -> str:
-    """Turn a relative or absolute path or file:// URL into an absolute URL-ish root.
-
-    Local paths become absolute ``file://`` URLs; s3:// and http(s):// are kept.
-    """
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
-        return url.rstrip("/")
-    path = url[len("file://") :] if url.startswith("file://") else url
-    return "file://" + str(Path(os.path.expanduser(path)).absolute()).rstrip("/")
-
-
-def join_url(root: str, *parts: str) -> str:
-    out = root.rstrip("/")
-    for p in parts:
-        p = str(p).strip("/")
-        if p:
-            out = f"{out}/{p}"
-    return out
-
-
 # --------------------------------------------------------------------------- loading
-
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand_env(
-    value: Any, where: str, refs: dict[tuple, tuple[str, Any]] | None = None, path: tuple = ()
-) -> Any:
-    """Expand ``${VAR}`` references; ``refs`` records each expanded path with its reference."""
-    if isinstance(value, dict):
-        return {
-            k: _expand_env(v, f"{where}.{k}" if where else str(k), refs, path + (k,))
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_expand_env(v, f"{where}[{i}]", refs, path + (i,)) for i, v in enumerate(value)]
-    if isinstance(value, str) and "${" in value:
-        out = _expand_str(value, where)
-        if refs is not None and _ENV_RE.search(value):
-            refs[path] = (value, out)
-        return out
-    return value
-
-
-def _expand_str(value: str, where: str) -> Any:
-    def repl(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{where}: environment variable {name} is not set (referenced as ${{{name}}})")
-
-    expanded = _ENV_RE.sub(repl, value)
-    # "${X:-}" meaning "unset" maps to null so optional fields can be left out.
-    return None if expanded == "" and value.strip().startswith("${") else expanded
-
-
-#: Most nodes a config document may expand to (aliases counted as often as they are used).
-MAX_YAML_NODES = 100_000
-#: Deepest nesting of mappings/sequences.
-MAX_YAML_DEPTH = 64
-#: Largest config file read.
-MAX_CONFIG_BYTES = 4 << 20
-
-
-def _check_yaml_node(root: Any, where: str) -> None:
-    """Refuse alias bombs, recursive aliases and deep nesting before anything is constructed.
-
-    The composed node graph shares aliased nodes; the size it would expand to is
-    counted with one visit per distinct node (memoised), so the check itself is
-    linear in the document.
-
-    Raises:
-        ConfigError: naming ``where`` and the line of the offending node.
-    """
-    size: dict[int, int] = {}
-    active: set[int] = set()
-    # Iterative post-order walk: (node, depth, children_done).
-    stack: list[tuple[Any, int, bool]] = [(root, 1, False)]
-    while stack:
-        node, depth, done = stack.pop()
-        nid = id(node)
-        if done:
-            active.discard(nid)
-            if isinstance(node, yaml.MappingNode):
-                kids = [n for kv in node.value for n in kv]
-            else:
-                kids = list(node.value)
-            total = 1 + sum(size[id(k)] for k in kids)
-            size[nid] = total
-            if total > MAX_YAML_NODES:
-                line = node.start_mark.line + 1
-                raise ConfigError(
-                    f"{where}:{line}: the document expands to more than {MAX_YAML_NODES} "
-                    "nodes (YAML aliases used as a bomb?)"
-                )
-            continue
-        if nid in size:
-            continue
-        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
-            size[nid] = 1
-            continue
-        if nid in active:
-            raise ConfigError(
-                f"{where}:{node.start_mark.line + 1}: a YAML alias refers to itself (recursive)"
-            )
-        if depth > MAX_YAML_DEPTH:
-            raise ConfigError(
-                f"{where}:{node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels"
-            )
-        active.add(nid)
-        stack.append((node, depth, True))
-        kids = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else node.value
-        for k in kids:
-            if id(k) not in size:
-                stack.append((k, depth + 1, False))
-
-
-def safe_yaml_load(text: str, where: str) -> Any:
-    """``yaml.safe_load`` that refuses alias bombs, recursion and deep nesting first.
-
-    Raises:
-        ConfigError: the text is not valid YAML or is hostile (naming ``where`` and the line).
-    """
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)  # the reader already refuses control characters
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_yaml_node(node, where)
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{where}{loc}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: YAML nested too deeply") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _line_index(text: str) -> dict[str, int]:
-    """Map dotted key paths in a YAML document to 1-based line numbers."""
-    out: dict[str, int] = {}
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return out
-
-    def walk(n: Any, prefix: str) -> None:
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                out[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                walk(v, f"{prefix}.{i}")
-
-    walk(node, "")
-    return out
-
-
-def _deep_merge(base: dict, upd: dict, origin: dict[str, str], label: str, prefix: str = "") -> dict:
-    out = dict(base)
-    for k, v in upd.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v, origin, label, key)
-        else:
-            out[k] = copy.deepcopy(v)
-            origin[key] = label
-            if isinstance(v, dict):
-                for sub in _flatten_keys(v, key):
-                    origin[sub] = label
-    return out
-
-
-def _flatten_keys(d: dict, prefix: str) -> list[str]:
-    keys = []
-    for k, v in d.items():
-        key = f"{prefix}.{k}"
-        keys.append(key)
-        if isinstance(v, dict):
-            keys.extend(_flatten_keys(v, key))
-    return keys
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-    try:
-        value = safe_yaml_load(raw, f"--set {key}") if raw.strip() else ""
-    except ConfigError as exc:
-        if "not valid YAML" not in str(exc):
-            raise  # hostile, not merely unquoted text
-        value = raw
-    return key.split("."), value
-
-
-def _describe_type(err: dict) -> str:
-    t = err.get("type", "")
-    msg = err.get("msg", "")
-    ctx = err.get("ctx") or {}
-    if t == "extra_forbidden":
-        return "unknown key"
-    if t == "missing":
-        return "required key is missing"
-    if t.endswith("_type") or t.endswith("_parsing"):
-        expected = t.replace("_parsing", "").replace("_type", "")
-        expected = {
-            "int": "an integer",
-            "float": "a number",
-            "bool": "a boolean (true/false)",
-            "string": "a string",
-            "list": "a list",
-            "dict": "a mapping",
-            "model": "a mapping",
-        }.get(expected, expected)
-        return f"expected {expected}"
-    if t == "literal_error":
-        return f"expected one of {ctx.get('expected', '')}"
-    return msg[0].lower() + msg[1:] if msg else t
-
-
-def _format_errors(
-    exc: ValidationError,
-    origin: dict[str, str],
-    allowed: dict[str, list[str]],
-    refs: dict[tuple, tuple[str, Any]] | None = None,
-) -> str:
-    lines = []
-    for err in exc.errors():
-        ref = (refs or {}).get(tuple(err["loc"]))
-        loc = [str(p) for p in err["loc"]]
-        dotted = ".".join(loc)
-        where = "built-in defaults"
-        for i in range(len(loc), 0, -1):
-            cand = ".".join(loc[:i])
-            if cand in origin:
-                where = origin[cand]
-                break
-        if not dotted:  # model-level (cross-field) error
-            lines.append(f"{err['msg'].removeprefix('Value error, ')}")
-            continue
-        desc = _describe_type(err)
-        if err.get("type") == "extra_forbidden":
-            parent = ".".join(loc[:-1])
-            got = err.get("input")
-            while isinstance(got, dict) and len(got) == 1:  # name the full key that was given
-                k, got = next(iter(got.items()))
-                dotted = f"{dotted}.{k}"
-            close = difflib.get_close_matches(loc[-1], allowed.get(parent, []), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            desc = f"unknown key{hint}"
-        got = err.get("input")
-        got_s = (
-            ""
-            if err.get("type") in ("extra_forbidden", "missing") or isinstance(got, dict)
-            else f" (got {got!r})"
-        )
-        if ref is not None:  # the value came from the environment: show where, never what
-            got_s = f" (from {ref[0]})"
-        lines.append(f"{where}: {dotted}: {desc.removeprefix('value error, ')}{got_s}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
-def _allowed_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
-    out = {prefix: list(model.model_fields)}
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.update(_allowed_keys(ann, f"{prefix}.{name}" if prefix else name))
-    return out
+# The layering machinery (safe YAML, ${VAR} expansion, --set parsing, error messages) knows no
+# section name and lives in configload; these bind it to Config.
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
@@ -920,94 +653,19 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     Raises:
         ConfigError: naming the file or ``--set``, the dotted key and what was expected.
     """
-    origin: dict[str, str] = {}
-    merged: dict = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            if p.is_file() and p.stat().st_size > MAX_CONFIG_BYTES:
-                raise ConfigError(
-                    f"{p}: {p.stat().st_size} bytes; a config file may be at most {MAX_CONFIG_BYTES}"
-                )
-            text = p.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        data = safe_yaml_load(text, str(p))
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{p}: expected a mapping of sections at the top level, got {type(data).__name__}"
-            )
-        lines = _line_index(text)
-        file_origin: dict[str, str] = {}
-        merged = _deep_merge(merged, data, file_origin, str(p))
-        origin.update({k: f"{p}:{lines[k]}" if k in lines else str(p) for k in file_origin})
-    merged = _merge_overrides(merged, overrides or [], origin)
-    refs: dict[tuple, tuple[str, Any]] = {}
-    try:
-        merged = _expand_env(merged, "", refs)
-    except ConfigError as exc:
-        raise ConfigError(f"{path or '--set'}: {exc}") from None
-    cfg = _validate(merged, origin, refs)
-    cfg._env_refs = refs
+    layers = read_layers(path, overrides or [])
+    cfg = validate_layers(Config, layers.data, layers.origin, layers.refs)
+    cfg._env_refs = layers.refs
     return cfg
-
-
-def _merge_overrides(data: dict, overrides: list[str], origin: dict[str, str]) -> dict:
-    """Layer ``dotted.key=value`` strings over ``data``, recording their origin."""
-    for item in overrides:
-        keys, value = _parse_override(item)
-        # A --set must land in a mapping: "a.b=1" where a is a scalar is an error.
-        node: Any = data
-        for i, k in enumerate(keys[:-1]):
-            if isinstance(node, dict) and k in node and not isinstance(node[k], dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is not a section")
-            node = node.get(k, {}) if isinstance(node, dict) else {}
-        upd: dict = {keys[-1]: value}
-        for k in reversed(keys[:-1]):
-            upd = {k: upd}
-        data = _deep_merge(data, upd, origin, f"--set {item}")
-    return data
-
-
-def _validate(data: dict, origin: dict[str, str], refs: dict[tuple, tuple[str, Any]] | None = None) -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin, _allowed_keys(Config), refs or {})) from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied and validated."""
     origin: dict[str, str] = {}
-    out = _validate(_merge_overrides(cfg.model_dump(mode="json"), overrides, origin), origin, cfg._env_refs)
+    data = merge_overrides(cfg.model_dump(mode="json"), overrides, origin)
+    out = validate_layers(Config, data, origin, cfg._env_refs)
     out._env_refs = dict(cfg._env_refs)  # dump_config only restores those whose value is unchanged
     return out
-
-
-def _with_references(data: Any, refs: dict[tuple, tuple[str, Any]]) -> Any:
-    """``data`` with every value that came from ``${VAR}`` (and is unchanged) replaced by the reference."""
-    for path, (raw, value) in refs.items():
-        node = data
-        for k in path[:-1]:
-            if isinstance(node, dict) and k in node:
-                node = node[k]
-            elif isinstance(node, list) and isinstance(k, int) and k < len(node):
-                node = node[k]
-            else:
-                node = None
-                break
-        last = path[-1] if path else None
-        if node is None or last is None:
-            continue
-        if isinstance(node, dict) and last in node and node[last] == value:
-            node[last] = raw
-        elif isinstance(node, list) and isinstance(last, int) and last < len(node) and node[last] == value:
-            node[last] = raw
-    return data
 
 
 def dump_config(cfg: Config) -> str:
@@ -1015,8 +673,7 @@ def dump_config(cfg: Config) -> str:
 
     Values that came from ``${VAR}`` references are written as the reference, never as the value.
     """
-    data = _with_references(cfg.model_dump(mode="json"), cfg._env_refs)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return dump_with_references(cfg.model_dump(mode="json"), cfg._env_refs)
 
 
 def save_resolved(cfg: Config, dir_url: str, storage: Any | None = None) -> str:

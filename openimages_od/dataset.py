@@ -1,3 +1,4 @@
+# Over 400 lines: one artifact's contract (shard states, orphans, the dataset.json lockfile, `oiod status`) read together.
 """The dataset as a versioned artifact: which shards belong to the current plan, the lockfile, ``oiod status``.
 
 * :func:`scan` sorts the current plan's shards into committed / stale / missing

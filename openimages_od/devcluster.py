@@ -80,9 +80,6 @@ class RayNode:
         """Stop every process of the node without killing it: a hung or partitioned node."""
         self.signal_all(signal.SIGSTOP)
 
-    def thaw(self) -> None:
-        self.signal_all(signal.SIGCONT)
-
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the node's whole process tree (raylet, workers, agents)."""
         tree = self._tree()

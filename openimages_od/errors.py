@@ -39,9 +39,3 @@ class DataError(OiodError):
     """Input data (a metadata file, a plan, a shard) is malformed."""
 
     exit_code = 1
-
-
-class NotImplementedYet(OiodError):
-    """A subcommand whose implementation has not landed yet."""
-
-    exit_code = 3

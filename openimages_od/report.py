@@ -16,421 +16,29 @@ confusion matrix, the worst images per class with their boxes drawn).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
 import logging
 import time
-from collections import Counter
 from typing import Any
 
-from openimages_od.config import Config, join_url
-from openimages_od.layout import Layout
-from openimages_od.storage import ObjectNotFound, Storage
+from openimages_od.config import Config
+from openimages_od.report_charts import (
+    ap_bars,
+    ap_vs_frequency,
+    bars,
+    class_histogram,
+    draw_sample,
+    hist,
+    int_bins,
+    per_class_ap,
+    pr_curves,
+    sizes_scatter,
+)
+from openimages_od.report_data import ReportData
+from openimages_od.storage import Storage
 from openimages_od.storage_setup import storage_from_config
 
 log = logging.getLogger(__name__)
-
-MAX_SAMPLE_EXAMPLES = 2000  # image-size statistics read at most this many examples
-GRID_IMAGES = 12
-PALETTE = [
-    "#e6194b",
-    "#3cb44b",
-    "#4363d8",
-    "#f58231",
-    "#911eb4",
-    "#42d4f4",
-    "#f032e6",
-    "#bfef45",
-    "#469990",
-    "#9a6324",
-    "#800000",
-    "#808000",
-    "#000075",
-]
-
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-class _Data:
-    """Everything the report shows, gathered from the output folder."""
-
-    def __init__(self, cfg: Config, st: Storage) -> None:
-        self.cfg = cfg
-        self.st = st
-        self.names: dict[str, str] = {}
-        self.id_to_mid: dict[int, str] = {}
-        self.class_counts: dict[
-            str, dict[str, Counter]
-        ] = {}  # split -> {"boxes": Counter, "images": Counter}
-        self.boxes_per_image: dict[str, list[int]] = {}
-        self.image_sizes: list[tuple[int, int]] = []
-        self.failures: Counter = Counter()
-        self.sources: Counter = Counter()
-        self.ledger_ok = 0
-        self.samples: list[dict] = []
-        self.prepare_report: dict | None = None
-        self.plan_stats: dict | None = None
-        self.dataset: dict | None = None
-        self.metrics: dict | None = None
-        self.metrics_url: str | None = None
-        self.analysis: dict | None = None
-        self.analysis_url: str | None = None
-
-    def load(self) -> _Data:
-        self._label_map()
-        self._plan()
-        self._ledger()
-        self._shards()
-        self.prepare_report = self._json(self.cfg.output_path("prepare_report.json"))
-        self.dataset = self._json(Layout.from_config(self.cfg).dataset)
-        self.plan_stats = self._json(self.cfg.output_path("plan", "stats.json"))
-        self._metrics()
-        return self
-
-    def _json(self, url: str) -> dict | None:
-        try:
-            return self.st.read_json(url)
-        except ObjectNotFound:
-            return None
-
-    def _label_map(self) -> None:
-        from openimages_od.openimages.labelmap import LabelMap
-
-        try:
-            lm = LabelMap.from_pbtxt(self.st.read_text(self.cfg.output_path("label_map.pbtxt")))
-        except ObjectNotFound:
-            return
-        self.names = {c.mid: c.name for c in lm}
-        self.id_to_mid = {c.id: c.mid for c in lm}
-
-    def _plan(self) -> None:
-        import pyarrow.compute as pc
-
-        from openimages_od.openimages.planio import read_manifest, read_plan_table
-
-        plan_url = self.cfg.output_path("plan")
-        try:
-            manifest = read_manifest(self.st, plan_url)
-        except ObjectNotFound:
-            return
-        for split, sm in manifest.splits.items():
-            boxes_c: Counter = Counter()
-            images_c: Counter = Counter()
-            per_image: list[int] = []
-            for rel in sm.shards:
-                t = read_plan_table(self.st, join_url(plan_url, rel), columns=["image_id", "boxes"])
-                col = t.column("boxes")
-                per_image.extend(pc.list_value_length(col).to_pylist())
-                flat = pc.list_flatten(col)
-                if len(flat):
-                    mids = pc.struct_field(flat, "mid")
-                    for row in pc.value_counts(mids).to_pylist():
-                        boxes_c[row["values"]] += row["counts"]
-                    parent = pc.list_parent_indices(col)
-                    pairs = set(zip(parent.to_pylist(), mids.to_pylist()))
-                    images_c.update(m for _, m in pairs)
-            self.class_counts[split] = {"boxes": boxes_c, "images": images_c}
-            self.boxes_per_image[split] = per_image
-
-    def _ledger(self) -> None:
-        for obj in self.st.list(self.cfg.output_path("ledger") + "/"):
-            if not obj.url.endswith(".jsonl"):
-                continue
-            for line in self.st.read_text(obj.url).splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("status") == "ok":
-                    self.ledger_ok += 1
-                    self.sources[str(rec.get("source") or "?")] += 1
-                else:
-                    reason = rec.get("reason") or rec.get("error") or "unknown"
-                    self.failures[str(reason).split(":")[0][:60]] += 1
-
-    def _shards(self) -> None:
-        from openimages_od.pipeline.example import decode_example
-        from openimages_od.pipeline.tfrecord import iter_records
-
-        seen = 0
-        layout = Layout.from_config(self.cfg)
-        lock = self._json(layout.dataset)
-        if lock:  # exactly the shards of the dataset (never a stale shard of another plan)
-            shard_urls = [
-                layout.path(sh["tfrecord"]) for sd in lock.get("splits", {}).values() for sh in sd["shards"]
-            ]
-        else:
-            shard_urls = [
-                o.url
-                for o in self.st.list(self.cfg.output_path("tfrecords") + "/")
-                if o.url.endswith(".tfrecord") and self.st.exists(o.url[: -len(".tfrecord")] + ".stats.json")
-            ]
-        # Spread samples over splits: validation/test first (they matter for evaluation), then train.
-        shard_urls.sort(key=lambda u: ("/train/" in u, u))
-        keys = [
-            "image/encoded",
-            "image/width",
-            "image/height",
-            "image/filename",
-            "image/object/bbox/xmin",
-            "image/object/bbox/xmax",
-            "image/object/bbox/ymin",
-            "image/object/bbox/ymax",
-            "image/object/class/text",
-            "image/object/group_of",
-        ]
-        for url in shard_urls:
-            if seen >= MAX_SAMPLE_EXAMPLES:
-                break
-            for rec in iter_records(self.st.read_bytes(url), source=url):
-                ex = decode_example(rec, keys)
-                w = int(ex["image/width"][0])
-                h = int(ex["image/height"][0])
-                self.image_sizes.append((w, h))
-                if len(self.samples) < GRID_IMAGES and (
-                    len(self.samples) < GRID_IMAGES // 2 or "/train/" in url
-                ):
-                    self.samples.append(
-                        {
-                            "jpeg": bytes(ex["image/encoded"][0]),
-                            "id": _s(ex["image/filename"][0]),
-                            "split": url.rsplit("/", 2)[-2],
-                            "boxes": list(
-                                zip(
-                                    ex.get("image/object/bbox/xmin", ()),
-                                    ex.get("image/object/bbox/ymin", ()),
-                                    ex.get("image/object/bbox/xmax", ()),
-                                    ex.get("image/object/bbox/ymax", ()),
-                                    [_s(t) for t in ex.get("image/object/class/text", ())],
-                                    # == 1 only: the shards write -1 for "unknown"
-                                    [g == 1 for g in ex.get("image/object/group_of", ())] or [False] * 999,
-                                )
-                            ),
-                        }
-                    )
-                seen += 1
-                if seen >= MAX_SAMPLE_EXAMPLES:
-                    break
-
-    def _metrics(self) -> None:
-        found = []
-        for o in self.st.list(self.cfg.output_path("eval") + "/"):
-            name = o.url.rsplit("/", 1)[-1]
-            if name.startswith("metrics-") and name.endswith(".json"):
-                try:
-                    found.append((int(name[len("metrics-") : -len(".json")]), o.url))
-                except ValueError:
-                    continue
-        if found:
-            step, self.metrics_url = max(found)
-            self.metrics = self.st.read_json(self.metrics_url)
-            url = self.cfg.output_path("eval", f"analysis-{step}.json")
-            self.analysis = self._json(url)
-            self.analysis_url = url if self.analysis else None
-
-
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
-
-
-# ------------------------------------------------------------------------------------------- charts
-
-
-def _class_histogram(d: _Data, split: str) -> str:
-    plt = _plt()
-    counts = d.class_counts[split]
-    mids = sorted(counts["boxes"], key=lambda m: -counts["boxes"][m])[:40]
-    labels = [d.names.get(m, m) for m in mids]
-    fig, ax = plt.subplots(figsize=(8, max(2.2, 0.32 * len(mids) + 1)))
-    y = range(len(mids))
-    ax.barh(
-        [i + 0.2 for i in y], [counts["boxes"][m] for m in mids], height=0.4, label="boxes", color="#4363d8"
-    )
-    ax.barh(
-        [i - 0.2 for i in y], [counts["images"][m] for m in mids], height=0.4, label="images", color="#f58231"
-    )
-    ax.set_yticks(list(y))
-    ax.set_yticklabels(labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("count")
-    ax.set_title(f"{split}: boxes and images per class" + (" (top 40)" if len(counts["boxes"]) > 40 else ""))
-    ax.legend(loc="lower right")
-    return _png(fig)
-
-
-def _hist(values: list[int], title: str, xlabel: str, bins: Any = None) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist(values, bins=bins or min(30, max(5, len(set(values)))), color="#3cb44b", edgecolor="white")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("images")
-    return _png(fig)
-
-
-def _int_bins(values: list[int]) -> list[float]:
-    """One bar per integer value (bins centred on integers)."""
-    lo, hi = min(values), max(values)
-    step = max(1, (hi - lo + 1) // 30)
-    return [x - 0.5 for x in range(lo, hi + step + 1, step)]
-
-
-def _sizes_scatter(sizes: list[tuple[int, int]]) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter([w for w, _ in sizes], [h for _, h in sizes], s=8, alpha=0.5, color="#911eb4")
-    ax.set_xlabel("width (px, in the shards)")
-    ax.set_ylabel("height (px)")
-    ax.set_title(f"image sizes ({len(sizes)} examples)")
-    return _png(fig)
-
-
-def _bars(counter: Counter, title: str, color: str) -> str:
-    plt = _plt()
-    items = counter.most_common(20)
-    fig, ax = plt.subplots(figsize=(7, max(2, 0.35 * len(items) + 1)))
-    ax.barh([k for k, _ in items], [v for _, v in items], color=color)
-    ax.invert_yaxis()
-    ax.set_title(title)
-    return _png(fig)
-
-
-def _draw_sample(sample: dict, names: dict[str, str]) -> str:
-    from PIL import Image, ImageDraw
-
-    img = Image.open(io.BytesIO(sample["jpeg"])).convert("RGB")
-    draw = ImageDraw.Draw(img)
-    mids = sorted({b[4] for b in sample["boxes"]})
-    for x0, y0, x1, y1, mid, group in sample["boxes"]:
-        color = PALETTE[mids.index(mid) % len(PALETTE)]
-        box = [x0 * img.width, y0 * img.height, x1 * img.width, y1 * img.height]
-        draw.rectangle(box, outline=color, width=3 if not group else 2)
-        label = names.get(mid, mid) + (" (group)" if group else "")
-        tw = draw.textlength(label)
-        draw.rectangle([box[0], max(0, box[1] - 12), box[0] + tw + 4, max(12, box[1])], fill=color)
-        draw.text((box[0] + 2, max(0, box[1] - 12)), label, fill="white")
-    img.thumbnail((320, 320))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _per_class_ap(metrics: dict, names: dict[str, str]) -> tuple[str, dict[str, float]] | None:
-    """Find per-class AP in the metrics JSON (Open Images metric first, then COCO)."""
-    for section in ("openimages", "coco"):
-        sec = metrics.get(section)
-        if not isinstance(sec, dict):
-            continue
-        per = sec.get("per_class") or sec.get("per_class_ap")
-        if isinstance(per, dict) and per:
-            out = {}
-            for mid, v in per.items():
-                ap = v.get("ap", v.get("AP", v.get("AP50"))) if isinstance(v, dict) else v
-                if isinstance(ap, (int, float)):
-                    label = (v.get("name") if isinstance(v, dict) else None) or names.get(mid, mid)
-                    out[label] = float(ap)
-            if out:
-                return section, out
-    return None
-
-
-def _ap_bars(section: str, per: dict[str, float]) -> str:
-    plt = _plt()
-    items = sorted(per.items(), key=lambda kv: -kv[1])[:40]
-    fig, ax = plt.subplots(figsize=(7, max(2, 0.35 * len(items) + 1)))
-    ax.barh([k for k, _ in items], [v for _, v in items], color="#e6194b")
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("AP@0.5")
-    ax.set_title(f"per-class AP ({section})")
-    return _png(fig)
-
-
-def _pr_curves(metrics: dict, names: dict[str, str]) -> str | None:
-    curves = None
-    for section in ("openimages", "coco"):
-        sec = metrics.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get("pr_curves"), dict) and sec["pr_curves"]:
-            curves = sec["pr_curves"]
-            break
-    if curves is None and isinstance(metrics.get("pr_curves"), dict):
-        curves = metrics["pr_curves"]
-    if curves is None:  # per-class entries carrying their own curve (the Open Images metric does)
-        for section in ("openimages", "coco"):
-            per = (
-                (metrics.get(section) or {}).get("per_class")
-                if isinstance(metrics.get(section), dict)
-                else None
-            )
-            if isinstance(per, dict):
-                found = {
-                    (v.get("name") or k): v["pr_curve"]
-                    for k, v in per.items()
-                    if isinstance(v, dict) and isinstance(v.get("pr_curve"), dict)
-                }
-                if found:
-                    curves = found
-                    break
-    if not curves:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for i, (mid, c) in enumerate(sorted(curves.items())[:12]):
-        r, p = c.get("recall", []), c.get("precision", [])
-        if r and p:
-            ax.plot(r, p, label=names.get(mid, mid), color=PALETTE[i % len(PALETTE)])
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("precision-recall at IoU 0.5")
-    ax.legend(fontsize=8, loc="lower left")
-    return _png(fig)
-
-
-def _ap_vs_frequency(
-    metrics: dict, train_boxes: dict[str, int]
-) -> tuple[str, list[tuple[str, int, float]]] | None:
-    """Scatter of per-class AP against training boxes (log x): does AP follow frequency?"""
-    per = ((metrics.get("openimages") or {}).get("per_class") or {}) if isinstance(metrics, dict) else {}
-    points = [
-        (v["name"], train_boxes[v["name"]], float(v["ap"]))
-        for v in per.values()
-        if isinstance(v, dict) and v.get("ap") is not None and v.get("name") in train_boxes
-    ]
-    if not points:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([max(1, b) for _, b, _ in points], [a for _, _, a in points], color="#4363d8")
-    for name, b, a in points[:40]:
-        ax.annotate(name, (max(1, b), a), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("training boxes (log)")
-    ax.set_ylabel("AP@0.5 (Open Images)")
-    ax.set_title("per-class AP vs training box count")
-    return _png(fig), sorted(points, key=lambda p: p[1])
 
 
 def _error_analysis_html(a: dict, url: str | None) -> list[str]:
@@ -568,7 +176,7 @@ def _img(src: str, alt: str) -> str:
 def build_report(cfg: Config, storage: Storage | None = None) -> str:
     """Render the report HTML for the output folder of ``cfg``."""
     st = storage or storage_from_config(cfg)
-    d = _Data(cfg, st).load()
+    d = ReportData(cfg, st).load()
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>openimages-od report</title>"
         f"<style>{_CSS}</style></head><body>",
@@ -579,7 +187,7 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
 
     # Totals
     parts.append("<h2 id='totals'>Totals</h2>")
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for split, c in d.class_counts.items():
         rows.append((split, len(d.boxes_per_image.get(split, [])), sum(c["boxes"].values()), len(c["boxes"])))
     if rows:
@@ -629,20 +237,20 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
             "<h2 id='classes'>Class balance per split</h2><p class='muted'>Class imbalance is the first "
             "thing to check: rare classes get few boxes to learn from.</p><div class='charts'>"
         )
-        parts.extend(_img(_class_histogram(d, s), f"class histogram {s}") for s in d.class_counts)
+        parts.extend(_img(class_histogram(d, s), f"class histogram {s}") for s in d.class_counts)
         parts.append("</div>")
         parts.append("<h2 id='boxes'>Boxes per image</h2><div class='charts'>")
         parts.extend(
-            _img(_hist(v, f"{s}: boxes per image", "boxes", bins=_int_bins(v)), f"boxes per image {s}")
+            _img(hist(v, f"{s}: boxes per image", "boxes", bins=int_bins(v)), f"boxes per image {s}")
             for s, v in d.boxes_per_image.items()
             if v
         )
         parts.append("</div>")
     if d.image_sizes:
         parts.append("<h2 id='sizes'>Image sizes</h2><div class='charts'>")
-        parts.append(_img(_sizes_scatter(d.image_sizes), "image sizes"))
+        parts.append(_img(sizes_scatter(d.image_sizes), "image sizes"))
         parts.append(
-            _img(_hist([max(w, h) for w, h in d.image_sizes], "longest side", "pixels"), "longest side")
+            _img(hist([max(w, h) for w, h in d.image_sizes], "longest side", "pixels"), "longest side")
         )
         parts.append("</div>")
 
@@ -650,9 +258,9 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
     if d.failures or d.sources:
         parts.append("<div class='charts'>")
         if d.failures:
-            parts.append(_img(_bars(d.failures, "failed images by reason", "#e6194b"), "failure reasons"))
+            parts.append(_img(bars(d.failures, "failed images by reason", "#e6194b"), "failure reasons"))
         if d.sources:
-            parts.append(_img(_bars(d.sources, "images by source used", "#42d4f4"), "sources"))
+            parts.append(_img(bars(d.sources, "images by source used", "#42d4f4"), "sources"))
         parts.append("</div>")
         if d.failures:
             parts.append(_table(d.failures.most_common(), ("reason", "images")))
@@ -667,7 +275,7 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
         parts.append("<div class='sample-grid'>")
         for s in d.samples:
             parts.append(
-                f"<figure><img src='{_draw_sample(s, d.names)}' alt='sample {html.escape(s['id'])}'>"
+                f"<figure><img src='{draw_sample(s, d.names)}' alt='sample {html.escape(s['id'])}'>"
                 f"<figcaption>{html.escape(s['split'])} &middot; {html.escape(s['id'])} &middot; "
                 f"{len(s['boxes'])} boxes</figcaption></figure>"
             )
@@ -678,7 +286,7 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
     parts.append("<h2 id='evaluation'>Evaluation</h2>")
     if d.metrics:
         parts.append(f"<p class='muted'>{html.escape(d.metrics_url or '')}</p>")
-        headline = []
+        headline: list[tuple[str, str, str]] = []
         for section in ("coco", "openimages"):
             sec = d.metrics.get(section)
             if isinstance(sec, dict):
@@ -688,17 +296,17 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
         if headline:
             parts.append(_table(headline, ("metric set", "metric", "value")))
         parts.append("<div class='charts'>")
-        per = _per_class_ap(d.metrics, d.names)
+        per = per_class_ap(d.metrics, d.names)
         if per:
-            parts.append(_img(_ap_bars(*per), "per-class AP"))
-        pr = _pr_curves(d.metrics, d.names)
+            parts.append(_img(ap_bars(*per), "per-class AP"))
+        pr = pr_curves(d.metrics, d.names)
         if pr:
             parts.append(_img(pr, "precision-recall curves"))
         train_boxes = {
             d.names.get(m, m): n
             for m, n in (d.class_counts.get(d.cfg.train.split) or {}).get("boxes", {}).items()
         }
-        freq = _ap_vs_frequency(d.metrics, train_boxes)
+        freq = ap_vs_frequency(d.metrics, train_boxes)
         parts.append("</div>")
         if freq:
             png, points = freq

@@ -18,26 +18,28 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import io
 import json
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-__all__ = ["DEMO_CLASSES", "FILES", "SynthClass", "SynthDataset", "bundled_metadata", "generate_dataset"]
+from openimages_od.synth_images import SynthClass, SynthImage, make_image, rotate_box_cw
 
-
-@dataclass(frozen=True)
-class SynthClass:
-    mid: str
-    name: str
-    shape: str  # circle | triangle | rect
-    color: tuple[int, int, int]
+__all__ = [
+    "DEMO_CLASSES",
+    "FILES",
+    "SynthClass",
+    "SynthDataset",
+    "SynthImage",
+    "bundled_metadata",
+    "generate_dataset",
+    "upright_boxes",
+]
 
 
 DEMO_CLASSES: tuple[SynthClass, ...] = (
@@ -46,8 +48,21 @@ DEMO_CLASSES: tuple[SynthClass, ...] = (
     SynthClass("/m/0d4v4", "Window", "rect", (30, 90, 220)),
 )
 
+MetadataKind = Literal["boxes", "images", "image_labels"]
+
+
+class ReleaseFiles(TypedDict):
+    """File names of one release: shared files, and one per split for each metadata kind."""
+
+    classes: str
+    hierarchy: str
+    boxes: dict[str, str]
+    images: dict[str, str]
+    image_labels: dict[str, str]
+
+
 # File names as the V6/V7 releases publish them.
-FILES = {
+FILES: ReleaseFiles = {
     "classes": "oidv7-class-descriptions-boxable.csv",
     "hierarchy": "bbox_labels_600_hierarchy.json",
     "boxes": {
@@ -115,18 +130,6 @@ def bundled_metadata() -> tuple[Path, Path]:
 
 
 @dataclass
-class SynthImage:
-    image_id: str
-    split: str
-    rotation: int
-    jpeg: bytes
-    boxes: list[dict]  # relative to the stored image
-    width: int  # stored
-    height: int
-    labels: dict[str, int] = field(default_factory=dict)  # verified image-level labels: mid -> 0/1
-
-
-@dataclass
 class SynthDataset:
     """What :func:`generate_dataset` wrote."""
 
@@ -135,7 +138,7 @@ class SynthDataset:
     images: list[SynthImage]
     bucket_dir: Path  # {split}/{image_id}.jpg, like the public bucket
 
-    def metadata(self, split: str, kind: str) -> Path:
+    def metadata(self, split: str, kind: MetadataKind) -> Path:
         return self.root / FILES[kind][split]
 
     def split_images(self, split: str) -> list[SynthImage]:
@@ -157,132 +160,6 @@ class SynthDataset:
                 for s in splits
             },
         }
-
-
-def _texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    base = rng.integers(60, 200, size=3)
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-    grad = (gx / max(w, 1) * rng.uniform(-60, 60) + gy / max(h, 1) * rng.uniform(-60, 60))[..., None]
-    # Low-frequency blobs plus fine noise: compresses like a photo, not like a flat fill.
-    small = rng.normal(0, 28, size=(max(2, h // 24), max(2, w // 24), 3))
-    blobs = (
-        np.asarray(
-            Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
-            dtype=np.float32,
-        )
-        - 128
-    )
-    noise = rng.normal(0, 10, size=(h, w, 3))
-    return np.clip(base + grad + blobs + noise, 0, 255).astype(np.uint8)
-
-
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, cls: SynthClass, box: tuple[float, float, float, float], rng: random.Random
-) -> None:
-    x0, y0, x1, y1 = box
-    jitter = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in cls.color)
-    outline = tuple(max(0, c - 60) for c in jitter)
-    if cls.shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=jitter, outline=outline, width=2)
-    elif cls.shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=jitter, outline=outline)
-    else:
-        draw.rectangle([x0, y0, x1, y1], fill=jitter, outline=outline, width=3)
-        draw.line([((x0 + x1) / 2, y0), ((x0 + x1) / 2, y1)], fill=outline, width=2)
-
-
-def _rotate_box_cw(box: dict, k: int) -> dict:
-    """Box (relative) of an upright image stored rotated ``k`` quarter-turns clockwise."""
-    x0, x1, y0, y1 = box["XMin"], box["XMax"], box["YMin"], box["YMax"]
-    for _ in range(k % 4):
-        # one clockwise quarter-turn: (x, y) -> (1 - y, x)
-        x0, x1, y0, y1 = 1 - y1, 1 - y0, x0, x1
-    return {**box, "XMin": x0, "XMax": x1, "YMin": y0, "YMax": y1}
-
-
-def _pick(rng: random.Random, classes: tuple[SynthClass, ...], weights: list[float] | None) -> SynthClass:
-    # Without weights, exactly the draw the generator always made (datasets stay byte-identical per seed).
-    return rng.choice(classes) if weights is None else rng.choices(classes, weights)[0]
-
-
-def _make_image(
-    rng: random.Random,
-    nrng: np.random.Generator,
-    classes: tuple[SynthClass, ...],
-    image_id: str,
-    split: str,
-    min_side: int,
-    max_side: int,
-    rotation: int,
-    group_of_rate: float,
-    weights: list[float] | None = None,
-) -> SynthImage:
-    w = rng.randint(min_side, max_side)
-    h = rng.randint(min_side, max_side)
-    img = Image.fromarray(_texture(nrng, w, h))
-    draw = ImageDraw.Draw(img)
-    boxes: list[dict] = []
-    present: set[str] = set()
-    n_obj = rng.randint(1, 3)
-    occupied: list[tuple[float, float, float, float]] = []
-    for _ in range(n_obj):
-        cls = _pick(rng, classes, weights)
-        for _attempt in range(20):
-            bw = rng.uniform(0.18, 0.45) * w
-            bh = bw * rng.uniform(0.8, 1.25) if cls.shape != "rect" else rng.uniform(0.2, 0.5) * h
-            bh = min(bh, 0.6 * h)
-            x0 = rng.uniform(0, w - bw)
-            y0 = rng.uniform(0, h - bh)
-            cand = (x0, y0, x0 + bw, y0 + bh)
-            if all(cand[2] < o[0] or cand[0] > o[2] or cand[3] < o[1] or cand[1] > o[3] for o in occupied):
-                break
-        else:
-            continue
-        occupied.append(cand)
-        _draw_shape(draw, cls, cand, rng)
-        boxes.append(_box(cls, cand, w, h, group_of=0))
-        present.add(cls.mid)
-    if rng.random() < group_of_rate:
-        # A cluster of small objects of one class, annotated by one group-of box.
-        cls = _pick(rng, classes, weights)
-        gx0, gy0 = rng.uniform(0, 0.6) * w, rng.uniform(0, 0.6) * h
-        gw, gh = 0.35 * w, 0.35 * h
-        if all(gx0 + gw < o[0] or gx0 > o[2] or gy0 + gh < o[1] or gy0 > o[3] for o in occupied):
-            s = min(gw, gh) / 3
-            for i in range(3):
-                for j in range(2):
-                    _draw_shape(
-                        draw,
-                        cls,
-                        (gx0 + i * s, gy0 + j * s * 1.3, gx0 + i * s + s * 0.9, gy0 + j * s * 1.3 + s * 0.9),
-                        rng,
-                    )
-            boxes.append(_box(cls, (gx0, gy0, gx0 + 3 * s, gy0 + 1.3 * s + s * 0.9), w, h, group_of=1))
-            present.add(cls.mid)
-    # Store the image rotated clockwise by `rotation`; Rotation (CCW) undoes it.
-    k = (rotation // 90) % 4
-    stored = img.rotate(-90 * k, expand=True) if k else img
-    boxes = [_rotate_box_cw(b, k) for b in boxes]
-    buf = io.BytesIO()
-    stored.save(buf, format="JPEG", quality=rng.randint(85, 92))
-    labels = {c.mid: (1 if c.mid in present else 0) for c in classes}
-    return SynthImage(image_id, split, rotation, buf.getvalue(), boxes, stored.width, stored.height, labels)
-
-
-def _box(cls: SynthClass, xyxy: tuple[float, float, float, float], w: int, h: int, group_of: int) -> dict:
-    x0, y0, x1, y1 = xyxy
-    return {
-        "LabelName": cls.mid,
-        "XMin": max(0.0, x0 / w),
-        "XMax": min(1.0, x1 / w),
-        "YMin": max(0.0, y0 / h),
-        "YMax": min(1.0, y1 / h),
-        "IsGroupOf": group_of,
-        "IsOccluded": 0,
-        "IsTruncated": 0,
-        "IsDepiction": 0,
-        "IsInside": 0,
-    }
 
 
 def generate_dataset(
@@ -363,7 +240,7 @@ def generate_dataset(
                     break
             rotation = rng.choice([90, 180, 270]) if rng.random() < rotation_rate else 0
             images.append(
-                _make_image(
+                make_image(
                     rng, nrng, classes, image_id, split, min_side, max_side, rotation, group_of_rate, weights
                 )
             )
@@ -372,56 +249,7 @@ def generate_dataset(
     for split in counts:
         part = sorted((im for im in images if im.split == split), key=lambda im: im.image_id)
         (bucket / split).mkdir(parents=True, exist_ok=True)
-        with open(root / FILES["boxes"][split], "w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(BOX_HEADER_V6 if split == "train" else BOX_HEADER_V6[:13])
-            for im in part:
-                for b in im.boxes:
-                    row = [
-                        im.image_id,
-                        "xclick",
-                        b["LabelName"],
-                        1,
-                        f"{b['XMin']:.6f}",
-                        f"{b['XMax']:.6f}",
-                        f"{b['YMin']:.6f}",
-                        f"{b['YMax']:.6f}",
-                        b["IsOccluded"],
-                        b["IsTruncated"],
-                        b["IsGroupOf"],
-                        b["IsDepiction"],
-                        b["IsInside"],
-                    ]
-                    if split == "train":
-                        row += [-1] * 8
-                    w.writerow(row)
-        with open(root / FILES["images"][split], "w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(IMAGE_HEADER)
-            for im in part:
-                md5 = base64.b64encode(hashlib.md5(im.jpeg).digest()).decode()
-                w.writerow(
-                    [
-                        im.image_id,
-                        split,
-                        f"{base_url}/original/{split}/{im.image_id}.jpg",
-                        f"https://www.flickr.com/photos/demo/{int(im.image_id[:8], 16)}",
-                        "https://creativecommons.org/licenses/by/2.0/",
-                        "",
-                        "oiod demo",
-                        f"synthetic {im.image_id}",
-                        len(im.jpeg),
-                        md5,
-                        f"{base_url}/thumb/{split}/{im.image_id}.jpg",
-                        im.rotation,
-                    ]
-                )
-        with open(root / FILES["image_labels"][split], "w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["ImageID", "Source", "LabelName", "Confidence"])
-            for im in part:
-                for mid, conf in sorted(im.labels.items()):
-                    w.writerow([im.image_id, "verification", mid, conf])
+        _write_split_metadata(root, split, part, base_url)
         for im in part:
             (bucket / split / f"{im.image_id}.jpg").write_bytes(im.jpeg)
     manifest = {
@@ -434,7 +262,61 @@ def generate_dataset(
     return SynthDataset(root, classes, images, bucket)
 
 
+def _write_split_metadata(root: Path, split: str, part: list[SynthImage], base_url: str) -> None:
+    """The split's box, image index and image-level label CSVs, in the V6/V7 layouts."""
+    with open(root / FILES["boxes"][split], "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(BOX_HEADER_V6 if split == "train" else BOX_HEADER_V6[:13])
+        for im in part:
+            for b in im.boxes:
+                row = [
+                    im.image_id,
+                    "xclick",
+                    b["LabelName"],
+                    1,
+                    f"{b['XMin']:.6f}",
+                    f"{b['XMax']:.6f}",
+                    f"{b['YMin']:.6f}",
+                    f"{b['YMax']:.6f}",
+                    b["IsOccluded"],
+                    b["IsTruncated"],
+                    b["IsGroupOf"],
+                    b["IsDepiction"],
+                    b["IsInside"],
+                ]
+                if split == "train":
+                    row += [-1] * 8
+                w.writerow(row)
+    with open(root / FILES["images"][split], "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(IMAGE_HEADER)
+        for im in part:
+            md5 = base64.b64encode(hashlib.md5(im.jpeg).digest()).decode()
+            w.writerow(
+                [
+                    im.image_id,
+                    split,
+                    f"{base_url}/original/{split}/{im.image_id}.jpg",
+                    f"https://www.flickr.com/photos/demo/{int(im.image_id[:8], 16)}",
+                    "https://creativecommons.org/licenses/by/2.0/",
+                    "",
+                    "oiod demo",
+                    f"synthetic {im.image_id}",
+                    len(im.jpeg),
+                    md5,
+                    f"{base_url}/thumb/{split}/{im.image_id}.jpg",
+                    im.rotation,
+                ]
+            )
+    with open(root / FILES["image_labels"][split], "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["ImageID", "Source", "LabelName", "Confidence"])
+        for im in part:
+            for mid, conf in sorted(im.labels.items()):
+                w.writerow([im.image_id, "verification", mid, conf])
+
+
 def upright_boxes(image: SynthImage) -> list[dict]:
     """The image's boxes after applying its Rotation (what a correct pipeline must produce)."""
     k = (4 - (image.rotation // 90) % 4) % 4
-    return [_rotate_box_cw(b, k) for b in image.boxes]
+    return [rotate_box_cw(b, k) for b in image.boxes]

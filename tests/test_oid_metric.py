@@ -10,13 +10,13 @@ import math
 import numpy as np
 import pytest
 
+from openimages_od.training.box_ops import iou_matrix
 from openimages_od.training.oid_metric import (
     ImageDetections,
     ImageGroundTruth,
     OpenImagesMetric,
     average_precision,
     hierarchy_from_json,
-    iou_matrix,
 )
 
 VEHICLE, CAR, BALL = 1, 2, 3
@@ -304,7 +304,7 @@ def test_unknown_group_of_is_not_group_of_end_to_end(is_group_of, raw):
     computed (0.0), not -1 for "no ground truth".
     """
     from openimages_od.training.coco_metric import CocoAccumulator
-    from openimages_od.training.evaluate import parse_ground_truth
+    from openimages_od.training.scoring import parse_ground_truth
 
     g = parse_ground_truth(_shard_example(is_group_of, raw))
     assert g.group_of.tolist() == [False] and g.positive is None and g.source_id == 7
@@ -326,7 +326,7 @@ def test_unknown_group_of_is_not_group_of_end_to_end(is_group_of, raw):
 
 
 def test_group_of_one_is_still_group_of_end_to_end():
-    from openimages_od.training.evaluate import parse_ground_truth
+    from openimages_od.training.scoring import parse_ground_truth
 
     g = parse_ground_truth(_shard_example(1))
     assert g.group_of.tolist() == [True]

@@ -127,7 +127,7 @@ def test_report_samples_mark_group_of_only_when_one(tmp_path):
 
     from openimages_od.pipeline.example import IntF, detection_features, encode_example
     from openimages_od.pipeline.tfrecord import encode_records
-    from openimages_od.report import _Data
+    from openimages_od.report_data import ReportData
     from openimages_od.storage_setup import storage_from_config
 
     buf = io.BytesIO()
@@ -149,5 +149,5 @@ def test_report_samples_mark_group_of_only_when_one(tmp_path):
     (d / "validation-00000-of-00001.tfrecord").write_bytes(encode_records(recs))
     (d / "validation-00000-of-00001.stats.json").write_text("{}")
     cfg = load_config(None, [f"output.url={tmp_path / 'out'}"])
-    data = _Data(cfg, storage_from_config(cfg)).load()
+    data = ReportData(cfg, storage_from_config(cfg)).load()
     assert [s["boxes"][0][5] for s in data.samples] == [False, False, True]

@@ -185,3 +185,22 @@ def test_committed_shards_only(tmp_path):
     ]
     with pytest.raises(DataError, match="'validation'"):
         committed_shards(cfg, "validation", Storage())
+
+
+def _node(cpus: float, alive: bool = True) -> dict:
+    return {"NodeID": f"n{cpus}", "Alive": alive, "Resources": {"CPU": cpus}}
+
+
+def test_predict_actor_count_follows_the_nodes_when_num_actors_is_unset():
+    """`oiod predict --ray` with the default `ray.num_actors: null` sizes by the nodes, as prepare does."""
+    from openimages_od.config import RayConfig
+    from openimages_od.training.predict import predict_actor_count
+
+    rc = RayConfig(num_cpus_per_actor=0.5)
+    nodes = [_node(2), _node(1), _node(8, alive=False)]
+    assert predict_actor_count(rc, nodes, 100) == 6  # 4 + 2; the dead node counts for nothing
+    assert predict_actor_count(rc, nodes, 3) == 3  # never more actors than chunks
+    assert predict_actor_count(RayConfig(num_cpus_per_actor=0.5, actors_per_node=1), nodes, 100) == 2
+    assert predict_actor_count(RayConfig(num_cpus_per_actor=4), nodes, 100) == 1  # at least one
+    assert predict_actor_count(RayConfig(num_actors=3), nodes, 100) == 3  # the override wins
+    assert predict_actor_count(RayConfig(num_actors=3), nodes, 2) == 2

@@ -19,6 +19,7 @@ Object format: ``OIODIMG1\\n`` + one JSON header line + ``\\n`` + the JPEG bytes
 
 from __future__ import annotations
 
+import builtins
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ class CacheEntry:
     ops: list[int] = field(default_factory=list)  # PIL Image.Transpose values, in order
     error: str | None = None
     attempts: list[str] = field(default_factory=list)
-    data: bytes = b""
+    data: builtins.bytes = b""  # builtins: the field `bytes` above shadows the type in this class
 
     @property
     def ok(self) -> bool:

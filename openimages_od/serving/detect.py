@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from openimages_od.config import Config, save_resolved
 from openimages_od.errors import UsageError
 from openimages_od.serving.errors import ApiError
-from openimages_od.serving.model import ExportedModel, ImageInput, inspect_image, to_detections
+from openimages_od.serving.model import ExportedModel, ImageInput, RawOutput, inspect_image, to_detections
 
 __all__ = ["run_detect"]
 
@@ -88,9 +88,11 @@ def run_detect(
     try:
         for start in range(0, len(ready), sc.max_batch):
             chunk = ready[start : start + sc.max_batch]
+            raws: list[RawOutput | Exception]
             try:
-                raws = model.predict([im.data for _, im in chunk])
+                raws = list(model.predict([im.data for _, im in chunk]))
             except Exception:
+                # One bad image fails the whole batch: retry one by one so only it is reported.
                 raws = []
                 for _, im in chunk:
                     try:
@@ -124,11 +126,11 @@ def run_detect(
                     )
                     rec["output"] = url
                 results[i] = rec
-        for rec in results:
-            assert rec is not None
-            if "error" in rec:
+        for line in results:
+            assert line is not None
+            if "error" in line:
                 failed += 1
-            stdout.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
         stdout.flush()
     finally:
         if own:

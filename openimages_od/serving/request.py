@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from openimages_od.config import join_url, normalize_root
@@ -320,7 +320,13 @@ async def _read_multipart(state: ServeState, request: web.Request) -> tuple[byte
     data: bytes | None = None
     limit = state.max_body_bytes
     async for part in reader:
-        name = getattr(part, "name", None)
+        if not isinstance(part, BodyPartReader):
+            # A nested multipart body is no field of this API: skipped, as unknown fields are.
+            # (aiohttp types the item Optional, but iteration stops before a None.)
+            if part is not None:
+                await part.release()
+            continue
+        name = part.name
         if name == "image":
             ctype = part.headers.get("Content-Type", "").lower()
             if part.filename or ctype.startswith(("image/", "application/octet")):

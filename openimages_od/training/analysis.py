@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from openimages_od.training.oid_metric import ioa_matrix, iou_matrix
+from openimages_od.training.box_ops import ioa_matrix, iou_matrix
 
 __all__ = ["FP_REASONS", "OUTCOMES", "ErrorAnalysis"]
 
@@ -137,7 +137,9 @@ class ErrorAnalysis:
             same_iou = np.where(same, iou[i], -1.0)
             j = int(same_iou.argmax()) if len(gb) else -1
             best_same = same_iou[j] if j >= 0 else -1.0
-            group_hit = np.flatnonzero((gl == c) & gg & (ioa[i] >= self.thr)) if len(gb) else []
+            group_hit = (
+                np.flatnonzero((gl == c) & gg & (ioa[i] >= self.thr)) if len(gb) else np.zeros(0, np.int64)
+            )
             other = np.where(gl != c, iou[i], -1.0) if len(gb) else np.zeros(0)
             gt_label: int | None = None
             if best_same >= self.thr and not claimed[j]:
@@ -206,7 +208,7 @@ class ErrorAnalysis:
             "detections": dets,
             "missed": missed,
             "ground_truth": [
-                {"box": [round(float(v), 2) for v in b], "label": self._name(lab), "group_of": bool(g)}
+                {"box": [round(float(v), 2) for v in b], "label": self._name(int(lab)), "group_of": bool(g)}
                 for b, lab, g in zip(gb, gl, gg)
             ],
         }

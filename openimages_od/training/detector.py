@@ -47,9 +47,9 @@ SIGNATURES = {
 }
 
 
-def build_model(params: Any, padded: int) -> tf_keras.Model:
+def build_model(params: Any, input_size: int) -> tf_keras.Model:
     """The RetinaNet Keras model for ``params`` (an ExperimentConfig) with a fixed square input."""
-    input_specs = tf_keras.layers.InputSpec(shape=[None, padded, padded, 3])
+    input_specs = tf_keras.layers.InputSpec(shape=[None, input_size, input_size, 3])
     return factory.build_retinanet(input_specs=input_specs, model_config=params.task.model)
 
 
@@ -64,15 +64,15 @@ class DetectorModule(tf.Module):
 
     Args:
         model: the RetinaNet Keras model built by :func:`build_model`.
-        input_size: the side images are resized to (longest side, aspect kept).
-        padded: the model's square input side (>= input_size).
+        input_size: the model's square input side: images are resized to fit it (longest side,
+            aspect kept) and zero-padded to the square. ``train.input_size`` is validated to be a
+            multiple of 128 (RetinaNet's P7 stride), so the square needs no further padding.
     """
 
-    def __init__(self, model: tf_keras.Model, input_size: int, padded: int) -> None:
+    def __init__(self, model: tf_keras.Model, input_size: int) -> None:
         super().__init__(name="oiod_detector")
         self.model = model
         self.input_size = int(input_size)
-        self.padded = int(padded)
 
     def _preprocess_one(self, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         image = tf.ensure_shape(image, [None, None, 3])
@@ -80,12 +80,12 @@ class DetectorModule(tf.Module):
         image, info = preprocess_ops.resize_and_crop_image(
             image,
             [self.input_size, self.input_size],
-            padded_size=[self.padded, self.padded],
+            padded_size=[self.input_size, self.input_size],
             aug_scale_min=1.0,
             aug_scale_max=1.0,
             keep_aspect_ratio=True,
         )
-        image = tf.ensure_shape(image, [self.padded, self.padded, 3])
+        image = tf.ensure_shape(image, [self.input_size, self.input_size, 3])
         return image, tf.ensure_shape(info, [4, 2])
 
     def _decode_one(self, data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -119,7 +119,7 @@ class DetectorModule(tf.Module):
             self._decode_one,
             image_bytes,
             fn_output_signature=(
-                tf.TensorSpec([self.padded, self.padded, 3], tf.float32),
+                tf.TensorSpec([self.input_size, self.input_size, 3], tf.float32),
                 tf.TensorSpec([4, 2], tf.float32),
             ),
             parallel_iterations=8,
@@ -133,7 +133,7 @@ class DetectorModule(tf.Module):
             self._preprocess_one,
             images,
             fn_output_signature=(
-                tf.TensorSpec([self.padded, self.padded, 3], tf.float32),
+                tf.TensorSpec([self.input_size, self.input_size, 3], tf.float32),
                 tf.TensorSpec([4, 2], tf.float32),
             ),
             parallel_iterations=8,

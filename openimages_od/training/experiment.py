@@ -22,7 +22,6 @@ __all__ = [
     "BACKBONES",
     "build_experiment",
     "config_digest",
-    "padded_size",
     "resolve_mixed_precision",
     "steps_per_loop",
 ]
@@ -43,12 +42,6 @@ def config_digest(cfg: Config) -> str:
     """sha256 of the resolved ``train`` section: identifies what a model was trained with."""
     body = json.dumps(cfg.train.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
-
-
-def padded_size(input_size: int) -> int:
-    """The model's square input side: ``input_size`` rounded up to a multiple of 2**MAX_LEVEL."""
-    stride = 2**MAX_LEVEL
-    return int(math.ceil(input_size / stride) * stride)
 
 
 def steps_per_loop(cfg: Config) -> int:

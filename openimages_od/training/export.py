@@ -99,16 +99,15 @@ def export_saved_model(
     import tensorflow as tf
 
     from openimages_od.training.detector import DetectorModule, build_model, restore_model
-    from openimages_od.training.experiment import build_experiment, config_digest, padded_size
+    from openimages_od.training.experiment import build_experiment, config_digest
 
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     params = build_experiment(cfg, num_classes=label_map.num_classes, mixed_precision="float32")
-    padded = padded_size(cfg.train.input_size)
-    model = build_model(params, padded)
+    model = build_model(params, cfg.train.input_size)
     if checkpoint:
         restore_model(model, checkpoint)
-    module = DetectorModule(model, cfg.train.input_size, padded)
+    module = DetectorModule(model, cfg.train.input_size)
     sm_dir = dest / "saved_model"
     if sm_dir.exists():
         shutil.rmtree(sm_dir)

@@ -36,10 +36,12 @@ recommended: IoU is not invariant to non-uniform scaling).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from openimages_od.training.box_ops import ioa_matrix, iou_matrix
 
 __all__ = [
     "Hierarchy",
@@ -49,12 +51,12 @@ __all__ = [
     "as_group_of",
     "average_precision",
     "hierarchy_from_json",
-    "ioa_matrix",
-    "iou_matrix",
+    "pr_curve",
 ]
 
 
-@dataclass
+# init=False: ``group_of`` may be left out (no group-of boxes) but is always an array afterwards.
+@dataclass(init=False)
 class ImageGroundTruth:
     """Ground truth of one image.
 
@@ -62,23 +64,30 @@ class ImageGroundTruth:
         boxes: [n, 4] ``ymin, xmin, ymax, xmax``.
         labels: [n] class ids.
         group_of: [n] bool, or Open Images' integer ``IsGroupOf`` (1 yes, 0 no, -1 unknown):
-            only 1 is group-of.
+            only 1 is group-of. None (the default) means no box is group-of.
         positive_labels: verified-present class ids (None or empty: none).
         negative_labels: verified-absent class ids (None or empty: none).
     """
 
     boxes: np.ndarray
     labels: np.ndarray
-    group_of: np.ndarray | None = None
-    positive_labels: set[int] | None = None
-    negative_labels: set[int] | None = None
+    group_of: np.ndarray
+    positive_labels: set[int] | None
+    negative_labels: set[int] | None
 
-    def __post_init__(self) -> None:
-        self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if self.group_of is None:
-            self.group_of = np.zeros(len(self.labels), dtype=bool)
-        self.group_of = as_group_of(self.group_of)
+    def __init__(
+        self,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        group_of: np.ndarray | None = None,
+        positive_labels: set[int] | None = None,
+        negative_labels: set[int] | None = None,
+    ) -> None:
+        self.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.group_of = as_group_of(np.zeros(len(self.labels), dtype=bool) if group_of is None else group_of)
+        self.positive_labels = positive_labels
+        self.negative_labels = negative_labels
         if not (len(self.boxes) == len(self.labels) == len(self.group_of)):
             raise ValueError("boxes, labels and group_of must have the same length")
 
@@ -157,37 +166,7 @@ def hierarchy_from_json(tree: Mapping, mid_to_id: Mapping[str, int]) -> Hierarch
     return h
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between every box of ``a`` [n, 4] and ``b`` [m, 4] -> [n, m]."""
-    inter = _intersection(a, b)
-    area_a = _area(a)[:, None]
-    area_b = _area(b)[None, :]
-    union = area_a + area_b - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def ioa_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over the area of ``a`` (detections) for every pair -> [n, m]."""
-    inter = _intersection(a, b)
-    area_a = _area(a)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(area_a > 0, inter / area_a, 0.0)
-
-
-def _area(x: np.ndarray) -> np.ndarray:
-    return np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
-
-
-def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ymin = np.maximum(a[:, None, 0], b[None, :, 0])
-    xmin = np.maximum(a[:, None, 1], b[None, :, 1])
-    ymax = np.minimum(a[:, None, 2], b[None, :, 2])
-    xmax = np.minimum(a[:, None, 3], b[None, :, 3])
-    return np.clip(ymax - ymin, 0, None) * np.clip(xmax - xmin, 0, None)
-
-
-def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
+def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: float) -> float:
     """AP from scored true/false positives and the number of ground-truth instances.
 
     ``tp`` may be weights (a group-of hit counts ``group_of_weight``); an entry
@@ -210,7 +189,7 @@ def average_precision(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
     return float(np.sum((r[idx] - r[idx - 1]) * p[idx]))
 
 
-def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: int, max_points: int = 101) -> dict | None:
+def pr_curve(scores: np.ndarray, tp: np.ndarray, num_gt: float, max_points: int = 101) -> dict | None:
     """Precision and recall along the score-ranked detections (for plots), at most ``max_points`` points.
 
     Returns None when the class has no ground truth or no detections.
@@ -405,18 +384,3 @@ class OpenImagesMetric:
             "iou_threshold": self.iou_threshold,
             "group_of_weight": self.group_of_weight,
         }
-
-
-def evaluate_images(
-    gts: Iterable[ImageGroundTruth],
-    dets: Iterable[ImageDetections],
-    class_ids: Sequence[int],
-    hierarchy: Hierarchy | None = None,
-    iou_threshold: float = 0.5,
-    group_of_weight: float = 1.0,
-) -> dict:
-    """Convenience: score paired lists of ground truth and detections."""
-    m = OpenImagesMetric(class_ids, hierarchy, iou_threshold, group_of_weight=group_of_weight)
-    for g, d in zip(gts, dets):
-        m.add_image(g, d)
-    return m.result()

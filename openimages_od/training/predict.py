@@ -29,10 +29,11 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from openimages_od.config import Config, join_url, save_resolved
+from openimages_od.config import Config, RayConfig, join_url, save_resolved
 from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.ids import source_id as stable_source_id
 from openimages_od.openimages.labelmap import LabelMap
@@ -40,7 +41,10 @@ from openimages_od.storage import Storage
 from openimages_od.storage_setup import storage_from_config
 from openimages_od.training.predictions import ImagePrediction, challenge_csv, coco_json
 
-__all__ = ["Chunk", "Predictor", "run_predict"]
+if TYPE_CHECKING:
+    from openimages_od.serving.model import ExportedModel
+
+__all__ = ["Chunk", "Predictor", "predict_actor_count", "run_predict"]
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +73,23 @@ class Predictor:
         self.cfg = cfg
         self.storage = storage_from_config(cfg)
         self.batch_size = cfg.evaluate.batch_size
+        # Exactly one of the two is set: an exported SavedModel, or a restored training module.
+        self._exported: ExportedModel | None = None
+        self._module: Any = None
         if model:
             from openimages_od.serving.model import ExportedModel
 
             self._exported = ExportedModel.load(model, self.storage, warmup=False)
-            self._module = None
             self.labels = self._exported.labels
             self.describe = {"model": model, **self._exported.describe()}
         else:
             from openimages_od.training.checkpoints import resolve_checkpoint
             from openimages_od.training.detector import restore_model
-            from openimages_od.training.evaluate import build_eval_module
+            from openimages_od.training.evaluator import build_eval_module
             from openimages_od.training.inputs import load_label_map
 
             self.labels = load_label_map(cfg, self.storage)
             ckpt, step = resolve_checkpoint(cfg, self.storage, checkpoint)
-            self._exported = None
             self._module = build_eval_module(cfg, len(self.labels))
             restore_model(self._module.model, ckpt)
             self.describe = {"checkpoint": ckpt, "step": step}
@@ -127,8 +132,8 @@ class Predictor:
         self, chunk: Chunk, max_images: int | None
     ) -> Iterator[list[tuple[str, int, int, int, bytes]]]:
         if chunk.shard is not None:
-            from openimages_od.training.evaluate import iter_batches, parse_ground_truth
             from openimages_od.training.inputs import default_cache_dir, stage_shards
+            from openimages_od.training.scoring import iter_batches, parse_ground_truth
 
             files = stage_shards([chunk.shard], self.storage, default_cache_dir(self.cfg) / "shards")
             for batch in iter_batches(files, self.batch_size, max_images):
@@ -144,17 +149,17 @@ class Predictor:
                     for g in gts
                 ]
             return
-        batch = []
+        rows: list[tuple[str, int, int, int, bytes]] = []
         for url in (chunk.images or [])[: max_images if max_images is not None else None]:
             data = self.storage.read_bytes(url)
             w, h = _image_size(data, url)
             iid = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-            batch.append((iid, stable_source_id(iid), w, h, data))
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+            rows.append((iid, stable_source_id(iid), w, h, data))
+            if len(rows) == self.batch_size:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
 
 
 def _image_size(data: bytes, url: str) -> tuple[int, int]:
@@ -211,7 +216,6 @@ def _run_ray(
     try:
         cfg_data = cfg.model_dump(mode="json")
 
-        @ray.remote(num_cpus=cfg.ray.num_cpus_per_actor, max_restarts=1, max_task_retries=2)
         class PredictActor:  # pragma: no cover - runs in Ray workers (covered by the integration test)
             def __init__(self) -> None:
                 self.p = Predictor(Config.model_validate(cfg_data), model, checkpoint)
@@ -219,7 +223,12 @@ def _run_ray(
             def run(self, chunk: Chunk, limit: int | None) -> tuple[list[ImagePrediction], dict]:
                 return self.p.run(chunk, limit), self.p.describe
 
-        actors = [PredictActor.remote() for _ in range(max(1, min(cfg.ray.num_actors, len(chunks))))]
+        # ray.remote called, not used as a decorator: the actor class it returns is not PredictActor.
+        actor_cls = ray.remote(num_cpus=cfg.ray.num_cpus_per_actor, max_restarts=1, max_task_retries=2)(
+            PredictActor
+        )
+        n = predict_actor_count(cfg.ray, ray.nodes(), len(chunks))
+        actors = [actor_cls.remote() for _ in range(n)]
         refs = [actors[i % len(actors)].run.remote(c, max_images) for i, c in enumerate(chunks)]
         results = ray.get(refs)  # in chunk order, whatever finished first
         for a in actors:
@@ -232,7 +241,31 @@ def _run_ray(
         out.extend(preds)
     if max_images is not None:
         out = out[:max_images]  # the same cut as the local run and `oiod evaluate`
-    return out, (results[0][1] if results else {})
+    return out, {**(results[0][1] if results else {}), "workers": n}
+
+
+def predict_actor_count(rc: RayConfig, nodes: list[dict[str, Any]], num_chunks: int) -> int:
+    """How many prediction actors to start: ``ray.num_actors`` if set, else what the alive nodes hold.
+
+    A node holds ``ray.actors_per_node`` actors, or as many as its CPUs allow at
+    ``ray.num_cpus_per_actor`` each (the rule prepare sizes its download actors by); never more
+    actors than chunks, never fewer than one.
+
+    Args:
+        rc: the ``ray`` config section.
+        nodes: ``ray.nodes()`` (dicts with ``Alive`` and ``Resources``).
+        num_chunks: the units of work.
+    """
+    if rc.num_actors:
+        n = rc.num_actors
+    else:
+        n = 0
+        for node in nodes:
+            if not node.get("Alive"):
+                continue
+            fit = int(float(node.get("Resources", {}).get("CPU", 0)) / rc.num_cpus_per_actor + 1e-9)
+            n += min(fit, rc.actors_per_node) if rc.actors_per_node else fit
+    return max(1, min(n, num_chunks))
 
 
 def run_predict(
@@ -292,7 +325,7 @@ def run_predict(
         "num_images": len(preds),
         "num_detections": n_det,
         "seconds": round(time.monotonic() - t0, 3),
-        "workers": cfg.ray.num_actors if ray else 1,
+        "workers": 1,  # _run_ray's description says how many actors ran
         **described,
     }
     storage.write_json(join_url(dest, "predict.json"), info)

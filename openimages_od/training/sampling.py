@@ -85,7 +85,7 @@ def frequencies_from_stats(
 def frequencies_from_shards(files: list[str], num_ids: int) -> dict[int, float]:
     """Image fraction per label id counted over local TFRecord shards (no TensorFlow)."""
     from openimages_od.pipeline.example import decode_example
-    from openimages_od.training.evaluate import iter_batches
+    from openimages_od.training.scoring import iter_batches
 
     counts = np.zeros(num_ids + 1, np.int64)
     n = 0

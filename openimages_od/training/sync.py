@@ -72,7 +72,7 @@ class DirSync:
         return any(rel == e or rel.startswith(e + "/") for e in self.exclude)
 
     def _local_files(self) -> dict[str, tuple[int, int]]:
-        out = {}
+        out: dict[str, tuple[int, int]] = {}
         if not self.local_dir.is_dir():
             return out
         for dirpath, _, files in os.walk(self.local_dir):
