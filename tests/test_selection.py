@@ -137,7 +137,7 @@ def test_image_ids_errors_name_file_and_line(dataset, tmp_path):
     with pytest.raises(ValidationError, match=r"item 1: 'xyz' is not an ImageID"):
         Config.model_validate({"selection": {"image_ids": ["0123456789abcdef", "xyz"]}})
     missing = tmp_path / "nope.txt"
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match=f"selection.image_ids: {missing} not found"):
         _plan(dataset, tmp_path / "out2", image_ids=str(missing))
 
 

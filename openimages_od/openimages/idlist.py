@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from openimages_od.errors import DataError
+from openimages_od.errors import ConfigError, DataError
 from openimages_od.openimages.idkeys import IdSet
 from openimages_od.openimages.inputs import MetadataInputs
 
@@ -103,9 +103,18 @@ class ImageIdList:
 
 
 def load_image_ids(value: list[str] | str, inputs: MetadataInputs) -> ImageIdList:
-    """``selection.image_ids`` resolved: a list as given, or a file read through the storage layer."""
+    """``selection.image_ids`` resolved: a list as given, or a file read through the storage layer.
+
+    Raises:
+        ConfigError: the file does not exist.
+        DataError: malformed lines (see :func:`parse_image_ids`).
+    """
     if isinstance(value, str):
-        ids = parse_image_ids(inputs.text(value), value)
+        try:
+            text = inputs.text(value)
+        except FileNotFoundError:
+            raise ConfigError(f"selection.image_ids: {value} not found") from None
+        ids = parse_image_ids(text, value)
         source = value
     else:
         ids, source = list(value), "selection.image_ids"
