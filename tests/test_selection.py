@@ -268,3 +268,39 @@ def test_keep_all_labels_needs_the_class_list(dataset, tmp_path):
     )
     with pytest.raises(ConfigError, match="keep_all_labels needs"):
         build_plan(cfg)
+
+
+def test_keep_all_labels_on_reference_metadata_with_trainable_only(tmp_path):
+    """The real class files and a real box sample (tests/data/openimages): with trainable_only the
+    other classes kept are V2-trainable ones, and every trainable box of a chosen image is kept."""
+    data = Path(__file__).resolve().parent / "data" / "openimages"
+    boxes_csv = data / "sample_sysaster_test-annotations-bbox_first2000lines.csv"
+    trainable = {
+        ln.split('"')[1] for ln in (data / "oid_bbox_trainable_label_map.pbtxt").open() if "name:" in ln
+    }
+    cfg = Config.model_validate(
+        {
+            "source": {
+                "class_descriptions": str(data / "class-descriptions-boxable.csv"),
+                "trainable_classes": str(data / "oid_bbox_trainable_label_map.pbtxt"),
+                "splits": {"test": {"boxes": str(boxes_csv)}},
+            },
+            "selection": {"classes": ["/m/0dzf4"], "trainable_only": True, "keep_all_labels": True},
+            "output": {"url": str(tmp_path / "out")},
+        }
+    )
+    res = build_plan(cfg)
+    rows = _rows(read_plan(str(tmp_path / "out")))
+    by_image: dict[str, list[str]] = {}
+    for ln in boxes_csv.read_text().splitlines()[1:]:
+        f = ln.split(",")
+        by_image.setdefault(f[0], []).append(f[2])
+    chosen = {i for i, mids in by_image.items() if "/m/0dzf4" in mids}
+    assert set(rows) == chosen
+    for image_id, row in rows.items():
+        assert sorted(b["mid"] for b in row["boxes"]) == sorted(
+            m for m in by_image[image_id] if m in trainable
+        )
+    extra = [c.mid for c in res.label_map.classes[1:]]
+    assert extra and set(extra) <= trainable
+    assert set(by_image) != chosen  # the sample has images the selection leaves out

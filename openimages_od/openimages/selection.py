@@ -121,7 +121,9 @@ def load_classes(cfg: Config, inputs: MetadataInputs) -> ClassInfo:
                 "(or source.hierarchy / source.trainable_classes)"
             )
         chosen = set(selected)
-        extra = [m for m in known_set if m not in chosen]
+        # trainable_only bounds the label map: the other classes kept are trainable ones too.
+        pool = trainable if sel.trainable_only and trainable is not None else known_set
+        extra = [m for m in pool if m not in chosen]
     return ClassInfo(selected, display_names(selected + extra, desc, tnames), known, hier, extra=extra)
 
 
