@@ -304,3 +304,19 @@ def test_keep_all_labels_on_reference_metadata_with_trainable_only(tmp_path):
     extra = [c.mid for c in res.label_map.classes[1:]]
     assert extra and set(extra) <= trainable
     assert set(by_image) != chosen  # the sample has images the selection leaves out
+
+
+def test_image_ids_file_by_http_url(dataset, tmp_path, image_server):
+    """An id list at an http(s) URL goes through the storage layer (and the metadata cache)."""
+    listed = _pick_ids(dataset, 3)
+    _plan(dataset, tmp_path / "list", image_ids=listed)
+    url = image_server.add("lists/ids.txt", ("\n".join(listed) + "\n").encode(), content_type="text/plain")
+    res, _ = _plan(dataset, tmp_path / "http", image_ids=url)
+    assert _shard_digests(tmp_path / "http") == _shard_digests(tmp_path / "list")
+    assert res.stats["image_ids"] == {
+        "source": url,
+        "listed": len(listed),
+        "unmatched": 0,
+        "unmatched_ids": [],
+    }
+    assert list((tmp_path / "http" / "metadata").rglob("ids.txt"))  # downloaded once, kept
