@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from crash_writer import CRASH_ENV
 from pipeline_helpers import b64md5, box, image_row, photo, write_plan
 
 from openimages_od.config import dump_config, load_config
@@ -25,12 +26,15 @@ from openimages_od.openimages.ids import source_id
 from openimages_od.pipeline.distribute import ShardWorker, run_prepare
 from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.ledger import decode_ledger
-from openimages_od.pipeline.shard import CRASH_ENV, ShardTask
+from openimages_od.pipeline.shard import ShardTask
 from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.storage import Storage
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
+
+# A TFRecord writer that kills its actor once at a chosen image (tests/crash_writer.py).
+CRASH_WRITER = ["shards.format=crash_writer:CrashOnceTFRecordWriter", f"ray.forward_env=[{CRASH_ENV}]"]
 
 FAST_HTTP = [
     "source.images.http.connect_timeout_s=2",
@@ -247,7 +251,7 @@ def test_killed_actor_shard_is_retried_byte_identical(ray_local, image_server, t
     assert run_prepare(clean) == 0
     hits_clean = dict(image_server.hits)
 
-    crash = _cfg(f"{tmp_path}/crash", "ray.max_shards_in_flight_per_actor=1")
+    crash = _cfg(f"{tmp_path}/crash", "ray.max_shards_in_flight_per_actor=1", *CRASH_WRITER)
     write_plan(st, crash.output_root, rows, images_per_shard=3)
     victim = rows[5]["image_id"]
     marker = tmp_path / "crashed"
@@ -285,7 +289,7 @@ def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path,
     """With the bar on, progress keeps coming after an actor restart (the driver gathers it
     with its heartbeats), and Ray has no constructor argument in the object store to warn about."""
     rows = _simple_rows(image_server, 8, prefix="p")
-    cfg = _cfg(f"{tmp_path}/bar", "ray.progress=true", "ray.max_shards_in_flight_per_actor=1")
+    cfg = _cfg(f"{tmp_path}/bar", "ray.progress=true", "ray.max_shards_in_flight_per_actor=1", *CRASH_WRITER)
     write_plan(Storage.from_config(cfg), cfg.output_root, rows, images_per_shard=4)
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ENV, f"{rows[6]['image_id']}:{marker}")
