@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from crash_writer import CRASH_ENV
+from crash_writer import arm, crash_sets
 
 from openimages_od.config import Config, load_config
 from openimages_od.dataset import dataset_shards, run_status, status
@@ -194,6 +194,7 @@ def _cfg(ds, out: Path, *sets: str) -> Config:
             "ray.progress=false",
             "ray.max_shard_retries=2",
             "ray.actor_start_timeout_s=60",
+            "ray.join_timeout_s=90",
             "source.images.order=[original]",
             "image.max_side=96",
             "source.images.http.max_retries=1",
@@ -315,14 +316,13 @@ def test_webdataset_is_byte_deterministic_and_resumes_without_loss(prepared, tmp
     ccfg = _cfg(
         ds,
         crashed,
-        "shards.format=crash_writer:CrashOnceWebDatasetWriter",
-        f"ray.forward_env=[{CRASH_ENV}]",
+        *crash_sets("CrashOnceWebDatasetWriter"),
         "ray.max_shards_in_flight_per_actor=1",
     )
     st = Storage.from_config(ccfg)
     # The second sample of a shard: the writer has already written the first when the process dies.
     victim_id = [x.image_id for x in WebDatasetShardWriter.read(first[victim], victim)][1]
-    monkeypatch.setenv(CRASH_ENV, f"{victim_id}:{marker}")
+    arm(monkeypatch, victim_id, marker)
     assert run_prepare(ccfg) == 0
     assert marker.exists(), "the crash writer did not fire"
     assert _files(crashed, ".tar") == first
