@@ -28,6 +28,7 @@ from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.pipeline.writers import Sample, ShardWriter, UnknownWriter, resolve_writer, write_shard
 from openimages_od.pipeline.writers.tfrecord import TFRecordShardWriter
 from openimages_od.pipeline.writers.webdataset import WebDatasetShardWriter
+from openimages_od.report import build_report
 from openimages_od.storage import Storage
 from openimages_od.synth import SynthClass, generate_dataset
 
@@ -278,6 +279,9 @@ def test_webdataset_shards_read_by_the_webdataset_library_equal_the_tfrecords(pr
     assert s["dataset"]["shard_format"] == "webdataset"
     assert run_status(wcfg) == 0
     assert "format webdataset" in capsys.readouterr().out
+    # `oiod report` reads the tars through the same writer.
+    html = build_report(wcfg)
+    assert "<h2 id='sizes'>Image sizes</h2>" in html and "No committed shards" not in html
 
 
 @pytest.mark.integration
