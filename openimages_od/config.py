@@ -406,10 +406,26 @@ class ImageConfig(_Section):
 
 
 class ShardsConfig(_Section):
-    """Shard sizing (the unit of work and retry)."""
+    """Shard sizing (the unit of work and retry) and the shard file format."""
 
     images_per_shard: int = Field(1000, ge=1)
-    compression: Literal["none"] = "none"
+    format: str = Field(
+        "tfrecord",
+        description="Shard writer: 'tfrecord' (what train/evaluate read), 'webdataset' (tar: {id}.jpg + "
+        "{id}.json), or a ShardWriter class as 'package.module:Class'.",
+    )
+
+    @field_validator("format")
+    @classmethod
+    def _known_writer(cls, v: str) -> str:
+        # Imported here: the writers import nothing from config, and config stays light to import.
+        from openimages_od.pipeline.writers import UnknownWriter, resolve_writer
+
+        try:
+            resolve_writer(v)
+        except UnknownWriter as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 # --------------------------------------------------------------------------- train / eval / export

@@ -28,12 +28,15 @@ from typing import Any
 from openimages_od.config import Config
 from openimages_od.errors import ConfigError, DataError
 from openimages_od.layout import (
+    DEFAULT_FORMAT,
     Layout,
     ShardSpec,
     combine,
     image_digest,
     image_settings,
     is_current,
+    shard_file_bytes,
+    shard_file_sha256,
     text_digest,
 )
 from openimages_od.openimages.planio import PlanManifest, read_manifest
@@ -121,7 +124,11 @@ def orphans(cfg: Config, storage: Storage, manifest: PlanManifest) -> list[str]:
     layout = Layout.from_config(cfg)
     keep = set()
     for spec in layout.shard_specs(manifest, ""):
-        keep |= {spec.tfrecord, spec.stats, spec.ledger}
+        keep |= {spec.file, spec.stats, spec.ledger}
+    from openimages_od.pipeline.writers import WRITERS, resolve_writer
+
+    # Shard files of any registered format (a format switch leaves the old one's files behind).
+    suffixes = {f".{resolve_writer(n).extension}" for n in WRITERS} | {f".{layout.shard_extension}"}
     out = []
     for prefix in (layout.tfrecords_dir() + "/", layout.ledger_dir() + "/"):
         try:
@@ -131,7 +138,7 @@ def orphans(cfg: Config, storage: Storage, manifest: PlanManifest) -> list[str]:
         for o in objs:
             if o.url in keep or o.url.endswith("config.resolved.yaml"):
                 continue
-            if o.url.endswith((".tfrecord", ".stats.json", ".jsonl")):
+            if o.url.endswith((*sorted(suffixes), ".stats.json", ".jsonl")):
                 out.append(o.url)
     return out
 
@@ -162,16 +169,17 @@ def build_dataset(cfg: Config, manifest: PlanManifest, states: list[ShardState])
         shards = []
         for s in sorted(ss, key=lambda s: s.spec.index):
             st = s.stats or {}
-            shards.append(
-                {
-                    "name": s.spec.name,
-                    "tfrecord": layout.relative(s.spec.tfrecord),
-                    "records": int(st.get("records", st.get("ok", 0))),
-                    "bytes": int(st["tfrecord_bytes"]),
-                    "sha256": st["tfrecord_sha256"],
-                    "shard_key": s.spec.key,
-                }
-            )
+            entry = {
+                "name": s.spec.name,
+                "file": layout.relative(s.spec.file),
+                "records": int(st.get("records", st.get("ok", 0))),
+                "bytes": shard_file_bytes(st),
+                "sha256": shard_file_sha256(st),
+                "shard_key": s.spec.key,
+            }
+            if layout.shard_format == DEFAULT_FORMAT:
+                entry["tfrecord"] = entry["file"]  # the key readers of format-1 lockfiles use
+            shards.append(entry)
         splits[split] = {
             "num_shards": len(shards),
             "images": sum(int((s.stats or {}).get("images", 0)) for s in ss),
@@ -189,6 +197,7 @@ def build_dataset(cfg: Config, manifest: PlanManifest, states: list[ShardState])
         "num_classes": manifest.num_classes,
         "removed_classes": manifest.removed_classes,
         "image_settings": settings,
+        "shard_format": layout.shard_format,
         "splits": splits,
     }
     body["digest"] = combine(
@@ -272,6 +281,14 @@ def dataset_shards(cfg: Config, storage: Storage, split: str) -> tuple[list[str]
             f"(digest {lm_digest[:12]} vs {str(doc.get('label_map_digest'))[:12]}): their class ids would be "
             f"read with the wrong names; run `oiod prepare` (after `oiod plan`)"
         )
+    fmt = doc.get("shard_format", DEFAULT_FORMAT)
+    if fmt != DEFAULT_FORMAT:
+        # Train and evaluate read tf.Examples from TFRecord files only; fail before any TF work.
+        raise DataError(
+            f"{layout.dataset}: the shards are in format {fmt!r} (shards.format), but train and evaluate read "
+            f"TFRecord shards only; prepare with shards.format=tfrecord (into another output.url to keep "
+            f"these shards)"
+        )
     sd = doc["splits"].get(split)
     if not sd or not sd.get("shards"):
         raise DataError(
@@ -281,7 +298,7 @@ def dataset_shards(cfg: Config, storage: Storage, split: str) -> tuple[list[str]
     sizes = layout.shard_files(storage, split)
     urls = []
     for sh in sd["shards"]:
-        url = layout.path(sh["tfrecord"])
+        url = layout.path(sh.get("file") or sh["tfrecord"])
         if url not in sizes:
             raise DataError(f"{url} is listed in {layout.dataset} but missing; run `oiod prepare`")
         if sizes[url] != int(sh["bytes"]):
@@ -330,7 +347,12 @@ def status(cfg: Config, storage: Storage | None = None) -> dict[str, Any]:
     storage = storage or storage_from_config(cfg)
     layout = Layout.from_config(cfg)
     manifest = load_manifest(layout, storage)
-    out: dict[str, Any] = {"output": layout.root, "plan": None, "up_to_date": False}
+    out: dict[str, Any] = {
+        "output": layout.root,
+        "shard_format": layout.shard_format,
+        "plan": None,
+        "up_to_date": False,
+    }
     if manifest is None:
         out["next"] = "oiod plan (no plan yet)"
         return out
@@ -387,6 +409,7 @@ def status(cfg: Config, storage: Storage | None = None) -> dict[str, Any]:
     out["dataset"] = (
         {
             "digest": ds.get("digest"),
+            "shard_format": ds.get("shard_format", DEFAULT_FORMAT),
             "current": ds.get("plan_digest") == manifest.digest
             and ds.get("label_map_digest") == manifest.label_map_digest,
         }
@@ -424,7 +447,7 @@ def run_status(cfg: Config, json_out: bool = False) -> int:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0 if s["up_to_date"] else 1
     p = print
-    p(f"output   {s['output']}")
+    p(f"output   {s['output']}  (shards.format {s['shard_format']})")
     if s["plan"] is None:
         p("plan     none")
         p(f"next     {s['next']}")
@@ -466,6 +489,7 @@ def run_status(cfg: Config, json_out: bool = False) -> int:
     ds = s["dataset"]
     p(
         f"dataset  {'none' if not ds else ds['digest'][:12] + (' (current)' if ds['current'] else ' (of another plan)')}"
+        + (f"  format {ds['shard_format']}" if ds else "")
     )
     p("status   up to date" if s["up_to_date"] else f"next     {s['next']}")
     sys.stdout.flush()

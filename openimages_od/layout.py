@@ -7,8 +7,9 @@ and asks the rules below whether something is committed::
     metadata/                               cached copies of remote metadata files
     plan/manifest.json                      written last: the plan exists when this does
     plan/stats.json, plan/{split}/shard-*.parquet
-    tfrecords/{split}/{name}.tfrecord       one tf.Example per image
-    tfrecords/{split}/{name}.stats.json     written last: names the shard key and the TFRecord's sha256
+    tfrecords/{split}/{name}.{ext}          the shard file: .tfrecord (one tf.Example per image) or the
+                                            extension of the ``shards.format`` writer (.tar for webdataset)
+    tfrecords/{split}/{name}.stats.json     written last: names the shard key and the file's sha256
     ledger/{split}/{name}.jsonl             per image: status, source, cache hit or not
     cache/images-{image_digest}/...         the image cache (or ``output.cache_url``)
     prepare_report.json
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from openimages_od.config import Config, ImageConfig
 
 __all__ = [
+    "DEFAULT_FORMAT",
     "SHARD_KEY_FIELD",
     "Layout",
     "ShardSpec",
@@ -47,11 +49,14 @@ __all__ = [
     "image_digest",
     "image_settings",
     "is_current",
+    "shard_file_bytes",
+    "shard_file_sha256",
     "shard_key",
     "text_digest",
 ]
 
 SHARD_KEY_FIELD = "shard_key"
+DEFAULT_FORMAT = "tfrecord"  # shards.format's default; what train and evaluate read
 
 # Image settings that change the bytes of a record (or whether an image is accepted).
 _BYTE_SETTINGS = (
@@ -97,14 +102,31 @@ def image_digest(ic: ImageConfig) -> str:
     return combine(image_settings(ic))[:16]
 
 
-def shard_key(plan_shard_sha256: str, label_map_digest: str, image_settings_digest: str) -> str:
-    """What a TFRecord shard must have been made from to belong to the current plan."""
-    return combine("shard", plan_shard_sha256, label_map_digest, image_settings_digest)
+def shard_key(
+    plan_shard_sha256: str, label_map_digest: str, image_settings_digest: str, shard_format: str = "tfrecord"
+) -> str:
+    """What a shard must have been made from (and written as) to belong to the current plan."""
+    if shard_format == DEFAULT_FORMAT:
+        return combine("shard", plan_shard_sha256, label_map_digest, image_settings_digest)
+    return combine("shard", plan_shard_sha256, label_map_digest, image_settings_digest, shard_format)
+
+
+def shard_file_sha256(stats: dict[str, Any]) -> str:
+    """The sha256 of the shard file a stats document describes ("" if none)."""
+    # Stats written before shards.format existed name only the TFRecord's digest.
+    return str(stats.get("file_sha256") or stats.get("tfrecord_sha256") or "")
+
+
+def shard_file_bytes(stats: dict[str, Any]) -> int:
+    """The size of the shard file a stats document describes."""
+    return int(stats.get("file_bytes", stats.get("tfrecord_bytes", 0)))
 
 
 def is_current(stats: dict[str, Any] | None, key: str) -> bool:
     """The commit rule: a stats document that exists and names ``key``."""
-    return bool(stats) and stats.get(SHARD_KEY_FIELD) == key and bool(stats.get("tfrecord_sha256"))
+    if not stats:
+        return False
+    return stats.get(SHARD_KEY_FIELD) == key and bool(shard_file_sha256(stats))
 
 
 @dataclass(frozen=True)
@@ -118,7 +140,7 @@ class ShardSpec:
     plan_url: str
     plan_sha256: str
     key: str
-    tfrecord: str
+    file: str  # the shard file (its extension is the format's)
     stats: str
     ledger: str
 
@@ -131,6 +153,8 @@ class Layout:
         model_dir: ``train.model_dir`` (default ``{root}/model``).
         export_dir: ``export.dir`` (default ``{root}/export``).
         cache_root: the image cache root (default ``{root}/cache``).
+        shard_format: ``shards.format`` (part of every shard key; see :func:`shard_key`).
+        shard_extension: the shard files' extension, without the dot (the format's writer names it).
     """
 
     def __init__(
@@ -140,8 +164,12 @@ class Layout:
         model_dir: str | None = None,
         export_dir: str | None = None,
         cache_root: str | None = None,
+        shard_format: str = DEFAULT_FORMAT,
+        shard_extension: str = "tfrecord",
     ) -> None:
         self.root = root.rstrip("/")
+        self.shard_format = shard_format
+        self.shard_extension = shard_extension
         self.model_dir = (model_dir or self.path("model")).rstrip("/")
         self.export_dir = (export_dir or self.path("export")).rstrip("/")
         self.cache_root = (cache_root or self.path("cache")).rstrip("/")
@@ -149,6 +177,7 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
         from openimages_od.config import normalize_root
+        from openimages_od.pipeline.writers import resolve_writer
 
         cache = getattr(cfg.output, "cache_url", None)
         return cls(
@@ -156,6 +185,8 @@ class Layout:
             model_dir=cfg.model_dir,
             export_dir=cfg.export_dir,
             cache_root=normalize_root(cache) if cache else None,
+            shard_format=cfg.shards.format,
+            shard_extension=resolve_writer(cfg.shards.format).extension,
         )
 
     def path(self, *parts: str) -> str:
@@ -197,13 +228,15 @@ class Layout:
 
     # -- shards
     def tfrecords_dir(self, split: str | None = None) -> str:
+        """The shard directory (named for the default format; it holds the shards of any format)."""
         return self.path("tfrecords", split) if split else self.path("tfrecords")
 
     def ledger_dir(self, split: str | None = None) -> str:
         return self.path("ledger", split) if split else self.path("ledger")
 
-    def tfrecord(self, split: str, name: str) -> str:
-        return self.path("tfrecords", split, f"{name}.tfrecord")
+    def shard_file(self, split: str, name: str) -> str:
+        """The shard file of ``name`` in the configured format."""
+        return self.path("tfrecords", split, f"{name}.{self.shard_extension}")
 
     def shard_stats(self, split: str, name: str) -> str:
         return self.path("tfrecords", split, f"{name}.stats.json")
@@ -213,7 +246,7 @@ class Layout:
 
     def shard_urls(self, split: str, name: str) -> dict[str, str]:
         return {
-            "tfrecord": self.tfrecord(split, name),
+            "file": self.shard_file(split, name),
             "stats": self.shard_stats(split, name),
             "ledger": self.ledger(split, name),
         }
@@ -280,8 +313,8 @@ class Layout:
                         name,
                         self.plan_shard(rel),
                         sha,
-                        shard_key(sha, manifest.label_map_digest, image_settings_digest),
-                        urls["tfrecord"],
+                        shard_key(sha, manifest.label_map_digest, image_settings_digest, self.shard_format),
+                        urls["file"],
                         urls["stats"],
                         urls["ledger"],
                     )
@@ -289,7 +322,7 @@ class Layout:
         return out
 
     def shard_files(self, storage: Any, split: str) -> dict[str, int]:
-        """TFRecord, stats and ledger files present for ``split`` (URL -> size)."""
+        """Shard, stats and ledger files present for ``split`` (URL -> size)."""
         out: dict[str, int] = {}
         for prefix in (self.tfrecords_dir(split) + "/", self.ledger_dir(split) + "/"):
             try:

@@ -224,8 +224,8 @@ def build_report(cfg: Config, storage: Storage | None = None) -> str:
         ]
         if "bytes_fetched" in tot:
             rows.append(("MB fetched", f"{tot['bytes_fetched'] / 1e6:.1f}"))
-        if "tfrecord_bytes" in tot:
-            rows.append(("MB of TFRecords", f"{tot['tfrecord_bytes'] / 1e6:.1f}"))
+        if "file_bytes" in tot or "tfrecord_bytes" in tot:
+            rows.append(("MB of shards", f"{tot.get('file_bytes', tot.get('tfrecord_bytes', 0)) / 1e6:.1f}"))
         if "images_per_s" in run:
             rows.append(("last run: images/s (wall, incl. start-up)", run["images_per_s"]))
         if rows:

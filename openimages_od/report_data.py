@@ -120,20 +120,25 @@ class ReportData:
 
     def _shards(self) -> None:
         from openimages_od.pipeline.example import decode_example
-        from openimages_od.pipeline.tfrecord import iter_records
+        from openimages_od.pipeline.writers import resolve_writer
 
         seen = 0
         layout = Layout.from_config(self.cfg)
         lock = self._json(layout.dataset)
         if lock:  # exactly the shards of the dataset (never a stale shard of another plan)
+            writer = resolve_writer(lock.get("shard_format", "tfrecord"))
             shard_urls = [
-                layout.path(sh["tfrecord"]) for sd in lock.get("splits", {}).values() for sh in sd["shards"]
+                layout.path(sh.get("file") or sh["tfrecord"])
+                for sd in lock.get("splits", {}).values()
+                for sh in sd["shards"]
             ]
         else:
+            writer = resolve_writer(layout.shard_format)
+            ext = f".{writer.extension}"
             shard_urls = [
                 o.url
                 for o in self.st.list(self.cfg.output_path("tfrecords") + "/")
-                if o.url.endswith(".tfrecord") and self.st.exists(o.url[: -len(".tfrecord")] + ".stats.json")
+                if o.url.endswith(ext) and self.st.exists(o.url[: -len(ext)] + ".stats.json")
             ]
         # Spread samples over splits: validation/test first (they matter for evaluation), then train.
         shard_urls.sort(key=lambda u: ("/train/" in u, u))
@@ -152,8 +157,8 @@ class ReportData:
         for url in shard_urls:
             if seen >= MAX_SAMPLE_EXAMPLES:
                 break
-            for rec in iter_records(self.st.read_bytes(url), source=url):
-                ex = decode_example(rec, keys)
+            for sample in writer.read(self.st.read_bytes(url), url):
+                ex = decode_example(sample.example, keys)
                 w = int(ex["image/width"][0])
                 h = int(ex["image/height"][0])
                 self.image_sizes.append((w, h))

@@ -460,7 +460,7 @@ def test_layout_owns_every_path_and_the_commit_rule(tmp_path):
     lay = Layout.from_config(cfg)
     root = f"file://{tmp_path}/o"
     assert (
-        lay.tfrecord("train", "train-00001-of-00004")
+        lay.shard_file("train", "train-00001-of-00004")
         == f"{root}/tfrecords/train/train-00001-of-00004.tfrecord"
     )
     assert lay.shard_stats("train", "x") == f"{root}/tfrecords/train/x.stats.json"
@@ -476,7 +476,7 @@ def test_layout_owns_every_path_and_the_commit_rule(tmp_path):
         lay.image_cache(d, "abcdef0123456789")
         == f"s3://cache-bucket/oiod/images-{d}/ab/abcdef0123456789.oiodimg"
     )
-    assert lay.relative(lay.tfrecord("train", "n")) == "tfrecords/train/n.tfrecord"
+    assert lay.relative(lay.shard_file("train", "n")) == "tfrecords/train/n.tfrecord"
     # A setting that changes bytes changes the digest; one that does not, does not.
     assert image_digest(load_config(None, ["image.max_side=512"]).image) != d
     assert image_digest(load_config(None, ["ray.num_actors=7"]).image) == d

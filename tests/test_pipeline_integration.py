@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from crash_writer import arm, crash_sets
 from pipeline_helpers import b64md5, box, image_row, photo, write_plan
 
 from openimages_od.config import dump_config, load_config
@@ -25,7 +26,7 @@ from openimages_od.openimages.ids import source_id
 from openimages_od.pipeline.distribute import ShardWorker, run_prepare
 from openimages_od.pipeline.example import decode_example
 from openimages_od.pipeline.ledger import decode_ledger
-from openimages_od.pipeline.shard import CRASH_ENV, ShardTask
+from openimages_od.pipeline.shard import ShardTask
 from openimages_od.pipeline.tfrecord import iter_records
 from openimages_od.storage import Storage
 from openimages_od.storage_setup import storage_from_config
@@ -248,11 +249,11 @@ def test_killed_actor_shard_is_retried_byte_identical(ray_local, image_server, t
     assert run_prepare(clean) == 0
     hits_clean = dict(image_server.hits)
 
-    crash = _cfg(f"{tmp_path}/crash", "ray.max_shards_in_flight_per_actor=1")
+    crash = _cfg(f"{tmp_path}/crash", "ray.max_shards_in_flight_per_actor=1", *crash_sets())
     write_plan(st, crash.output_root, rows, images_per_shard=3)
     victim = rows[5]["image_id"]
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"{victim}:{marker}")
+    arm(monkeypatch, victim, marker)
     assert run_prepare(crash) == 0
     assert marker.exists(), "the crash hook did not fire"
     assert _shards(st, crash) == _shards(st, clean)
@@ -286,10 +287,10 @@ def test_progress_bar_survives_a_killed_actor(ray_local, image_server, tmp_path,
     """With the bar on, progress keeps coming after an actor restart (the driver gathers it
     with its heartbeats), and Ray has no constructor argument in the object store to warn about."""
     rows = _simple_rows(image_server, 8, prefix="p")
-    cfg = _cfg(f"{tmp_path}/bar", "ray.progress=true", "ray.max_shards_in_flight_per_actor=1")
+    cfg = _cfg(f"{tmp_path}/bar", "ray.progress=true", "ray.max_shards_in_flight_per_actor=1", *crash_sets())
     write_plan(storage_from_config(cfg), cfg.output_root, rows, images_per_shard=4)
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"{rows[6]['image_id']}:{marker}")
+    arm(monkeypatch, rows[6]["image_id"], marker)
     assert run_prepare(cfg) == 0
     assert marker.exists(), "the crash hook did not fire"
     err = capfd.readouterr().err

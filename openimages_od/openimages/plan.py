@@ -70,7 +70,8 @@ def config_digest(cfg: Config) -> str:
 
 
 def _config_digest(cfg: Config) -> str:
-    d = {k: cfg.model_dump(mode="json")[k] for k in ("source", "selection", "shards")}
+    d = {k: cfg.model_dump(mode="json")[k] for k in ("source", "selection")}
+    d["shards"] = {"images_per_shard": cfg.shards.images_per_shard}  # shards.format changes no plan
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

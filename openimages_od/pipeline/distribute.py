@@ -62,7 +62,7 @@ from openimages_od.pipeline.cache import ImageCache
 from openimages_od.pipeline.fetch import Fetcher
 from openimages_od.pipeline.report import build_report
 from openimages_od.pipeline.scheduler import ShardScheduler
-from openimages_od.pipeline.shard import CRASH_ENV, ShardContext, ShardTask, run_shard
+from openimages_od.pipeline.shard import ShardContext, ShardTask, run_shard
 from openimages_od.storage import ObjectNotFound, Storage
 from openimages_od.storage_setup import storage_from_config
 
@@ -77,10 +77,9 @@ __all__ = ["ShardScheduler", "ShardWorker", "pending_tasks", "run_prepare"]
 class ShardWorker:
     """A download actor: one event loop, one HTTP pool, one S3 thread pool, shared by its shards."""
 
-    def __init__(self, cfg_data: dict[str, Any], crash_once: str | None = None) -> None:
+    def __init__(self, cfg_data: dict[str, Any]) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.cfg = Config.model_validate(cfg_data)
-        self.crash_once = crash_once
         self._ctx: ShardContext | None = None
         # Images finished in the shards still running, per shard: (ok, failed, bytes).
         self._live: dict[str, list[int]] = {}
@@ -99,7 +98,6 @@ class ShardWorker:
                 ),
                 cpu_pool=ThreadPoolExecutor(rc.decode_threads_per_actor, thread_name_prefix="oiod-cpu"),
                 semaphore=asyncio.Semaphore(rc.concurrency_per_actor),
-                crash_once=self.crash_once,
                 worker=self.name,
                 cache=(
                     ImageCache(
@@ -356,7 +354,6 @@ def _run_on_ray(
             **({"runtime_env": {"env_vars": env}} if env else {}),
         )
         cfg_data = cfg.model_dump(mode="json")
-        crash_once = os.environ.get(CRASH_ENV) or None
 
         def make_actor(node_id: str) -> Any:
             # Pinned (not soft): an actor of a lost node must not restart elsewhere unseen;
@@ -364,7 +361,7 @@ def _run_on_ray(
             return worker_cls.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                 **options,
-            ).remote(cfg_data, crash_once)
+            ).remote(cfg_data)
 
         bar = _Bar(rc.progress, total_images, len(tasks))
         sched = ShardScheduler(ray, cfg, tasks, bar, make_actor)

@@ -1,7 +1,7 @@
 """Per-image ledger: one JSON line per plan row, in plan order.
 
 ``{output}/ledger/{split}/{split}-{i:05d}-of-{n:05d}.jsonl``, written after
-the shard's TFRecord and before its ``.stats.json``. Each line::
+the shard file and before its ``.stats.json``. Each line::
 
     {"image_id": "...", "status": "ok" | "failed", "source": "bucket" | "original" | "thumbnail" | null,
      "url": "...", "bytes": 123, "width": 640, "height": 480, "kept_original": false,

@@ -62,6 +62,7 @@ def build_report(
             "boxes": sum(s.get("boxes", 0) for s in stats),
             "bytes_fetched": sum(s.get("bytes_fetched", 0) for s in stats),
             "tfrecord_bytes": sum(s.get("tfrecord_bytes", 0) for s in stats),
+            "file_bytes": sum(s.get("file_bytes", s.get("tfrecord_bytes", 0)) for s in stats),
             "kept_original": sum(s.get("kept_original", 0) for s in stats),
             "cache_hits": sum(s.get("cache_hits", 0) for s in stats),
         },
@@ -103,6 +104,9 @@ def build_report(
                     "worker",
                     "shard_key",
                     "tfrecord_sha256",
+                    "shard_format",
+                    "file_bytes",
+                    "file_sha256",
                 )
             }
             for s in stats

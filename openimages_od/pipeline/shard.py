@@ -1,4 +1,4 @@
-"""One shard end to end: plan rows -> cache or fetch -> verify -> orient/resize -> tf.Example -> commit.
+"""One shard end to end: plan rows -> cache or fetch -> verify -> orient/resize -> record -> writer -> commit.
 
 Pure of Ray: :func:`run_shard` is a coroutine that the Ray actor (or a test,
 or a benchmark) runs inside its event loop. Commit protocol, per shard
@@ -7,11 +7,13 @@ or a benchmark) runs inside its event loop. Commit protocol, per shard
 0. the plan shard's bytes are checked against the sha256 the manifest names
    (a plan rewritten under a running prepare fails the shard, never mixes plans),
    and the shard's old stats are deleted (so no stats ever describes other bytes),
-1. the TFRecord object (atomic write),
+1. the shard file (atomic write), in the format ``shards.format`` names: a
+   :class:`~openimages_od.pipeline.writers.ShardWriter` turns the records into
+   the file's bytes and does nothing else,
 2. the ledger (one line per plan row, plan order),
 3. ``{split}-{i:05d}-of-{n:05d}.stats.json`` last, naming the shard key
-   (:func:`openimages_od.layout.shard_key`) and the TFRecord's sha256: the shard
-   is committed for this plan.
+   (:func:`openimages_od.layout.shard_key`), the format and the file's sha256:
+   the shard is committed for this plan.
 
 Each image is looked up in the image cache (:mod:`.cache`) first; only a miss
 is fetched from its sources, and what was fetched is cached for every later
@@ -19,9 +21,10 @@ plan.
 
 Records are written in plan order (ImageID), and each record depends only on
 the plan row and the source bytes, so the shard bytes are identical whatever
-the worker count, timing or retries. ``retry_failed`` re-fetches only the
-images the ledger records as failed and reuses the other records byte for byte
-from the existing shard.
+the worker count, timing or retries (writers must be deterministic too).
+``retry_failed`` re-fetches only the images the ledger records as failed and
+reuses the other records byte for byte from the existing shard (read back by
+the same writer).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import asyncio
 import hashlib
 import io
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -45,22 +47,17 @@ from openimages_od.errors import DataError
 from openimages_od.layout import SHARD_KEY_FIELD, Layout
 from openimages_od.openimages.planio import shard_name
 from openimages_od.pipeline.cache import CacheEntry, ImageCache
-from openimages_od.pipeline.example import decode_example, detection_features, encode_example
+from openimages_od.pipeline.example import detection_features, encode_example
 from openimages_od.pipeline.fetch import Fetched, Fetcher, FetchFailed
 from openimages_od.pipeline.geometry import Op, render, transform_boxes
 from openimages_od.pipeline.ledger import LedgerEntry, decode_ledger, encode_ledger
-from openimages_od.pipeline.tfrecord import encode_records, iter_records
 from openimages_od.pipeline.verify import Rejected, check_md5, open_image
+from openimages_od.pipeline.writers import Sample, resolve_writer, write_shard
 from openimages_od.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CRASH_ENV", "ShardContext", "ShardTask", "process_image", "run_shard", "shard_urls"]
-
-# Test hook: "IMAGE_ID:MARKER_PATH" makes the worker process exit (os._exit)
-# the first time it reaches IMAGE_ID (the marker file makes it happen once),
-# to test that a killed actor's shard is retried without loss or duplicates.
-CRASH_ENV = "OIOD_TEST_CRASH_ONCE"
+__all__ = ["ShardContext", "ShardTask", "process_image", "run_shard", "shard_urls"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ class ShardTask:
 
 
 def shard_urls(cfg: Config, split: str, index: int, num_shards: int) -> dict[str, str]:
-    """URLs of a shard's TFRecord, stats and ledger."""
+    """URLs of a shard's file (``file``), stats and ledger."""
     return Layout.from_config(cfg).shard_urls(split, shard_name(split, index, num_shards))
 
 
@@ -96,7 +93,6 @@ class ShardContext:
     cpu_pool: Executor
     semaphore: asyncio.Semaphore
     on_image: Callable[[bool, int], None] | None = None  # (ok, bytes) per finished image
-    crash_once: str | None = None
     worker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     cache: ImageCache | None = None  # None = output.image_cache off
@@ -206,23 +202,12 @@ def _from_cache(row: dict[str, Any], ce: CacheEntry) -> ImageResult:
     return ImageResult(e, record, 0, n_boxes)
 
 
-def _maybe_crash(ctx: ShardContext, image_id: str) -> None:
-    if not ctx.crash_once:
-        return
-    target, _, marker = ctx.crash_once.partition(":")
-    if target == image_id and marker and not os.path.exists(marker):
-        with open(marker, "w") as fh:
-            fh.write(f"{os.getpid()}\n")
-        os._exit(17)  # simulate a killed worker: no cleanup, no exception
-
-
 async def _one(row: dict[str, Any], ctx: ShardContext) -> ImageResult:
     cfg = ctx.cfg
     loop = asyncio.get_running_loop()
     attempts: list[str] = []
     fetched_bytes = 0
     async with ctx.semaphore:
-        _maybe_crash(ctx, row["image_id"])
         for source in cfg.source.images.order:
             try:
                 fetched = await ctx.fetcher.fetch(source, row)
@@ -267,16 +252,13 @@ async def _read_previous(
     st = ctx.storage
     try:
         ledger_raw = await loop.run_in_executor(None, st.read_bytes, urls["ledger"])
-        data = await loop.run_in_executor(None, st.read_bytes, urls["tfrecord"])
+        data = await loop.run_in_executor(None, st.read_bytes, urls["file"])
     except ObjectNotFound:
         return {}, {}
     ledger = {e.image_id: e for e in decode_ledger(ledger_raw)}
-    records: dict[str, bytes] = {}
-    for rec in iter_records(data, urls["tfrecord"]):
-        fn = decode_example(rec, keys=("image/filename",)).get("image/filename")
-        if fn:
-            records[bytes(fn[0]).decode()] = rec
-    return records, ledger
+    writer = resolve_writer(ctx.cfg.shards.format)
+    samples = await loop.run_in_executor(ctx.cpu_pool, lambda: list(writer.read(data, urls["file"])))
+    return {s.image_id: s.example for s in samples}, ledger
 
 
 async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
@@ -329,18 +311,20 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
         return res
 
     results = await asyncio.gather(*(one(r) for r in rows))
-    records = [r.record for r in results if r.record is not None]
-    payload = encode_records(records)
+    samples = [Sample(r.entry.image_id, r.record) for r in results if r.record is not None]
+    writer = resolve_writer(cfg.shards.format)
+    payload = await loop.run_in_executor(ctx.cpu_pool, write_shard, writer, task.name, samples)
+    payload_sha256 = hashlib.sha256(payload).hexdigest()
 
     await loop.run_in_executor(None, st.delete, urls["stats"])
-    await loop.run_in_executor(None, st.write_bytes, urls["tfrecord"], payload)
+    await loop.run_in_executor(None, st.write_bytes, urls["file"], payload)
     await loop.run_in_executor(None, st.write_bytes, urls["ledger"], encode_ledger(r.entry for r in results))
 
     duration = time.monotonic() - t0
     ok = sum(1 for r in results if r.entry.ok)
     fetched = [r for r in results if not r.entry.from_cache and not r.entry.reused]
     stats = {
-        "format": 2,
+        "format": 3,  # 3: shard_format, file, file_bytes, file_sha256
         SHARD_KEY_FIELD: task.key,
         "plan_digest": task.plan_digest,
         "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
@@ -348,7 +332,8 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
         "shard": task.index,
         "num_shards": task.num_shards,
         "name": task.name,
-        "tfrecord": urls["tfrecord"],
+        "shard_format": cfg.shards.format,
+        "file": urls["file"],
         "ledger": urls["ledger"],
         "images": len(results),
         "ok": ok,
@@ -361,13 +346,16 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
         "source_fetches": len(fetched),
         "boxes": sum(r.boxes for r in results if r.entry.ok),
         "bytes_fetched": sum(r.fetched_bytes for r in results),
-        "records": len(records),
-        "tfrecord_bytes": len(payload),
-        "tfrecord_sha256": hashlib.sha256(payload).hexdigest(),
+        "records": len(samples),
+        "file_bytes": len(payload),
+        "file_sha256": payload_sha256,
         "duration_s": round(duration, 3),
         "images_per_s": round(len(results) / duration, 2) if duration > 0 else None,
         "retry_failed": task.retry_failed,
         "worker": ctx.worker,
     }
+    if writer.extension == "tfrecord":
+        # The names readers of stats written before shards.format existed look for.
+        stats.update(tfrecord=urls["file"], tfrecord_bytes=len(payload), tfrecord_sha256=payload_sha256)
     await loop.run_in_executor(None, st.write_json, urls["stats"], stats)
     return stats

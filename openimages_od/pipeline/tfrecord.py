@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
-from typing import IO
 
 import google_crc32c
 
 from openimages_od.errors import DataError
 
-__all__ = ["TFRecordWriter", "encode_records", "frame_record", "iter_records", "masked_crc32c"]
+__all__ = ["encode_records", "frame_record", "iter_records", "masked_crc32c"]
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -63,15 +62,3 @@ def iter_records(data: bytes, source: str = "tfrecord", verify: bool = True) -> 
             raise DataError(f"{source}: bad data CRC at byte {pos}")
         yield record
         pos = stop + 4
-
-
-class TFRecordWriter:
-    """Write framed records to a binary file object."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self.fh = fh
-        self.count = 0
-
-    def write(self, record: bytes) -> None:
-        self.fh.write(frame_record(record))
-        self.count += 1
