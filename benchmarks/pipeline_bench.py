@@ -217,7 +217,7 @@ def run_oiod(port: int, n: int, max_side: int, workdir: Path, actors: int, threa
     import ray
 
     from openimages_od.config import load_config
-    from openimages_od.pipeline.distribute import _connect, run_prepare
+    from openimages_od.pipeline.distribute import connect, run_prepare
 
     cfg = load_config(
         None,
@@ -237,11 +237,7 @@ def run_oiod(port: int, n: int, max_side: int, workdir: Path, actors: int, threa
     t_imported = time.monotonic()
     # Ray is started the way `oiod prepare` starts it (so its start-up options count),
     # but here, before run_prepare, to also time the run after ray.init.
-    _connect(
-        cfg.model_copy(
-            update={"ray": cfg.ray.model_copy(update={"local_num_cpus": 2, "object_store_memory_mb": 200})}
-        )
-    )
+    connect(cfg.ray.model_copy(update={"local_num_cpus": 2, "object_store_memory_mb": 200}))
     t_ray = time.monotonic()
     run_prepare(cfg)
     t_end = time.monotonic()
