@@ -143,7 +143,7 @@ def jpeg_floor_ms(folder: Path, max_side: int, quality: int, passes: int = 3) ->
     for _ in range(passes):
         spent = dict.fromkeys(best, 0.0)
         for d in datas:
-            w, h, _, _ = simplejpeg.decode_jpeg_header(d)
+            h, w, _, _ = simplejpeg.decode_jpeg_header(d)  # (height, width, ...)
             tw, th = target_size(w, h, max_side)
             room = min(w // tw, h // th)
             factor = next(f for f in (8, 4, 2, 1) if room >= f)
