@@ -371,6 +371,8 @@ def test_config_rejects_unknown_resample():
 
 
 def test_embedded_ray_agent_port_is_dynamic_only_inside_the_context():
+    # Guards the one patch of Ray internals (distribute._dynamic_agent_port, see its comment
+    # for why Ray has no supported option): fails when a Ray upgrade moves them.
     from ray._private.parameter import RayParams
 
     from openimages_od.pipeline.distribute import _dynamic_agent_port

@@ -25,8 +25,6 @@ MARKER_WITHIN = 5
 # state a reason. strict: once a file is fixed the xfail fails, so the entry must go.
 PENDING_SIZE = {
     "openimages/formats.py": "release-layout readers; being reworked on the planperf branch",
-    "pipeline/distribute.py": "the Ray scheduling loop is moving into its own class (prepperf/sources branches)",
-    "pipeline/scheduler.py": "owned by the prepperf branch, which is changing it",
 }
 
 # Frameworks that take seconds and hundreds of MB to import, and where they may load at import time.

@@ -1,3 +1,4 @@
+# Over 400 lines: all of prepare's Ray glue but the scheduling loop, in one module by design.
 """``oiod prepare`` on Ray: connects to Ray and builds the actors; its scheduling
 loop is :mod:`openimages_od.pipeline.scheduler` (the only other module that touches Ray).
 
@@ -48,18 +49,19 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from openimages_od import dataset as ds
-from openimages_od.config import Config, save_resolved
+from openimages_od.config import Config, RayConfig, save_resolved
 from openimages_od.errors import ConfigError, OiodError
 from openimages_od.layout import Layout, image_digest
 from openimages_od.openimages.planio import PlanManifest, read_manifest
 from openimages_od.outputlock import output_lock
 from openimages_od.pipeline.cache import ImageCache
 from openimages_od.pipeline.fetch import Fetcher
+from openimages_od.pipeline.progress import ProgressBar
 from openimages_od.pipeline.report import build_report
 from openimages_od.pipeline.scheduler import ShardScheduler
 from openimages_od.pipeline.shard import ShardContext, ShardTask, run_shard
@@ -68,7 +70,7 @@ from openimages_od.storage_setup import storage_from_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardScheduler", "ShardWorker", "pending_tasks", "run_prepare"]
+__all__ = ["RayRun", "ShardScheduler", "ShardWorker", "connect", "pending_tasks", "run_prepare"]
 
 
 # --------------------------------------------------------------------------- actors
@@ -205,10 +207,16 @@ def _dynamic_agent_port() -> Iterator[None]:
     ``ray.init`` always asks the agent for the fixed port 52365; when another Ray
     instance on the machine holds it (a second ``oiod prepare``, a test session,
     a dev cluster), the agent retries with back-off for ~3.5 s and the raylet
-    waits for it, so start-up doubles. ``ray.init`` has no option for that port,
-    so the default is swapped for 0 (any free port) during the call only. If
-    Ray's internals ever move, this silently does nothing.
+    waits for it, so start-up doubles. The default is swapped for 0 (any free
+    port) during the call only; ``tests/test_pipeline_units.py`` fails if Ray's
+    internals move and this stops doing it.
     """
+    # No supported option exists (checked on Ray 2.60): ray.init has no agent-port
+    # argument, no RAY_* variable or _system_config key sets it (the default is a
+    # plain constant bound into RayParams' signature), include_dashboard=False still
+    # starts the agent's HTTP server, and the one public knob, `ray start --head
+    # --dashboard-agent-listen-port=0`, makes a detached instance that only `ray stop`
+    # (every Ray instance of the user on the machine) takes down.
     try:
         from ray._private.parameter import RayParams as params
 
@@ -222,19 +230,34 @@ def _dynamic_agent_port() -> Iterator[None]:
         kwargs.setdefault("dashboard_agent_listen_port", 0)
         orig(self, *args, **kwargs)
 
-    params.__init__ = init
+    setattr(params, "__init__", init)  # noqa: B010 - setattr: a method assignment mypy would refuse
     try:
         yield
     finally:
-        params.__init__ = orig
+        setattr(params, "__init__", orig)  # noqa: B010
 
 
 def _connect(cfg: Config) -> bool:
-    """Join or start Ray; True if this call started it (and so must shut it down)."""
+    """:func:`connect` with the ``ray`` section of ``cfg`` (for callers holding the whole config)."""
+    return connect(cfg.ray)
+
+
+def connect(rc: RayConfig) -> bool:
+    """Join or start Ray; True if this call started it (and so must shut it down).
+
+    The embedded instance (``ray.address: local``) starts with no dashboard (Ray
+    still runs its minimal API server, which has no off switch), a bounded object
+    store (shards travel as stats dicts, never as objects), and workers at
+    ``ray.local_worker_niceness``.
+    """
+    # Ray's worker prestart is kept: measured on 2 cores (3 interleaved rounds of ray.init
+    # + 2 actors ready), turning off prestart_worker_first_driver or enable_worker_prestart
+    # moved the wait from ray.init to the first actors (the actors reuse the prestarted
+    # workers) with the same CPU (4.0-4.5 s per start-up) and no change beyond the noise,
+    # and a 100 MB object store started no faster than 512 MB.
     ray = _ray()
     if ray.is_initialized():
         return False
-    rc = cfg.ray
     if rc.address == "local":
         with _dynamic_agent_port():
             ray.init(
@@ -252,52 +275,6 @@ def _connect(cfg: Config) -> bool:
         except ConnectionError as exc:
             raise OiodError(f"ray.address {rc.address!r}: cannot join the Ray cluster ({exc})") from None
     return True
-
-
-class _Bar:
-    """Live progress in the driver (rich), or nothing when disabled."""
-
-    def __init__(self, enabled: bool, total_images: int, total_shards: int) -> None:
-        self.enabled = enabled
-        self.t0 = time.monotonic()
-        self.total_shards = total_shards
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("prepare"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("images"),
-            TextColumn("{task.fields[rate]:>7.1f} img/s"),
-            TextColumn("shards {task.fields[shards]}"),
-            TextColumn("failed {task.fields[failed]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            refresh_per_second=4,
-        )
-        self.task = self.progress.add_task(
-            "prepare", total=total_images, rate=0.0, shards=f"0/{total_shards}", failed=0
-        )
-        self.progress.start()
-
-    def update(self, ok: int, failed: int, shards_done: int) -> None:
-        if not self.enabled:
-            return
-        el = max(1e-6, time.monotonic() - self.t0)
-        self.progress.update(
-            self.task,
-            completed=ok + failed,
-            rate=(ok + failed) / el,
-            shards=f"{shards_done}/{self.total_shards}",
-            failed=failed,
-        )
-
-    def close(self) -> None:
-        if self.enabled:
-            self.progress.stop()
 
 
 def _secrets_in_config(cfg_data: dict[str, Any]) -> list[str]:
@@ -326,34 +303,56 @@ def _secrets_in_config(cfg_data: dict[str, Any]) -> list[str]:
     return found
 
 
-def _run_on_ray(
-    cfg: Config, tasks: list[ShardTask], total_images: int
-) -> tuple[list[dict], dict[str, str], int, dict]:
-    ray = _ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+class RayRun:
+    """One prepare's shards on Ray, in named steps: connect, check capacity, build actors, schedule, report.
 
-    rc = cfg.ray
-    started = _connect(cfg)
-    try:
-        cpus = ray.cluster_resources().get("CPU", 0)
-        if rc.num_actors and rc.address == "local" and rc.num_actors * rc.num_cpus_per_actor > cpus:
+    The scheduling loop itself is :class:`~openimages_od.pipeline.scheduler.ShardScheduler`;
+    this class only prepares what it needs (the actor factory, the live bar) and
+    turns its outcome into the report's ``ray`` section.
+
+    Args:
+        cfg: the resolved configuration (the actors receive it whole: it is their input).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rc = cfg.ray
+
+    def check_capacity(self, cluster_cpus: float) -> None:
+        """Refuse an explicit actor count the embedded instance cannot hold (it would wait forever).
+
+        Raises:
+            ConfigError: ``ray.num_actors`` x ``ray.num_cpus_per_actor`` > the local instance's CPUs.
+        """
+        rc = self.rc
+        if rc.num_actors and rc.address == "local" and rc.num_actors * rc.num_cpus_per_actor > cluster_cpus:
             need = rc.num_actors * rc.num_cpus_per_actor
             raise ConfigError(
                 f"ray: {rc.num_actors} actors x {rc.num_cpus_per_actor} CPUs = {need} CPUs, but the local Ray "
-                f"instance has {cpus:g}; lower ray.num_actors or ray.num_cpus_per_actor (fractions are fine)"
+                f"instance has {cluster_cpus:g}; lower ray.num_actors or ray.num_cpus_per_actor (fractions are fine)"
             )
+
+    def actor_options(self) -> dict[str, Any]:
+        """``.options()`` of every download actor (without its node pinning)."""
+        rc = self.rc
         # Only non-secret settings may ride in runtime_env (the dashboard shows it; config
         # validation refuses credential names); workers read credentials from their own env.
         env = {k: os.environ[k] for k in rc.forward_env if os.environ.get(k)}
-        worker_cls = ray.remote(ShardWorker)
-        options: dict[str, Any] = dict(
+        return dict(
             num_cpus=rc.num_cpus_per_actor,
             max_restarts=max(1, rc.max_shard_retries),
             max_task_retries=0,
             max_concurrency=max(8, rc.max_shards_in_flight_per_actor * 4),
             **({"runtime_env": {"env_vars": env}} if env else {}),
         )
-        cfg_data = cfg.model_dump(mode="json")
+
+    def actor_factory(self, ray: Any) -> Callable[[str], Any]:
+        """``(node_id) -> actor handle``: one download actor pinned to that node."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        worker_cls = ray.remote(ShardWorker)
+        options = self.actor_options()
+        cfg_data = self.cfg.model_dump(mode="json")
 
         def make_actor(node_id: str) -> Any:
             # Pinned (not soft): an actor of a lost node must not restart elsewhere unseen;
@@ -363,29 +362,52 @@ def _run_on_ray(
                 **options,
             ).remote(cfg_data)
 
-        bar = _Bar(rc.progress, total_images, len(tasks))
-        sched = ShardScheduler(ray, cfg, tasks, bar, make_actor)
-        try:
-            sched.run()
-        finally:
-            bar.close()
-            sched.shutdown()
-        info = {
+        return make_actor
+
+    def info(self, sched: ShardScheduler, cluster_cpus: float) -> dict[str, Any]:
+        """The report's ``ray`` section: how the run was spread and what it survived."""
+        rc = self.rc
+        return {
             "address": rc.address,
             "num_actors": len(sched.actors),
             "num_actors_override": rc.num_actors,
             "num_cpus_per_actor": rc.num_cpus_per_actor,
             "concurrency_per_actor": rc.concurrency_per_actor,
-            "cluster_cpus": cpus,
+            "cluster_cpus": cluster_cpus,
             "workers": sorted(sched.workers),
             "shards_per_node": dict(sorted(sched.shards_per_node.items())),
             "lost_nodes": sched.lost_nodes,
             "shards_rescheduled": sched.rescheduled,
         }
-        return sched.results, sched.failed, sched.retries, info
-    finally:
-        if started:
-            ray.shutdown()
+
+    def run(
+        self, tasks: list[ShardTask], total_images: int
+    ) -> tuple[list[dict[str, Any]], dict[str, str], int, dict[str, Any]]:
+        """Run ``tasks`` to completion (or to their retry limit).
+
+        Returns:
+            (stats of the committed shards, failed shard -> last error, retries, the ``ray`` report section).
+
+        Raises:
+            ConfigError: see :meth:`check_capacity`.
+            OiodError: Ray unreachable, or no usable node within ``ray.join_timeout_s``.
+        """
+        ray = _ray()
+        started = connect(self.rc)
+        try:
+            cpus = ray.cluster_resources().get("CPU", 0)
+            self.check_capacity(cpus)
+            bar = ProgressBar(self.rc.progress, total_images, len(tasks))
+            sched = ShardScheduler(ray, self.rc, tasks, bar, self.actor_factory(ray))
+            try:
+                sched.run()
+            finally:
+                bar.close()
+                sched.shutdown()
+            return sched.results, sched.failed, sched.retries, self.info(sched, cpus)
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def run_prepare(cfg: Config, retry_failed: bool = False, skip_plan: bool = False) -> int:
@@ -437,7 +459,7 @@ def _prepare_locked(
     retries = 0
     info: dict[str, Any] = {"address": cfg.ray.address}
     if tasks:
-        results, failed, retries, info = _run_on_ray(cfg, tasks, total_images)
+        results, failed, retries, info = RayRun(cfg).run(tasks, total_images)
     wall = time.monotonic() - t0
     all_stats = {**committed, **{s["name"]: s for s in results}}
     report = build_report(

@@ -1,10 +1,11 @@
+# Over 400 lines: one state machine (actors per node, heartbeats, lost and joining nodes, retries) whose steps share its state.
 """The driver's scheduling loop for ``oiod prepare`` (Ray glue beside :mod:`.distribute`).
 
 :class:`ShardScheduler` keeps every alive node stocked with download actors
 pinned to it, dispatches shards to the least-loaded ready actor, pings every
 actor (the heartbeat also carries live progress), and reschedules the shards of
 an actor whose node is dead or silent. It receives the ``ray`` module and an
-actor factory from :func:`openimages_od.pipeline.distribute._run_on_ray`, and
+actor factory from :class:`openimages_od.pipeline.distribute.RayRun`, and
 imports only Ray's exception types and autoscaler SDK itself (lazily).
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from openimages_od.config import Config
+from openimages_od.config import RayConfig
 from openimages_od.errors import OiodError
 from openimages_od.pipeline.shard import ShardTask
 
@@ -74,7 +75,7 @@ class ShardScheduler:
 
     Args:
         ray: the ``ray`` module (connected).
-        cfg: the resolved configuration.
+        rc: the ``ray`` section of the configuration.
         tasks: shards to run.
         bar: the live progress display.
         make_actor: ``(node_id) -> handle``: starts one download actor pinned to that node.
@@ -83,13 +84,13 @@ class ShardScheduler:
     def __init__(
         self,
         ray: Any,
-        cfg: Config,
+        rc: RayConfig,
         tasks: list[ShardTask],
         bar: ProgressView,
         make_actor: Callable[[str], Any],
     ) -> None:
         self.ray = ray
-        self.rc = cfg.ray
+        self.rc = rc
         self.bar = bar
         self.make_actor = make_actor
         self.queue: deque[ShardTask] = deque(tasks)

@@ -47,17 +47,17 @@ from openimages_od.errors import DataError
 from openimages_od.layout import SHARD_KEY_FIELD, Layout
 from openimages_od.openimages.planio import shard_name
 from openimages_od.pipeline.cache import CacheEntry, ImageCache
-from openimages_od.pipeline.example import detection_features, encode_example
-from openimages_od.pipeline.fetch import Fetched, Fetcher, FetchFailed
-from openimages_od.pipeline.geometry import Op, render, transform_boxes
+from openimages_od.pipeline.fetch import Fetcher, FetchFailed
+from openimages_od.pipeline.geometry import Op
 from openimages_od.pipeline.ledger import LedgerEntry, decode_ledger, encode_ledger
-from openimages_od.pipeline.verify import Rejected, check_md5, open_image
+from openimages_od.pipeline.transform import record_from, transform_image
+from openimages_od.pipeline.verify import Rejected
 from openimages_od.pipeline.writers import Sample, resolve_writer, write_shard
 from openimages_od.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardContext", "ShardTask", "process_image", "run_shard", "shard_urls"]
+__all__ = ["ShardContext", "ShardTask", "run_shard", "shard_urls"]
 
 
 @dataclass(frozen=True)
@@ -107,73 +107,6 @@ class ImageResult:
     cached: CacheEntry | None = None  # what to put in the image cache (a fresh fetch)
 
 
-def record_from(row: dict[str, Any], data: bytes, width: int, height: int, ops: list[Op]) -> bytes:
-    """The tf.Example of a plan row from its final image bytes (the same for a fetch and a cache hit)."""
-    src_boxes = [(b["xmin"], b["xmax"], b["ymin"], b["ymax"]) for b in (row.get("boxes") or [])]
-    boxes = transform_boxes(src_boxes, ops)
-    digest = hashlib.sha256(data).hexdigest()
-    return encode_example(detection_features(row, data, width, height, boxes, digest))
-
-
-def process_image(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[bytes, LedgerEntry]:
-    """Verify, orient, resize and encode one fetched image (CPU; runs in a thread).
-
-    Returns:
-        (serialized tf.Example, ledger entry).
-
-    Raises:
-        Rejected: the bytes are not usable (reason in ``.reason``).
-    """
-    record, entry, _ = _process(fetched, row, cfg)
-    return record, entry
-
-
-def _process(fetched: Fetched, row: dict[str, Any], cfg: Config) -> tuple[bytes, LedgerEntry, CacheEntry]:
-    """:func:`process_image` plus the image cache entry it makes."""
-    ic = cfg.image
-    if fetched.source == "original" and ic.verify_md5:
-        check_md5(fetched.data, row.get("original_md5"))
-    img = open_image(
-        fetched.data, max_pixels=ic.max_pixels, min_side=ic.min_side, reject_placeholder=ic.reject_placeholder
-    )
-    out = render(
-        img,
-        fetched.data,
-        rotation=row.get("rotation"),
-        max_side=ic.max_side,
-        quality=ic.quality,
-        exif_mode=ic.exif,
-        keep_original_if_fits=ic.keep_original_if_fits,
-        resample=ic.resample,
-    )
-    record = record_from(row, out.data, out.width, out.height, out.ops)
-    entry = LedgerEntry(
-        image_id=row["image_id"],
-        status="ok",
-        source=fetched.source,
-        url=fetched.url,
-        bytes=len(fetched.data),
-        width=out.width,
-        height=out.height,
-        kept_original=out.kept_original,
-    )
-    cached = CacheEntry(
-        image_id=row["image_id"],
-        status="ok",
-        rotation=row.get("rotation"),
-        original_md5=row.get("original_md5"),
-        source=fetched.source,
-        url=fetched.url,
-        bytes=len(fetched.data),
-        width=out.width,
-        height=out.height,
-        kept_original=out.kept_original,
-        ops=[int(o.value) for o in out.ops],
-        data=out.data,
-    )
-    return record, entry, cached
-
-
 def _from_cache(row: dict[str, Any], ce: CacheEntry) -> ImageResult:
     """A record (or a recorded failure) rebuilt from a cache entry: CPU only, no request."""
     n_boxes = len(row.get("boxes") or [])
@@ -216,7 +149,9 @@ async def _one(row: dict[str, Any], ctx: ShardContext) -> ImageResult:
                 continue
             fetched_bytes += len(fetched.data)
             try:
-                record, entry, cached = await loop.run_in_executor(ctx.cpu_pool, _process, fetched, row, cfg)
+                record, entry, cached = await loop.run_in_executor(
+                    ctx.cpu_pool, transform_image, fetched, row, cfg.image
+                )
             except Rejected as exc:
                 attempts.append(f"{source}:{exc.reason}")
                 continue
