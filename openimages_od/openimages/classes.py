@@ -289,8 +289,8 @@ def resolve_classes(
                 )
             mid = key
         else:
-            mid = by_name.get(key.lower())
-            if mid is None:
+            found = by_name.get(key.lower())
+            if found is None:
                 close = difflib.get_close_matches(key.lower(), list(by_name), n=5, cutoff=0.6)
                 hint = (
                     "; did you mean " + ", ".join(repr(names[by_name[c]]) for c in close) + "?"
@@ -299,6 +299,7 @@ def resolve_classes(
                 )
                 where = "" if descriptions else " (no source.class_descriptions given: use MIDs)"
                 raise UsageError(f"selection.classes: unknown class {item!r}{where}{hint}")
+            mid = found
         if boxable is not None and mid not in boxable:
             raise UsageError(f"selection.classes: {item!r} ({mid}) is not a boxable class in the hierarchy")
         if trainable_only and mid not in trainable_set:

@@ -120,20 +120,20 @@ def _decode_feature(buf: bytes) -> Feature:
         if field == 2:
             vals: list[float] = []
             for f, wire, v in _fields(payload):
-                if f == 1 and wire == 2:
-                    vals.extend(struct.unpack(f"<{len(v) // 4}f", v))
-                elif f == 1 and wire == 5:
-                    vals.append(struct.unpack("<f", v)[0])
+                if f == 1 and wire in (2, 5) and isinstance(v, bytes):  # packed, or one fixed32
+                    vals.extend(struct.unpack(f"<{len(v) // 4}f", v) if wire == 2 else struct.unpack("<f", v))
             return FloatF(vals)
         if field == 3:
             ints: list[int] = []
             for f, wire, v in _fields(payload):
-                if f == 1 and wire == 2:
+                if f != 1:
+                    continue
+                if wire == 2 and isinstance(v, bytes):  # packed
                     p = 0
                     while p < len(v):
                         x, p = _read_varint(v, p)
                         ints.append(x - (1 << 64) if x >= 1 << 63 else x)
-                elif f == 1 and wire == 0:
+                elif isinstance(v, int):  # one varint (wire 0)
                     ints.append(v - (1 << 64) if v >= 1 << 63 else v)
             return IntF(ints)
     return BytesF()
@@ -156,7 +156,7 @@ def decode_example(data: bytes, keys: Sequence[str] | None = None) -> dict[str, 
             key = val = None
             for f3, _, v in _fields(entry):  # type: ignore[arg-type]
                 if f3 == 1:
-                    key = bytes(v).decode()  # type: ignore[arg-type]
+                    key = bytes(v).decode()
                 elif f3 == 2:
                     val = v
             if key is not None and (keys is None or key in keys):
