@@ -519,3 +519,26 @@ def test_status_cli_exit_codes(tmp_path, capsys):
     assert "next     oiod plan" in capsys.readouterr().out
     assert main(["status", "--json", "--set", f"output.url={tmp_path}/o"]) == 1
     assert json.loads(capsys.readouterr().out)["up_to_date"] is False
+
+
+def test_plan_config_digest_covers_only_what_a_plan_is_made_of():
+    """``oiod status`` says "config changed since" only when the plan itself would change."""
+    from openimages_od.openimages.plan import config_digest
+
+    def digest(*sets: str) -> str:
+        base = ["source.splits.train.boxes=/d/train-boxes.csv", "selection.classes=[Ball]"]
+        return config_digest(load_config(None, overrides=[*base, *sets]))
+
+    base = digest()
+    # Settings that change no plan row.
+    assert digest("source.images.http.read_timeout_s=5") == base
+    assert digest("source.images.order=[original]") == base
+    assert digest("shards.format=webdataset") == base
+    # A field set to its default is the same config as the field left out (so a field a later
+    # release adds, at its default, does not mark existing plans stale).
+    assert digest("selection.keep_all_labels=false", "selection.seed=0") == base
+    # Settings a plan is made of.
+    assert digest("selection.classes=[Window]") != base
+    assert digest("source.images.key_template={image_id}.jpg") != base
+    assert digest("shards.images_per_shard=7") != base
+    assert digest("selection.max_images=3") != base

@@ -70,8 +70,18 @@ def config_digest(cfg: Config) -> str:
 
 
 def _config_digest(cfg: Config) -> str:
-    d = {k: cfg.model_dump(mode="json")[k] for k in ("source", "selection")}
-    d["shards"] = {"images_per_shard": cfg.shards.images_per_shard}  # shards.format changes no plan
+    # Only what a plan is made of, and only values that differ from the defaults: a setting that
+    # changes no plan row (image sources, HTTP timeouts, shards.format) or a field added by a later
+    # release at its default must not mark every existing plan "config changed since".
+    source = cfg.source.model_dump(mode="json", exclude_defaults=True)
+    images = source.pop("images", {})
+    if "key_template" in images:  # the plan's bucket_key column is made with it
+        source["key_template"] = images["key_template"]
+    d = {
+        "source": source,
+        "selection": cfg.selection.model_dump(mode="json", exclude_defaults=True),
+        "images_per_shard": cfg.shards.images_per_shard,
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
