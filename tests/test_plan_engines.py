@@ -9,13 +9,18 @@ examples; structural damage must make the fast path step aside.
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
+from openimages_od.errors import DataError
 from openimages_od.openimages import formats, plan, planio
 from openimages_od.openimages.formats import (
     BOX_LAYOUTS,
@@ -144,3 +149,135 @@ def test_one_hash_gives_shard_and_source_id():
         f"{ids[0]}/v/{ids[0]}"
     ]
     assert formats.RowLines("x", np.array([5, 9])).line_of(1) == 9
+
+
+# --------------------------------------------------------------------------- property: any damage, same plan
+
+_DAMAGES = {
+    "short": lambda row: ",".join(row.split(",")[:-2]),
+    "long": lambda row: row + ",7",
+    "long_and_short": lambda row: row + ",7\n" + ",".join(row.split(",")[:-1]),  # commas balance out
+    "blank": lambda row: "",
+    "non_numeric": lambda row: ",".join(row.split(",")[:4] + ["abc"] + row.split(",")[5:]),
+    "out_of_range": lambda row: ",".join(row.split(",")[:4] + ["1.5"] + row.split(",")[5:]),
+    "bad_id": lambda row: ",".join(["xyz"] + row.split(",")[1:]),
+    "unknown_class": lambda row: ",".join(row.split(",")[:2] + ["/m/notaclass"] + row.split(",")[3:]),
+    "stray_quote": lambda row: row.replace(",", ',"', 1),
+    "empty_id": lambda row: ",".join([""] + row.split(",")[1:]),
+    "duplicate": lambda row: row + "\n" + row,
+}
+
+
+def _plan_both(root, src, strict, **sel):
+    """(outcome, tables) of the fast and the reference engine: outcome is the stats or the DataError."""
+    out = []
+    for engine in ("polars", "pyarrow"):
+        mp = pytest.MonkeyPatch()
+        if engine == "pyarrow":
+
+            def unavailable(*a, **k):
+                raise FastPathUnavailable("test")
+                yield
+
+            mp.setattr(plan, "select_rows_fast", lambda *a, **k: None)
+            mp.setattr(plan, "iter_rows_fast", unavailable)
+        else:
+            mp.setattr(plan, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
+        try:
+            res = build_plan(make_cfg(src, str(root / engine), strict=strict, **sel))
+            out.append((res.stats["splits"], read_plan(str(root / engine))))
+        except DataError as exc:
+            out.append((str(exc), None))
+        finally:
+            mp.undo()
+    return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    release=st.sampled_from(["v2", "v4", "v6", "v7"]),
+    edits=st.lists(st.tuples(st.sampled_from(sorted(_DAMAGES)), st.floats(0.0, 1.0)), min_size=0, max_size=4),
+    bom=st.booleans(),
+    crlf=st.booleans(),
+    final_newline=st.booleans(),
+    strict=st.booleans(),
+)
+def test_fast_path_equals_reference_on_damaged_files(release, edits, bom, crlf, final_newline, strict):
+    """Whatever the damage, the fast engine gives the reference engine's plan, stats and file:line
+    reasons (or the same strict-mode error)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        src = write_release(root / "rel", make_content(), release)
+        boxes = root / "rel" / "train-annotations-bbox.csv"
+        lines = boxes.read_text().splitlines()
+        for name, where in edits:
+            i = 1 + int(where * (len(lines) - 2))
+            lines[i] = _DAMAGES[name](lines[i])
+        eol = "\r\n" if crlf else "\n"
+        text = eol.join("\n".join(lines).split("\n")) + (eol if final_newline else "")
+        boxes.write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+        (fast, t_fast), (slow, t_slow) = _plan_both(root, src, strict)
+        assert fast == slow
+        if t_slow is not None:
+            for split in t_slow:
+                assert t_fast[split].equals(t_slow[split]), split
+
+
+def test_strict_reports_an_early_extra_field_row_before_a_later_value_error(tmp_path):
+    """The fast path learns of extra fields only from the comma count; in strict mode that count
+    comes first, so the earliest bad row (the long one) is the one reported, as by the reference."""
+    src = write_release(tmp_path / "rel", make_content(), "v4")
+    boxes = tmp_path / "rel" / "train-annotations-bbox.csv"
+    lines = boxes.read_text().splitlines()
+    car = [i for i, ln in enumerate(lines) if f",{CAR}," in ln]
+    lines[car[0]] += ",7"
+    lines[car[-1]] = ",".join(lines[car[-1]].split(",")[:4] + ["abc"] + lines[car[-1]].split(",")[5:])
+    boxes.write_text("\n".join(lines) + "\n")
+    (fast, _), (slow, _) = _plan_both(tmp_path, src, strict=True)
+    assert isinstance(fast, str) and fast == slow
+    assert f":{car[0] + 1}: malformed row (extra_fields)" in fast
+
+
+def test_count_lines_and_commas_match_a_plain_count(tmp_path):
+    for data in (b"", b"a", b"a\n", b"a,b\r\nc,d", b"\n\n,", b",,," * 100_000 + b"\nx"):
+        p = tmp_path / "f"
+        p.write_bytes(data)
+        want_lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        assert formats.count_lines_and_commas(p, chunk=7) == (want_lines, data.count(b","))
+        assert formats.count_lines(p) == want_lines
+
+
+def _duplicates_reference(*columns):
+    n = len(columns[0])
+    dup = np.zeros(n, bool)
+    if n < 2:
+        return dup
+    order = np.lexsort(columns[::-1])
+    same = np.ones(n - 1, bool)
+    for c in columns:
+        cs = c[order]
+        same &= cs[1:] == cs[:-1]
+    dup[order[1:][same]] = True
+    return dup
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.integers(0, 2),
+            st.sampled_from([0.0, -0.0, 0.25, float("nan")]),
+            st.integers(-1, 1),
+        ),
+        max_size=40,
+    )
+)
+def test_duplicate_rows_matches_an_exact_sort(rows):
+    cols = [
+        np.array([r[0] for r in rows], np.uint64),
+        np.array([r[1] for r in rows], np.int32),
+        np.array([r[2] for r in rows], np.float32),
+        np.array([r[3] for r in rows], np.int8),
+    ]
+    assert (formats.duplicate_rows(*cols) == _duplicates_reference(*cols)).all()

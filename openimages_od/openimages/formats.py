@@ -81,6 +81,7 @@ __all__ = [
     "MalformedLog",
     "RowLines",
     "count_lines",
+    "count_lines_and_commas",
     "detect_layout",
     "duplicate_rows",
     "is_image_id",
@@ -293,17 +294,22 @@ class _LineLocator:
         self._fh.close()
 
 
-def count_lines(path: Path, chunk: int = 8 << 20) -> int:
-    """Physical lines of a file (a last line without a newline counts).
+def count_lines(path: Path) -> int:
+    """Physical lines of a file (a last line without a newline counts)."""
+    return count_lines_and_commas(path)[0]
+
+
+def count_lines_and_commas(path: Path, chunk: int = 8 << 20) -> tuple[int, int]:
+    """``(physical lines, commas)`` of a file, in one read (a last line without a newline counts).
 
     Reads into one reused buffer and counts with numpy: ``bytes.count`` scans a byte at a
-    time and a fresh buffer per read page-faults, which made this a second of CPU on a 2 GB
-    file, run beside the parser on the same cores.
+    time and a fresh buffer per read page-faults, which made a line count a second of CPU on
+    a 2 GB file, run beside the parser on the same cores.
     """
     buf = bytearray(chunk)
     arr = np.frombuffer(buf, np.uint8)
     eq = np.empty(chunk, bool)
-    n = 0
+    lines = commas = 0
     last = 10  # b"\n": an empty file has no lines
     with open(path, "rb", buffering=0) as fh:
         while True:
@@ -311,9 +317,11 @@ def count_lines(path: Path, chunk: int = 8 << 20) -> int:
             if not k:
                 break
             np.equal(arr[:k], 10, out=eq[:k])
-            n += int(np.count_nonzero(eq[:k]))
+            lines += int(np.count_nonzero(eq[:k]))
+            np.equal(arr[:k], 44, out=eq[:k])
+            commas += int(np.count_nonzero(eq[:k]))
             last = int(arr[k - 1])
-    return n + (0 if last == 10 else 1)
+    return lines + (0 if last == 10 else 1), commas
 
 
 def _first_line_quoted(path: Path) -> bool:
@@ -589,6 +597,7 @@ def iter_rows_fast(
     keep: Sequence[str],
     known: Sequence[str] | None,
     group_batches: int = 64,
+    strict: bool = False,
 ) -> Iterator[tuple[pa.RecordBatch, RowLines]]:
     """The rows a plan looks at, from a well-formed unquoted ID/label CSV, with polars' streaming engine.
 
@@ -604,11 +613,16 @@ def iter_rows_fast(
     This is only a fast path. It raises :class:`FastPathUnavailable` (and the
     caller streams the file with :class:`CsvStream`, which reports structural
     problems row by row) when polars is missing, when the first line is quoted,
-    or when the file is not plainly well-formed: a row with more fields (polars
-    raises), a row with fewer fields or a blank line (its last column is
-    missing), invalid UTF-8. A group is yielded only once all of its rows passed
-    those checks, so in strict mode the earliest bad row is still the one
-    reported. Without quoting every record is one physical line, so lines are exact.
+    or when the file is not plainly well-formed: a row with fewer fields or a blank
+    line (its last column is missing: seen in the group that holds it), a row with
+    more fields (the file's commas, counted on a thread while polars parses, are not
+    ``columns - 1`` per line: known at the end), invalid UTF-8 in a column read.
+    polars reads only the columns needed (the last one included, for short rows),
+    which is why extra fields are found by counting. In ``strict`` mode the count
+    comes first, so no group is yielded from a file the fast path will step aside
+    from, and the earliest bad row is still the one reported; otherwise the caller
+    keeps its findings aside until the generator returns. Without quoting every
+    record is one physical line, so lines are exact.
 
     Args:
         path: local file.
@@ -618,6 +632,7 @@ def iter_rows_fast(
         keep: labels whose rows are returned.
         known: all known labels (rows of other labels are returned too), or None.
         group_batches: polars batches per group (memory: one group plus the caller's results).
+        strict: check the field count before yielding anything (see above).
 
     Raises:
         FastPathUnavailable: see above.
@@ -634,6 +649,7 @@ def iter_rows_fast(
     want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
     if known is not None:
         want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
+    needed = set(columns) | {"ImageID", "LabelName", last}
     scan = pl.scan_csv(
         path,
         has_header=False,
@@ -642,7 +658,16 @@ def iter_rows_fast(
         quote_char=None,
         row_index_name="__row",
         raise_if_empty=False,
-    )
+    ).select(["__row"] + [c for c in layout.columns if c in needed])
+    n_fields = len(layout.columns)
+
+    def check_fields(counted: tuple[int, int]) -> int:
+        # Every line has at least n_fields fields (a shorter one would have made us step aside),
+        # so n_fields - 1 commas per line on the whole means none has more.
+        lines, commas = counted
+        if commas != lines * (n_fields - 1):
+            raise FastPathUnavailable("a row with extra fields")
+        return lines - header
 
     def group(frames: list[Any]) -> tuple[pa.RecordBatch, RowLines]:
         df = pl.concat(frames)
@@ -653,13 +678,13 @@ def iter_rows_fast(
         return pa.RecordBatch.from_arrays(arrays, names=list(columns)), RowLines(display, lines)
 
     # Every record is one line here (no quoting; a blank line makes us step aside), so the
-    # row count is the line count: bytes.count on a thread while polars parses (polars' own
-    # count would memory-map the file, and those pages are RSS).
+    # row count is the line count: counted with the commas on a thread while polars parses
+    # (polars' own count would memory-map the file, and those pages are RSS).
     with ThreadPoolExecutor(max_workers=1) as pool:
-        lines_total = pool.submit(count_lines, path)
+        counted = pool.submit(count_lines_and_commas, path)
+        if strict:
+            check_fields(counted.result())
         pending: list[Any] = []
-        # No projection: with one, polars stops each row at the last column it needs and would
-        # not see a row with extra fields (with every column it raises, and CsvStream takes over).
         batches = scan.filter(want).collect_batches()
         while True:
             try:
@@ -676,7 +701,7 @@ def iter_rows_fast(
                 pending = []
             if df is None:
                 break
-        return lines_total.result() - header
+        return check_fields(counted.result())
 
 
 def select_rows_fast(

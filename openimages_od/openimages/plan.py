@@ -353,7 +353,13 @@ def _read_boxes_fast(
     scratch = MalformedLog(strict=logm.strict, max_examples=logm.max_examples)
     parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
     it = iter_rows_fast(
-        path, layout, cols, display, keep.to_pylist(), known.to_pylist() if known is not None else None
+        path,
+        layout,
+        cols,
+        display,
+        keep.to_pylist(),
+        known.to_pylist() if known is not None else None,
+        strict=logm.strict,
     )
     try:
         while True:
