@@ -17,8 +17,8 @@ contender alike; the best time of each is reported, with the ratios.
 
     .venv/bin/python benchmarks/metadata_bench.py                  # full size, best of 3 (~4 minutes)
     .venv/bin/python benchmarks/metadata_bench.py --quick          # 1.46M rows, 1 round
-    .venv/bin/python benchmarks/metadata_bench.py --rows 146000000 --only project --rounds 1 --cleanup
-                                                                   # 10x: memory at scale (25 GB of CSV)
+    .venv/bin/python benchmarks/metadata_bench.py --tenx           # + one project run on 10x the rows
+                                                                   # (25 GB of CSV, generated then deleted)
 """
 
 from __future__ import annotations
@@ -288,6 +288,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round of 1.46M rows (a tenth of the real size).")
     ap.add_argument("--only", default="project,polars,pandas", help="Comma-separated contenders.")
     ap.add_argument("--cleanup", action="store_true", help="Delete the generated files afterwards.")
+    ap.add_argument(
+        "--tenx",
+        action="store_true",
+        help="After the rounds, one project run on 10x the rows (memory at scale; ~10 minutes, 25 GB "
+        "of disk, deleted afterwards).",
+    )
     ap.add_argument("--child", nargs=4, metavar=("KIND", "BOXES", "IMAGES", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -339,6 +345,34 @@ def main() -> None:
                 f"{max(x['peak_rss_mb'] for x in runs['project']) / rss:.2f}x its peak RSS"
             )
         print(line)
+
+    if args.tenx:
+        _run_tenx(args.rows * 10, args.workdir, best.get("project"))
+
+
+def _run_tenx(rows: int, workdir: Path, one_x: dict | None) -> None:
+    """One project run on ``rows`` box rows: time and peak RSS at scale (the files are deleted after)."""
+    data = workdir / f"rows-{rows}"
+    try:
+        t0 = time.monotonic()
+        boxes, images = generate(rows, data)
+        print(
+            f"\n10x data: {boxes.stat().st_size / 1e9:.1f} GB + {images.stat().st_size / 1e9:.1f} GB, "
+            f"ready in {time.monotonic() - t0:.0f} s",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory(prefix="oiod-bench-out-", dir=workdir) as tmp:
+            res = _measure("project", boxes, images, Path(tmp) / "project-10x")
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    line = (
+        f"project at 10x ({rows:,} box rows): {res['seconds']:.1f} s (CPU {res['cpu_s']:.1f} s), "
+        f"{rows / res['seconds']:,.0f} rows/s, peak RSS {res['peak_rss_mb']:,.0f} MB, "
+        f"{res['images']:,} images / {res['boxes']:,} boxes"
+    )
+    if one_x is not None:
+        line += f"; {res['seconds'] / one_x['seconds']:.1f}x the 1x time"
+    print(line)
 
 
 if __name__ == "__main__":

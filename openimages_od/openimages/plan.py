@@ -178,10 +178,9 @@ def _id_keys(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         raw = np.frombuffer(sub.buffers()[2], np.uint8)[offs[0] : offs[-1]].reshape(-1, 16)
         nib = _HEX[raw]
         hexok = (nib < 16).all(axis=1)
-        nib = nib.astype(np.uint64)
-        k = np.zeros(len(sub), np.uint64)
-        for j in range(16):
-            k = (k << np.uint64(4)) | nib[:, j]
+        # Two nibbles per byte, the 8 bytes read as one big-endian integer: a few whole-array
+        # steps instead of sixteen shifts of a uint64 array.
+        k = ((nib[:, 0::2] << 4) | (nib[:, 1::2] & 15)).view(">u8").ravel().astype(np.uint64)
         idx = np.flatnonzero(is16)
         keys[idx] = np.where(hexok, k, np.uint64(0))
         ok[idx] = hexok
