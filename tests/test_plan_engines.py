@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
 from openimages_od.errors import DataError
-from openimages_od.openimages import formats, plan, planio
+from openimages_od.openimages import assemble, formats, plan, planio
 from openimages_od.openimages.formats import (
     BOX_LAYOUTS,
     FastPathUnavailable,
@@ -281,3 +281,29 @@ def test_duplicate_rows_matches_an_exact_sort(rows):
         np.array([r[3] for r in rows], np.int8),
     ]
     assert (formats.duplicate_rows(*cols) == _duplicates_reference(*cols)).all()
+
+
+@pytest.mark.parametrize("release", ["v2", "v6"])
+def test_shards_written_bucket_by_bucket_are_the_same(tmp_path, monkeypatch, release):
+    """A split larger than one bucket routes its index rows through spill files; the shards (bytes
+    included), stats and the first-index-row-wins rule are those of the one-bucket, in-memory path."""
+    content = make_content()
+    src = write_release(tmp_path / "rel", content, release)
+    index = Path(src["splits"]["train"]["images"])
+    lines = index.read_text().splitlines()
+    # A repeated index row (the first must win) and a removed one (an image without an index row).
+    first = lines[1].split(",")
+    lines.insert(len(lines) // 2, ",".join([first[0], first[1], "https://elsewhere/x.jpg"] + first[3:]))
+    del lines[2]
+    index.write_text("\n".join(lines) + "\n")
+    one = build_plan(make_cfg(src, str(tmp_path / "one")))
+    monkeypatch.setattr(assemble, "IMAGES_PER_BUCKET", 1)  # every shard its own bucket
+    many = build_plan(make_cfg(src, str(tmp_path / "many")))
+    assert many.manifest.splits["train"].num_shards > 1
+    for split, sm in one.manifest.splits.items():
+        assert many.manifest.splits[split].shard_sha256 == sm.shard_sha256, split
+    assert many.stats["splits"] == one.stats["splits"]
+    assert one.stats["splits"]["train"]["images_without_index_row"] >= 1
+    t = read_plan(str(tmp_path / "many"))["train"]
+    row = t.filter(pc.equal(t.column("image_id"), first[0])).to_pylist()
+    assert row and row[0]["original_url"] == (first[2] or None)

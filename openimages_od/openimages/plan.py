@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.errors import ConfigError, DataError
 from openimages_od.layout import Layout, image_settings
-from openimages_od.openimages import planio
+from openimages_od.openimages import assemble, planio
 from openimages_od.openimages.classes import (
     ClassDescriptions,
     Hierarchy,
@@ -548,8 +548,17 @@ def _read_labels_batch(
     )
 
 
-def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: MalformedLog) -> pa.Table:
-    """Image-index rows of the ``wanted`` ImageIDs (first row wins), columns normalised."""
+def _read_image_index(
+    path: Path,
+    display: str,
+    wanted: pa.Array,
+    logm: MalformedLog,
+    sink: Callable[[pa.Table], None] | None = None,
+) -> pa.Table | None:
+    """Image-index rows of the ``wanted`` ImageIDs (first row wins), columns normalised.
+
+    With ``sink``, each batch's rows go to it as they are read (file order) and None is returned.
+    """
     layout = detect_layout(path, "images", display)
     has_rot = "Rotation" in layout.columns
     cols = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5"] + (
@@ -592,19 +601,23 @@ def _read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malforme
         def nz(col: pa.Array) -> pa.Array:  # empty string -> null
             return pc.if_else(pc.equal(pc.utf8_length(col), 0), pa.scalar(None, pa.string()), col)
 
-        tables.append(
-            pa.table(
-                {
-                    "image_id": sub.column("ImageID"),
-                    "original_url": nz(sub.column("OriginalURL")),
-                    "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
-                    "original_md5": nz(sub.column("OriginalMD5")),
-                    "original_size": pa.array(size, mask=~size_ok),
-                    "rotation": rot_arr,
-                }
-            )
+        rows_t = pa.table(
+            {
+                "image_id": sub.column("ImageID"),
+                "original_url": nz(sub.column("OriginalURL")),
+                "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
+                "original_md5": nz(sub.column("OriginalMD5")),
+                "original_size": pa.array(size, mask=~size_ok),
+                "rotation": rot_arr,
+            }
         )
+        if sink is not None:
+            sink(rows_t)
+        else:
+            tables.append(rows_t)
     outer.end_batch(logm)
+    if sink is not None:
+        return None
     if not tables:
         return pa.table(
             {
@@ -659,9 +672,9 @@ def _shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray
     return shard, src
 
 
-def _bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str]) -> pa.Array:
+def _bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str] | None) -> pa.Array:
     """``tmpl.format(split=split, image_id=i)`` per image; one vectorised join for the usual
-    template where ``{image_id}`` appears once, plainly."""
+    template where ``{image_id}`` appears once, plainly (``ids_py``: the IDs as a list, or None)."""
     marker = "\x00"
     if tmpl.count("{image_id}") == 1:
         try:
@@ -671,7 +684,24 @@ def _bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str]) -> pa.
         if probe.count(marker) == 1:
             pre, post = probe.split(marker)
             return pc.binary_join_element_wise(pa.scalar(pre), ids.cast(pa.string()), pa.scalar(post), "")
+    if ids_py is None:
+        ids_py = ids.to_pylist()
     return pa.array([tmpl.format(split=split, image_id=i) for i in ids_py], pa.string())
+
+
+def _shards_and_source_ids_of(
+    ids: pa.Array, n_shards: int, chunk: int = 200_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_shards_and_source_ids` a chunk of IDs at a time (no Python string per image for the
+    whole split at once); the source ids are checked for collisions across the whole split."""
+    shard = np.zeros(len(ids), np.int32)
+    src = np.zeros(len(ids), np.int64)
+    for s in range(0, len(ids), chunk):
+        part = ids.slice(s, chunk).to_pylist()
+        shard[s : s + len(part)], src[s : s + len(part)] = _shards_and_source_ids(part, n_shards)
+    if len(np.unique(src)) != len(src):
+        source_ids(ids.to_pylist())  # raises DataError naming the colliding ImageIDs
+    return shard, src
 
 
 # --------------------------------------------------------------------------- plan
@@ -876,7 +906,6 @@ def _plan_split(
         ],
         fields=list(planio.BOX_TYPE),
     )
-    boxes_col = pa.ListArray.from_arrays(pa.array(b_offsets), box_struct)
 
     # image-level labels of the chosen images
     if lab is not None:
@@ -904,66 +933,37 @@ def _plan_split(
             ],
             fields=list(planio.IMAGE_LABEL_TYPE),
         )
-        labels_col = pa.ListArray.from_arrays(pa.array(l_offsets), lab_struct)
+        labels_col: tuple[np.ndarray, pa.StructArray] | None = (l_offsets, lab_struct)
         n_labels = len(lt)
     else:
-        labels_col = pa.nulls(n_final, pa.list_(planio.IMAGE_LABEL_TYPE))
+        labels_col = None
         n_labels = 0
 
-    # 5. image index
-    if ss.images:
-        ipath = inputs.local(ss.images)
-        index = _read_image_index(ipath, ss.images, final_ids, logm)
-        where = pc.index_in(final_ids, value_set=index.column("image_id"))
-        missing = int(where.null_count)
-        take = pc.fill_null(where, 0) if len(index) else None
-
-        def icol(name: str, typ: pa.DataType) -> pa.Array:
-            if take is None:
-                return pa.nulls(n_final, typ)
-            col = index.column(name).combine_chunks().take(take)
-            return pc.if_else(where.is_valid(), col, pa.scalar(None, typ))
-    else:
-        missing = n_final
-
-        def icol(name: str, typ: pa.DataType) -> pa.Array:
-            return pa.nulls(n_final, typ)
-
-    # 6. shards
-    ids_py = final_ids.to_pylist()
+    # 5. shards, then the image index routed to buckets of shards, 6. the shards written bucket by bucket
     n_shards = planio.num_shards_for(n_final, cfg.shards.images_per_shard)
-    shard, src_ids = _shards_and_source_ids(ids_py, n_shards)
+    shard, src_ids = _shards_and_source_ids_of(final_ids, n_shards)
+    index = None
+    if ss.images:
+        index = assemble.IndexBuckets(final_ids, shard, n_shards, cfg.shards.images_per_shard, _id_keys)
+        try:
+            _read_image_index(inputs.local(ss.images), ss.images, final_ids, logm, sink=index.add)
+        except BaseException:
+            index.close()
+            raise
     tmpl = cfg.source.images.key_template
-    table = pa.table(
-        {
-            "image_id": final_ids,
-            "split": pa.array([split] * n_final, pa.string()),
-            "shard": pa.array(shard, pa.int32()),
-            "source_id": pa.array(src_ids, pa.int64()),
-            "bucket_key": _bucket_keys(tmpl, split, final_ids, ids_py),
-            "original_url": icol("original_url", pa.string()),
-            "thumbnail_url": icol("thumbnail_url", pa.string()),
-            "original_md5": icol("original_md5", pa.string()),
-            "original_size": icol("original_size", pa.int64()),
-            "rotation": icol("rotation", pa.int32()),
-            "boxes": boxes_col,
-            "image_labels": labels_col,
-        },
-        schema=planio.PLAN_SCHEMA,
+    paths, shas, missing = assemble.write_shards(
+        storage,
+        plan_url,
+        split,
+        final_ids,
+        shard,
+        src_ids,
+        n_shards,
+        lambda ids: _bucket_keys(tmpl, split, ids, None),
+        (b_offsets, box_struct),
+        labels_col,
+        index,
     )
-    s_order = np.argsort(shard, kind="stable")
-    bounds = np.searchsorted(shard[s_order], np.arange(n_shards + 1))
-    paths = [planio.plan_shard_path(split, i, n_shards) for i in range(n_shards)]
-
-    def write(i: int) -> str:
-        # Each shard's rows taken from the table as it is written: no sorted copy of the whole plan.
-        return planio.write_plan_table(
-            storage, join_url(plan_url, paths[i]), table.take(pa.array(s_order[bounds[i] : bounds[i + 1]]))
-        )
-
-    # Parquet encoding and the fsync of each shard release the GIL: a few threads overlap them.
-    with ThreadPoolExecutor(max_workers=min(4, n_shards)) as pool:
-        shas = list(pool.map(write, range(n_shards)))
 
     # stats
     box_per_cls = np.bincount(b_tgt, minlength=n_sel)
