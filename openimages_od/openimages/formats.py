@@ -55,7 +55,7 @@ import io
 import logging
 import mmap
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,7 +454,7 @@ class CsvStream:
         return p
 
     def _flush_pending(self, upto_line: int | None) -> None:
-        keep = []
+        keep: list[tuple[str, int | None, str]] = []
         for reason, line, detail in self._pending:
             if upto_line is None or line is None or line <= upto_line:
                 self.log.add(reason, self.display, line, detail)
@@ -598,7 +598,7 @@ def iter_rows_fast(
     known: Sequence[str] | None,
     group_batches: int = 64,
     strict: bool = False,
-) -> Iterator[tuple[pa.RecordBatch, RowLines]]:
+) -> Generator[tuple[pa.RecordBatch, RowLines], None, int]:
     """The rows a plan looks at, from a well-formed unquoted ID/label CSV, with polars' streaming engine.
 
     A plan validates only rows of kept classes (plus every row's class against
