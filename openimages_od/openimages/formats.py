@@ -646,9 +646,14 @@ def iter_rows_fast(
     last = layout.columns[-1]
     header = 1 if layout.has_header else 0
     schema = {c: pl.String for c in layout.columns}
-    want = pl.col("LabelName").is_in(list(keep)) | pl.col("ImageID").is_null() | pl.col(last).is_null()
-    if known is not None:
-        want = want | ~pl.col("LabelName").is_in(list(known)) | pl.col("LabelName").is_null()
+    label = pl.col("LabelName")
+    if known is None:
+        want = label.is_in(list(keep))
+    else:
+        # Kept or unknown is "not one of the other known classes": one lookup per row, not two.
+        keep_set = set(keep)
+        want = ~label.is_in([m for m in known if m not in keep_set]) | label.is_null()
+    want = want | pl.col("ImageID").is_null() | pl.col(last).is_null()
     needed = set(columns) | {"ImageID", "LabelName", last}
     scan = pl.scan_csv(
         path,
