@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
 from openimages_od.errors import DataError
-from openimages_od.openimages import assemble, formats, plan, planio
+from openimages_od.openimages import assemble, formats, planio, readboxes, readimages
 from openimages_od.openimages.formats import (
     BOX_LAYOUTS,
     FastPathUnavailable,
@@ -29,13 +29,10 @@ from openimages_od.openimages.formats import (
     iter_rows_fast,
     select_rows_fast,
 )
+from openimages_od.openimages.idkeys import IdSet
 from openimages_od.openimages.ids import source_ids
-from openimages_od.openimages.plan import (
-    _bucket_keys,
-    _IdSet,
-    _shards_and_source_ids,
-    build_plan,
-)
+from openimages_od.openimages.plan import build_plan
+from openimages_od.openimages.planwrite import bucket_keys, shards_and_source_ids
 
 BOX_COLS = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"]
 
@@ -47,10 +44,10 @@ def _plan(tmp_path, src, name, monkeypatch, engine, **sel):
             raise FastPathUnavailable("test")
             yield  # a generator, like iter_rows_fast
 
-        monkeypatch.setattr(plan, "select_rows_fast", lambda *a, **k: None)
-        monkeypatch.setattr(plan, "iter_rows_fast", unavailable)
+        monkeypatch.setattr(readimages, "select_rows_fast", lambda *a, **k: None)
+        monkeypatch.setattr(readboxes, "iter_rows_fast", unavailable)
     else:  # small groups, so checks run group by group
-        monkeypatch.setattr(plan, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
+        monkeypatch.setattr(readboxes, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
     res = build_plan(make_cfg(src, str(tmp_path / name), **sel))
     monkeypatch.undo()
     return res, read_plan(str(tmp_path / name))
@@ -134,18 +131,18 @@ def test_id_set_matches_is_in():
         pa.array([], pa.string()),
     ):
         want = pc.is_in(batch, value_set=wanted).to_numpy(zero_copy_only=False)
-        assert (_IdSet(wanted).contains(batch) == want).all()
+        assert (IdSet(wanted).contains(batch) == want).all()
 
 
 def test_one_hash_gives_shard_and_source_id():
     ids = [f"{k:016x}" for k in np.random.default_rng(4).integers(0, 2**63, 2000).tolist()]
-    shard, src = _shards_and_source_ids(ids, 13)
+    shard, src = shards_and_source_ids(ids, 13)
     assert shard.tolist() == [planio.shard_of(i, 13) for i in ids]
     assert src.tolist() == source_ids(ids).tolist()
-    assert _bucket_keys("{split}/{image_id}.jpg", "train", pa.array(ids[:3]), ids[:3]).to_pylist() == [
+    assert bucket_keys("{split}/{image_id}.jpg", "train", pa.array(ids[:3]), ids[:3]).to_pylist() == [
         f"train/{i}.jpg" for i in ids[:3]
     ]
-    assert _bucket_keys("{image_id}/{split}/{image_id}", "v", pa.array(ids[:1]), ids[:1]).to_pylist() == [
+    assert bucket_keys("{image_id}/{split}/{image_id}", "v", pa.array(ids[:1]), ids[:1]).to_pylist() == [
         f"{ids[0]}/v/{ids[0]}"
     ]
     assert formats.RowLines("x", np.array([5, 9])).line_of(1) == 9
@@ -179,10 +176,10 @@ def _plan_both(root, src, strict, **sel):
                 raise FastPathUnavailable("test")
                 yield
 
-            mp.setattr(plan, "select_rows_fast", lambda *a, **k: None)
-            mp.setattr(plan, "iter_rows_fast", unavailable)
+            mp.setattr(readimages, "select_rows_fast", lambda *a, **k: None)
+            mp.setattr(readboxes, "iter_rows_fast", unavailable)
         else:
-            mp.setattr(plan, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
+            mp.setattr(readboxes, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
         try:
             res = build_plan(make_cfg(src, str(root / engine), strict=strict, **sel))
             out.append((res.stats["splits"], read_plan(str(root / engine))))

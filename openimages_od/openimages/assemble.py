@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from openimages_od.config import join_url
 from openimages_od.openimages import planio
 
-__all__ = ["IMAGES_PER_BUCKET", "IndexBuckets", "write_shards"]
+__all__ = ["IMAGES_PER_BUCKET", "INDEX_SCHEMA", "IndexBuckets", "write_bucketed"]
 
 # Images per bucket: the index rows of this many images (~180 MB) and their plan table are what
 # memory holds at a time; below it a split is one bucket, in memory, as before.
@@ -146,7 +146,7 @@ class IndexBuckets:
             self._tmp = None
 
 
-def write_shards(
+def write_bucketed(
     storage: Any,
     plan_url: str,
     split: str,

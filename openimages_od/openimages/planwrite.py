@@ -1,0 +1,148 @@
+"""Writing a split's plan: shards assigned, the image index joined, Parquet shards written.
+
+Steps 5 and 6 of a split's plan (see :mod:`~openimages_od.openimages.splitplan`); the bounded-memory
+join and the bucket-by-bucket writes are in :mod:`~openimages_od.openimages.assemble`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from openimages_od.openimages import assemble, planio
+from openimages_od.openimages.formats import MalformedLog
+from openimages_od.openimages.idkeys import id_keys
+from openimages_od.openimages.ids import source_ids
+from openimages_od.openimages.readimages import read_image_index
+from openimages_od.storage import Storage
+
+__all__ = ["bucket_keys", "shards_and_source_ids", "shards_and_source_ids_of", "write_shards"]
+
+INDEX_COLUMNS = (
+    ("original_url", pa.string()),
+    ("thumbnail_url", pa.string()),
+    ("original_md5", pa.string()),
+    ("original_size", pa.int64()),
+    ("rotation", pa.int32()),
+)
+
+
+def shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`planio.shard_of` and :func:`ids.source_ids` of each ImageID, from one hash per image.
+
+    Both are ``blake2b(ImageID, 8 bytes)`` read big-endian (the shard its remainder, the
+    source_id its low 63 bits), so the hash is computed once, not twice per image.
+    """
+    blake = hashlib.blake2b
+    h = np.fromiter(
+        (int.from_bytes(blake(i.encode(), digest_size=8).digest(), "big") for i in ids_py),
+        np.uint64,
+        count=len(ids_py),
+    )
+    shard = (h % np.uint64(n_shards)).astype(np.int32)
+    src = (h & np.uint64((1 << 63) - 1)).astype(np.int64)
+    src[src == 0] = 1
+    if len(np.unique(src)) != len(src):
+        source_ids(ids_py)  # raises DataError naming the colliding ImageIDs
+    return shard, src
+
+
+def bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str] | None) -> pa.Array:
+    """``tmpl.format(split=split, image_id=i)`` per image; one vectorised join for the usual
+    template where ``{image_id}`` appears once, plainly (``ids_py``: the IDs as a list, or None)."""
+    marker = "\x00"
+    if tmpl.count("{image_id}") == 1:
+        try:
+            probe = tmpl.format(split=split, image_id=marker)
+        except (KeyError, IndexError, ValueError):
+            probe = ""
+        if probe.count(marker) == 1:
+            pre, post = probe.split(marker)
+            return pc.binary_join_element_wise(pa.scalar(pre), ids.cast(pa.string()), pa.scalar(post), "")
+    if ids_py is None:
+        ids_py = ids.to_pylist()
+    return pa.array([tmpl.format(split=split, image_id=i) for i in ids_py], pa.string())
+
+
+def shards_and_source_ids_of(
+    ids: pa.Array, n_shards: int, chunk: int = 200_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`shards_and_source_ids` a chunk of IDs at a time (no Python string per image for the
+    whole split at once); the source ids are checked for collisions across the whole split."""
+    shard = np.zeros(len(ids), np.int32)
+    src = np.zeros(len(ids), np.int64)
+    for s in range(0, len(ids), chunk):
+        part = ids.slice(s, chunk).to_pylist()
+        shard[s : s + len(part)], src[s : s + len(part)] = shards_and_source_ids(part, n_shards)
+    if len(np.unique(src)) != len(src):
+        source_ids(ids.to_pylist())  # raises DataError naming the colliding ImageIDs
+    return shard, src
+
+
+def write_shards(
+    storage: Storage,
+    plan_url: str,
+    split: str,
+    final_ids: pa.Array,
+    key_template: str,
+    index: tuple[Path, str] | None,
+    logm: MalformedLog,
+    boxes_col: pa.Array,
+    labels_col: pa.Array,
+    images_per_shard: int,
+) -> tuple[list[str], list[str], int]:
+    """Assign each image its shard, join the image index and write the split's Parquet plan shards.
+
+    The index is streamed once, its rows of ``final_ids`` routed to buckets of shards
+    (:class:`~openimages_od.openimages.assemble.IndexBuckets`), and the shards are built and
+    written a bucket at a time (:func:`~openimages_od.openimages.assemble.write_bucketed`).
+
+    Args:
+        storage: the storage layer.
+        plan_url: the plan directory.
+        split: the split's name.
+        final_ids: the chosen images, sorted.
+        key_template: ``source.images.key_template``.
+        index: ``(local path, display name)`` of the image index, or None (none configured).
+        logm: where malformed index rows are recorded.
+        boxes_col: the ``boxes`` list column (one list per image of ``final_ids``).
+        labels_col: the ``image_labels`` list column (all null without a labels file).
+        images_per_shard: from the config.
+
+    Returns:
+        (the shards' paths relative to ``plan_url``, their sha256 digests, images without an index row).
+    """
+    n_final = len(final_ids)
+    n_shards = planio.num_shards_for(n_final, images_per_shard)
+    shard, src_ids = shards_and_source_ids_of(final_ids, n_shards)
+    buckets = None
+    if index is not None:
+        buckets = assemble.IndexBuckets(final_ids, shard, n_shards, images_per_shard, id_keys)
+        try:
+            read_image_index(index[0], index[1], final_ids, logm, sink=buckets.add)
+        except BaseException:
+            buckets.close()
+            raise
+    labels = None if n_final and labels_col.null_count == n_final else _lists(labels_col)
+    return assemble.write_bucketed(
+        storage,
+        plan_url,
+        split,
+        final_ids,
+        shard,
+        src_ids,
+        n_shards,
+        lambda ids: bucket_keys(key_template, split, ids, None),
+        _lists(boxes_col),
+        labels,
+        buckets,
+    )
+
+
+def _lists(col: pa.Array) -> tuple[np.ndarray, pa.StructArray]:
+    """(offsets, values) of a list column without nulls."""
+    return np.asarray(col.offsets, np.int64), col.values
