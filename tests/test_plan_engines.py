@@ -304,3 +304,30 @@ def test_shards_written_bucket_by_bucket_are_the_same(tmp_path, monkeypatch, rel
     t = read_plan(str(tmp_path / "many"))["train"]
     row = t.filter(pc.equal(t.column("image_id"), first[0])).to_pylist()
     assert row and row[0]["original_url"] == (first[2] or None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ids=st.lists(
+        st.one_of(
+            st.text("0123456789abcdef", min_size=16, max_size=16),
+            st.sampled_from(["0123456789ABCDEF", "0123456789abcdeF", "short", "0123456789abcdeg"]),
+        ),
+        max_size=30,
+    )
+)
+def test_grouping_by_keys_matches_grouping_by_strings(ids):
+    """group_by_image's uint64-key path gives the string path's images, order and box positions."""
+    from openimages_od.openimages import idkeys, selection
+
+    arr = pa.array(ids, pa.string())
+    got = selection.group_by_image(arr, 1)
+    uniq = pc.unique(arr)
+    want_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
+    want_pos = pc.index_in(arr, value_set=want_ids).to_numpy(zero_copy_only=False) if len(arr) else []
+    assert got.img_ids.to_pylist() == want_ids.to_pylist()
+    assert list(got.b_img) == list(want_pos)
+    if all(len(i) == 16 and set(i) <= set("0123456789abcdef") for i in ids):
+        assert idkeys.lower_hex_keys(arr) is not None
+    else:
+        assert idkeys.lower_hex_keys(arr) is None

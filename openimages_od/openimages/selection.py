@@ -34,7 +34,7 @@ from openimages_od.openimages.classes import (
     resolve_classes,
     trainable_names,
 )
-from openimages_od.openimages.idkeys import rank
+from openimages_od.openimages.idkeys import lower_hex_keys, rank
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.readboxes import Boxes
 
@@ -222,6 +222,14 @@ class ImageGroups:
 
 def group_by_image(b_ids: pa.Array, min_boxes_per_image: int) -> ImageGroups:
     """Group boxes by image without pandas: unique sorted ids and each box's image position."""
+    keys = lower_hex_keys(b_ids)
+    if keys is not None:
+        # Sorting uint64 keys is the string sort for these IDs, in a fraction of the memory of
+        # Arrow's string hash tables (which were 2 GB for the 8M boxes of a 10x-size file).
+        uniq_keys, first, b_img = np.unique(keys, return_index=True, return_inverse=True)
+        img_ids = b_ids.take(pa.array(first)) if len(first) else pa.array([], pa.string())
+        per_img = np.bincount(b_img, minlength=len(uniq_keys))
+        return ImageGroups(img_ids, b_img.astype(np.int64), per_img >= max(1, min_boxes_per_image))
     uniq = pc.unique(b_ids)
     img_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
     b_img = (
