@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,7 @@ def plan_split(
     mids_arr = pa.array(ci.selected, pa.string())
     boxes_col = box_lists(final, boxes, ids_np, mids_arr)
     labels_col, n_labels = label_lists(labels, final.image_ids, ids_np, mids_arr)
+    boxes, kept, groups, final = _release_per_box_arrays(boxes, kept, groups, final)
     paths, shas, missing = write_shards(
         storage,
         plan_url,
@@ -128,6 +129,26 @@ def plan_split(
         shard_sha256=shas,
     )
     return manifest, stats
+
+
+def _release_per_box_arrays(
+    boxes: Boxes, kept: KeptBoxes, groups: ImageGroups, final: FinalBoxes
+) -> tuple[Boxes, KeptBoxes, ImageGroups, FinalBoxes]:
+    """The same objects without the per-box arrays that the ``boxes`` column now holds (fresh empty
+    arrays, not slices, so the buffers go): only what the stats read is kept. Before the image index
+    is read, this is ~0.6 GB at 10x the V6 train size."""
+    empty_ids = pa.array([], pa.string())
+    boxes = replace(
+        boxes,
+        image_id=empty_ids,
+        coords=np.zeros((0, 4), np.float32),
+        confidence=np.zeros(0, np.float32),
+        attrs=np.zeros((0, 5), np.int8),
+    )
+    kept = replace(kept, src_rows=np.zeros(0, np.int64), image_id=empty_ids)
+    groups = replace(groups, b_img=np.zeros(0, np.int64))
+    final = replace(final, src=np.zeros(0, np.int64))
+    return boxes, kept, groups, final
 
 
 def read_labels(
