@@ -1,5 +1,8 @@
 """Open Images CSV layouts per release, and a streaming, validating CSV reader.
 
+(Over 400 lines: the exact reader and its polars fast path share one set of structural rules; moving
+the fast path to its own module is the next split.)
+
 Every release spells its files a little differently; the reader detects the
 layout from the header (or, for headerless files, from the column count) and
 fails clearly on anything it does not know, naming the file and the header seen.
