@@ -221,8 +221,8 @@ def test_fast_path_equals_reference_on_damaged_files(release, edits, bom, crlf, 
 
 
 def test_strict_reports_an_early_extra_field_row_before_a_later_value_error(tmp_path):
-    """The fast path learns of extra fields only from the comma count; in strict mode that count
-    comes first, so the earliest bad row (the long one) is the one reported, as by the reference."""
+    """The fast path learns of extra fields only from the comma count, at the end; in strict mode it
+    steps aside, so the row reported is the reference's (here the long one, the earliest)."""
     src = write_release(tmp_path / "rel", make_content(), "v4")
     boxes = tmp_path / "rel" / "train-annotations-bbox.csv"
     lines = boxes.read_text().splitlines()

@@ -621,10 +621,10 @@ def iter_rows_fast(
     more fields (the file's commas, counted on a thread while polars parses, are not
     ``columns - 1`` per line: known at the end), invalid UTF-8 in a column read.
     polars reads only the columns needed (the last one included, for short rows),
-    which is why extra fields are found by counting. In ``strict`` mode the count
-    comes first, so no group is yielded from a file the fast path will step aside
-    from, and the earliest bad row is still the one reported; otherwise the caller
-    keeps its findings aside until the generator returns. Without quoting every
+    which is why extra fields are found by counting; the caller keeps its findings
+    aside until the generator returns. In ``strict`` mode it steps aside at once:
+    which bad row stops the run is the exact reader's call (a group could otherwise
+    be checked before damage later in the file is known). Without quoting every
     record is one physical line, so lines are exact.
 
     Args:
@@ -635,11 +635,13 @@ def iter_rows_fast(
         keep: labels whose rows are returned.
         known: all known labels (rows of other labels are returned too), or None.
         group_batches: polars batches per group (memory: one group plus the caller's results).
-        strict: check the field count before yielding anything (see above).
+        strict: step aside (see above).
 
     Raises:
         FastPathUnavailable: see above.
     """
+    if strict:
+        raise FastPathUnavailable("strict mode")
     if _first_line_quoted(path):
         raise FastPathUnavailable("quoted file")
     try:
@@ -690,8 +692,6 @@ def iter_rows_fast(
     # (polars' own count would memory-map the file, and those pages are RSS).
     with ThreadPoolExecutor(max_workers=1) as pool:
         counted = pool.submit(count_lines_and_commas, path)
-        if strict:
-            check_fields(counted.result())
         pending: list[Any] = []
         batches = scan.filter(want).collect_batches()
         while True:
