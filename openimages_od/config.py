@@ -233,6 +233,30 @@ class SelectionConfig(_Section):
         description="A label map .pbtxt whose ids to use (e.g. the shipped OID label map); null = ids stay "
         "stable across re-plans of the output: existing classes keep theirs, new ones are appended.",
     )
+    image_ids: list[str] | str | None = Field(
+        None,
+        description="Restrict the plan to these images: a list of ImageIDs, or a file (path or URL; one id a "
+        "line, # comments and blank lines allowed, or a CSV with an ImageID column). Combined with classes: "
+        "the images in the list that have a box of a selected class. Listed ids found in no planned split "
+        "are counted and listed in plan/stats.json.",
+    )
+    keep_all_labels: bool = Field(
+        False,
+        description="Choose images by the selected classes, but keep every box on a chosen image (the "
+        "attribute filters and min_confidence still apply); the label map grows by the other classes found, "
+        "appended after the existing ids. FiftyOne's only_matching=False.",
+    )
+
+    @field_validator("image_ids")
+    @classmethod
+    def _image_id_list(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                if not re.fullmatch(r"[0-9a-fA-F]{16}", x):
+                    raise ValueError(f"item {i}: {x!r} is not an ImageID (16 hex digits)")
+        elif isinstance(v, str) and not v.strip():
+            raise ValueError("an empty string: give a file path/URL, a list of ImageIDs, or null")
+        return v
 
 
 # --------------------------------------------------------------------------- output

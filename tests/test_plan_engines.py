@@ -321,7 +321,9 @@ def test_grouping_by_keys_matches_grouping_by_strings(ids):
     from openimages_od.openimages import idkeys, selection
 
     arr = pa.array(ids, pa.string())
-    got = selection.group_by_image(arr, 1)
+    n = len(ids)
+    kept = selection.KeptBoxes(np.arange(n), np.zeros(n, np.int32), arr, 0)
+    got = selection.group_by_image(kept, 1, 1)
     uniq = pc.unique(arr)
     want_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
     want_pos = pc.index_in(arr, value_set=want_ids).to_numpy(zero_copy_only=False) if len(arr) else []

@@ -147,6 +147,7 @@ def assign_ids(
     retired: Iterable[dict] = (),
     pinned: LabelMap | None = None,
     pinned_source: str = "selection.label_map",
+    extra: Sequence[str] = (),
 ) -> tuple[LabelMap, list[dict]]:
     """Ids for the selected classes ``mids`` (in selection order).
 
@@ -158,6 +159,11 @@ def assign_ids(
             never given to another class, and a retired class that comes back gets its id back.
         pinned: a label map whose ids win (``selection.label_map``); every selected class must be in it.
         pinned_source: where ``pinned`` came from, for error messages.
+        extra: more MIDs after ``mids`` (``selection.keep_all_labels``: other classes found on the
+            chosen images). They follow the same rules, except that with ``pinned`` one missing
+            there is appended after the highest id used (pinned or retired) instead of an error.
+            New ids are given in list order, so appending to ``extra`` never changes the ids
+            given before.
 
     Returns:
         (label map, retired classes after this plan: the earlier ones plus those removed now).
@@ -175,12 +181,19 @@ def assign_ids(
                 f"{' ...' if len(missing) > 5 else ''}"
             )
         classes = [LabelClass(pinned.by_mid[m].id, m, names.get(m) or pinned.by_mid[m].name) for m in mids]
+        next_id = max([c.id for c in pinned] + [int(r["id"]) for r in retired_by_mid.values()], default=0) + 1
+        for m in extra:
+            if m in pinned.by_mid:
+                classes.append(LabelClass(pinned.by_mid[m].id, m, names.get(m) or pinned.by_mid[m].name))
+            else:
+                classes.append(LabelClass(next_id, m, names.get(m, m)))
+                next_id += 1
     else:
         used = {c.id for c in previous} if previous is not None else set()
         used |= {int(r["id"]) for r in retired_by_mid.values()}
         next_id = max(used, default=0) + 1
         classes = []
-        for m in mids:
+        for m in [*mids, *extra]:
             if previous is not None and m in previous.by_mid:
                 cid = previous.by_mid[m].id
             elif m in retired_by_mid:

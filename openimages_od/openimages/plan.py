@@ -32,9 +32,10 @@ from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.errors import ConfigError
 from openimages_od.layout import Layout, image_settings
 from openimages_od.openimages import planio
+from openimages_od.openimages.idlist import load_image_ids
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.labelmap import LabelMap, assign_ids
-from openimages_od.openimages.selection import load_classes
+from openimages_od.openimages.selection import ClassInfo, load_classes
 from openimages_od.openimages.splitplan import plan_split
 from openimages_od.outputlock import output_lock
 from openimages_od.storage import Storage, local_path
@@ -122,41 +123,21 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
     inputs = MetadataInputs(cfg, st)
     ci = load_classes(cfg, inputs)
     previous, retired, pinned = _previous_labels(cfg, st, layout)
-    label_map, retired = assign_ids(
-        ci.selected,
-        ci.names,
-        previous=previous,
-        retired=retired,
-        pinned=pinned,
-        pinned_source=cfg.selection.label_map or "selection.label_map",
-    )
+    ids = _LabelIds(ci, previous, retired, pinned, cfg.selection.label_map or "selection.label_map")
+    label_map, _ = ids.assign()  # a bad pinned map fails here, before the old plan is touched
     ci.ids = np.array([label_map.by_mid[m].id for m in ci.selected], np.int32)
-    if previous is not None:
-        added = [c for c in label_map if c.mid not in previous.by_mid]
-        gone = [c for c in previous if c.mid not in label_map.by_mid]
-        if added or gone:
-
-            def few(cs: list) -> str:
-                return (
-                    ", ".join(f"{c.id}={c.name}" for c in cs[:8])
-                    + (f", ... ({len(cs) - 8} more)" if len(cs) > 8 else "")
-                ) or "-"
-
-            log.info(
-                "label map: %d classes kept their ids, %d added (%s), %d removed, ids retired (%s)",
-                len(label_map) - len(added),
-                len(added),
-                few(added),
-                len(gone),
-                few(gone),
-            )
+    image_ids = (
+        load_image_ids(cfg.selection.image_ids, inputs) if cfg.selection.image_ids is not None else None
+    )
 
     # The manifest marks a complete plan: remove it first so a half-rewritten plan is never "done".
     st.delete(layout.plan_manifest)
     split_manifests: dict[str, planio.SplitManifest] = {}
     split_stats: dict[str, Any] = {}
     for split in splits:
-        sm, stats = plan_split(cfg, split, inputs, ci, st, plan_url)
+        sm, stats = plan_split(
+            cfg, split, inputs, ci, st, plan_url, image_ids, ids.add_extra if ci.extra else None
+        )
         split_manifests[split] = sm
         split_stats[split] = stats
         log.info(
@@ -167,6 +148,9 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
             sm.num_shards,
             stats["malformed_total"],
         )
+
+    label_map, retired = ids.assign()
+    _log_label_changes(previous, label_map)
 
     # Shards left by an earlier plan with other shard counts or splits would confuse readers.
     wanted = {join_url(plan_url, p) for sm in split_manifests.values() for p in sm.shards}
@@ -183,6 +167,16 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
         "classes": label_map.to_json(),
         "removed_classes": retired,
     }
+    if image_ids is not None:
+        stats_doc["image_ids"] = image_ids.stats()
+        if image_ids.matched.size and not image_ids.matched.all():
+            log.warning(
+                "selection.image_ids: %d of %d listed ImageIDs have no box or image-level label of the "
+                "selected classes in splits %s (listed in plan/stats.json under image_ids.unmatched_ids)",
+                int((~image_ids.matched).sum()),
+                len(image_ids.matched),
+                ", ".join(splits),
+            )
     st.write_json(layout.plan_stats, stats_doc)
     save_resolved(cfg, plan_url, st)
     manifest = planio.PlanManifest(
@@ -204,6 +198,66 @@ def _build_plan(cfg: Config, st: Storage, layout: Layout) -> PlanResult:
         plan_url,
     )
     return PlanResult(plan_url=plan_url, manifest=manifest, stats=stats_doc, label_map=label_map, seconds=dt)
+
+
+class _LabelIds:
+    """Label-map ids for the plan: the selected classes', then (``keep_all_labels``) those of the
+    other classes found, added split by split; a class's id never changes once given."""
+
+    def __init__(
+        self,
+        ci: ClassInfo,
+        previous: LabelMap | None,
+        retired: list[dict],
+        pinned: LabelMap | None,
+        pinned_source: str,
+    ) -> None:
+        self.ci, self.previous, self.retired, self.pinned = ci, previous, retired, pinned
+        self.pinned_source = pinned_source
+        self.extra: list[str] = []
+
+    def assign(self) -> tuple[LabelMap, list[dict]]:
+        """The label map of the classes so far and the retired classes after this plan."""
+        return assign_ids(
+            self.ci.selected,
+            self.ci.names,
+            previous=self.previous,
+            retired=self.retired,
+            pinned=self.pinned,
+            pinned_source=self.pinned_source,
+            extra=self.extra,
+        )
+
+    def add_extra(self, mids: list[str]) -> dict[str, int]:
+        """Ids for other classes found on a split's chosen images (new ones appended in order)."""
+        known = set(self.extra)
+        self.extra.extend(m for m in mids if m not in known)
+        lm, _ = self.assign()
+        return {m: lm.by_mid[m].id for m in mids}
+
+
+def _log_label_changes(previous: LabelMap | None, label_map: LabelMap) -> None:
+    if previous is None:
+        return
+    added = [c for c in label_map if c.mid not in previous.by_mid]
+    gone = [c for c in previous if c.mid not in label_map.by_mid]
+    if not (added or gone):
+        return
+
+    def few(cs: list) -> str:
+        return (
+            ", ".join(f"{c.id}={c.name}" for c in cs[:8])
+            + (f", ... ({len(cs) - 8} more)" if len(cs) > 8 else "")
+        ) or "-"
+
+    log.info(
+        "label map: %d classes kept their ids, %d added (%s), %d removed, ids retired (%s)",
+        len(label_map) - len(added),
+        len(added),
+        few(added),
+        len(gone),
+        few(gone),
+    )
 
 
 def _norm(url: str) -> str:

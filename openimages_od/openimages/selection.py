@@ -16,7 +16,7 @@ the writing in :mod:`~openimages_od.openimages.planwrite`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +34,7 @@ from openimages_od.openimages.classes import (
     resolve_classes,
     trainable_names,
 )
-from openimages_od.openimages.idkeys import lower_hex_keys, rank
+from openimages_od.openimages.idkeys import IdSet, lower_hex_keys, rank
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.readboxes import Boxes
 
@@ -69,6 +69,9 @@ class ClassInfo:
     known: pa.Array | None
     hierarchy: Hierarchy | None
     ids: np.ndarray | None = None  # label-map id of each selected class (stable across re-plans)
+    # selection.keep_all_labels: every other known class, in known order; their boxes are kept on
+    # chosen images (class index n_selected + i) but never choose an image.
+    extra: list[str] = field(default_factory=list)
 
 
 def load_classes(cfg: Config, inputs: MetadataInputs) -> ClassInfo:
@@ -110,7 +113,18 @@ def load_classes(cfg: Config, inputs: MetadataInputs) -> ClassInfo:
                 seen.add(m)
                 known_set.append(m)
     known = pa.array(known_set, pa.string()) if known_set else None
-    return ClassInfo(selected, display_names(selected, desc, tnames), known, hier)
+    extra: list[str] = []
+    if sel.keep_all_labels:
+        if known is None:
+            raise ConfigError(
+                "selection.keep_all_labels needs the list of every class: set source.class_descriptions "
+                "(or source.hierarchy / source.trainable_classes)"
+            )
+        chosen = set(selected)
+        # trainable_only bounds the label map: the other classes kept are trainable ones too.
+        pool = trainable if sel.trainable_only and trainable is not None else known_set
+        extra = [m for m in pool if m not in chosen]
+    return ClassInfo(selected, display_names(selected + extra, desc, tnames), known, hier, extra=extra)
 
 
 @dataclass
@@ -130,11 +144,21 @@ class ClassTargets:
     neg_targets: dict[str, list[int]]
 
 
-def class_targets(selected: list[str], hierarchy: Hierarchy | None) -> ClassTargets:
-    """The :class:`ClassTargets` of ``selected``; ``hierarchy`` given = expand along it."""
+def class_targets(
+    selected: list[str], hierarchy: Hierarchy | None, extra: list[str] | None = None
+) -> ClassTargets:
+    """The :class:`ClassTargets` of ``selected``; ``hierarchy`` given = expand along it.
+
+    ``extra`` (``selection.keep_all_labels``): more classes whose boxes are read, at class
+    indices after the selected ones; a box then counts for every ancestor among all of them,
+    as the evaluation expands over the whole label map. Image-level labels stay those of the
+    selected classes.
+    """
     sel_index = {m: i for i, m in enumerate(selected)}
-    keep = list(selected)
-    box_targets: dict[str, list[int]] = {m: [i] for i, m in enumerate(selected)}
+    axis = list(selected) + list(extra or ())
+    box_index = {m: i for i, m in enumerate(axis)}
+    keep = list(axis)
+    box_targets: dict[str, list[int]] = {m: [i] for i, m in enumerate(axis)}
     lab_keep = list(selected)
     pos_targets: dict[str, list[int]] = {m: [i] for i, m in enumerate(selected)}
     neg_targets: dict[str, list[int]] = {m: [i] for i, m in enumerate(selected)}
@@ -147,7 +171,7 @@ def class_targets(selected: list[str], hierarchy: Hierarchy | None) -> ClassTarg
                     box_targets[d] = []
         for m in keep:
             box_targets[m] = sorted(
-                set(box_targets[m]) | {sel_index[a] for a in h.ancestors(m) if a in sel_index}
+                set(box_targets[m]) | {box_index[a] for a in h.ancestors(m) if a in box_index}
             )
         for m in selected:
             for other in h.descendants(m) + h.ancestors(m):
@@ -193,10 +217,14 @@ class KeptBoxes:
     tgt: np.ndarray  # selected-class index
     image_id: pa.Array  # ImageID of each entry
     filtered_out: int  # boxes the confidence and attribute filters dropped
+    outside_image_ids: int = 0  # boxes on images not in selection.image_ids
 
 
-def filter_boxes(boxes: Boxes, sel: SelectionConfig, targets: ClassTargets) -> KeptBoxes:
-    """Apply ``min_confidence`` and the attribute filters, then expand each box to its targets."""
+def filter_boxes(
+    boxes: Boxes, sel: SelectionConfig, targets: ClassTargets, image_ids: IdSet | None = None
+) -> KeptBoxes:
+    """Apply ``image_ids``, ``min_confidence`` and the attribute filters, then expand each box to
+    its targets."""
     keep_mask = boxes.confidence >= sel.min_confidence
     f = sel.filters
     for k, name in enumerate(ATTR_FIELDS):
@@ -205,10 +233,15 @@ def filter_boxes(boxes: Boxes, sel: SelectionConfig, targets: ClassTargets) -> K
         if want is not None:
             keep_mask &= (col == int(want)) | ((col == -1) & (not f.drop_unknown))
     filtered_out = int((~keep_mask).sum())
+    outside = 0
+    if image_ids is not None:
+        listed = image_ids.contains(boxes.image_id)
+        outside = int((keep_mask & ~listed).sum())
+        keep_mask &= listed
     rows, tgt = expand(boxes.code[keep_mask], *expansion(targets.box_keep, targets.box_targets))
     src_rows = np.flatnonzero(keep_mask)[rows]
     b_ids = boxes.image_id.take(pa.array(src_rows)) if len(src_rows) else pa.array([], pa.string())
-    return KeptBoxes(src_rows, tgt, b_ids, filtered_out)
+    return KeptBoxes(src_rows, tgt, b_ids, filtered_out, outside)
 
 
 @dataclass
@@ -220,24 +253,30 @@ class ImageGroups:
     candidate: np.ndarray  # per image: enough boxes to be chosen (min_boxes_per_image)
 
 
-def group_by_image(b_ids: pa.Array, min_boxes_per_image: int) -> ImageGroups:
-    """Group boxes by image without pandas: unique sorted ids and each box's image position."""
+def group_by_image(kept: KeptBoxes, n_sel: int, min_boxes_per_image: int) -> ImageGroups:
+    """Group boxes by image without pandas: unique sorted ids and each box's image position.
+
+    An image is a candidate with at least ``min_boxes_per_image`` (and one) boxes of the selected
+    classes (class index < ``n_sel``; other classes, kept by ``keep_all_labels``, never choose).
+    """
+    b_ids = kept.image_id
     keys = lower_hex_keys(b_ids)
     if keys is not None:
         # Sorting uint64 keys is the string sort for these IDs, in a fraction of the memory of
         # Arrow's string hash tables (which were 2 GB for the 8M boxes of a 10x-size file).
-        uniq_keys, first, b_img = np.unique(keys, return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         img_ids = b_ids.take(pa.array(first)) if len(first) else pa.array([], pa.string())
-        per_img = np.bincount(b_img, minlength=len(uniq_keys))
-        return ImageGroups(img_ids, b_img.astype(np.int64), per_img >= max(1, min_boxes_per_image))
-    uniq = pc.unique(b_ids)
-    img_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
-    b_img = (
-        pc.index_in(b_ids, value_set=img_ids).to_numpy(zero_copy_only=False).astype(np.int64)
-        if len(b_ids)
-        else np.zeros(0, np.int64)
-    )
-    per_img = np.bincount(b_img, minlength=len(img_ids))
+        b_img = inverse.astype(np.int64).ravel()
+    else:
+        uniq = pc.unique(b_ids)
+        img_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
+        b_img = (
+            pc.index_in(b_ids, value_set=img_ids).to_numpy(zero_copy_only=False).astype(np.int64)
+            if len(b_ids)
+            else np.zeros(0, np.int64)
+        )
+    sel_box = kept.tgt < n_sel
+    per_img = np.bincount(b_img if sel_box.all() else b_img[sel_box], minlength=len(img_ids))
     return ImageGroups(img_ids, b_img, per_img >= max(1, min_boxes_per_image))
 
 
@@ -254,7 +293,13 @@ def add_label_only_images(groups: ImageGroups, label_ids: pa.Array) -> ImageGrou
     img_ids = img_ids.take(pa.array(order_ids))
     inv = np.empty_like(order_ids)
     inv[order_ids] = np.arange(len(order_ids))
-    return ImageGroups(img_ids, inv[groups.b_img], np.ones(len(img_ids), bool))
+    # Candidates: those with boxes of selected classes (every box image, without keep_all_labels)
+    # and every image with a label.
+    candidate = np.zeros(len(img_ids), bool)
+    candidate[inv[: len(groups.img_ids)]] = groups.candidate
+    candidate[inv[len(groups.img_ids) :]] = True
+    candidate |= pc.is_in(img_ids, value_set=label_ids).to_numpy(zero_copy_only=False)
+    return ImageGroups(img_ids, inv[groups.b_img], candidate)
 
 
 def apply_caps(groups: ImageGroups, tgt: np.ndarray, n_sel: int, sel: SelectionConfig) -> np.ndarray:
@@ -271,7 +316,8 @@ def apply_caps(groups: ImageGroups, tgt: np.ndarray, n_sel: int, sel: SelectionC
         return chosen
     rk = rank(img_ids, sel.seed)
     if sel.max_images_per_class is not None:
-        pairs = np.unique(b_img.astype(np.int64) * n_sel + tgt)
+        sel_box = tgt < n_sel
+        pairs = np.unique(b_img[sel_box].astype(np.int64) * n_sel + tgt[sel_box])
         p_img, p_cls = pairs // n_sel, pairs % n_sel
         m = candidate[p_img]
         p_img, p_cls = p_img[m], p_cls[m]

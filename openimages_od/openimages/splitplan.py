@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ import pyarrow.compute as pc
 from openimages_od.config import Config
 from openimages_od.openimages import planio
 from openimages_od.openimages.formats import MalformedLog
+from openimages_od.openimages.idlist import ImageIdList
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.planwrite import write_shards
 from openimages_od.openimages.readboxes import Boxes, read_boxes
@@ -56,6 +58,12 @@ class ImageLabels:
     target: np.ndarray  # selected-class index
     confidence: np.ndarray
 
+    def only(self, mask: np.ndarray) -> ImageLabels:
+        """The labels where ``mask`` is true."""
+        if mask.all():
+            return self
+        return ImageLabels(self.image_id.filter(pa.array(mask)), self.target[mask], self.confidence[mask])
+
 
 @dataclass
 class FinalBoxes:
@@ -68,7 +76,14 @@ class FinalBoxes:
 
 
 def plan_split(
-    cfg: Config, split: str, inputs: MetadataInputs, ci: ClassInfo, storage: Storage, plan_url: str
+    cfg: Config,
+    split: str,
+    inputs: MetadataInputs,
+    ci: ClassInfo,
+    storage: Storage,
+    plan_url: str,
+    image_ids: ImageIdList | None = None,
+    extra_ids: Callable[[list[str]], dict[str, int]] | None = None,
 ) -> tuple[planio.SplitManifest, dict[str, Any]]:
     """Plan one split: read, select, write its Parquet shards.
 
@@ -79,6 +94,9 @@ def plan_split(
         ci: the selected classes (with their label-map ids).
         storage: the storage layer.
         plan_url: the plan directory.
+        image_ids: ``selection.image_ids`` (the listed ids this split holds are marked seen).
+        extra_ids: ``selection.keep_all_labels``: gives label-map ids to the other classes found
+            on the chosen images (the label map grows as splits are planned).
 
     Returns:
         (the split's manifest entry, its stats).
@@ -87,24 +105,35 @@ def plan_split(
     ss = cfg.source.splits[split]
     logm = MalformedLog(strict=sel.strict)
     n_sel = len(ci.selected)
-    targets = class_targets(ci.selected, ci.hierarchy if sel.expand_hierarchy else None)
+    targets = class_targets(ci.selected, ci.hierarchy if sel.expand_hierarchy else None, ci.extra)
 
     boxes = read_boxes(
         inputs.local(ss.boxes), ss.boxes, ci.known, pa.array(targets.box_keep, pa.string()), logm
     )
-    kept = filter_boxes(boxes, sel, targets)
-    groups = group_by_image(kept.image_id, sel.min_boxes_per_image)
+    kept = filter_boxes(boxes, sel, targets, image_ids.members if image_ids is not None else None)
+    groups = group_by_image(kept, n_sel, sel.min_boxes_per_image)
     labels = None
+    if image_ids is not None:
+        image_ids.mark_seen(boxes.image_id)
     if ss.image_labels:
         # Read before choosing images so min_boxes_per_image=0 can add label-only images.
         labels = read_labels(inputs, ss.image_labels, ci, targets, logm)
+        if image_ids is not None:
+            image_ids.mark_seen(labels.image_id)
+            labels = labels.only(image_ids.members.contains(labels.image_id))
         if sel.min_boxes_per_image == 0:
             groups = add_label_only_images(groups, labels.image_id)
     chosen = apply_caps(groups, kept.tgt, n_sel, sel)
     final = final_boxes(groups, chosen, kept)
 
     ids_np = ci.ids if ci.ids is not None else np.arange(1, n_sel + 1, dtype=np.int32)
-    mids_arr = pa.array(ci.selected, pa.string())
+    axis = ci.selected + ci.extra
+    present = [axis[i] for i in np.unique(final.tgt[final.tgt >= n_sel])]
+    if ci.extra:
+        # keep_all_labels: the other classes found here get ids (absent ones are never referenced).
+        got = extra_ids(present) if extra_ids is not None else {}
+        ids_np = np.concatenate([ids_np, np.array([got.get(m, 0) for m in ci.extra], np.int32)])
+    mids_arr = pa.array(axis, pa.string())
     boxes_col = box_lists(final, boxes, ids_np, mids_arr)
     labels_col, n_labels = label_lists(labels, final.image_ids, ids_np, mids_arr)
     boxes, kept, groups, final = _release_per_box_arrays(boxes, kept, groups, final)
@@ -120,7 +149,11 @@ def plan_split(
         labels_col,
         cfg.shards.images_per_shard,
     )
-    stats = split_stats(ci.selected, boxes, kept, groups, final, n_labels, len(paths), missing, logm)
+    stats = split_stats(axis, n_sel, boxes, kept, groups, final, n_labels, len(paths), missing, logm)
+    if image_ids is not None:
+        stats["boxes_outside_image_ids"] = kept.outside_image_ids
+    if sel.keep_all_labels:
+        stats["other_classes"] = len(present)
     manifest = planio.SplitManifest(
         num_shards=len(paths),
         num_images=len(final.image_ids),
@@ -244,7 +277,8 @@ def label_lists(
 
 
 def split_stats(
-    selected: list[str],
+    axis: list[str],
+    n_sel: int,
     boxes: Boxes,
     kept: KeptBoxes,
     groups: ImageGroups,
@@ -254,13 +288,14 @@ def split_stats(
     missing: int,
     logm: MalformedLog,
 ) -> dict[str, Any]:
-    """The split's entry of ``plan/stats.json``."""
-    n_sel = len(selected)
+    """The split's entry of ``plan/stats.json`` (per class: the selected classes, then the other
+    classes ``keep_all_labels`` found, at class indices ``n_sel`` on of ``axis``)."""
+    n_axis = len(axis)
     n_final = len(final.image_ids)
     b_tgt = final.tgt
-    box_per_cls = np.bincount(b_tgt, minlength=n_sel)
-    pairs = np.unique(np.repeat(np.arange(n_final), final.counts).astype(np.int64) * n_sel + b_tgt)
-    img_per_cls = np.bincount(pairs % n_sel, minlength=n_sel) if len(pairs) else np.zeros(n_sel, np.int64)
+    box_per_cls = np.bincount(b_tgt, minlength=n_axis)
+    pairs = np.unique(np.repeat(np.arange(n_final), final.counts).astype(np.int64) * n_axis + b_tgt)
+    img_per_cls = np.bincount(pairs % n_axis, minlength=n_axis) if len(pairs) else np.zeros(n_axis, np.int64)
     return {
         "images": n_final,
         "boxes": len(b_tgt),
@@ -272,7 +307,9 @@ def split_stats(
         "images_without_index_row": missing,
         "images_before_caps": int(groups.candidate.sum()),
         "classes": {
-            m: {"images": int(img_per_cls[i]), "boxes": int(box_per_cls[i])} for i, m in enumerate(selected)
+            m: {"images": int(img_per_cls[i]), "boxes": int(box_per_cls[i])}
+            for i, m in enumerate(axis)
+            if i < n_sel or box_per_cls[i]
         },
         "malformed": logm.to_json(),
         "malformed_total": logm.total,
