@@ -17,8 +17,8 @@ contender alike; the best time of each is reported, with the ratios.
 
     .venv/bin/python benchmarks/metadata_bench.py                  # full size, best of 3 (~4 minutes)
     .venv/bin/python benchmarks/metadata_bench.py --quick          # 1.46M rows, 1 round
-    .venv/bin/python benchmarks/metadata_bench.py --rows 146000000 --only project --rounds 1 --cleanup
-                                                                   # 10x: memory at scale (25 GB of CSV)
+    .venv/bin/python benchmarks/metadata_bench.py --tenx           # + one project run on 10x the rows
+                                                                   # (10 copies, 28 GB of CSV, deleted after)
 """
 
 from __future__ import annotations
@@ -140,6 +140,40 @@ def generate(rows: int, workdir: Path, seed: int = 0) -> tuple[Path, Path]:
             )
     marker.write_text(json.dumps({"rows": rows, "images": n_img, "seconds": time.monotonic() - t0}))
     return boxes, images
+
+
+def replicate(base: tuple[Path, Path], base_rows: int, k: int, workdir: Path) -> tuple[Path, Path]:
+    """``k`` copies of the generated files as one larger data set, unless present (10x in minutes,
+    where generating it afresh formats 146M rows of floats: ~20 minutes on 2 cores).
+
+    Copy ``c`` replaces the first hex digit of every ImageID (the first byte of every line) with
+    ``c``: the copies are disjoint sets of images with the same boxes, classes and index rows.
+    """
+    out = (workdir / base[0].name, workdir / base[1].name)
+    marker = workdir / "done.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("rows") == base_rows * k:
+        return out
+    workdir.mkdir(parents=True, exist_ok=True)
+    for src, dst in zip(base, out):
+        with open(dst, "wb") as fo:
+            with open(src, "rb") as fi:
+                fo.write(fi.readline())  # the header, once
+                body = fi.tell()
+            for c in range(k):
+                digit = ord("0123456789abcdef"[c])
+                with open(src, "rb") as fi:
+                    fi.seek(body)
+                    at_line_start = True
+                    while chunk := fi.read(64 << 20):
+                        arr = np.frombuffer(chunk, np.uint8).copy()
+                        starts = np.flatnonzero(arr[:-1] == 10) + 1
+                        arr[starts] = digit
+                        if at_line_start:
+                            arr[0] = digit
+                        at_line_start = bool(arr[-1] == 10)
+                        fo.write(arr.tobytes())
+    marker.write_text(json.dumps({"rows": base_rows * k, "copies_of": str(base[0].parent)}))
+    return out
 
 
 # --------------------------------------------------------------------------- runs (in subprocesses)
@@ -288,6 +322,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round of 1.46M rows (a tenth of the real size).")
     ap.add_argument("--only", default="project,polars,pandas", help="Comma-separated contenders.")
     ap.add_argument("--cleanup", action="store_true", help="Delete the generated files afterwards.")
+    ap.add_argument(
+        "--tenx",
+        action="store_true",
+        help="After the rounds, one project run on 10x the rows (memory at scale; ~10 minutes, 25 GB "
+        "of disk, deleted afterwards).",
+    )
     ap.add_argument("--child", nargs=4, metavar=("KIND", "BOXES", "IMAGES", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -339,6 +379,35 @@ def main() -> None:
                 f"{max(x['peak_rss_mb'] for x in runs['project']) / rss:.2f}x its peak RSS"
             )
         print(line)
+
+    if args.tenx:
+        _run_tenx((boxes, images), args.rows, args.workdir, best.get("project"))
+
+
+def _run_tenx(base: tuple[Path, Path], base_rows: int, workdir: Path, one_x: dict | None) -> None:
+    """One project run on 10x the rows: time and peak RSS at scale (the files are deleted after)."""
+    rows = base_rows * 10
+    data = workdir / f"rows-{rows}-copies"
+    try:
+        t0 = time.monotonic()
+        boxes, images = replicate(base, base_rows, 10, data)
+        print(
+            f"\n10x data: {boxes.stat().st_size / 1e9:.1f} GB + {images.stat().st_size / 1e9:.1f} GB, "
+            f"ready in {time.monotonic() - t0:.0f} s",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory(prefix="oiod-bench-out-", dir=workdir) as tmp:
+            res = _measure("project", boxes, images, Path(tmp) / "project-10x")
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    line = (
+        f"project at 10x ({rows:,} box rows): {res['seconds']:.1f} s (CPU {res['cpu_s']:.1f} s), "
+        f"{rows / res['seconds']:,.0f} rows/s, peak RSS {res['peak_rss_mb']:,.0f} MB, "
+        f"{res['images']:,} images / {res['boxes']:,} boxes"
+    )
+    if one_x is not None:
+        line += f"; {res['seconds'] / one_x['seconds']:.1f}x the 1x time"
+    print(line)
 
 
 if __name__ == "__main__":

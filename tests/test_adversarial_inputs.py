@@ -23,7 +23,8 @@ from test_plan import CAR, CLASSES, INDEX_COLS, make_cfg, read_plan
 
 from openimages_od.errors import DataError
 from openimages_od.openimages.classes import read_hierarchy
-from openimages_od.openimages.formats import BOX_LAYOUTS, CsvStream, MalformedLog, detect_layout
+from openimages_od.openimages.csvstream import CsvStream
+from openimages_od.openimages.formats import BOX_LAYOUTS, MalformedLog, detect_layout
 from openimages_od.openimages.plan import build_plan
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,13 +15,8 @@ from openimages_od.openimages.classes import (
     read_trainable,
     resolve_classes,
 )
-from openimages_od.openimages.formats import (
-    BOX_LAYOUTS,
-    IMAGE_INDEX_LAYOUTS,
-    CsvStream,
-    MalformedLog,
-    detect_layout,
-)
+from openimages_od.openimages.csvstream import CsvStream
+from openimages_od.openimages.formats import BOX_LAYOUTS, IMAGE_INDEX_LAYOUTS, MalformedLog, detect_layout
 from openimages_od.openimages.labelmap import LabelMap
 
 DATA = Path(__file__).resolve().parent / "data" / "openimages"

@@ -9,21 +9,21 @@ examples; structural damage must make the fast path step aside.
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
-from openimages_od.openimages import formats, planio, readboxes, readimages
-from openimages_od.openimages.formats import (
-    BOX_LAYOUTS,
-    FastPathUnavailable,
-    detect_layout,
-    iter_rows_fast,
-    select_rows_fast,
-)
+from openimages_od.errors import DataError
+from openimages_od.openimages import assemble, csvstream, fastcsv, planio, readboxes, readimages
+from openimages_od.openimages.fastcsv import FastPathUnavailable, iter_rows_fast, select_rows_fast
+from openimages_od.openimages.formats import BOX_LAYOUTS, detect_layout
 from openimages_od.openimages.idkeys import IdSet
 from openimages_od.openimages.ids import source_ids
 from openimages_od.openimages.plan import build_plan
@@ -140,4 +140,191 @@ def test_one_hash_gives_shard_and_source_id():
     assert bucket_keys("{image_id}/{split}/{image_id}", "v", pa.array(ids[:1]), ids[:1]).to_pylist() == [
         f"{ids[0]}/v/{ids[0]}"
     ]
-    assert formats.RowLines("x", np.array([5, 9])).line_of(1) == 9
+    assert csvstream.RowLines("x", np.array([5, 9])).line_of(1) == 9
+
+
+# --------------------------------------------------------------------------- property: any damage, same plan
+
+_DAMAGES = {
+    "short": lambda row: ",".join(row.split(",")[:-2]),
+    "long": lambda row: row + ",7",
+    "long_and_short": lambda row: row + ",7\n" + ",".join(row.split(",")[:-1]),  # commas balance out
+    "blank": lambda row: "",
+    "non_numeric": lambda row: ",".join(row.split(",")[:4] + ["abc"] + row.split(",")[5:]),
+    "out_of_range": lambda row: ",".join(row.split(",")[:4] + ["1.5"] + row.split(",")[5:]),
+    "bad_id": lambda row: ",".join(["xyz"] + row.split(",")[1:]),
+    "unknown_class": lambda row: ",".join(row.split(",")[:2] + ["/m/notaclass"] + row.split(",")[3:]),
+    "stray_quote": lambda row: row.replace(",", ',"', 1),
+    "empty_id": lambda row: ",".join([""] + row.split(",")[1:]),
+    "duplicate": lambda row: row + "\n" + row,
+}
+
+
+def _plan_both(root, src, strict, **sel):
+    """(outcome, tables) of the fast and the reference engine: outcome is the stats or the DataError."""
+    out = []
+    for engine in ("polars", "pyarrow"):
+        mp = pytest.MonkeyPatch()
+        if engine == "pyarrow":
+
+            def unavailable(*a, **k):
+                raise FastPathUnavailable("test")
+                yield
+
+            mp.setattr(readimages, "select_rows_fast", lambda *a, **k: None)
+            mp.setattr(readboxes, "iter_rows_fast", unavailable)
+        else:
+            mp.setattr(readboxes, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
+        try:
+            res = build_plan(make_cfg(src, str(root / engine), strict=strict, **sel))
+            out.append((res.stats["splits"], read_plan(str(root / engine))))
+        except DataError as exc:
+            out.append((str(exc), None))
+        finally:
+            mp.undo()
+    return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    release=st.sampled_from(["v2", "v4", "v6", "v7"]),
+    edits=st.lists(st.tuples(st.sampled_from(sorted(_DAMAGES)), st.floats(0.0, 1.0)), min_size=0, max_size=4),
+    bom=st.booleans(),
+    crlf=st.booleans(),
+    final_newline=st.booleans(),
+    strict=st.booleans(),
+)
+def test_fast_path_equals_reference_on_damaged_files(release, edits, bom, crlf, final_newline, strict):
+    """Whatever the damage, the fast engine gives the reference engine's plan, stats and file:line
+    reasons (or the same strict-mode error)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        src = write_release(root / "rel", make_content(), release)
+        boxes = root / "rel" / "train-annotations-bbox.csv"
+        lines = boxes.read_text().splitlines()
+        for name, where in edits:
+            i = 1 + int(where * (len(lines) - 2))
+            lines[i] = _DAMAGES[name](lines[i])
+        eol = "\r\n" if crlf else "\n"
+        text = eol.join("\n".join(lines).split("\n")) + (eol if final_newline else "")
+        boxes.write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+        (fast, t_fast), (slow, t_slow) = _plan_both(root, src, strict)
+        assert fast == slow
+        if t_slow is not None:
+            for split in t_slow:
+                assert t_fast[split].equals(t_slow[split]), split
+
+
+def test_strict_reports_an_early_extra_field_row_before_a_later_value_error(tmp_path):
+    """The fast path learns of extra fields only from the comma count, at the end; in strict mode it
+    steps aside, so the row reported is the reference's (here the long one, the earliest)."""
+    src = write_release(tmp_path / "rel", make_content(), "v4")
+    boxes = tmp_path / "rel" / "train-annotations-bbox.csv"
+    lines = boxes.read_text().splitlines()
+    car = [i for i, ln in enumerate(lines) if f",{CAR}," in ln]
+    lines[car[0]] += ",7"
+    lines[car[-1]] = ",".join(lines[car[-1]].split(",")[:4] + ["abc"] + lines[car[-1]].split(",")[5:])
+    boxes.write_text("\n".join(lines) + "\n")
+    (fast, _), (slow, _) = _plan_both(tmp_path, src, strict=True)
+    assert isinstance(fast, str) and fast == slow
+    assert f":{car[0] + 1}: malformed row (extra_fields)" in fast
+
+
+def test_count_lines_and_commas_match_a_plain_count(tmp_path):
+    for data in (b"", b"a", b"a\n", b"a,b\r\nc,d", b"\n\n,", b",,," * 100_000 + b"\nx"):
+        p = tmp_path / "f"
+        p.write_bytes(data)
+        want_lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        assert csvstream.count_lines_and_commas(p, chunk=7) == (want_lines, data.count(b","))
+        assert csvstream.count_lines(p) == want_lines
+
+
+def _duplicates_reference(*columns):
+    n = len(columns[0])
+    dup = np.zeros(n, bool)
+    if n < 2:
+        return dup
+    order = np.lexsort(columns[::-1])
+    same = np.ones(n - 1, bool)
+    for c in columns:
+        cs = c[order]
+        same &= cs[1:] == cs[:-1]
+    dup[order[1:][same]] = True
+    return dup
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.integers(0, 2),
+            st.sampled_from([0.0, -0.0, 0.25, float("nan")]),
+            st.integers(-1, 1),
+        ),
+        max_size=40,
+    )
+)
+def test_duplicate_rows_matches_an_exact_sort(rows):
+    cols = [
+        np.array([r[0] for r in rows], np.uint64),
+        np.array([r[1] for r in rows], np.int32),
+        np.array([r[2] for r in rows], np.float32),
+        np.array([r[3] for r in rows], np.int8),
+    ]
+    assert (fastcsv.duplicate_rows(*cols) == _duplicates_reference(*cols)).all()
+
+
+@pytest.mark.parametrize("release", ["v2", "v6"])
+def test_shards_written_bucket_by_bucket_are_the_same(tmp_path, monkeypatch, release):
+    """A split larger than one bucket routes its index rows through spill files; the shards (bytes
+    included), stats and the first-index-row-wins rule are those of the one-bucket, in-memory path."""
+    content = make_content()
+    src = write_release(tmp_path / "rel", content, release)
+    index = Path(src["splits"]["train"]["images"])
+    lines = index.read_text().splitlines()
+    # A repeated index row (the first must win) and a removed one (an image without an index row).
+    first = lines[1].split(",")
+    lines.insert(len(lines) // 2, ",".join([first[0], first[1], "https://elsewhere/x.jpg"] + first[3:]))
+    del lines[2]
+    index.write_text("\n".join(lines) + "\n")
+    one = build_plan(make_cfg(src, str(tmp_path / "one")))
+    monkeypatch.setattr(assemble, "IMAGES_PER_BUCKET", 1)  # every shard its own bucket
+    many = build_plan(make_cfg(src, str(tmp_path / "many")))
+    assert many.manifest.splits["train"].num_shards > 1
+    for split, sm in one.manifest.splits.items():
+        assert many.manifest.splits[split].shard_sha256 == sm.shard_sha256, split
+    assert many.stats["splits"] == one.stats["splits"]
+    assert one.stats["splits"]["train"]["images_without_index_row"] >= 1
+    t = read_plan(str(tmp_path / "many"))["train"]
+    row = t.filter(pc.equal(t.column("image_id"), first[0])).to_pylist()
+    assert row and row[0]["original_url"] == (first[2] or None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ids=st.lists(
+        st.one_of(
+            st.text("0123456789abcdef", min_size=16, max_size=16),
+            st.sampled_from(["0123456789ABCDEF", "0123456789abcdeF", "short", "0123456789abcdeg"]),
+        ),
+        max_size=30,
+    )
+)
+def test_grouping_by_keys_matches_grouping_by_strings(ids):
+    """group_by_image's uint64-key path gives the string path's images, order and box positions."""
+    from openimages_od.openimages import idkeys, selection
+
+    arr = pa.array(ids, pa.string())
+    n = len(ids)
+    kept = selection.KeptBoxes(np.arange(n), np.zeros(n, np.int32), arr, 0)
+    got = selection.group_by_image(kept, 1, 1)
+    uniq = pc.unique(arr)
+    want_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
+    want_pos = pc.index_in(arr, value_set=want_ids).to_numpy(zero_copy_only=False) if len(arr) else []
+    assert got.img_ids.to_pylist() == want_ids.to_pylist()
+    assert list(got.b_img) == list(want_pos)
+    if all(len(i) == 16 and set(i) <= set("0123456789abcdef") for i in ids):
+        assert idkeys.lower_hex_keys(arr) is not None
+    else:
+        assert idkeys.lower_hex_keys(arr) is None

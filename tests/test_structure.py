@@ -21,12 +21,6 @@ MAX_LINES = 400
 SIZE_MARKER = "# Over 400 lines:"
 MARKER_WITHIN = 5
 
-# Modules over MAX_LINES today whose owners (other branches of issue 16) are splitting them or will
-# state a reason. strict: once a file is fixed the xfail fails, so the entry must go.
-PENDING_SIZE = {
-    "openimages/formats.py": "release-layout readers; being reworked on the planperf branch",
-}
-
 # Frameworks that take seconds and hundreds of MB to import, and where they may load at import time.
 RAY = {"ray"}
 TENSORFLOW = {"tensorflow", "tf_keras", "official"}
@@ -261,19 +255,7 @@ def _long_modules() -> list[Path]:
     return [p for p in sorted(ROOT.rglob("*.py")) if len(p.read_text().splitlines()) > MAX_LINES]
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p,
-            id=str(p.relative_to(ROOT)),
-            marks=[pytest.mark.xfail(strict=True, reason=PENDING_SIZE[str(p.relative_to(ROOT))])]
-            if str(p.relative_to(ROOT)) in PENDING_SIZE
-            else [],
-        )
-        for p in _long_modules()
-    ],
-)
+@pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(ROOT))) for p in _long_modules()])
 def test_a_module_over_400_lines_says_why_at_its_top(path):
     head = path.read_text().splitlines()[:MARKER_WITHIN]
     reasons = [line[len(SIZE_MARKER) :].strip() for line in head if line.startswith(SIZE_MARKER)]
@@ -282,12 +264,6 @@ def test_a_module_over_400_lines_says_why_at_its_top(path):
         f"{path.relative_to(ROOT.parent)} has {n} lines (> {MAX_LINES}): split it by concern or state why "
         f"in its first {MARKER_WITHIN} lines as '{SIZE_MARKER} <reason>'"
     )
-
-
-def test_pending_size_entries_name_existing_long_files():
-    long = {str(p.relative_to(ROOT)) for p in _long_modules()}
-    stale = sorted(k for k in PENDING_SIZE if k not in long)
-    assert not stale, f"now at most {MAX_LINES} lines (or gone), drop them from PENDING_SIZE: {stale}"
 
 
 def test_ray_loads_at_import_time_only_in_pipeline_distribute(graph):

@@ -1,26 +1,25 @@
-"""Writing a split's plan: the image index joined, shards assigned, Parquet shards written.
+"""Writing a split's plan: shards assigned, the image index joined, Parquet shards written.
 
-Steps 5 and 6 of a split's plan (see :mod:`~openimages_od.openimages.splitplan`).
+Steps 5 and 6 of a split's plan (see :mod:`~openimages_od.openimages.splitplan`); the bounded-memory
+join and the bucket-by-bucket writes are in :mod:`~openimages_od.openimages.assemble`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from openimages_od.config import join_url
-from openimages_od.openimages import planio
+from openimages_od.openimages import assemble, planio
 from openimages_od.openimages.formats import MalformedLog
+from openimages_od.openimages.idkeys import id_keys
 from openimages_od.openimages.ids import source_ids
 from openimages_od.openimages.readimages import read_image_index
 from openimages_od.storage import Storage
 
-__all__ = ["bucket_keys", "image_index_columns", "shards_and_source_ids", "write_shards"]
+__all__ = ["bucket_keys", "shards_and_source_ids", "shards_and_source_ids_of", "write_shards"]
 
 INDEX_COLUMNS = (
     ("original_url", pa.string()),
@@ -29,27 +28,6 @@ INDEX_COLUMNS = (
     ("original_size", pa.int64()),
     ("rotation", pa.int32()),
 )
-
-
-def image_index_columns(
-    path: Path | None, display: str, final_ids: pa.Array, logm: MalformedLog
-) -> tuple[dict[str, pa.Array], int]:
-    """The image-index columns of ``final_ids`` (null where an image has no index row) and how
-    many images have none; ``path`` None (no index configured): all null."""
-    n_final = len(final_ids)
-    if path is None:
-        return {name: pa.nulls(n_final, typ) for name, typ in INDEX_COLUMNS}, n_final
-    index = read_image_index(path, display, final_ids, logm)
-    where = pc.index_in(final_ids, value_set=index.column("image_id"))
-    missing = int(where.null_count)
-    if not len(index):
-        return {name: pa.nulls(n_final, typ) for name, typ in INDEX_COLUMNS}, missing
-    take = pc.fill_null(where, 0)
-    cols = {}
-    for name, typ in INDEX_COLUMNS:
-        col = index.column(name).combine_chunks().take(take)
-        cols[name] = pc.if_else(where.is_valid(), col, pa.scalar(None, typ))
-    return cols, missing
 
 
 def shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +50,26 @@ def shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray,
     return shard, src
 
 
-def bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str]) -> pa.Array:
+def bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str] | None) -> pa.Array:
     """The object key of each image: the bucket source's :func:`object_keys` owns the rule."""
     from openimages_od.pipeline.sources.bucket import object_keys
 
     return object_keys(tmpl, split, ids)
+
+
+def shards_and_source_ids_of(
+    ids: pa.Array, n_shards: int, chunk: int = 200_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`shards_and_source_ids` a chunk of IDs at a time (no Python string per image for the
+    whole split at once); the source ids are checked for collisions across the whole split."""
+    shard = np.zeros(len(ids), np.int32)
+    src = np.zeros(len(ids), np.int64)
+    for s in range(0, len(ids), chunk):
+        part = ids.slice(s, chunk).to_pylist()
+        shard[s : s + len(part)], src[s : s + len(part)] = shards_and_source_ids(part, n_shards)
+    if len(np.unique(src)) != len(src):
+        source_ids(ids.to_pylist())  # raises DataError naming the colliding ImageIDs
+    return shard, src
 
 
 def write_shards(
@@ -85,44 +78,60 @@ def write_shards(
     split: str,
     final_ids: pa.Array,
     key_template: str,
-    index_cols: dict[str, pa.Array],
+    index: tuple[Path, str] | None,
+    logm: MalformedLog,
     boxes_col: pa.Array,
     labels_col: pa.Array,
     images_per_shard: int,
-) -> tuple[list[str], list[str]]:
-    """Assign each image its shard and write the split's Parquet plan shards.
+) -> tuple[list[str], list[str], int]:
+    """Assign each image its shard, join the image index and write the split's Parquet plan shards.
+
+    The index is streamed once, its rows of ``final_ids`` routed to buckets of shards
+    (:class:`~openimages_od.openimages.assemble.IndexBuckets`), and the shards are built and
+    written a bucket at a time (:func:`~openimages_od.openimages.assemble.write_bucketed`).
+
+    Args:
+        storage: the storage layer.
+        plan_url: the plan directory.
+        split: the split's name.
+        final_ids: the chosen images, sorted.
+        key_template: ``source.images.key_template``.
+        index: ``(local path, display name)`` of the image index, or None (none configured).
+        logm: where malformed index rows are recorded.
+        boxes_col: the ``boxes`` list column (one list per image of ``final_ids``).
+        labels_col: the ``image_labels`` list column (all null without a labels file).
+        images_per_shard: from the config.
 
     Returns:
-        (the shards' paths relative to ``plan_url``, their sha256 digests).
+        (the shards' paths relative to ``plan_url``, their sha256 digests, images without an index row).
     """
     n_final = len(final_ids)
-    ids_py = final_ids.to_pylist()
     n_shards = planio.num_shards_for(n_final, images_per_shard)
-    shard, src_ids = shards_and_source_ids(ids_py, n_shards)
-    table = pa.table(
-        {
-            "image_id": final_ids,
-            "split": pa.array([split] * n_final, pa.string()),
-            "shard": pa.array(shard, pa.int32()),
-            "source_id": pa.array(src_ids, pa.int64()),
-            "bucket_key": bucket_keys(key_template, split, final_ids, ids_py),
-            **index_cols,
-            "boxes": boxes_col,
-            "image_labels": labels_col,
-        },
-        schema=planio.PLAN_SCHEMA,
+    shard, src_ids = shards_and_source_ids_of(final_ids, n_shards)
+    buckets = None
+    if index is not None:
+        buckets = assemble.IndexBuckets(final_ids, shard, n_shards, images_per_shard, id_keys)
+        try:
+            read_image_index(index[0], index[1], final_ids, logm, sink=buckets.add)
+        except BaseException:
+            buckets.close()
+            raise
+    labels = None if n_final and labels_col.null_count == n_final else _lists(labels_col)
+    return assemble.write_bucketed(
+        storage,
+        plan_url,
+        split,
+        final_ids,
+        shard,
+        src_ids,
+        n_shards,
+        lambda ids: bucket_keys(key_template, split, ids, None),
+        _lists(boxes_col),
+        labels,
+        buckets,
     )
-    s_order = np.argsort(shard, kind="stable")
-    bounds = np.searchsorted(shard[s_order], np.arange(n_shards + 1))
-    paths = [planio.plan_shard_path(split, i, n_shards) for i in range(n_shards)]
 
-    def write(i: int) -> str:
-        # Each shard's rows taken from the table as it is written: no sorted copy of the whole plan.
-        return planio.write_plan_table(
-            storage, join_url(plan_url, paths[i]), table.take(pa.array(s_order[bounds[i] : bounds[i + 1]]))
-        )
 
-    # Parquet encoding and the fsync of each shard release the GIL: a few threads overlap them.
-    with ThreadPoolExecutor(max_workers=min(4, n_shards)) as pool:
-        shas = list(pool.map(write, range(n_shards)))
-    return paths, shas
+def _lists(col: pa.Array) -> tuple[np.ndarray, pa.StructArray]:
+    """(offsets, values) of a list column without nulls."""
+    return np.asarray(col.offsets, np.int64), col.values

@@ -1,8 +1,8 @@
 """Reading and validating the box CSV of one split (step 1 of a split's plan).
 
 A well-formed unquoted file goes through polars' streaming engine, keeping only rows of kept
-or unknown classes with their lines (:func:`~openimages_od.openimages.formats.iter_rows_fast`);
-anything else is streamed by :class:`~openimages_od.openimages.formats.CsvStream`, which reports
+or unknown classes with their lines (:func:`~openimages_od.openimages.fastcsv.iter_rows_fast`);
+anything else is streamed by :class:`~openimages_od.openimages.csvstream.CsvStream`, which reports
 structural damage row by row. The kept rows are then validated (ImageID, numbers, ranges,
 XMin <= XMax, attributes); malformed rows are counted by reason with file:line examples (or stop
 the run with ``selection.strict``).
@@ -18,17 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from openimages_od.openimages.formats import (
-    ATTRIBUTE_COLUMNS,
-    CsvStream,
-    FastPathUnavailable,
-    MalformedLog,
-    RowLines,
-    detect_layout,
-    duplicate_rows,
-    iter_rows_fast,
-    parse_floats,
-)
+from openimages_od.openimages.csvstream import CsvStream, RowLines
+from openimages_od.openimages.fastcsv import FastPathUnavailable, duplicate_rows, iter_rows_fast, parse_floats
+from openimages_od.openimages.formats import ATTRIBUTE_COLUMNS, MalformedLog, detect_layout
 from openimages_od.openimages.idkeys import hex_keys
 
 __all__ = ["Boxes", "Lines", "blank_rows", "read_boxes", "record", "valid_ids"]
@@ -161,7 +153,13 @@ def _read_boxes_fast(
     scratch = MalformedLog(strict=logm.strict, max_examples=logm.max_examples)
     parts: dict[str, list] = {"id": [], "code": [], "coords": [], "conf": [], "attrs": []}
     it = iter_rows_fast(
-        path, layout, cols, display, keep.to_pylist(), known.to_pylist() if known is not None else None
+        path,
+        layout,
+        cols,
+        display,
+        keep.to_pylist(),
+        known.to_pylist() if known is not None else None,
+        strict=logm.strict,
     )
     try:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,14 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from openimages_od.openimages.formats import (
-    CsvStream,
-    MalformedLog,
-    detect_layout,
-    parse_byte_counts,
-    parse_floats,
-    select_rows_fast,
-)
+from openimages_od.openimages.csvstream import CsvStream
+from openimages_od.openimages.fastcsv import parse_byte_counts, parse_floats, select_rows_fast
+from openimages_od.openimages.formats import MalformedLog, detect_layout
 from openimages_od.openimages.idkeys import IdSet
 from openimages_od.openimages.readboxes import Lines, blank_rows, record, valid_ids
 
@@ -103,8 +99,17 @@ def _read_labels_batch(
     )
 
 
-def read_image_index(path: Path, display: str, wanted: pa.Array, logm: MalformedLog) -> pa.Table:
-    """Image-index rows of the ``wanted`` ImageIDs (first row wins), columns normalised."""
+def read_image_index(
+    path: Path,
+    display: str,
+    wanted: pa.Array,
+    logm: MalformedLog,
+    sink: Callable[[pa.Table], None] | None = None,
+) -> pa.Table | None:
+    """Image-index rows of the ``wanted`` ImageIDs (first row wins), columns normalised.
+
+    With ``sink``, each batch's rows go to it as they are read (file order) and None is returned.
+    """
     layout = detect_layout(path, "images", display)
     has_rot = "Rotation" in layout.columns
     cols = ["ImageID", "OriginalURL", "Thumbnail300KURL", "OriginalSize", "OriginalMD5"] + (
@@ -147,19 +152,23 @@ def read_image_index(path: Path, display: str, wanted: pa.Array, logm: Malformed
         def nz(col: pa.Array) -> pa.Array:  # empty string -> null
             return pc.if_else(pc.equal(pc.utf8_length(col), 0), pa.scalar(None, pa.string()), col)
 
-        tables.append(
-            pa.table(
-                {
-                    "image_id": sub.column("ImageID"),
-                    "original_url": nz(sub.column("OriginalURL")),
-                    "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
-                    "original_md5": nz(sub.column("OriginalMD5")),
-                    "original_size": pa.array(size, mask=~size_ok),
-                    "rotation": rot_arr,
-                }
-            )
+        rows_t = pa.table(
+            {
+                "image_id": sub.column("ImageID"),
+                "original_url": nz(sub.column("OriginalURL")),
+                "thumbnail_url": nz(sub.column("Thumbnail300KURL")),
+                "original_md5": nz(sub.column("OriginalMD5")),
+                "original_size": pa.array(size, mask=~size_ok),
+                "rotation": rot_arr,
+            }
         )
+        if sink is not None:
+            sink(rows_t)
+        else:
+            tables.append(rows_t)
     outer.end_batch(logm)
+    if sink is not None:
+        return None
     if not tables:
         return pa.table(
             {

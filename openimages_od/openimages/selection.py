@@ -34,7 +34,7 @@ from openimages_od.openimages.classes import (
     resolve_classes,
     trainable_names,
 )
-from openimages_od.openimages.idkeys import IdSet, rank
+from openimages_od.openimages.idkeys import IdSet, lower_hex_keys, rank
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.readboxes import Boxes
 
@@ -260,13 +260,21 @@ def group_by_image(kept: KeptBoxes, n_sel: int, min_boxes_per_image: int) -> Ima
     classes (class index < ``n_sel``; other classes, kept by ``keep_all_labels``, never choose).
     """
     b_ids = kept.image_id
-    uniq = pc.unique(b_ids)
-    img_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
-    b_img = (
-        pc.index_in(b_ids, value_set=img_ids).to_numpy(zero_copy_only=False).astype(np.int64)
-        if len(b_ids)
-        else np.zeros(0, np.int64)
-    )
+    keys = lower_hex_keys(b_ids)
+    if keys is not None:
+        # Sorting uint64 keys is the string sort for these IDs, in a fraction of the memory of
+        # Arrow's string hash tables (which were 2 GB for the 8M boxes of a 10x-size file).
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        img_ids = b_ids.take(pa.array(first)) if len(first) else pa.array([], pa.string())
+        b_img = inverse.astype(np.int64).ravel()
+    else:
+        uniq = pc.unique(b_ids)
+        img_ids = uniq.take(pc.sort_indices(uniq)) if len(uniq) else pa.array([], pa.string())
+        b_img = (
+            pc.index_in(b_ids, value_set=img_ids).to_numpy(zero_copy_only=False).astype(np.int64)
+            if len(b_ids)
+            else np.zeros(0, np.int64)
+        )
     sel_box = kept.tgt < n_sel
     per_img = np.bincount(b_img if sel_box.all() else b_img[sel_box], minlength=len(img_ids))
     return ImageGroups(img_ids, b_img, per_img >= max(1, min_boxes_per_image))

@@ -9,15 +9,15 @@
    :func:`read_labels`, the image-level labels, which can add label-only images);
 4. :func:`~openimages_od.openimages.selection.apply_caps`: the images chosen;
    :func:`final_boxes`, :func:`box_lists` and :func:`label_lists`: the per-image lists;
-5. :func:`~openimages_od.openimages.planwrite.image_index_columns`: the image index joined;
-6. :func:`~openimages_od.openimages.planwrite.write_shards`: shards assigned and written;
+5. and 6. :func:`~openimages_od.openimages.planwrite.write_shards`: shards assigned, the image
+   index streamed and joined, shards written a bucket of shards at a time;
    :func:`split_stats`: the split's stats.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from openimages_od.openimages import planio
 from openimages_od.openimages.formats import MalformedLog
 from openimages_od.openimages.idlist import ImageIdList
 from openimages_od.openimages.inputs import MetadataInputs
-from openimages_od.openimages.planwrite import image_index_columns, write_shards
+from openimages_od.openimages.planwrite import write_shards
 from openimages_od.openimages.readboxes import Boxes, read_boxes
 from openimages_od.openimages.readimages import read_image_labels
 from openimages_od.openimages.selection import (
@@ -136,16 +136,15 @@ def plan_split(
     mids_arr = pa.array(axis, pa.string())
     boxes_col = box_lists(final, boxes, ids_np, mids_arr)
     labels_col, n_labels = label_lists(labels, final.image_ids, ids_np, mids_arr)
-    index_cols, missing = image_index_columns(
-        inputs.local(ss.images) if ss.images else None, ss.images or "", final.image_ids, logm
-    )
-    paths, shas = write_shards(
+    boxes, kept, groups, final = _release_per_box_arrays(boxes, kept, groups, final)
+    paths, shas, missing = write_shards(
         storage,
         plan_url,
         split,
         final.image_ids,
         cfg.source.images.key_template,
-        index_cols,
+        (inputs.local(ss.images), ss.images) if ss.images else None,
+        logm,
         boxes_col,
         labels_col,
         cfg.shards.images_per_shard,
@@ -163,6 +162,26 @@ def plan_split(
         shard_sha256=shas,
     )
     return manifest, stats
+
+
+def _release_per_box_arrays(
+    boxes: Boxes, kept: KeptBoxes, groups: ImageGroups, final: FinalBoxes
+) -> tuple[Boxes, KeptBoxes, ImageGroups, FinalBoxes]:
+    """The same objects without the per-box arrays that the ``boxes`` column now holds (fresh empty
+    arrays, not slices, so the buffers go): only what the stats read is kept. Before the image index
+    is read, this is ~0.6 GB at 10x the V6 train size."""
+    empty_ids = pa.array([], pa.string())
+    boxes = replace(
+        boxes,
+        image_id=empty_ids,
+        coords=np.zeros((0, 4), np.float32),
+        confidence=np.zeros(0, np.float32),
+        attrs=np.zeros((0, 5), np.int8),
+    )
+    kept = replace(kept, src_rows=np.zeros(0, np.int64), image_id=empty_ids)
+    groups = replace(groups, b_img=np.zeros(0, np.int64))
+    final = replace(final, src=np.zeros(0, np.int64))
+    return boxes, kept, groups, final
 
 
 def read_labels(
