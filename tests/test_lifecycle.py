@@ -542,3 +542,29 @@ def test_plan_config_digest_covers_only_what_a_plan_is_made_of():
     assert digest("source.images.key_template={image_id}.jpg") != base
     assert digest("shards.images_per_shard=7") != base
     assert digest("selection.max_images=3") != base
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.integration)])
+def test_cache_batches_read_and_write_each_entry_in_order(where, request, tmp_path):
+    """get_many/put_many (one thread hand-off per batch in a shard) do what get/put do, per entry."""
+    from openimages_od.layout import image_digest
+    from openimages_od.pipeline.cache import CacheEntry, ImageCache
+
+    if where == "s3":
+        bucket, s3 = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_options")
+        st, url = Storage(s3=s3), f"s3://{bucket}/out"
+    else:
+        st, url = Storage(), str(tmp_path / "out")
+    cfg = load_config(None, [f"output.url={url}"])
+    cache = ImageCache(st, Layout.from_config(cfg), image_digest(cfg.image))
+    entries = [
+        CacheEntry(f"{i:016x}", "ok", source="original", width=i + 1, height=2, data=bytes([i]) * (i + 1))
+        for i in range(12)
+    ]
+    cache.put_many(entries[::2])
+    got = cache.get_many([e.image_id for e in entries])
+    assert got == [e if i % 2 == 0 else None for i, e in enumerate(entries)]
+    # A damaged object is a miss, as with get; an empty batch does nothing.
+    st.write_bytes(cache.url(entries[0].image_id), b"not an entry")
+    assert cache.get_many([entries[0].image_id, entries[2].image_id]) == [None, entries[2]]
+    assert cache.get_many([]) == [] and cache.put_many([]) is None

@@ -15,20 +15,30 @@ again. An entry is used only when the plan row still has the same
 ``Rotation`` and ``OriginalMD5`` (a new release that changed an image is a miss).
 
 Object format: ``OIODIMG1\\n`` + one JSON header line + ``\\n`` + the JPEG bytes.
+
+A shard reads and writes the cache in batches (:meth:`ImageCache.get_many`,
+:meth:`ImageCache.put_many`): one hand-off to a thread per batch instead of two
+per image. Measured on 2 cores (no Ray, 2,000 photos), the per-image hand-offs
+cost about 0.5 CPU-ms per image beside the 0.25 ms of the writes themselves. A
+batch runs in one thread on local disk (the syscalls are cheap there) and on a
+small pool for S3 and GCS (whose requests wait on the network).
 """
 
 from __future__ import annotations
 
 import builtins
 import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from openimages_od.storage import ObjectNotFound, Storage
+from openimages_od.storage import ObjectNotFound, Storage, local_path
 
 __all__ = ["CacheEntry", "ImageCache", "decode_entry", "encode_entry"]
 
 _MAGIC = b"OIODIMG1\n"
+_REMOTE_THREADS = 8  # concurrent requests of one batch to S3 or GCS
 
 
 @dataclass
@@ -86,6 +96,7 @@ class ImageCache:
         self.storage = storage
         self.layout = layout
         self.digest = settings_digest
+        self._pool: ThreadPoolExecutor | None = None  # for batches on remote storage, made on first use
 
     def url(self, image_id: str) -> str:
         return self.layout.image_cache(self.digest, image_id)
@@ -104,6 +115,27 @@ class ImageCache:
 
     def put(self, entry: CacheEntry) -> None:
         self.storage.write_bytes(self.url(entry.image_id), encode_entry(entry))
+
+    def get_many(self, image_ids: Sequence[str]) -> list[CacheEntry | None]:
+        """:meth:`get` of each id, in order (one call, so one thread hand-off, per batch)."""
+        return self._each(self.get, image_ids)
+
+    def put_many(self, entries: Sequence[CacheEntry]) -> None:
+        """:meth:`put` of each entry.
+
+        Raises:
+            StorageError: the first write that failed (the caller's shard fails and is retried).
+        """
+        self._each(self.put, entries)
+
+    def _each(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if len(items) < 2 or local_path(self.layout.image_cache_dir(self.digest)) is not None:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_REMOTE_THREADS, thread_name_prefix="oiod-cache")
+        futures = [self._pool.submit(fn, x) for x in items]
+        wait(futures)  # none still running when an error is raised
+        return [f.result() for f in futures]
 
     def present(self) -> set[str]:
         """Image ids with an entry (one listing; for ``oiod status``)."""

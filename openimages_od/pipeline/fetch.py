@@ -343,6 +343,14 @@ async def _read_body(resp: Any, max_bytes: int, url: str) -> bytes:
     if length is not None and length > max_bytes:
         raise FetchFailed("too_large", f"Content-Length {length} > {max_bytes}")
     inflater = _inflater(resp.headers.get("Content-Encoding", ""))
+    if inflater is None and length is not None:
+        # The common case (a declared size within the limit, no encoding): one read of exactly
+        # that many bytes, no chunk loop and no copy (~0.1 CPU-ms per image on 200 KB photos).
+        # aiohttp's parser stops at Content-Length; an early close raises ClientPayloadError.
+        body = await resp.read()
+        if len(body) != length:
+            raise _Retry("truncated", f"{len(body)} of {length} bytes")
+        return bytes(body)
     out = bytearray()
     received = 0
     try:

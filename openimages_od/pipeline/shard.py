@@ -98,6 +98,46 @@ class ShardContext:
     cache: ImageCache | None = None  # None = output.image_cache off
 
 
+# Plan rows per cache lookup / record-building batch: big enough to amortize the thread
+# hand-off, small enough that the first fetches start while later chunks are looked up.
+_CHUNK = 64
+_PUT_BATCH = 32  # cache entries per write batch
+
+
+class _CachePuts:
+    """A shard's image cache writes, in batches on a thread, at most one batch in flight.
+
+    A worker that dies mid-shard loses at most the unwritten batch (those images are
+    fetched again by the retry); a failed write fails the shard, as a single write did.
+    """
+
+    def __init__(self, cache: ImageCache, loop: asyncio.AbstractEventLoop) -> None:
+        self._cache = cache
+        self._loop = loop
+        self._pending: list[CacheEntry] = []
+        self._flight: asyncio.Future[None] | None = None
+
+    def add(self, entry: CacheEntry) -> None:
+        self._pending.append(entry)
+        if len(self._pending) >= _PUT_BATCH and (self._flight is None or self._flight.done()):
+            self._start()
+
+    def _start(self) -> None:
+        if self._flight is not None:
+            self._flight.result()  # the previous batch's error, if it failed
+        batch, self._pending = self._pending, []
+        self._flight = self._loop.run_in_executor(None, self._cache.put_many, batch)
+
+    async def drain(self) -> None:
+        """Write what is pending and wait for every batch (raises a failed write's error)."""
+        if self._flight is not None:
+            await self._flight
+        if self._pending:
+            self._start()
+            assert self._flight is not None
+            await self._flight
+
+
 @dataclass
 class ImageResult:
     entry: LedgerEntry
@@ -226,26 +266,52 @@ async def run_shard(task: ShardTask, ctx: ShardContext) -> dict[str, Any]:
         reuse, old = await _read_previous(task, ctx, urls)
 
     cache = ctx.cache
+    puts = _CachePuts(cache, loop) if cache is not None else None
 
-    async def one(row: dict[str, Any]) -> ImageResult:
-        prev = old.get(row["image_id"])
-        res: ImageResult | None = None
-        if prev is not None and prev.ok and row["image_id"] in reuse:
-            e = LedgerEntry(**{**prev.__dict__, "reused": True})
-            res = ImageResult(e, reuse[row["image_id"]], 0, len(row.get("boxes") or []))
-        elif cache is not None:
-            ce = await loop.run_in_executor(None, cache.get, row["image_id"])
-            if ce is not None and ce.matches(row) and (ce.ok or not task.retry_failed):
-                res = await loop.run_in_executor(ctx.cpu_pool, _from_cache, row, ce)
-        if res is None:
-            res = await _one(row, ctx)
-            if cache is not None and res.cached is not None:
-                await loop.run_in_executor(None, cache.put, res.cached)
+    async def fetch_one(row: dict[str, Any]) -> ImageResult:
+        res = await _one(row, ctx)
+        if puts is not None and res.cached is not None:
+            puts.add(res.cached)
+        return _done(res)
+
+    def _done(res: ImageResult) -> ImageResult:
         if ctx.on_image is not None:
             ctx.on_image(res.entry.ok, res.fetched_bytes)
         return res
 
-    results = await asyncio.gather(*(one(r) for r in rows))
+    async def chunk(part: list[dict[str, Any]]) -> list[ImageResult]:
+        # One cache lookup and one record-building call per chunk, not per image (see .cache).
+        done: dict[int, ImageResult] = {}  # by position in the chunk
+        todo: list[int] = []
+        for i, row in enumerate(part):
+            prev = old.get(row["image_id"])
+            if prev is not None and prev.ok and row["image_id"] in reuse:
+                e = LedgerEntry(**{**prev.__dict__, "reused": True})
+                done[i] = _done(ImageResult(e, reuse[row["image_id"]], 0, len(row.get("boxes") or [])))
+            else:
+                todo.append(i)
+        if cache is not None and todo:
+            found = await loop.run_in_executor(None, cache.get_many, [part[i]["image_id"] for i in todo])
+            hits = [
+                (i, ce)
+                for i, ce in zip(todo, found, strict=True)
+                if ce is not None and ce.matches(part[i]) and (ce.ok or not task.retry_failed)
+            ]
+            if hits:
+                built = await loop.run_in_executor(
+                    ctx.cpu_pool, lambda: [_from_cache(part[i], ce) for i, ce in hits]
+                )
+                for (i, _), res in zip(hits, built, strict=True):
+                    done[i] = _done(res)
+        misses = [i for i in todo if i not in done]
+        for i, res in zip(misses, await asyncio.gather(*(fetch_one(part[i]) for i in misses)), strict=True):
+            done[i] = res
+        return [done[i] for i in range(len(part))]
+
+    parts = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
+    results = [res for part in await asyncio.gather(*(chunk(p) for p in parts)) for res in part]
+    if puts is not None:
+        await puts.drain()  # every image fetched for this shard is cached before the shard commits
     samples = [Sample(r.entry.image_id, r.record) for r in results if r.record is not None]
     writer = resolve_writer(cfg.shards.format)
     payload = await loop.run_in_executor(ctx.cpu_pool, write_shard, writer, task.name, samples)
