@@ -298,3 +298,18 @@ def test_stage_modules_load_no_heavy_framework_at_import_time(graph, stage):
         loaded = {name, *reachable(graph, name)}
         frameworks = sorted(set().union(*(graph[m].external for m in loaded)) & (RAY | TENSORFLOW))
         assert not frameworks, f"{name} loads {frameworks} at import time"
+
+
+def test_no_merge_conflict_markers_in_the_tree():
+    """A merge committed half-resolved leaves these lines; nothing else in the project writes them."""
+    repo = ROOT.parent
+    suffixes = {".py", ".md", ".yaml", ".yml", ".toml", ".tpl", ".json", ".txt", ".cfg", ".sh"}
+    skip = {".git", ".venv", "node_modules", "build", "oiod-demo"}
+    bad = []
+    for p in repo.rglob("*"):
+        if p.suffix not in suffixes or not p.is_file() or skip & set(p.relative_to(repo).parts):
+            continue
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "=======":
+                bad.append(f"{p.relative_to(repo)}:{i}")
+    assert not bad, f"merge conflict markers: {bad[:20]}"
