@@ -37,6 +37,8 @@ __all__ = ["IMAGES_PER_BUCKET", "INDEX_SCHEMA", "IndexBuckets", "write_bucketed"
 # Images per bucket: the index rows of this many images (~180 MB) and their plan table are what
 # memory holds at a time; below it a split is one bucket, in memory, as before.
 IMAGES_PER_BUCKET = 1_000_000
+# Shards whose table is built at a time: the pool writes one piece while the next is built.
+SHARDS_PER_PIECE = 32
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -64,7 +66,8 @@ class IndexBuckets:
 
     Args:
         final_ids: the split's images, sorted (the plan's image order).
-        shard: the shard of each image.
+        shard: the shard of each image, or a function giving it (called only when the split
+            needs more than one bucket, so the hashing can run beside a one-bucket index read).
         n_shards: shards in the split.
         images_per_shard: from the config (sets how many shards make a bucket).
         id_keys: ``ImageID -> (uint64 key, ok)`` (exact for 16-hex-digit IDs).
@@ -74,7 +77,7 @@ class IndexBuckets:
     def __init__(
         self,
         final_ids: pa.Array,
-        shard: np.ndarray,
+        shard: np.ndarray | Callable[[], np.ndarray],
         n_shards: int,
         images_per_shard: int,
         id_keys: Callable[[pa.Array], tuple[np.ndarray, np.ndarray]],
@@ -87,12 +90,17 @@ class IndexBuckets:
         self._mem: list[pa.Table] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._writers: dict[int, Any] = {}
+        self._keys = np.zeros(0, np.uint64)
+        self._bucket_of = np.zeros(0, np.int32)
+        if self.n_buckets == 1:
+            return
         keys, ok = id_keys(final_ids)
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
-        self._bucket_of = (shard[order] // self.shards_per_bucket).astype(np.int32)
+        shards = shard() if callable(shard) else shard
+        self._bucket_of = (shards[order] // self.shards_per_bucket).astype(np.int32)
         unique = len(self._keys) < 2 or bool((self._keys[1:] != self._keys[:-1]).all())
-        if self.n_buckets > 1 and not (bool(ok.all()) and unique):
+        if not (bool(ok.all()) and unique):
             # IDs that are not plain 16-hex-digit keys (or equal as keys) cannot be routed by
             # key: keep everything in one bucket, in memory, as for a small split.
             self.shards_per_bucket, self.n_buckets = n_shards or 1, 1
@@ -183,51 +191,71 @@ def write_bucketed(
     bounds = np.searchsorted(shard[s_order], np.arange(n_shards + 1))
     spb = index.shards_per_bucket if index is not None else max(1, n_shards)
     missing = 0
-    # Parquet encoding and the fsync of each shard release the GIL: a few threads overlap them.
+    # Parquet encoding and the fsync of each shard release the GIL: a few threads overlap them,
+    # and with the building of the next piece's table on the main thread.
     with ThreadPoolExecutor(max_workers=max(1, min(4, n_shards))) as pool:
         for first in range(0, n_shards, spb):
             last = min(n_shards, first + spb)
             lo, hi = int(bounds[first]), int(bounds[last])
-            table, miss = _bucket_table(
-                s_order[lo:hi],
-                split,
-                final_ids,
-                shard,
-                source_id,
-                bucket_key,
-                boxes,
-                labels,
-                index,
-                first // spb,
-            )
-            missing += miss
+            pos = s_order[lo:hi]
+            ids = final_ids.take(pa.array(pos)) if len(pos) else final_ids.slice(0, 0)
+            itab, where = None, None
+            if index is not None:
+                itab = index.table(first // spb)
+                if len(itab) and len(ids):
+                    # Index row of each image (null: none); the first row of an ImageID wins.
+                    where = pc.index_in(ids, value_set=itab.column("image_id").combine_chunks())
+                missing += int(where.null_count) if where is not None else len(ids)
+            else:
+                missing += len(ids)
+            pending = []
+            for p_first in range(first, last, SHARDS_PER_PIECE):
+                p_last = min(last, p_first + SHARDS_PER_PIECE)
+                a, b = int(bounds[p_first]) - lo, int(bounds[p_last]) - lo
+                table = _piece_table(
+                    pos[a:b],
+                    ids.slice(a, b - a),
+                    where.slice(a, b - a) if where is not None else None,
+                    itab,
+                    split,
+                    shard,
+                    source_id,
+                    bucket_key,
+                    boxes,
+                    labels,
+                )
 
-            def write(i: int, table: pa.Table = table, lo: int = lo) -> tuple[int, str]:
-                rows = table.slice(int(bounds[i]) - lo, int(bounds[i + 1] - bounds[i]))
-                return i, planio.write_plan_table(storage, join_url(plan_url, paths[i]), rows)
+                def write(i: int, table: pa.Table = table, p_lo: int = lo + a) -> tuple[int, str]:
+                    rows = table.slice(int(bounds[i]) - p_lo, int(bounds[i + 1] - bounds[i]))
+                    return i, planio.write_plan_table(storage, join_url(plan_url, paths[i]), rows)
 
-            for i, sha in pool.map(write, range(first, last)):
+                pending += [pool.submit(write, i) for i in range(p_first, p_last)]
+            # A bucket's writes finish before the next bucket is read: memory holds one bucket.
+            for fut in pending:
+                i, sha = fut.result()
                 shas[i] = sha
     if index is not None:
         index.close()
     return paths, shas, missing
 
 
-def _bucket_table(
+def _piece_table(
     pos: np.ndarray,
+    ids: pa.Array,
+    where: pa.Array | None,
+    itab: pa.Table | None,
     split: str,
-    final_ids: pa.Array,
     shard: np.ndarray,
     source_id: np.ndarray,
     bucket_key: Callable[[pa.Array], pa.Array],
     boxes: tuple[np.ndarray, pa.StructArray],
     labels: tuple[np.ndarray, pa.StructArray] | None,
-    index: IndexBuckets | None,
-    bucket: int,
-) -> tuple[pa.Table, int]:
-    """The plan rows of the images at positions ``pos`` (in that order), and how many lack an index row."""
+) -> pa.Table:
+    """The plan rows of the images at positions ``pos`` (their ``ids``, in that order).
+
+    ``where`` is each image's row in ``itab`` (null where it has none), or None: no index rows.
+    """
     n = len(pos)
-    ids = final_ids.take(pa.array(pos)) if n else final_ids.slice(0, 0)
 
     def lists(col: tuple[np.ndarray, pa.StructArray]) -> pa.Array:
         offsets, structs = col
@@ -236,27 +264,15 @@ def _bucket_table(
         new_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(new_offsets), structs.take(pa.array(rows)))
 
-    if index is not None:
-        itab = index.table(bucket)
-        where = pc.index_in(ids, value_set=itab.column("image_id").combine_chunks())  # first row wins
-        missing = int(where.null_count)
-        take = pc.fill_null(where, 0) if len(itab) else None
-
-        def icol(name: str, typ: pa.DataType) -> pa.Array:
-            if take is None:
-                return pa.nulls(n, typ)
-            col = itab.column(name).combine_chunks().take(take)
-            return pc.if_else(where.is_valid(), col, pa.scalar(None, typ))
-    else:
-        missing = n
-
-        def icol(name: str, typ: pa.DataType) -> pa.Array:
+    def icol(name: str, typ: pa.DataType) -> Any:
+        if where is None or itab is None:
             return pa.nulls(n, typ)
+        return itab.column(name).take(where)  # a null index gives a null value
 
     table = pa.table(
         {
             "image_id": ids,
-            "split": pa.array([split] * n, pa.string()),
+            "split": pa.repeat(pa.scalar(split, pa.string()), n),
             "shard": pa.array(shard[pos], pa.int32()),
             "source_id": pa.array(source_id[pos], pa.int64()),
             "bucket_key": bucket_key(ids),
@@ -272,4 +288,4 @@ def _bucket_table(
         },
         schema=planio.PLAN_SCHEMA,
     )
-    return table, missing
+    return table

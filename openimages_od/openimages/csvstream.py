@@ -77,12 +77,14 @@ def count_lines(path: Path) -> int:
     return count_lines_and_commas(path)[0]
 
 
-def count_lines_and_commas(path: Path, chunk: int = 8 << 20) -> tuple[int, int]:
+def count_lines_and_commas(path: Path, chunk: int = 512 << 10) -> tuple[int, int]:
     """``(physical lines, commas)`` of a file, in one read (a last line without a newline counts).
 
     Reads into one reused buffer and counts with numpy: ``bytes.count`` scans a byte at a
     time and a fresh buffer per read page-faults, which made a line count a second of CPU on
-    a 2 GB file, run beside the parser on the same cores.
+    a 2 GB file, run beside the parser on the same cores. The buffer is small enough to stay in
+    the CPU cache between the read and the two compares (2.2 GB: 0.6-0.8 CPU-s with 512 KB,
+    1.04 with 8 MB).
     """
     buf = bytearray(chunk)
     arr = np.frombuffer(buf, np.uint8)

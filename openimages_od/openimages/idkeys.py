@@ -10,13 +10,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["IdSet", "hex_keys", "id_keys", "lower_hex_keys", "rank"]
+__all__ = ["IdSet", "hex_keys", "id_keys", "lower_hex_keys", "rank", "sorted_unique"]
 
 _HEX = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _HEX[_c] = 10 + _i
+
+
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)`` for integer arrays, by one sort: numpy 2.3's plain ``np.unique`` takes a
+    hash-table path that is ~10x slower on integers (0.58 s vs 0.05 s for 650k int64 keys)."""
+    s = np.sort(a, kind="stable")
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
 
 
 def id_keys(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -210,7 +210,11 @@ def write_plan_table(storage: Any, url: str, table: pa.Table) -> str:
     """
     table = table.cast(PLAN_SCHEMA) if table.schema != PLAN_SCHEMA else table
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    # No dictionary pages and no column statistics: almost every plan column is unique per row
+    # (IDs, URLs, MD5s, coordinates), so the dictionary is built and then thrown away, and no
+    # reader filters plan shards by statistics. On the V6 benchmark's 652 shards this takes
+    # 1.57 CPU-s instead of 2.71 and the shards are 14% smaller (zstd does the work).
+    pq.write_table(table, buf, compression="zstd", use_dictionary=False, write_statistics=False)
     data = buf.getvalue()
     storage.write_bytes(url, data)
     return hashlib.sha256(data).hexdigest()

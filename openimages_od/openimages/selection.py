@@ -34,7 +34,7 @@ from openimages_od.openimages.classes import (
     resolve_classes,
     trainable_names,
 )
-from openimages_od.openimages.idkeys import IdSet, lower_hex_keys, rank
+from openimages_od.openimages.idkeys import IdSet, lower_hex_keys, rank, sorted_unique
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.readboxes import Boxes
 
@@ -317,7 +317,7 @@ def apply_caps(groups: ImageGroups, tgt: np.ndarray, n_sel: int, sel: SelectionC
     rk = rank(img_ids, sel.seed)
     if sel.max_images_per_class is not None:
         sel_box = tgt < n_sel
-        pairs = np.unique(b_img[sel_box].astype(np.int64) * n_sel + tgt[sel_box])
+        pairs = sorted_unique(b_img[sel_box].astype(np.int64) * n_sel + tgt[sel_box])
         p_img, p_cls = pairs // n_sel, pairs % n_sel
         m = candidate[p_img]
         p_img, p_cls = p_img[m], p_cls[m]

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from openimages_od.config import Config
 from openimages_od.openimages import planio
 from openimages_od.openimages.formats import MalformedLog
+from openimages_od.openimages.idkeys import sorted_unique
 from openimages_od.openimages.idlist import ImageIdList
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.planwrite import write_shards
@@ -294,7 +295,7 @@ def split_stats(
     n_final = len(final.image_ids)
     b_tgt = final.tgt
     box_per_cls = np.bincount(b_tgt, minlength=n_axis)
-    pairs = np.unique(np.repeat(np.arange(n_final), final.counts).astype(np.int64) * n_axis + b_tgt)
+    pairs = sorted_unique(np.repeat(np.arange(n_final), final.counts).astype(np.int64) * n_axis + b_tgt)
     img_per_cls = np.bincount(pairs % n_axis, minlength=n_axis) if len(pairs) else np.zeros(n_axis, np.int64)
     return {
         "images": n_final,
