@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import mmap
+import queue
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +197,10 @@ class CsvStream:
         self.rows_read = 0
         self.rows_skipped = 0
         self._swallow: str | None = None  # message of the first swallowing row seen
+        # The parser runs on a read-ahead thread (see _read_ahead) and reports skipped rows from
+        # there, while the consumer maps rows to lines: the bookkeeping is shared under a lock.
+        self._lock = threading.Lock()
+        self._line_count: Future[int] | None = None
         # Quoting only where the file uses it (see the module docstring).
         self.quoting = newlines_in_values or _first_line_quoted(path)
 
@@ -211,6 +218,10 @@ class CsvStream:
         )
 
     def _on_invalid(self, row: pacsv.InvalidRow) -> str:
+        with self._lock:
+            return self._record_invalid(row)
+
+    def _record_invalid(self, row: pacsv.InvalidRow) -> str:
         self.rows_skipped += 1
         if self._swallow is None and self._swallows(row.text):
             self._swallow = self._swallow_message(_line_of_text(self.path, _needle(row.text)), row.text)
@@ -226,21 +237,26 @@ class CsvStream:
     def line_of(self, g: int) -> int:
         """Physical line of the kept row with global index ``g`` (0-based)."""
         p = self.header_lines + g + 1
-        for s in self._skipped:
-            if s <= p:
-                p += 1
-            else:
-                break
+        with self._lock:
+            for s in self._skipped:
+                if s <= p:
+                    p += 1
+                else:
+                    break
         return p
 
     def _flush_pending(self, upto_line: int | None) -> None:
         keep: list[tuple[str, int | None, str]] = []
-        for reason, line, detail in self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for reason, line, detail in pending:
             if upto_line is None or line is None or line <= upto_line:
                 self.log.add(reason, self.display, line, detail)
             else:
                 keep.append((reason, line, detail))
-        self._pending = keep
+        if keep:
+            with self._lock:
+                self._pending[:0] = keep
 
     def _header_only(self) -> bool:
         """A header without a newline and nothing else (pyarrow cannot skip such a header)."""
@@ -270,7 +286,7 @@ class CsvStream:
         triggers a second pass over every column that looks for fields holding other records."""
         if not self.quoting:
             return
-        physical = count_lines(self.path)
+        physical = self._line_count.result() if self._line_count is not None else count_lines(self.path)
         records = self.header_lines + self.rows_read + self.rows_skipped
         if records < physical and self.newlines_in_values:
             self._rescan_every_column()
@@ -323,12 +339,15 @@ class CsvStream:
             return
         read, parse, conv = self._options(self.columns, self._on_invalid)
         g0 = 0
+        pool = ThreadPoolExecutor(max_workers=1)
+        # The physical line count that _check_line_count compares with, counted beside the parse.
+        self._line_count = pool.submit(count_lines, self.path) if self.quoting else None
         try:
             reader = pacsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=conv)
-            for batch in reader:
+            for batch, swallow in _read_ahead(reader, lambda: self._swallow):
                 n = batch.num_rows
-                if self._swallow is not None:
-                    raise DataError(self._swallow)
+                if swallow is not None:
+                    raise DataError(swallow)
                 if n == 0:
                     continue
                 # Skipped rows reported so far that precede this batch's last row belong before it.
@@ -343,7 +362,58 @@ class CsvStream:
         except pa.ArrowInvalid as exc:
             raise DataError(f"{self.display}: cannot parse CSV ({exc})") from None
         finally:
+            pool.shutdown(wait=True)
             self._locator.close()
+
+
+def _read_ahead(
+    reader: Any, state: Callable[[], str | None], depth: int = 2
+) -> Iterator[tuple[pa.RecordBatch, str | None]]:
+    """The reader's batches, parsed on a thread ``depth`` batches ahead of the consumer.
+
+    pyarrow parses with the GIL released, so the next batch is parsed while the caller checks
+    this one (the image index: 0.75 s of parsing beside ~0.55 s of checks). Each batch comes with
+    ``state()`` read right after it was parsed (the swallowed-rows message), so the consumer sees
+    it at the same batch as without read-ahead. Parser errors are raised in the consumer.
+    """
+    q: queue.Queue[tuple[str, Any, str | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any, str | None]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                if not put(("batch", batch, state())):
+                    return
+            put(("end", None, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc, None))
+
+    t = threading.Thread(target=produce, name="csv-read-ahead", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, item, swallow = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item, swallow
+    finally:
+        stop.set()
+        t.join()
 
 
 class RowLines:
