@@ -9,12 +9,14 @@ written in groups ("buckets") of consecutive shard numbers:
   index streams past, to their bucket: kept in memory when the split fits one
   bucket (the common case; nothing is spilled), otherwise appended to one Arrow
   IPC file per bucket in a temporary directory;
-* each bucket's table is built already in shard order (images sorted by shard,
-  then by ImageID, as before), so every shard is a zero-copy slice of it.
+* each bucket is joined with its index rows once, then its table is built in
+  pieces of :data:`SHARDS_PER_PIECE` shards, already in shard order (images
+  sorted by shard, then by ImageID), so every shard is a zero-copy slice of a
+  piece; the pool writes one piece's shards while the next piece is built.
 
 Rows within a bucket keep file order, so "the first index row of an image wins"
 holds exactly as for a whole-file join. The shards written are the same rows in
-the same order as before, so their bytes (and sha256) are unchanged.
+the same order as a whole-split join would give.
 """
 
 from __future__ import annotations
