@@ -1,3 +1,4 @@
+# Over 400 lines: the streaming reader, its read-ahead thread and the physical-line bookkeeping share state (skipped rows, swallowed-quote checks) and are read together.
 """The streaming, validating CSV reader (:class:`CsvStream`) and the physical-line bookkeeping
 behind every ``file:line`` the plan reports. The file layouts it reads are in :mod:`.formats`."""
 
