@@ -201,7 +201,13 @@ class LoopbackRayCluster:
 
     @staticmethod
     def _ports(*extra: str) -> dict[str, int]:
-        return {k: free_port() for k in ("om", "nm", "agent", "agent_grpc", "rte", "metrics", *extra)}
+        # Distinct ports: the kernel may hand out a just-closed port again, and Ray refuses to
+        # start a node whose components were given the same port ("used by other components").
+        names = ("om", "nm", "agent", "agent_grpc", "rte", "metrics", *extra)
+        taken: set[int] = set()
+        while len(taken) < len(names):
+            taken.add(free_port())
+        return dict(zip(names, sorted(taken)))
 
     def start_head(self, timeout_s: float = 90.0) -> LoopbackRayCluster:
         ports = self._ports("gcs", "dash", "client")
