@@ -531,6 +531,12 @@ async def test_stalling_s3_endpoint_does_not_starve_uploads(make_client, fake_s3
         storage=_fake_storage(fake_s3),
     )
     img = _b64(blob_image())
+    # Warm-up: the first S3 request builds the boto3 signer (over a second on a loaded 2-core CI
+    # machine), which would otherwise eat the 1.5 s deadline before any GET reaches the endpoint.
+    fake_s3.objects[("imgs", "ok/warm.png")] = blob_image()
+    warm = await client.post("/v1/detect", json={"image": "s3://imgs/ok/warm.png"})
+    assert warm.status == 200, await warm.text()
+    fake_s3.methods.clear()
 
     async def upload() -> float:
         await asyncio.sleep(0.3)  # the stalls are in flight by now
@@ -552,10 +558,13 @@ async def test_stalling_s3_endpoint_does_not_starve_uploads(make_client, fake_s3
         codes.append(err["code"])
     assert "fetch_timeout" in codes
     elapsed = time.perf_counter() - t0
-    await asyncio.sleep(0.5)
+    t1 = time.monotonic()  # the endpoint's handlers record the hang-up when they next write
+    while len(fake_s3.stall_ended) < fake_s3.methods["GET"] and time.monotonic() - t1 < 3:
+        await asyncio.sleep(0.1)
     print(
         f"\nstalling S3 x12: upload answered in {upload_s * 1000:.0f} ms; stalled requests 504 after "
-        f"{elapsed:.2f} s; endpoint saw them hang up after {max(fake_s3.stall_ended):.2f} s"
+        f"{elapsed:.2f} s; {fake_s3.methods['GET']} GETs reached the endpoint, hung up after "
+        f"{max(fake_s3.stall_ended, default=float('nan')):.2f} s"
     )
     assert upload_s < 1.0
     # Every GET that reached the endpoint was hung up by the deadline (the rest never connected).
