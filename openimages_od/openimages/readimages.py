@@ -149,9 +149,6 @@ def read_image_index(
         else:
             rot_arr = pa.nulls(len(rows), pa.int32())
 
-        def nz(col: pa.Array) -> pa.Array:  # empty string -> null
-            return pc.if_else(pc.equal(pc.utf8_length(col), 0), pa.scalar(None, pa.string()), col)
-
         rows_t = pa.table(
             {
                 "image_id": sub.column("ImageID"),
@@ -181,3 +178,19 @@ def read_image_index(
             }
         )
     return pa.concat_tables(tables)
+
+
+def nz(col: pa.Array) -> pa.Array:
+    """The string column with empty strings as nulls: a validity bitmap over the same buffers
+    (no copy of the strings, as ``if_else`` makes)."""
+    col = col.cast(pa.string())
+    n = len(col)
+    offs = np.frombuffer(col.buffers()[1], np.int32)[col.offset : col.offset + n + 1]
+    present = offs[1:] != offs[:-1]
+    if col.null_count:
+        present &= col.is_valid().to_numpy(zero_copy_only=False)
+    if present.all():
+        return col
+    validity = pa.py_buffer(np.packbits(present, bitorder="little"))
+    _, offsets, data = col.buffers()
+    return pa.Array.from_buffers(pa.string(), n, [validity, offsets.slice(4 * col.offset), data])
