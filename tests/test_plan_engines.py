@@ -1,9 +1,10 @@
 """The plan's fast paths give exactly what the streaming pyarrow reader gives.
 
-``iter_rows_fast`` / ``select_rows_fast`` (polars, streaming) are tried first for box and image-label
-CSVs; ``CsvStream`` is the reference. Here both run on the same files and must
-give the same plan, the same malformed-row counts and the same ``file:line``
-examples; structural damage must make the fast path step aside.
+``iter_rows_fast`` / ``select_rows_fast`` are tried first for box and image-label CSVs, with two
+engines: the compiled line scanner (:mod:`.linescan`, big files) and polars (streaming);
+``CsvStream`` is the reference. Here they run on the same files and must give the same plan, the
+same malformed-row counts and the same ``file:line`` examples; structural damage must make the
+fast path step aside. The scanner runs with tiny blocks here, so block edges fall everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
 from openimages_od.errors import DataError
-from openimages_od.openimages import assemble, csvstream, fastcsv, planio, readboxes, readimages
+from openimages_od.openimages import assemble, csvstream, fastcsv, linescan, planio, readboxes, readimages
 from openimages_od.openimages.fastcsv import FastPathUnavailable, iter_rows_fast, select_rows_fast
 from openimages_od.openimages.formats import BOX_LAYOUTS, detect_layout
 from openimages_od.openimages.idkeys import IdSet
@@ -30,6 +31,24 @@ from openimages_od.openimages.plan import build_plan
 from openimages_od.openimages.planwrite import bucket_keys, shards_and_source_ids
 
 BOX_COLS = ["ImageID", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax"]
+FAST_ENGINES = ["polars", "scan"]
+
+
+def use_engine(mp: pytest.MonkeyPatch, engine: str) -> None:
+    """Make ``iter_rows_fast`` take ``engine`` whatever the file size (the scanner in blocks of a
+    line or so, with reads that often stop short of a line's end)."""
+    if engine == "scan":
+        mp.setattr(linescan, "SCAN_MIN_BYTES", 0)
+        mp.setattr(linescan, "BLOCK_BYTES", 61)
+        mp.setattr(linescan, "_SLACK", 7)
+    else:
+        mp.setattr(linescan, "SCAN_MIN_BYTES", 1 << 62)
+
+
+@pytest.fixture(params=FAST_ENGINES)
+def fast_engine(request, monkeypatch):
+    use_engine(monkeypatch, request.param)
+    return request.param
 
 
 def _plan(tmp_path, src, name, monkeypatch, engine, **sel):
@@ -42,14 +61,16 @@ def _plan(tmp_path, src, name, monkeypatch, engine, **sel):
         monkeypatch.setattr(readimages, "select_rows_fast", lambda *a, **k: None)
         monkeypatch.setattr(readboxes, "iter_rows_fast", unavailable)
     else:  # small groups, so checks run group by group
+        use_engine(monkeypatch, engine)
         monkeypatch.setattr(readboxes, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
     res = build_plan(make_cfg(src, str(tmp_path / name), **sel))
     monkeypatch.undo()
     return res, read_plan(str(tmp_path / name))
 
 
+@pytest.mark.parametrize("engine", FAST_ENGINES)
 @pytest.mark.parametrize("release", ["v4", "v6"])
-def test_fast_path_gives_the_same_plan_and_errors(tmp_path, monkeypatch, release):
+def test_fast_path_gives_the_same_plan_and_errors(tmp_path, monkeypatch, release, engine):
     content = make_content()
     src = write_release(tmp_path / "rel", content, release)
     # Value errors and an exact duplicate spread through the train boxes (all found by value checks).
@@ -67,7 +88,7 @@ def test_fast_path_gives_the_same_plan_and_errors(tmp_path, monkeypatch, release
     for k, row in enumerate(extra):
         lines.insert(len(lines) // (k + 2), row)
     boxes.write_text("\n".join(lines) + "\n")
-    fast, t_fast = _plan(tmp_path, src, "fast", monkeypatch, "polars")
+    fast, t_fast = _plan(tmp_path, src, "fast", monkeypatch, engine)
     slow, t_slow = _plan(tmp_path, src, "slow", monkeypatch, "pyarrow")
     for split in t_slow:
         assert t_fast[split].equals(t_slow[split]), split
@@ -85,7 +106,7 @@ def test_fast_path_gives_the_same_plan_and_errors(tmp_path, monkeypatch, release
         "0123456789abcdef,xclick,/m/0k4j,1,0.1,0.5,0.2,0.6,0,0,0,0,0,7",  # too many fields
     ],
 )
-def test_fast_path_steps_aside_on_structural_damage(tmp_path, damage):
+def test_fast_path_steps_aside_on_structural_damage(tmp_path, damage, fast_engine):
     good = "0123456789abcdef,xclick,/m/0k4j,1,0.1,0.5,0.2,0.6,0,0,0,0,0"
     p = tmp_path / "b.csv"
     p.write_text("\n".join([",".join(BOX_LAYOUTS["v4"]), good, damage, good]) + "\n")
@@ -96,7 +117,7 @@ def test_fast_path_steps_aside_on_structural_damage(tmp_path, damage):
     assert rows.num_rows == 2 and list(lines.lines) == [2, 3] and total == 2
 
 
-def test_fast_path_lines(tmp_path):
+def test_fast_path_lines(tmp_path, fast_engine):
     cols = BOX_LAYOUTS["v4"]
     rows = [
         f"{k:016x},xclick,{CAR if k % 7 == 0 else '/m/019jd'},1,0.1,0.5,0.2,0.6,0,0,0,0,0" for k in range(500)
@@ -157,13 +178,15 @@ _DAMAGES = {
     "stray_quote": lambda row: row.replace(",", ',"', 1),
     "empty_id": lambda row: ",".join([""] + row.split(",")[1:]),
     "duplicate": lambda row: row + "\n" + row,
+    "non_ascii": lambda row: row.replace(",", ",é", 1),  # valid UTF-8 past ASCII (any column 2)
+    "non_ascii_class": lambda row: ",".join(row.split(",")[:2] + ["/m/é"] + row.split(",")[3:]),
 }
 
 
 def _plan_both(root, src, strict, **sel):
     """(outcome, tables) of the fast and the reference engine: outcome is the stats or the DataError."""
     out = []
-    for engine in ("polars", "pyarrow"):
+    for engine in (*FAST_ENGINES, "pyarrow"):
         mp = pytest.MonkeyPatch()
         if engine == "pyarrow":
 
@@ -174,6 +197,7 @@ def _plan_both(root, src, strict, **sel):
             mp.setattr(readimages, "select_rows_fast", lambda *a, **k: None)
             mp.setattr(readboxes, "iter_rows_fast", unavailable)
         else:
+            use_engine(mp, engine)
             mp.setattr(readboxes, "iter_rows_fast", functools.partial(iter_rows_fast, group_batches=1))
         try:
             res = build_plan(make_cfg(src, str(root / engine), strict=strict, **sel))
@@ -208,11 +232,51 @@ def test_fast_path_equals_reference_on_damaged_files(release, edits, bom, crlf, 
         eol = "\r\n" if crlf else "\n"
         text = eol.join("\n".join(lines).split("\n")) + (eol if final_newline else "")
         boxes.write_bytes(("\ufeff" if bom else "").encode() + text.encode())
-        (fast, t_fast), (slow, t_slow) = _plan_both(root, src, strict)
+        *fast_engines, (slow, t_slow) = _plan_both(root, src, strict)
+        for fast, t_fast in fast_engines:
+            assert fast == slow
+            if t_slow is not None:
+                for split in t_slow:
+                    assert t_fast[split].equals(t_slow[split]), split
+
+
+@pytest.mark.parametrize("where", ["kept", "other"])
+def test_invalid_utf8_gives_the_reference_plan(tmp_path, where):
+    """A byte that is not UTF-8 in a kept row or in a row of another class: every engine gives the
+    reference's plan and reasons (the scanner returns such rows and its parser steps aside)."""
+    src = write_release(tmp_path / "rel", make_content(), "v6")
+    boxes = tmp_path / "rel" / "train-annotations-bbox.csv"
+    lines = boxes.read_bytes().split(b"\n")
+    i = next(k for k, ln in enumerate(lines) if (f",{CAR},".encode() in ln) == (where == "kept") and k)
+    f = lines[i].split(b",")
+    f[1] = b"xcl\xffick"
+    lines[i] = b",".join(f)
+    boxes.write_bytes(b"\n".join(lines))
+    *fast_engines, (slow, t_slow) = _plan_both(tmp_path, src, strict=False)
+    for fast, t_fast in fast_engines:
         assert fast == slow
-        if t_slow is not None:
-            for split in t_slow:
-                assert t_fast[split].equals(t_slow[split]), split
+        for split in t_slow:
+            assert t_fast[split].equals(t_slow[split]), split
+
+
+def test_line_scanner_reads_lines_longer_than_its_reads(tmp_path):
+    """Rows far longer than a block and its read-ahead, CRLF line ends, a last line without one."""
+    cols = BOX_LAYOUTS["v4"]
+    pad = "0" * 500
+    rows = [
+        f"{k:016x},xclick{pad},{CAR if k % 3 == 0 else '/m/019jd'},1,0.1,0.5,0.2,0.6,0,0,0,0,0"
+        for k in range(40)
+    ]
+    p = tmp_path / "b.csv"
+    p.write_bytes((",".join(cols) + "\r\n" + "\r\n".join(rows)).encode())
+    lay = detect_layout(p, "boxes", "b.csv")
+    for block in (7, 61, 4096, 1 << 20):
+        got = list(linescan.iter_rows_scan(p, lay, BOX_COLS + ["IsInside"], [CAR], None, block_bytes=block))
+        ids = [i for b, _ in got for i in b.column("ImageID").to_pylist()]
+        lines = [int(x) for _, ln in got for x in ln]
+        assert ids == [f"{k:016x}" for k in range(0, 40, 3)], block
+        assert lines == [k + 2 for k in range(0, 40, 3)], block
+        assert {v for b, _ in got for v in b.column("IsInside").to_pylist()} == {"0"}  # no "\r"
 
 
 def test_strict_reports_an_early_extra_field_row_before_a_later_value_error(tmp_path):
@@ -225,8 +289,9 @@ def test_strict_reports_an_early_extra_field_row_before_a_later_value_error(tmp_
     lines[car[0]] += ",7"
     lines[car[-1]] = ",".join(lines[car[-1]].split(",")[:4] + ["abc"] + lines[car[-1]].split(",")[5:])
     boxes.write_text("\n".join(lines) + "\n")
-    (fast, _), (slow, _) = _plan_both(tmp_path, src, strict=True)
-    assert isinstance(fast, str) and fast == slow
+    *fast_engines, (slow, _) = _plan_both(tmp_path, src, strict=True)
+    for fast, _ in fast_engines:
+        assert isinstance(fast, str) and fast == slow
     assert f":{car[0] + 1}: malformed row (extra_fields)" in fast
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from openimages_od.openimages import linescan
 from openimages_od.openimages.csvstream import RowLines, _first_line_quoted, count_lines_and_commas
 from openimages_od.openimages.formats import Layout
 
@@ -89,6 +90,19 @@ def iter_rows_fast(
         raise FastPathUnavailable("strict mode")
     if _first_line_quoted(path):
         raise FastPathUnavailable("quoted file")
+    if linescan.available() and layout.has_header and path.stat().st_size >= linescan.SCAN_MIN_BYTES:
+        # Big files: the compiled line scanner converts only the kept rows (the same rows, the
+        # same strings, the same reasons to step aside).
+        scanned = linescan.iter_rows_scan(path, layout, columns, keep, known)
+        try:
+            while True:
+                rows, lines = next(scanned)
+                yield rows, RowLines(display, lines)
+        except StopIteration as stop:
+            return int(stop.value)
+        except linescan.LineScanUnavailable as exc:
+            log.debug("%s: line scanner stepped aside (%s)", display, exc)
+            raise FastPathUnavailable(str(exc)) from None
     try:
         import polars as pl
     except ImportError:  # optional speed-up: the streaming pyarrow reader does the same work
