@@ -22,7 +22,16 @@ from hypothesis import strategies as st
 from test_plan import CAR, make_cfg, make_content, read_plan, write_release
 
 from openimages_od.errors import DataError
-from openimages_od.openimages import assemble, csvstream, fastcsv, linescan, planio, readboxes, readimages
+from openimages_od.openimages import (
+    assemble,
+    csvstream,
+    fastcsv,
+    linescan,
+    planio,
+    planwrite,
+    readboxes,
+    readimages,
+)
 from openimages_od.openimages.fastcsv import FastPathUnavailable, iter_rows_fast, select_rows_fast
 from openimages_od.openimages.formats import BOX_LAYOUTS, detect_layout
 from openimages_od.openimages.idkeys import IdSet
@@ -162,6 +171,28 @@ def test_one_hash_gives_shard_and_source_id():
         f"{ids[0]}/v/{ids[0]}"
     ]
     assert csvstream.RowLines("x", np.array([5, 9])).line_of(1) == 9
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.text(max_size=70), max_size=40))
+def test_compiled_blake2b_is_hashlibs(ids):
+    """The compiled shard hash is hashlib's blake2b(digest_size=8) on every ID up to a block (any
+    text; past 128 bytes it declines), and the column helper gives the list helper's answers."""
+    import hashlib
+
+    from openimages_od.openimages import idhash
+
+    arr = pa.array(ids, pa.string())
+    got = idhash.blake2b8_keys(arr)
+    want = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in ids]
+    if any(len(i.encode()) > idhash.MAX_BYTES for i in ids):
+        assert got is None
+    else:
+        assert got is not None and got.tolist() == want
+    if ids and len(set(ids)) == len(ids):
+        sh, src = planwrite.shards_and_source_ids_of(arr, 7)
+        sh_ref, src_ref = shards_and_source_ids(ids, 7)
+        assert sh.tolist() == sh_ref.tolist() and src.tolist() == src_ref.tolist()
 
 
 # --------------------------------------------------------------------------- property: any damage, same plan
