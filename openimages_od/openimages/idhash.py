@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from openimages_od.openimages import linescan
+from openimages_od.openimages import jit
 
 __all__ = ["available", "blake2b8_keys"]
 
@@ -104,15 +104,20 @@ def _digests(data: np.ndarray, offs: np.ndarray, iv: np.ndarray, sigma: np.ndarr
         out[i] = swapped
 
 
-if linescan._njit is not None:
-    _rotr = linescan._njit(_rotr)
-    _g = linescan._njit(_g)
-    _digests = linescan._njit(_digests)
+def ensure_compiled() -> None:
+    """Swap the functions above for their compiled versions and load them (numba's disk cache)."""
+
+    def build() -> None:
+        global _rotr, _g, _digests
+        _rotr, _g, _digests = jit.njit(_rotr), jit.njit(_g), jit.njit(_digests)
+        _digests(np.zeros(1, np.uint8), np.zeros(1, np.int64), _IV, _SIGMA, np.zeros(0, np.uint64))
+
+    jit.compile_once(__name__, build)
 
 
 def available() -> bool:
     """Whether the compiled hash can run (numba is installed)."""
-    return linescan.available()
+    return jit.available()
 
 
 def blake2b8_keys(ids: pa.Array) -> np.ndarray | None:
@@ -120,6 +125,7 @@ def blake2b8_keys(ids: pa.Array) -> np.ndarray | None:
     uint64, or None where this cannot answer (no numba, nulls, an ID over :data:`MAX_BYTES` bytes)."""
     if not available():
         return None
+    ensure_compiled()
     ids = ids.cast(pa.string())
     n = len(ids)
     if ids.null_count:

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from openimages_od.openimages import jit
 from openimages_od.openimages.formats import Layout
 
 __all__ = ["SCAN_MIN_BYTES", "LineScanUnavailable", "available", "iter_rows_scan"]
@@ -46,14 +47,6 @@ _SLACK = 1 << 16  # read past a block's end to finish its last line (more when a
 # Statuses of a scanned block.
 _OK, _SHORT, _EXTRA, _MORE = 0, 1, 2, 3
 
-_njit: Any = None
-try:  # optional: without numba the polars path does the same work
-    import numba
-
-    _njit = numba.njit(nogil=True, cache=True)
-except ImportError:  # pragma: no cover - numba is a dependency; kept for platforms without wheels
-    pass
-
 
 class LineScanUnavailable(Exception):
     """The scanner cannot read this file (structure or encoding): the caller steps aside."""
@@ -61,13 +54,13 @@ class LineScanUnavailable(Exception):
 
 def available() -> bool:
     """Whether numba is installed (the scanner can run)."""
-    return _njit is not None
+    return jit.available()
 
 
 def _fnv1a(buf: np.ndarray, s: int, e: int) -> np.uint64:
     h = np.uint64(14695981039346656037)
     for j in range(s, e):
-        h = (h ^ np.uint64(buf[j])) * np.uint64(1099511628211)
+        h = (h ^ np.uint64(buf[np.uint64(j)])) * np.uint64(1099511628211)
     return h
 
 
@@ -114,7 +107,7 @@ def _scan(
         # Field by field up to the end of the label field: where the ImageID and LabelName are.
         while field <= label_col:
             while i < n:
-                c = buf[i]
+                c = buf[np.uint64(i)]
                 if c == 44 or c == 10:
                     break
                 high |= c
@@ -124,7 +117,7 @@ def _scan(
             if field == label_col:
                 label_s = fstart
                 label_e = i
-            if i >= n or buf[i] == 10:
+            if i >= n or buf[np.uint64(i)] == 10:
                 break
             field += 1
             i += 1
@@ -132,19 +125,19 @@ def _scan(
         # The rest of the line: separators and high bytes only, eight bytes at a time where the
         # word holds no newline (SWAR: the high bit of each byte of ``~((x & M) + M | x | M)``
         # is set exactly where that byte of ``x`` is zero).
-        while i < n and (i & 7) != 0 and buf[i] != 10:
-            if buf[i] == 44:
+        while i < n and (i & 7) != 0 and buf[np.uint64(i)] != 10:
+            if buf[np.uint64(i)] == 44:
                 field += 1
-            high |= buf[i]
+            high |= buf[np.uint64(i)]
             i += 1
-        if i < n and buf[i] != 10:
+        if i < n and buf[np.uint64(i)] != 10:
             m7 = np.uint64(0x7F7F7F7F7F7F7F7F)
             nl8 = np.uint64(0x0A0A0A0A0A0A0A0A)
             cm8 = np.uint64(0x2C2C2C2C2C2C2C2C)
             ones = np.uint64(0x0101010101010101)
             words = np.uint64(0)
             while i + 8 <= n:
-                w = buf64[i >> 3]
+                w = buf64[np.uint64(i >> 3)]
                 x = w ^ nl8
                 if (~(((x & m7) + m7) | x | m7)) != np.uint64(0):
                     break
@@ -156,7 +149,7 @@ def _scan(
             if (words & np.uint64(0x8080808080808080)) != np.uint64(0):
                 high |= 128
         while i < n:
-            c = buf[i]
+            c = buf[np.uint64(i)]
             if c == 10:
                 break
             if c == 44:
@@ -211,22 +204,54 @@ def _scan(
 
 
 def _gather(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, out: np.ndarray) -> int:
-    """Copy lines ``buf[starts[k]:ends[k]]`` into ``out``, each followed by a newline."""
+    """Copy lines ``buf[starts[k]:ends[k]]`` into ``out``, each followed by a newline.
+
+    The kernels index with unsigned integers in their loops: numba then skips the check for a
+    negative index on every access (a byte loop here ran ~10x faster than slice copies).
+    """
     p = 0
     for k in range(len(starts)):
         s = starts[k]
         e = ends[k]
-        out[p : p + e - s] = buf[s:e]
-        p += e - s
-        out[p] = 10
+        for j in range(s, e):
+            out[np.uint64(p)] = buf[np.uint64(j)]
+            p += 1
+        out[np.uint64(p)] = 10
         p += 1
     return p
 
 
-if _njit is not None:
-    _fnv1a = _njit(_fnv1a)
-    _scan = _njit(_scan)
-    _gather = _njit(_gather)
+def ensure_compiled() -> None:
+    """Swap the kernels above for their compiled versions and load them (numba's disk cache)."""
+
+    def build() -> None:
+        global _fnv1a, _scan, _gather
+        _fnv1a, _scan, _gather = jit.njit(_fnv1a), jit.njit(_scan), jit.njit(_gather)
+        z = np.zeros(16, np.uint8)
+        i = np.zeros(1, np.int64)
+        _fnv1a(z, 0, 1)
+        _scan(
+            z,
+            z.view(np.uint64),
+            0,
+            0,
+            True,
+            2,
+            0,
+            1,
+            np.zeros(8, np.uint64),
+            np.full(8, -1, np.int32),
+            z,
+            i,
+            np.zeros(1, np.int8),
+            True,
+            i,
+            i,
+            i,
+        )
+        _gather(z, i[:0], i[:0], z)
+
+    jit.compile_once(__name__, build)
 
 
 class _Labels:
@@ -282,8 +307,9 @@ def iter_rows_scan(
         LineScanUnavailable: a row with fewer or more fields than the layout, a blank line, an
             empty last field or invalid UTF-8 in a kept row: the caller reads the file exactly.
     """
-    if _njit is None:
+    if not available():
         raise LineScanUnavailable("numba is not installed")
+    ensure_compiled()
     cols = list(layout.columns)
     if "LabelName" not in cols or "ImageID" not in cols:
         raise LineScanUnavailable("no LabelName/ImageID column")

@@ -31,7 +31,7 @@ import numpy as np
 from openimages_od.config import Config, join_url, save_resolved
 from openimages_od.errors import ConfigError
 from openimages_od.layout import Layout, image_settings
-from openimages_od.openimages import planio
+from openimages_od.openimages import idhash, jit, linescan, planio
 from openimages_od.openimages.idlist import load_image_ids
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.labelmap import LabelMap, assign_ids
@@ -100,6 +100,8 @@ def build_plan(cfg: Config, storage: Storage | None = None) -> PlanResult:
         DataError: an unknown file layout, or a malformed row with ``selection.strict``.
         StorageError: an input or the output cannot be reached.
     """
+    # numba's import and kernel load (~0.7 s) on a thread while the config, classes and layouts load.
+    jit.warm_in_background(linescan.ensure_compiled, idhash.ensure_compiled)
     st = storage or storage_from_config(cfg)
     layout = Layout.from_config(cfg)
     with output_lock(st, layout.lock, cfg.output.lock_ttl_s, "plan"):

@@ -61,14 +61,18 @@ def bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str] | None) 
     return object_keys(tmpl, split, ids)
 
 
+# Below this many images hashlib is done before numba would have loaded the compiled hash.
+COMPILED_HASH_MIN = 20_000
+
+
 def shards_and_source_ids_of(
-    ids: pa.Array, n_shards: int, chunk: int = 200_000
+    ids: pa.Array, n_shards: int, chunk: int = 200_000, compiled_min: int = COMPILED_HASH_MIN
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`shards_and_source_ids` of a whole column: compiled over the Arrow buffers
     (:func:`~openimages_od.openimages.idhash.blake2b8_keys`, no GIL) or, where that cannot answer,
     with hashlib a chunk of IDs at a time; the source ids are checked for collisions across the
     whole split."""
-    h = blake2b8_keys(ids)
+    h = blake2b8_keys(ids) if len(ids) >= compiled_min else None
     if h is not None:
         shard, src = _shard_and_source(h, n_shards)
         if len(sorted_unique(src)) != len(src):
