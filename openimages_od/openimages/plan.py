@@ -19,6 +19,7 @@ Where the work is:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -100,12 +101,19 @@ def build_plan(cfg: Config, storage: Storage | None = None) -> PlanResult:
         DataError: an unknown file layout, or a malformed row with ``selection.strict``.
         StorageError: an input or the output cannot be reached.
     """
-    # numba's import and kernel load (~0.7 s) on a thread while the config, classes and layouts load.
-    jit.warm_in_background(linescan.ensure_compiled, idhash.ensure_compiled)
+    # On a thread: numba's import and kernel load (~0.6 s) while the config, classes and layouts
+    # load, then pandas, which pyarrow imports on its first pa.array call (~0.5 s), while the box
+    # scan runs without the GIL.
+    jit.warm_in_background(linescan.ensure_compiled, idhash.ensure_compiled, _import_pandas)
     st = storage or storage_from_config(cfg)
     layout = Layout.from_config(cfg)
     with output_lock(st, layout.lock, cfg.output.lock_ttl_s, "plan"):
         return _build_plan(cfg, st, layout)
+
+
+def _import_pandas() -> None:
+    with contextlib.suppress(ImportError):
+        import pandas  # noqa: F401
 
 
 def _previous_labels(

@@ -34,7 +34,7 @@ from openimages_od.openimages.classes import (
     resolve_classes,
     trainable_names,
 )
-from openimages_od.openimages.idkeys import IdSet, lower_hex_keys, rank, sorted_unique
+from openimages_od.openimages.idkeys import IdSet, lower_hex_keys, rank, sorted_unique, strings
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.readboxes import Boxes
 
@@ -112,7 +112,7 @@ def load_classes(cfg: Config, inputs: MetadataInputs) -> ClassInfo:
             if m not in seen:
                 seen.add(m)
                 known_set.append(m)
-    known = pa.array(known_set, pa.string()) if known_set else None
+    known = strings(known_set) if known_set else None
     extra: list[str] = []
     if sel.keep_all_labels:
         if known is None:

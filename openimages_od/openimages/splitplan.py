@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from openimages_od.config import Config
 from openimages_od.openimages import planio
 from openimages_od.openimages.formats import MalformedLog
-from openimages_od.openimages.idkeys import sorted_unique
+from openimages_od.openimages.idkeys import sorted_unique, strings
 from openimages_od.openimages.idlist import ImageIdList
 from openimages_od.openimages.inputs import MetadataInputs
 from openimages_od.openimages.planwrite import write_shards
@@ -108,9 +108,7 @@ def plan_split(
     n_sel = len(ci.selected)
     targets = class_targets(ci.selected, ci.hierarchy if sel.expand_hierarchy else None, ci.extra)
 
-    boxes = read_boxes(
-        inputs.local(ss.boxes), ss.boxes, ci.known, pa.array(targets.box_keep, pa.string()), logm
-    )
+    boxes = read_boxes(inputs.local(ss.boxes), ss.boxes, ci.known, strings(targets.box_keep), logm)
     kept = filter_boxes(boxes, sel, targets, image_ids.members if image_ids is not None else None)
     groups = group_by_image(kept, n_sel, sel.min_boxes_per_image)
     labels = None
