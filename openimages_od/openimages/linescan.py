@@ -1,3 +1,4 @@
+# Over 400 lines: the compiled kernels and the block reader that feeds them share one contract (which rows are kept, when to step aside) and are read together.
 """A compiled one-pass line scanner for the plan's big unquoted CSVs (:func:`iter_rows_scan`).
 
 The box file of a split is 2.2 GB (V6 train: 14.6M rows), and a plan keeps the rows of a few
