@@ -356,9 +356,10 @@ def iter_rows_scan(
             if start >= stop:
                 return 0, None, np.zeros(0, np.int64), _OK, -1
             cap = (stop - start) // 2 + 2  # a line is at least two bytes
-            out_line = np.empty(cap, np.int64)
-            out_start = np.empty(cap, np.int64)
-            out_end = np.empty(cap, np.int64)
+            outs = getattr(scratch, "outs", None)  # reused too; only kept lines are written
+            if outs is None or len(outs) < 3 * cap:
+                outs = scratch.outs = np.empty(3 * cap, np.int64)
+            out_line, out_start, out_end = outs[:cap], outs[cap : 2 * cap], outs[2 * cap : 3 * cap]
             lines, nk, status, at = _scan(
                 buf,
                 buf64,
