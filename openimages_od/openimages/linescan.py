@@ -409,26 +409,24 @@ def iter_rows_scan(
                 pending.append(pool.submit(task, lo))
                 if len(pending) >= 2 * n_workers:
                     break
-            while pending:
-                try:
+            try:
+                while pending:
                     lines, batch, rel, status, at = pending.pop(0).result()
-                except BaseException:
-                    for f in pending:
-                        f.cancel()
-                    raise
-                nxt = next(offsets, None)
-                if nxt is not None:
-                    pending.append(pool.submit(task, nxt))
-                if status != _OK:
-                    for f in pending:
-                        f.cancel()
-                if status == _EXTRA:
-                    raise LineScanUnavailable(f"line {total + at + header + 1}: a row with extra fields")
-                if status == _SHORT:
-                    raise LineScanUnavailable(f"line {total + at + header + 1}: a short row or a blank line")
-                if batch is not None:
-                    yield batch, rel + (total + header + 1)
-                total += lines
+                    if status == _EXTRA:
+                        raise LineScanUnavailable(f"line {total + at + header + 1}: a row with extra fields")
+                    if status == _SHORT:
+                        raise LineScanUnavailable(
+                            f"line {total + at + header + 1}: a short row or a blank line"
+                        )
+                    nxt = next(offsets, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(task, nxt))
+                    if batch is not None:
+                        yield batch, rel + (total + header + 1)
+                    total += lines
+            finally:  # an error, a step aside or a consumer that stops early: drop the read-ahead
+                for f in pending:
+                    f.cancel()
     finally:
         os.close(fd)
     return total

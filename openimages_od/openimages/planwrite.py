@@ -7,6 +7,7 @@ join and the bucket-by-bucket writes are in :mod:`~openimages_od.openimages.asse
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,8 +42,7 @@ def shards_and_source_ids(ids_py: list[str], n_shards: int) -> tuple[np.ndarray,
     blake = hashlib.blake2b
     digests = b"".join(map(lambda i: blake(i.encode(), digest_size=8).digest(), ids_py))
     shard, src = _shard_and_source(np.frombuffer(digests, ">u8").astype(np.uint64), n_shards)
-    if len(sorted_unique(src)) != len(src):
-        source_ids(ids_py)  # raises DataError naming the colliding ImageIDs
+    _check_unique(src, lambda: ids_py)
     return shard, src
 
 
@@ -52,6 +52,13 @@ def _shard_and_source(h: np.ndarray, n_shards: int) -> tuple[np.ndarray, np.ndar
     src = (h & np.uint64((1 << 63) - 1)).astype(np.int64)
     src[src == 0] = 1
     return shard, src
+
+
+def _check_unique(src: np.ndarray, ids_py: Callable[[], list[str]]) -> None:
+    """Raise :class:`DataError` naming the colliding ImageIDs if two source ids are equal (the
+    IDs are listed only then)."""
+    if len(sorted_unique(src)) != len(src):
+        source_ids(ids_py())  # raises DataError naming the colliding ImageIDs
 
 
 def bucket_keys(tmpl: str, split: str, ids: pa.Array, ids_py: list[str] | None) -> pa.Array:
@@ -75,16 +82,13 @@ def shards_and_source_ids_of(
     h = blake2b8_keys(ids) if len(ids) >= compiled_min else None
     if h is not None:
         shard, src = _shard_and_source(h, n_shards)
-        if len(sorted_unique(src)) != len(src):
-            source_ids(ids.to_pylist())  # raises DataError naming the colliding ImageIDs
-        return shard, src
-    shard = np.zeros(len(ids), np.int32)
-    src = np.zeros(len(ids), np.int64)
-    for s in range(0, len(ids), chunk):
-        part = ids.slice(s, chunk).to_pylist()
-        shard[s : s + len(part)], src[s : s + len(part)] = shards_and_source_ids(part, n_shards)
-    if len(sorted_unique(src)) != len(src):
-        source_ids(ids.to_pylist())  # raises DataError naming the colliding ImageIDs
+    else:
+        shard = np.zeros(len(ids), np.int32)
+        src = np.zeros(len(ids), np.int64)
+        for s in range(0, len(ids), chunk):
+            part = ids.slice(s, chunk).to_pylist()
+            shard[s : s + len(part)], src[s : s + len(part)] = shards_and_source_ids(part, n_shards)
+    _check_unique(src, ids.to_pylist)
     return shard, src
 
 
