@@ -113,6 +113,7 @@ def test_fast_path_gives_the_same_plan_and_errors(tmp_path, monkeypatch, release
         "0123456789abcdef,xclick",  # too few fields
         "",  # a blank line
         "0123456789abcdef,xclick,/m/0k4j,1,0.1,0.5,0.2,0.6,0,0,0,0,0,7",  # too many fields
+        "0123456789abcdef,xclick,/m/019jd,1,0.1,0.5,0.2,0.6,0,0,0,0,0,7",  # the same, a class not kept
     ],
 )
 def test_fast_path_steps_aside_on_structural_damage(tmp_path, damage, fast_engine):
