@@ -52,6 +52,10 @@ def _weed_binary() -> str:
     return found
 
 
+VOLUME_MAX = 2000
+VOLUME_SIZE_MB = 64
+
+
 class SeaweedFS:
     """A throw-away SeaweedFS `weed mini` (S3 API) bound to loopback.
 
@@ -96,6 +100,14 @@ class SeaweedFS:
             f"-logdir={self.workdir / 'logs'}",
             "mini",
             f"-dir={self.workdir}",
+            # Each bucket is a SeaweedFS collection with volumes of its own,
+            # and by default `mini` allows only free-disk / 1 GiB volumes (24
+            # on a disk with 24 GiB free), so a test session creating more
+            # buckets than that got "no free volumes left" on PutObject.
+            # Volumes are sparse files (no preallocation): a fixed, generous
+            # count of small volumes costs only what is written.
+            f"-volume.max={VOLUME_MAX}",
+            f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
             f"-ip={self.ip}",
             f"-ip.bind={self.ip}",
             "-master.telemetry=false",

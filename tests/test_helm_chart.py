@@ -914,6 +914,13 @@ def test_seaweedfs_dev_serves_s3_on_8333() -> None:
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert "-s3" in c["command"] and "-s3.port=8333" in c["command"]
     assert not c["image"].endswith(":latest") and ":" in c["image"]
+    # The most the volumes can hold must fit the data volume's sizeLimit, or the kubelet evicts the pod when
+    # it fills up; the count must be explicit (the default of 8 runs out with a few buckets).
+    flags = dict(a.split("=", 1) for a in c["command"] if a.startswith("-") and "=" in a)
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == flags["-dir"]]
+    (data,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    limit_gi = int(data["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+    assert int(flags["-volume.max"]) * int(flags["-master.volumeSizeLimitMB"]) < limit_gi * 1024
 
 
 # --------------------------------------------------------------------------- what the KubeRay operator rejects (issue 13)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -142,6 +143,19 @@ def test_multipart_upload_on_seaweedfs(seaweedfs, s3_bucket, s3_options, tmp_pat
     assert head["ContentLength"] == len(data)
     assert "-" in head["ETag"]  # multipart ETags carry a part count
     assert st.read_bytes(url) == data
+
+
+@pytest.mark.integration
+def test_test_store_takes_writes_in_many_buckets(seaweedfs):
+    """Every bucket is a SeaweedFS collection with volumes of its own; `weed mini` by default allows only
+    free-disk / 1 GiB volumes, so on a CI disk with ~24 GiB free the suite's 25th bucket refused every
+    PutObject ("no free volumes left"). The dev store sets the volume count itself."""
+    client = seaweedfs.client()
+    for i in range(40):
+        name = f"many-{i:02d}-{uuid.uuid4().hex[:8]}"
+        seaweedfs.create_bucket(name)
+        client.put_object(Bucket=name, Key="k", Body=b"v")
+        assert client.get_object(Bucket=name, Key="k")["Body"].read() == b"v"
 
 
 @pytest.mark.integration
