@@ -64,8 +64,7 @@ def test_report_renders_in_chromium(demo_run, artifacts_dir):
     work, proc = demo_run
     if proc.returncode != 0:
         pytest.fail("demo failed; see test_demo_exits_0_and_writes_every_output")
-    driver = chromium_driver()
-    try:
+    with chromium_driver() as driver:
         driver.get((work / "output" / "report.html").as_uri())
         charts = driver.find_elements("css selector", "img.chart")
         assert len(charts) >= 4
@@ -80,5 +79,3 @@ def test_report_renders_in_chromium(demo_run, artifacts_dir):
             assert section in text
         driver.save_screenshot(str(artifacts_dir / "report.png"))
         assert console_errors(driver) == []
-    finally:
-        driver.quit()

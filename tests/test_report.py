@@ -91,8 +91,7 @@ def test_report_error_analysis_in_headless_chromium(tmp_path):
 
     cfg, out = _report_with_analysis(tmp_path)
     run_report(cfg)
-    driver = chromium_driver()
-    try:
+    with chromium_driver() as driver:
         driver.get((out / "report.html").as_uri())
         cells = driver.find_elements(By.CSS_SELECTOR, "#confusion-matrix tbody tr")
         assert [r.find_element(By.TAG_NAME, "th").text for r in cells] == ["Ball", "Car", "(none)"]
@@ -115,8 +114,6 @@ def test_report_error_analysis_in_headless_chromium(tmp_path):
             for i in imgs
         )
         assert console_errors(driver) == []
-    finally:
-        driver.quit()
 
 
 def test_report_samples_mark_group_of_only_when_one(tmp_path):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from browser_helpers import chromium_driver
 from serving_helpers import ServiceThread, blob_image, make_export
 
 from openimages_od.config import load_config
@@ -12,40 +11,11 @@ from openimages_od.serving.draw import color_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.tf, pytest.mark.integration]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
 
 @pytest.fixture
 def driver():
-    if not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists():
-        pytest.skip(
-            f"needs Debian chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-            f"apt-get install chromium chromium-driver"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (dev extra)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1100,800",
-        "--disable-dev-shm-usage",
-    ):
-        opts.add_argument(flag)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(30)
-    try:
+    with chromium_driver(window_size="1100,800") as drv:
         yield drv
-    finally:
-        drv.quit()
 
 
 def test_page_upload_shows_boxes(driver, tmp_path, artifacts_dir):
