@@ -291,10 +291,15 @@ def test_invalid_utf8_gives_the_reference_plan(tmp_path, where):
             assert t_fast[split].equals(t_slow[split]), split
 
 
-def test_line_scanner_reads_lines_longer_than_its_reads(tmp_path):
-    """Rows far longer than a block and its read-ahead, CRLF line ends, a last line without one."""
+@pytest.mark.parametrize(
+    ("pad_len", "blocks"),
+    [(500, (7, 61, 4096, 1 << 20)), (30_000, (4096, 50_000, 1 << 20))],  # 30 KB: past 2 search windows
+)
+def test_line_scanner_reads_lines_longer_than_its_reads(tmp_path, pad_len, blocks):
+    """Rows far longer than a block and its read-ahead (and than the windows that look for the end
+    of the line in progress at a block's start), CRLF line ends, a last line without one."""
     cols = BOX_LAYOUTS["v4"]
-    pad = "0" * 500
+    pad = "0" * pad_len
     rows = [
         f"{k:016x},xclick{pad},{CAR if k % 3 == 0 else '/m/019jd'},1,0.1,0.5,0.2,0.6,0,0,0,0,0"
         for k in range(40)
@@ -302,7 +307,7 @@ def test_line_scanner_reads_lines_longer_than_its_reads(tmp_path):
     p = tmp_path / "b.csv"
     p.write_bytes((",".join(cols) + "\r\n" + "\r\n".join(rows)).encode())
     lay = detect_layout(p, "boxes", "b.csv")
-    for block in (7, 61, 4096, 1 << 20):
+    for block in blocks:
         got = list(linescan.iter_rows_scan(p, lay, BOX_COLS + ["IsInside"], [CAR], None, block_bytes=block))
         ids = [i for b, _ in got for i in b.column("ImageID").to_pylist()]
         lines = [int(x) for _, ln in got for x in ln]

@@ -281,6 +281,22 @@ class _Labels:
         self.keep_unknown = known is not None
 
 
+def _find_newline(buf: np.ndarray, frm: int) -> int:
+    """Index of the first newline in ``buf`` at or after ``frm``, or -1.
+
+    In growing windows: the line in progress at a block's start ends within a few hundred bytes,
+    and comparing the whole 32 MB block to find it cost ~18 ms a block (1.3 CPU-s on a V6 box file).
+    """
+    step = 4096
+    while frm < len(buf):
+        hit = np.flatnonzero(buf[frm : frm + step] == 10)
+        if len(hit):
+            return frm + int(hit[0])
+        frm += step
+        step *= 4
+    return -1
+
+
 def _data_start(path: Path, has_header: bool) -> int:
     if not has_header:
         return 0
@@ -350,8 +366,8 @@ def iter_rows_scan(
             buf64 = mem[: got - (got & 7)].view(np.uint64)
             start = back
             if back and buf[0] != 10:  # the line in progress at ``lo`` belongs to the previous task
-                nl = np.flatnonzero(buf[back:] == 10)
-                start = got if not len(nl) else back + int(nl[0]) + 1
+                nl = _find_newline(buf, back)
+                start = got if nl < 0 else nl + 1
             stop = hi - (lo - back)
             if start >= stop:
                 return 0, None, np.zeros(0, np.int64), _OK, -1
