@@ -150,6 +150,16 @@ def test_test_store_takes_writes_in_many_buckets(seaweedfs):
     """Every bucket is a SeaweedFS collection with volumes of its own; `weed mini` by default allows only
     free-disk / 1 GiB volumes, so on a CI disk with ~24 GiB free the suite's 25th bucket refused every
     PutObject ("no free volumes left"). The dev store sets the volume count itself."""
+    import json
+    import urllib.request
+
+    from openimages_od.devservices import VOLUME_MAX
+
+    # The limit the master enforces, whatever this disk's free space (the writes below alone would
+    # pass on the old default wherever the disk has room for 40 more 1 GiB volumes).
+    status = f"http://{seaweedfs.ip}:{seaweedfs.ports['master']}/dir/status"
+    with urllib.request.urlopen(status, timeout=10) as resp:
+        assert json.load(resp)["Topology"]["Max"] == VOLUME_MAX
     client = seaweedfs.client()
     for i in range(40):
         name = f"many-{i:02d}-{uuid.uuid4().hex[:8]}"
