@@ -102,6 +102,14 @@ def reap(cmd: list[str]) -> int:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
     last: dict[tuple[int, float], float] = {}
     me = psutil.Process()
+    prof_dir = os.environ.get("OIOD_CPUPROF_DIR")
+    tree = None
+    if prof_dir:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from cpuprof import TreeThreads
+
+        tree = TreeThreads()
+    tick = 0
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, text=True)
         deadline: float | None = None
@@ -112,8 +120,11 @@ def reap(cmd: list[str]) -> int:
                     with child.oneshot():
                         t = child.cpu_times()
                         last[(child.pid, child.create_time())] = t.user + t.system
+                    if tree is not None and (tick % 4 == 0 or proc.poll() is not None):
+                        tree.sample(child.pid, child.create_time())
                 except psutil.Error:
                     pass  # gone between the listing and the read: its previous sample stands
+            tick += 1
             for child in me.children():  # reap orphans that exited (ours, as the subreaper)
                 if child.pid != proc.pid:
                     with contextlib.suppress(ChildProcessError):
@@ -131,6 +142,8 @@ def reap(cmd: list[str]) -> int:
         out.seek(0)
         res = json.loads(out.read().strip().splitlines()[-1])
     res["tree_cpu_s"] = sum(last.values())
+    if tree is not None:
+        (Path(prof_dir) / "tree.json").write_text(json.dumps(tree.to_json()))
     print(json.dumps(res))
     return 0
 
@@ -173,6 +186,62 @@ def jpeg_floor_ms(folder: Path, max_side: int, quality: int, passes: int = 3) ->
         for k, v in spent.items():
             best[k] = min(best[k], 1000 * v / len(datas))
     best["floor"] = best["decode"] + min(best["encode_simplejpeg"], best["encode_pillow"])
+    return best
+
+
+def transform_stages_ms(folder: Path, max_side: int, quality: int, passes: int = 3) -> dict[str, float]:
+    """The CPU pool's work per photo, stage by stage, in one thread with nothing else running.
+
+    The stages of :func:`openimages_od.pipeline.transform.transform_image`, called one by
+    one on the same photos (and ``transform_image`` whole, to check they add up). An
+    in-process sampler cannot split this work: Pillow's encoder holds the GIL, so the
+    sampler's thread only sees the decode that releases it. Best of ``passes``, thread CPU.
+    """
+    import hashlib as _hashlib
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pipeline_helpers import image_row
+
+    from openimages_od.config import load_config
+    from openimages_od.pipeline.example import detection_features, encode_example
+    from openimages_od.pipeline.fetch import Fetched
+    from openimages_od.pipeline.geometry import render
+    from openimages_od.pipeline.transform import transform_image
+    from openimages_od.pipeline.verify import open_image
+
+    ic = load_config(None, [f"image.max_side={max_side}", f"image.quality={quality}"]).image
+    datas = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))]
+    rows = [
+        {**image_row(f"{i:016x}", original_url="http://x/i.jpg", boxes=[]), "source_id": i, "shard": 0}
+        for i in range(len(datas))
+    ]
+    stages = [
+        "header parse + checks",
+        "decode (1/2 scale) + encode",
+        "sha256",
+        "tf.Example",
+        "transform_image",
+    ]
+    best = dict.fromkeys(stages, float("inf"))
+    clock = time.thread_time
+    for _ in range(passes):
+        spent = dict.fromkeys(stages, 0.0)
+        for row, data in zip(rows, datas, strict=True):
+            c0 = clock()
+            img = open_image(data, max_pixels=ic.max_pixels, min_side=ic.min_side)
+            c1 = clock()
+            out = render(img, data, rotation=None, max_side=max_side, quality=quality)
+            c2 = clock()
+            digest = _hashlib.sha256(out.data).hexdigest()
+            c3 = clock()
+            encode_example(detection_features(row, out.data, out.width, out.height, [], digest))
+            c4 = clock()
+            transform_image(Fetched(data, "original", "http://x/i.jpg", "http://x/i.jpg", 1), row, ic)
+            c5 = clock()
+            for k, v in zip(stages, (c1 - c0, c2 - c1, c3 - c2, c4 - c3, c5 - c4), strict=True):
+                spent[k] += v
+        for k, v in spent.items():
+            best[k] = min(best[k], 1000 * v / len(datas))
     return best
 
 
@@ -381,8 +450,24 @@ def _describe(r: dict, n: int) -> str:
 
 
 def _child(
-    kind: str, port: int, n: int, max_side: int, workdir: Path, extra: list[str], env: dict, server_pid: int
+    kind: str,
+    port: int,
+    n: int,
+    max_side: int,
+    workdir: Path,
+    extra: list[str],
+    env: dict,
+    server_pid: int,
+    profile: bool = False,
 ) -> dict:
+    prof_dir = None
+    if profile:  # every Python process of the tree runs a StackSampler; the reaper samples threads
+        from cpuprof import sitecustomize_dir
+
+        prof_dir = workdir / "cpuprof"
+        prof_dir.mkdir()
+        site = sitecustomize_dir(workdir / "cpuprof-site")
+        env = {**env, "OIOD_CPUPROF_DIR": str(prof_dir), "PYTHONPATH": f"{site}:{env.get('PYTHONPATH', '')}"}
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -411,7 +496,53 @@ def _child(
     res["server_ms_per_image"] = 1000 * server / max(1, n)
     res["machine_ms_per_image"] = 1000 * busy / max(1, n)
     res["images_per_s"] = n / res["wall_s"]
+    if prof_dir is not None:
+        from cpuprof import breakdown, read_stacks
+
+        threads = json.loads((prof_dir / "tree.json").read_text())
+        res["breakdown"] = breakdown(threads, read_stacks(prof_dir))
     return res
+
+
+def print_breakdown(small: dict, big: dict, extra_images: int, floor_ms: float) -> None:
+    """Where the marginal CPU per image goes: by process role, thread group and Python stack."""
+    ms = 1000 / extra_images
+    rows: list[tuple[str, str, str, float]] = []  # role, thread group, stack, ms/image
+    for role in set(small["breakdown"]) | set(big["breakdown"]):
+        b, s = big["breakdown"].get(role, {}), small["breakdown"].get(role, {})
+        for part in set(b) | set(s):
+            group, label = part.split("\t", 1)
+            rows.append((role, group, label, (b.get(part, 0.0) - s.get(part, 0.0)) * ms))
+    total = sum(r[3] for r in rows)
+    prof = sum(r[3] for r in rows if r[1] == "the profiler's own thread")
+    tree = (big["tree_cpu_s"] - small["tree_cpu_s"]) * ms
+    print(
+        f"where the CPU per image at scale goes (marginal, profiled runs; /proc per thread, Python "
+        f"stacks by CPU-clock sampling): {total:.2f} ms accounted (tree {tree:.2f} ms), of which the "
+        f"profiler's own thread {prof:.2f} ms; {total - prof:.2f} ms without it = "
+        f"{(total - prof) / floor_ms:.2f}x the floor"
+    )
+
+    by_role: dict[str, float] = {}
+    by_group: dict[tuple[str, str], float] = {}
+    for role, group, _, v in rows:
+        by_role[role] = by_role.get(role, 0.0) + v
+        by_group[(role, group)] = by_group.get((role, group), 0.0) + v
+    for role, rt in sorted(by_role.items(), key=lambda kv: -kv[1]):
+        print(f"  {role}: {rt:.3f} ms/image")
+        groups = sorted(((g, v) for (r, g), v in by_group.items() if r == role), key=lambda kv: -kv[1])
+        for group, gt in groups:
+            if abs(gt) < 0.01:
+                continue
+            print(f"    {gt:6.3f}  {group}")
+            parts = sorted(
+                ((r[2], r[3]) for r in rows if r[:2] == (role, group) and r[2]), key=lambda kv: -kv[1]
+            )
+            shown = [(p, x) for p, x in parts if x >= 0.03][:12]
+            for p, x in shown:
+                print(f"        {x:6.3f}  {p}")
+            if shown:
+                print(f"        {sum(x for _, x in parts) - sum(x for _, x in shown):6.3f}  (the rest)")
 
 
 def main() -> None:
@@ -433,6 +564,12 @@ def main() -> None:
         default=[],
         choices=["img2dataset", "seed", "oiod1"],
         help="Leave out a contender (oiod1: the 1-actor scaling run).",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="Also account the main oiod contender's CPU per process, thread and Python stack "
+        "(benchmarks/cpuprof.py) and print where its CPU per image at scale goes.",
     )
     ap.add_argument("--_run", help=argparse.SUPPRESS)
     ap.add_argument("--_port", type=int, help=argparse.SUPPRESS)
@@ -472,6 +609,15 @@ def main() -> None:
         f"{floor['floor']:.2f} ms/image",
         flush=True,
     )
+    if a.profile:
+        st = transform_stages_ms(photos, a.max_side, QUALITY)
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in st.items() if k != "transform_image")
+        print(
+            f"the CPU pool's work alone (one thread, same photos, ms/image): {parts}; "
+            f"transform_image whole {st['transform_image']:.2f} ms = {st['transform_image'] / floor['floor']:.2f}x "
+            f"the floor",
+            flush=True,
+        )
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--_serve", str(photos), "--_port", str(port)],
@@ -520,7 +666,17 @@ def main() -> None:
                     wd = Path(tempfile.mkdtemp(prefix=f"oiod-bench-{kind}-"))
                     try:
                         write_inputs(kind, port, n, wd)
-                        r = _child(kind, port, n, a.max_side, wd, extra, env, server.pid)
+                        r = _child(
+                            kind,
+                            port,
+                            n,
+                            a.max_side,
+                            wd,
+                            extra,
+                            env,
+                            server.pid,
+                            a.profile and label == main_label,
+                        )
                     finally:
                         shutil.rmtree(wd, ignore_errors=True)
                     r["round"] = rnd + 1
@@ -584,6 +740,10 @@ def main() -> None:
             f"included, image server excluded) vs libjpeg-turbo floor {floor['floor']:.2f} ms: {ratio:.2f}x "
             f"(target <= 1.3x: {'met' if ratio <= 1.3 else 'not met'})"
         )
+        if a.profile:
+            print_breakdown(
+                runs[(main_label, a.images)], runs[(main_label, big)], big - a.images, floor["floor"]
+            )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(
         json.dumps(
