@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -284,8 +285,15 @@ def serve(folder: str, port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
+def image_id(i: int) -> str:
+    """The i-th image's id: 16 hex digits spread like Open Images' ImageIDs (which are
+    uniformly random), so the image cache's ``{id[:2]}/`` folders fill evenly; ``f"{i:016x}"``
+    would put every image of the run in one folder, whose lock the actors then fight over."""
+    return hashlib.blake2b(i.to_bytes(8, "little"), digest_size=8).hexdigest()
+
+
 def urls(port: int, n: int) -> list[tuple[str, str]]:
-    return [(f"{i:016x}", f"http://127.0.0.1:{port}/img/{i % UNIQUE}/{i:016x}.jpg") for i in range(n)]
+    return [(image_id(i), f"http://127.0.0.1:{port}/img/{i % UNIQUE}/{image_id(i)}.jpg") for i in range(n)]
 
 
 # --------------------------------------------------------------------------- contenders (each in a subprocess)

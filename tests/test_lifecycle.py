@@ -8,6 +8,7 @@ images served by a local HTTP server that counts requests, on local disk and Sea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -510,6 +511,75 @@ def test_cache_entries_round_trip_and_match_only_the_same_image():
     assert not back.matches({"rotation": 90, "original_md5": "other"})
     with pytest.raises(ValueError):
         decode_entry(b"garbage")
+
+
+def test_cache_entries_carry_their_sha256_and_a_damaged_entry_is_refused():
+    """Entries are not fsynced; what a power loss can leave (empty, short, garbled) is refused."""
+    import hashlib
+
+    from openimages_od.pipeline.cache import _MAGIC, CacheEntry, decode_entry, encode_entry
+
+    data = bytes(range(256)) * 40
+    raw = encode_entry(CacheEntry("abc", "ok", width=3, height=4, data=data))
+    head = json.loads(raw[len(_MAGIC) : raw.index(b"\n", len(_MAGIC))])
+    assert head["sha256"] == hashlib.sha256(data).hexdigest()
+    assert decode_entry(raw).sha256 == head["sha256"]
+    assert decode_entry(raw).data == data
+    flipped = bytearray(raw)
+    flipped[-100] ^= 1
+    damaged = [raw[:-1], raw[: len(raw) // 2], bytes(flipped), raw[:-4096] + bytes(4096), b"", raw[:12]]
+    for bad in damaged:
+        with pytest.raises(ValueError):
+            decode_entry(bad, "x.oiodimg")
+    # A failed image's entry has no bytes and no digest.
+    failed = decode_entry(encode_entry(CacheEntry("abc", "failed", error="http_404")))
+    assert failed.sha256 is None and failed.error == "http_404"
+    # An entry written before the digest was stored (no "sha256" key) is read as before.
+    legacy = {k: v for k, v in head.items() if k != "sha256"}
+    old = _MAGIC + json.dumps(legacy).encode() + b"\n" + data
+    assert decode_entry(old).data == data and decode_entry(old).sha256 == head["sha256"]
+
+
+@pytest.mark.integration
+def test_a_damaged_cache_entry_is_fetched_again_and_never_becomes_a_record(ray_local, image_server, tmp_path):
+    from openimages_od.layout import image_digest
+    from openimages_od.pipeline.cache import ImageCache
+
+    ds = _dataset(tmp_path, image_server, n=16)
+    out = f"file://{tmp_path}/out"
+    cfg1 = _cfg(ds, out, ["Vehicle", "Apple", "Dog", "Cat"], 4)
+    st = storage_from_config(cfg1)
+    assert run_prepare(cfg1) == 0
+    hits1 = _hits(image_server, ds)
+    cache = ImageCache(st, Layout.from_config(cfg1), image_digest(cfg1.image))
+    ok_ids = sorted(i for i in cache.present() if (e := cache.get(i)) is not None and e.ok)
+    assert len(ok_ids) >= 3
+    # What a power loss can leave of an unsynced entry: a garbled byte, a short file, an empty one.
+    for image_id, damage in zip(ok_ids, ("flip", "short", "empty"), strict=False):
+        path = Path(cache.url(image_id).removeprefix("file://"))
+        raw = bytearray(path.read_bytes())
+        if damage == "flip":
+            raw[-50] ^= 0x40
+        path.write_bytes(
+            bytes(raw[: len(raw) // 2] if damage == "short" else b"" if damage == "empty" else raw)
+        )
+        assert cache.get(image_id) is None
+    # A re-shard rebuilds every record from the cache, except the damaged ones, fetched again.
+    cfg2 = _cfg(ds, out, ["Vehicle", "Apple", "Dog", "Cat"], 3)
+    build_plan(cfg2)
+    assert run_prepare(cfg2) == 0
+    refetched = {i for i, n in _hits(image_server, ds).items() if n != hits1[i]}
+    assert refetched == set(ok_ids[:3])
+    report = st.read_json(Layout.from_config(cfg2).prepare_report)
+    assert report["this_run"]["source_fetches"] == 3 and report["this_run"]["cache_hits"] > 0
+    for split in ("train", "validation"):
+        _, _, recs = _read_what_train_reads(cfg2, st, split)
+        for iid, d in recs.items():
+            enc = d["image/encoded"][0]
+            assert d["image/key/sha256"][0].decode() == hashlib.sha256(enc).hexdigest(), iid
+            assert enc[:2] == b"\xff\xd8" and enc[-2:] == b"\xff\xd9", iid
+    for image_id in ok_ids[:3]:  # and the cache holds them whole again
+        assert cache.get(image_id) is not None
 
 
 def test_status_cli_exit_codes(tmp_path, capsys):

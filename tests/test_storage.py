@@ -286,3 +286,21 @@ def test_unsupported_scheme_and_paths(tmp_path):
         Storage().read_bytes("ftp://host/file")
     assert local_path(f"file://{tmp_path}/a") == tmp_path / "a"
     assert local_path("s3://b/k") is None
+
+
+def test_local_writes_fsync_unless_the_caller_says_not_durable(tmp_path, monkeypatch):
+    """``durable=False`` (the image cache) skips the fsync, not the atomic rename."""
+    import os
+
+    from openimages_od.storage import Storage
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    st = Storage()
+    st.write_bytes(str(tmp_path / "a" / "durable.bin"), b"x" * 10)
+    assert len(synced) == 1
+    st.write_bytes(str(tmp_path / "a" / "cache.bin"), b"y" * 10, durable=False)
+    assert len(synced) == 1
+    assert (tmp_path / "a" / "cache.bin").read_bytes() == b"y" * 10
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["cache.bin", "durable.bin"]  # no temp left

@@ -14,7 +14,16 @@ dead URL again; ``prepare --retry-failed`` ignores those entries and fetches
 again. An entry is used only when the plan row still has the same
 ``Rotation`` and ``OriginalMD5`` (a new release that changed an image is a miss).
 
-Object format: ``OIODIMG1\\n`` + one JSON header line + ``\\n`` + the JPEG bytes.
+Object format: ``OIODIMG1\\n`` + one JSON header line + ``\\n`` + the JPEG bytes. The
+header holds the bytes' sha256 (``sha256``, the same digest the record carries as
+``image/key/sha256``), checked on every read.
+
+Entries are written atomically but not fsynced (``durable=False``): an fsync per image
+cost 0.15-0.6 CPU-ms on 2 cores, 3-8% of prepare's CPU per image, for an object that
+can always be fetched again. After a power loss an entry may be missing, empty or
+short; the magic, the header and the sha256 make any such entry a miss (fetched
+again), never a wrong record. Entries written before the digest was stored (no
+``sha256`` key) were fsynced, and are read as before.
 
 A shard reads and writes the cache in batches (:meth:`ImageCache.get_many`,
 :meth:`ImageCache.put_many`): one hand-off to a thread per batch instead of two
@@ -27,6 +36,7 @@ small pool for S3 and GCS (whose requests wait on the network).
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -59,6 +69,9 @@ class CacheEntry:
     error: str | None = None
     attempts: list[str] = field(default_factory=list)
     data: builtins.bytes = b""  # builtins: the field `bytes` above shadows the type in this class
+    # Hex digest of `data` (ok entries), derived from it, so not part of equality; encode_entry
+    # computes it when None.
+    sha256: str | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -71,16 +84,29 @@ class CacheEntry:
 
 def encode_entry(e: CacheEntry) -> bytes:
     head = {k: v for k, v in asdict(e).items() if k != "data"}
+    if e.ok and head["sha256"] is None:
+        head["sha256"] = hashlib.sha256(e.data).hexdigest()
     return _MAGIC + json.dumps(head, sort_keys=True, separators=(",", ":")).encode() + b"\n" + e.data
 
 
 def decode_entry(raw: bytes, where: str = "") -> CacheEntry:
+    """The entry in ``raw``.
+
+    Raises:
+        ValueError: not an entry, or a damaged one (its bytes do not match its sha256).
+    """
     if not raw.startswith(_MAGIC):
         raise ValueError(f"{where}: not an oiod image cache entry")
     nl = raw.index(b"\n", len(_MAGIC))
     head = json.loads(raw[len(_MAGIC) : nl])
     known = set(CacheEntry.__dataclass_fields__)
-    return CacheEntry(**{k: v for k, v in head.items() if k in known}, data=raw[nl + 1 :])
+    data = raw[nl + 1 :]
+    digest = head.get("sha256")
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"{where}: damaged oiod image cache entry (its bytes do not match its sha256)")
+    if head.get("status") == "ok" and digest is None:  # written before the digest was stored
+        head["sha256"] = hashlib.sha256(data).hexdigest()
+    return CacheEntry(**{k: v for k, v in head.items() if k in known}, data=data)
 
 
 class ImageCache:
@@ -114,7 +140,8 @@ class ImageCache:
             return None
 
     def put(self, entry: CacheEntry) -> None:
-        self.storage.write_bytes(self.url(entry.image_id), encode_entry(entry))
+        # Not fsynced: the entry's sha256 catches what a power loss can leave (module doc).
+        self.storage.write_bytes(self.url(entry.image_id), encode_entry(entry), durable=False)
 
     def get_many(self, image_ids: Sequence[str]) -> list[CacheEntry | None]:
         """:meth:`get` of each id, in order (one call, so one thread hand-off, per batch)."""

@@ -159,7 +159,8 @@ def _from_cache(row: dict[str, Any], ce: CacheEntry) -> ImageResult:
             from_cache=True,
         )
         return ImageResult(e, None, 0, 0)
-    record = record_from(row, ce.data, ce.width, ce.height, [Op(v) for v in ce.ops])
+    # ce.sha256 was checked against ce.data when the entry was read (cache.decode_entry).
+    record = record_from(row, ce.data, ce.width, ce.height, [Op(v) for v in ce.ops], ce.sha256)
     e = LedgerEntry(
         image_id=row["image_id"],
         status="ok",

@@ -21,7 +21,9 @@ from openimages_od.pipeline.verify import check_md5, open_image
 __all__ = ["process_image", "record_from", "transform_image"]
 
 
-def record_from(row: dict[str, Any], data: bytes, width: int, height: int, ops: list[Op]) -> bytes:
+def record_from(
+    row: dict[str, Any], data: bytes, width: int, height: int, ops: list[Op], digest: str | None = None
+) -> bytes:
     """The tf.Example of a plan row from its final image bytes (the same for a fetch and a cache hit).
 
     Args:
@@ -30,13 +32,15 @@ def record_from(row: dict[str, Any], data: bytes, width: int, height: int, ops: 
         width: Final width in pixels.
         height: Final height in pixels.
         ops: The geometric operations applied to the source image, in order.
+        digest: ``data``'s sha256 (hex) when the caller has it (checked or computed), else computed here.
 
     Returns:
         The serialized tf.Example.
     """
     src_boxes = [(b["xmin"], b["xmax"], b["ymin"], b["ymax"]) for b in (row.get("boxes") or [])]
     boxes = transform_boxes(src_boxes, ops)
-    digest = hashlib.sha256(data).hexdigest()
+    if digest is None:
+        digest = hashlib.sha256(data).hexdigest()
     return encode_example(detection_features(row, data, width, height, boxes, digest))
 
 
@@ -81,7 +85,8 @@ def transform_image(
         keep_original_if_fits=ic.keep_original_if_fits,
         resample=ic.resample,
     )
-    record = record_from(row, out.data, out.width, out.height, out.ops)
+    digest = hashlib.sha256(out.data).hexdigest()
+    record = record_from(row, out.data, out.width, out.height, out.ops, digest)
     entry = LedgerEntry(
         image_id=row["image_id"],
         status="ok",
@@ -105,5 +110,6 @@ def transform_image(
         kept_original=out.kept_original,
         ops=[int(o.value) for o in out.ops],
         data=out.data,
+        sha256=digest,
     )
     return record, entry, cached

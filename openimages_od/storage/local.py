@@ -38,7 +38,7 @@ class LocalBackend:
             raise StorageError(f"read failed ({exc.strerror or exc})", url) from exc
 
     @contextlib.contextmanager
-    def writer(self, url: str) -> Iterator[IO[bytes]]:
+    def writer(self, url: str, durable: bool = True) -> Iterator[IO[bytes]]:
         path = local_path(url)
         assert path is not None
         try:
@@ -53,7 +53,8 @@ class LocalBackend:
             with os.fdopen(fd, "wb") as fh:
                 yield fh
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
             ok = True
         except OSError as exc:
