@@ -42,8 +42,11 @@ class LocalBackend:
         path = local_path(url)
         assert path is not None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:  # the folder is there for all but a folder's first object: no mkdir + stat per write
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         except PermissionError as exc:
             raise AccessDenied(url) from exc
         except OSError as exc:
