@@ -42,6 +42,12 @@ printed beside it for reference.
 
     .venv/bin/python benchmarks/pipeline_bench.py                         # 2000 and 6000 images
     .venv/bin/python benchmarks/pipeline_bench.py --images 500 --scale 1  # quick: whole run only
+    .venv/bin/python benchmarks/pipeline_bench.py --skip img2dataset --skip seed --skip oiod1 \
+        --repeat 1 --profile                                              # where oiod's CPU goes
+
+``--profile`` (see ``cpuprof.py``) splits the oiod contender's CPU per image at scale by
+process, thread and Python stack, and times the CPU pool's work stage by stage in one
+thread on the same photos.
 """
 
 from __future__ import annotations
