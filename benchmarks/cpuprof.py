@@ -11,7 +11,7 @@ image goes:
   ``sitecustomize`` that :func:`sitecustomize_dir` writes, when ``OIOD_CPUPROF_DIR``
   is set). Every ``1/hz`` s it reads each Python thread's CPU clock
   (``pthread_getcpuclockid``) and charges the CPU the thread used since the previous
-  sample to the stack it is in now. That is CPU time, not wall time: a thread that
+  sample half to the stack it was in then and half to the stack it is in now. That is CPU time, not wall time: a thread that
   waits for the GIL or for a core uses no CPU and is charged nothing, which a
   wall-clock sampler (py-spy) on an oversubscribed 2-core machine cannot tell apart.
   C code that releases the GIL (libjpeg in Pillow) is charged to the Python frame
@@ -31,6 +31,14 @@ from collections import defaultdict
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def stat_cpu(path: str) -> tuple[str, float]:
+    """``(comm, user + system seconds)`` from a ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat``."""
+    with open(path) as fh:
+        raw = fh.read()
+    fields = raw.rsplit(")", 1)[1].split()
+    return raw[raw.index("(") + 1 : raw.rindex(")")], (float(fields[11]) + float(fields[12])) / _TICK
 
 
 # --------------------------------------------------------------------------- in-process stack sampler
@@ -79,12 +87,23 @@ class StackSampler:
         self._clock: dict[int, int] = {}
         self._label: dict[int, str] = {}
         self._thread = threading.Thread(target=self._run, name="cpuprof", daemon=True)
+        self._stop = threading.Event()
 
     def start(self) -> None:
         import atexit
 
         self._thread.start()
-        atexit.register(self.dump)
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """Stop sampling and write the report (at exit, or when a caller is done)."""
+        import atexit
+
+        atexit.unregister(self.stop)
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.dump()
 
     def _sample(self, me: int) -> float:
         """One sample of every Python thread; returns the CPU they used since the last one."""
@@ -103,21 +122,18 @@ class StackSampler:
             before = self._last.get(ident)
             self._last[ident] = now
             name = names.get(ident, "?")
+            label = stack_label(frame)
             if before is None:  # CPU from before this thread was first seen (start-up)
                 self.cpu[(name, "(before first sample)")] += now
-                self._label[ident] = stack_label(frame)
             elif now > before:
                 # The CPU of the interval is split between the stacks at its two ends: a
                 # thread sampled just after a hand-off (often preempted right there on a
                 # busy machine) must not be charged all of the work it did before it.
-                label = stack_label(frame)
                 half = (now - before) / 2
                 self.cpu[(name, self._label.get(ident, label))] += half
                 self.cpu[(name, label)] += half
-                self._label[ident] = label
                 used += now - before
-            else:
-                self._label[ident] = stack_label(frame)
+            self._label[ident] = label
         return used
 
     def dump(self) -> None:
@@ -134,8 +150,7 @@ class StackSampler:
         me = threading.get_ident()
         next_dump = time.monotonic() + 0.5
         pause = self.period
-        while True:
-            time.sleep(pause)
+        while not self._stop.wait(pause):
             try:
                 # Back off (up to 20 ms) while the process is idle, so idle workers cost nothing.
                 pause = self.period if self._sample(me) > 0 else min(0.02, pause * 2)
@@ -225,21 +240,12 @@ class TreeThreads:
             # becomes an actor: keep the most specific role seen.
             if self.roles.get(key) in (None, "ray worker", "idle worker", "?"):
                 self.roles[key] = role
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            self.procs[key] = (float(fields[11]) + float(fields[12])) / _TICK
+            self.procs[key] = stat_cpu(f"/proc/{pid}/stat")[1]
             for tid in os.listdir(f"/proc/{pid}/task"):
                 try:
-                    with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                        raw = fh.read()
+                    self.threads[(pid, create_time, int(tid))] = stat_cpu(f"/proc/{pid}/task/{tid}/stat")
                 except OSError:
-                    continue
-                comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-                fields = raw.rsplit(")", 1)[1].split()
-                self.threads[(pid, create_time, int(tid))] = (
-                    comm,
-                    (float(fields[11]) + float(fields[12])) / _TICK,
-                )
+                    continue  # the thread ended between the listing and the read
         except OSError:
             pass  # the process is gone: its last sample stands
 
@@ -310,4 +316,4 @@ def py_thread_group(name: str) -> str:
     ):
         if name.startswith(prefix):
             return group
-    return name.rstrip("0123456789").rstrip("-_ ")
+    return _thread_group(name)

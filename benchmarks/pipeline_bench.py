@@ -66,6 +66,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpuprof import TreeThreads, breakdown, read_stacks, sitecustomize_dir, stat_cpu
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out" / "pipeline"
 UNIQUE = 120  # distinct photos; URLs cycle over them
@@ -85,9 +87,7 @@ def _cpu_busy_s() -> float:
 
 def _proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) one live process has used so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu(f"/proc/{pid}/stat")[1]
 
 
 def reap(cmd: list[str]) -> int:
@@ -110,12 +110,7 @@ def reap(cmd: list[str]) -> int:
     last: dict[tuple[int, float], float] = {}
     me = psutil.Process()
     prof_dir = os.environ.get("OIOD_CPUPROF_DIR")
-    tree = None
-    if prof_dir:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from cpuprof import TreeThreads
-
-        tree = TreeThreads()
+    tree = TreeThreads() if prof_dir else None
     tick = 0
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, text=True)
@@ -204,8 +199,6 @@ def transform_stages_ms(folder: Path, max_side: int, quality: int, passes: int =
     in-process sampler cannot split this work: Pillow's encoder holds the GIL, so the
     sampler's thread only sees the decode that releases it. Best of ``passes``, thread CPU.
     """
-    import hashlib as _hashlib
-
     sys.path.insert(0, str(ROOT / "tests"))
     from pipeline_helpers import image_row
 
@@ -239,7 +232,7 @@ def transform_stages_ms(folder: Path, max_side: int, quality: int, passes: int =
             c1 = clock()
             out = render(img, data, rotation=None, max_side=max_side, quality=quality)
             c2 = clock()
-            digest = _hashlib.sha256(out.data).hexdigest()
+            digest = hashlib.sha256(out.data).hexdigest()
             c3 = clock()
             encode_example(detection_features(row, out.data, out.width, out.height, [], digest))
             c4 = clock()
@@ -299,7 +292,8 @@ def image_id(i: int) -> str:
 
 
 def urls(port: int, n: int) -> list[tuple[str, str]]:
-    return [(image_id(i), f"http://127.0.0.1:{port}/img/{i % UNIQUE}/{image_id(i)}.jpg") for i in range(n)]
+    ids = [image_id(i) for i in range(n)]
+    return [(iid, f"http://127.0.0.1:{port}/img/{i % UNIQUE}/{iid}.jpg") for i, iid in enumerate(ids)]
 
 
 # --------------------------------------------------------------------------- contenders (each in a subprocess)
@@ -476,8 +470,6 @@ def _child(
 ) -> dict:
     prof_dir = None
     if profile:  # every Python process of the tree runs a StackSampler; the reaper samples threads
-        from cpuprof import sitecustomize_dir
-
         prof_dir = workdir / "cpuprof"
         prof_dir.mkdir()
         site = sitecustomize_dir(workdir / "cpuprof-site")
@@ -511,8 +503,6 @@ def _child(
     res["machine_ms_per_image"] = 1000 * busy / max(1, n)
     res["images_per_s"] = n / res["wall_s"]
     if prof_dir is not None:
-        from cpuprof import breakdown, read_stacks
-
         threads = json.loads((prof_dir / "tree.json").read_text())
         res["breakdown"] = breakdown(threads, read_stacks(prof_dir))
     return res

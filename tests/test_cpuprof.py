@@ -35,7 +35,8 @@ def test_sampler_charges_cpu_to_the_busy_stack_and_nothing_to_waiting_threads(tm
     stop.set()
     sleeper.join()
     time.sleep(0.05)
-    sampler.dump()
+    sampler.stop()  # joins the sampler's thread and writes the report
+    assert not sampler._thread.is_alive()
     charged: dict[tuple[str, str], float] = {}
     for (tname, label), cpu in sampler.cpu.items():
         charged[(tname, label)] = cpu

@@ -78,12 +78,16 @@ class _LineLocator:
 
 def count_lines(path: Path) -> int:
     """Physical lines of a file (a last line without a newline counts)."""
-    return count_lines_and_commas(path, commas=False)[0]
+    return _count(path, 512 << 10, commas=False)[0]
 
 
-def count_lines_and_commas(path: Path, chunk: int = 512 << 10, commas: bool = True) -> tuple[int, int]:
-    """``(physical lines, commas)`` of a file, in one read (a last line without a newline counts;
-    commas are not counted, and given as 0, with ``commas=False``).
+def count_lines_and_commas(path: Path, chunk: int = 512 << 10) -> tuple[int, int]:
+    """``(physical lines, commas)`` of a file, in one read (a last line without a newline counts)."""
+    return _count(path, chunk, commas=True)
+
+
+def _count(path: Path, chunk: int, commas: bool) -> tuple[int, int]:
+    """Physical lines and, with ``commas``, commas (else 0) of a file, in one read.
 
     Reads into one reused buffer and counts with numpy: ``bytes.count`` scans a byte at a
     time and a fresh buffer per read page-faults, which made a line count a second of CPU on

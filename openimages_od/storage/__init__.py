@@ -9,10 +9,11 @@ Supported locations:
 * ``http(s)://``: read-only (metadata downloads)
 
 Writes are atomic: a local write goes to a temporary file in the same folder,
-is fsynced (unless the caller says the object need not be durable) and renamed; an S3 or GCS write becomes visible only when its upload
-completes. Backend errors become :class:`StorageError` subclasses (all
-``OSError``) that name the URL and keep the cause. Transient errors (connection
-failures, timeouts, throttling, 5xx) are retried in one place,
+is fsynced (unless the caller says the object need not be durable) and renamed;
+an S3 or GCS write becomes visible only when its upload completes. Backend
+errors become :class:`StorageError` subclasses (all ``OSError``) that name the
+URL and keep the cause. Transient errors (connection failures, timeouts,
+throttling, 5xx) are retried in one place,
 :func:`retry_call`, with capped exponential backoff and jitter.
 
 The package imports no config: callers hand it :class:`S3Options` and

@@ -41,12 +41,16 @@ class LocalBackend:
     def writer(self, url: str, durable: bool = True) -> Iterator[IO[bytes]]:
         path = local_path(url)
         assert path is not None
+
+        def temp_file() -> tuple[int, str]:
+            return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
         try:
             try:  # the folder is there for all but a folder's first object: no mkdir + stat per write
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, tmp = temp_file()
             except FileNotFoundError:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, tmp = temp_file()
         except PermissionError as exc:
             raise AccessDenied(url) from exc
         except OSError as exc:
